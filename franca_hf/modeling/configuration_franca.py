@@ -1,0 +1,148 @@
+"""Configuration of Franca vision transformers (DINOv2-style ViT, patch 14).
+
+This file is self-contained on purpose: it is copied next to the weights of every exported folder so that
+`AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without the franca_hf package.
+"""
+
+from typing import Any
+
+from transformers.backbone_utils import BackboneConfigMixin
+from transformers.configuration_utils import PreTrainedConfig
+
+FFN_TYPES = ("swiglu", "mlp")
+
+# name -> (hidden_size, num_hidden_layers, num_attention_heads); every official Franca preset uses SwiGLU.
+FRANCA_PRESETS: dict[str, tuple[int, int, int]] = {
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),
+}
+
+
+class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""Configuration of a [`FrancaModel`] / [`FrancaBackbone`].
+
+    Args:
+        hidden_size: width D of every token.
+        num_hidden_layers: number of transformer blocks.
+        num_attention_heads: heads per block; the head size is `hidden_size // num_attention_heads`.
+        patch_size: side of a square patch in pixels (14 for every Franca release).
+        num_channels: input channels.
+        position_grid_size: side M of the stored position table (1 + M*M rows): 37 for 518-px releases, 16 for 224 px.
+        ffn_type: `"swiglu"` (Franca, fused `w12`/`w3`) or `"mlp"` (GELU `fc1`/`fc2`, as DINOv2 B/L).
+        mlp_ratio: FFN width as a multiple of D; SwiGLU keeps 2/3 of it rounded up to a multiple of 8.
+        use_layerscale: whether blocks scale their residual branches by a learned per-channel vector.
+        layerscale_value: initial value of that vector.
+        num_register_tokens: register tokens inserted after CLS (0 for Franca).
+        interpolate_offset: the "+0.1" offset of DINO's position-table interpolation; 0 interpolates to the exact size.
+        interpolate_antialias: antialias flag of that bicubic interpolation (False for Franca).
+        layer_norm_eps: LayerNorm epsilon.
+        drop_path_rate: stochastic-depth rate, the same for every block (training only).
+        qkv_bias, proj_bias, ffn_bias: biases of the attention input/output and FFN linears.
+        initializer_range: std of the truncated-normal init of linears and the position table.
+        matryoshka_dims: allowed prefix lengths of truncated embeddings, ascending, ending at D.
+            Defaults to `[D/16, D/8, D/4, D/2, D]`.
+        rasa_steps: number of stored RASA steps (2 position directions each); 0 means no debiasing weights.
+        image_size: side of the square crop the model is usually fed (metadata for processors and backbones).
+        apply_layernorm: backbone only; pass feature maps through the final LayerNorm.
+        reshape_hidden_states: backbone only; return feature maps as (B, D, h, w) instead of (B, N, D).
+        debias_feature_maps: backbone only; remove the RASA directions from the last stage's final-normed maps.
+        source_checkpoint: provenance metadata written by the converter (release name, file sha256, ...).
+        out_features / out_indices: backbone stages to return (`"stem"`, `"stage1"`, ... `"stageL"`).
+    """
+
+    model_type = "franca"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    patch_size: int = 14
+    num_channels: int = 3
+    position_grid_size: int = 37
+    ffn_type: str = "swiglu"
+    mlp_ratio: float = 4.0
+    use_layerscale: bool = True
+    layerscale_value: float = 1e-5
+    num_register_tokens: int = 0
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+    layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    initializer_range: float = 0.02
+    matryoshka_dims: list[int] | None = None
+    rasa_steps: int = 0
+    image_size: int = 224
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
+    debias_feature_maps: bool = False
+    source_checkpoint: dict[str, Any] | None = None
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        self._validate_architecture()
+        if self.matryoshka_dims is None:
+            self.matryoshka_dims = default_matryoshka_dims(self.hidden_size)
+        self.matryoshka_dims = [int(d) for d in self.matryoshka_dims]
+        self._validate_matryoshka_dims()
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "FrancaConfig":
+        """A config for one of the official sizes (`vit_small`, `vit_base`, `vit_large`, `vit_giant2`)."""
+        if preset not in FRANCA_PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(FRANCA_PRESETS)}.")
+        hidden, layers, heads = FRANCA_PRESETS[preset]
+        values = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """Width of the FFN's hidden layer (SwiGLU: 2048 for ViT-B, 2736 for ViT-L, 4096 for ViT-g)."""
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        if self.ffn_type == "swiglu":
+            return (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+    def _validate_architecture(self) -> None:
+        positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "num_channels",
+                    "position_grid_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"FrancaConfig.{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})."
+            )
+        if self.ffn_type not in FFN_TYPES:
+            raise ValueError(f"ffn_type must be one of {FFN_TYPES}, got {self.ffn_type!r}.")
+        if self.num_register_tokens < 0 or self.rasa_steps < 0:
+            raise ValueError("num_register_tokens and rasa_steps must be >= 0.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+
+    def _validate_matryoshka_dims(self) -> None:
+        dims = self.matryoshka_dims
+        if not dims or dims != sorted(set(dims)) or dims[0] <= 0 or dims[-1] != self.hidden_size:
+            raise ValueError(
+                f"matryoshka_dims must be strictly increasing positive integers ending at hidden_size "
+                f"({self.hidden_size}), got {dims}."
+            )
+
+
+def default_matryoshka_dims(hidden_size: int) -> list[int]:
+    """The Franca nesting `[D/16, D/8, D/4, D/2, D]`, keeping only the levels that are whole numbers."""
+    return sorted({hidden_size // f for f in (16, 8, 4, 2, 1) if hidden_size % f == 0 and hidden_size // f > 0})
+
+
+__all__ = ["FrancaConfig", "FRANCA_PRESETS", "default_matryoshka_dims"]
