@@ -114,8 +114,14 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
         return hidden
 
     def _validate_architecture(self) -> None:
-        positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "num_channels",
-                    "position_grid_size")
+        positive = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "patch_size",
+            "num_channels",
+            "position_grid_size",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -506,7 +506,10 @@ class FrancaModel(FrancaPreTrainedModel):
         )
 
         prenorm, states, attentions = self._encode(
-            pixel_values, bool_masked_pos, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            pixel_values,
+            bool_masked_pos,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         tokens = self.layernorm(prenorm)
         patches = tokens[:, self._num_prefix_tokens() :]
@@ -579,7 +582,7 @@ class FrancaModel(FrancaPreTrainedModel):
         if reshape:
             patches = [self._to_grid(p, *pixel_values.shape[-2:]) for p in patches]
         if return_class_token:
-            return tuple(zip(patches, class_tokens))
+            return tuple(zip(patches, class_tokens, strict=True))
         return tuple(patches)
 
 
@@ -626,7 +629,7 @@ class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
         )
         last_stage = len(self.stage_names) - 1
         feature_maps = []
-        for index, (stage, state) in enumerate(zip(self.stage_names, states)):
+        for index, (stage, state) in enumerate(zip(self.stage_names, states, strict=True)):
             if stage not in self.out_features:
                 continue
             if self.config.apply_layernorm:

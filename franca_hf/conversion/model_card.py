@@ -1,0 +1,121 @@
+"""Model cards (Hub README.md with YAML metadata) for converted and trained Franca folders."""
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..modeling import FrancaConfig
+
+OFFICIAL_LICENSE_LINK = "https://github.com/valeoai/Franca/blob/main/LICENSE_MODEL"
+_HUB_DATASETS = {"ImageNet-21K": "ILSVRC/imagenet-21k", "LAION-600M (LAION-COCO)": "laion/laion-coco"}
+_SIZE_NAMES = {384: "S", 768: "B", 1024: "L", 1536: "g"}
+
+CITATION = """@article{venkataramanan2025franca,
+  title   = {Franca: Nested Matryoshka Clustering for Scalable Visual Representation Learning},
+  author  = {Venkataramanan, Shashanka and Pariza, Valentinos and Salehi, Mohammadreza and Knobel, Lukas and
+             Gidaris, Spyros and Ramzi, Elias and Bursuc, Andrei and Asano, Yuki M.},
+  journal = {arXiv preprint arXiv:2507.14137},
+  year    = {2025}
+}"""
+
+
+def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_model: str | None = None) -> str:
+    """A model card for a Franca folder, built from its config and `config.source_checkpoint` provenance.
+
+    Args:
+        config: the folder's config; `source_checkpoint` may hold `release`, `dataset`, `file`, `sha256`,
+            `rasa_file`, `rasa_sha256`, `url` and `parity` (max abs errors measured by the converter).
+        repo_id: the Hub repo the card is for (used in the usage snippet); a local path placeholder otherwise.
+        base_model: the Hub repo this model was derived from, if any.
+    """
+    source = dict(config.source_checkpoint or {})
+    official = "release" in source
+    name = source.get("release") or f"Franca ViT-{_SIZE_NAMES.get(config.hidden_size, config.hidden_size)}/14"
+    dataset = source.get("dataset")
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license="other" if official else "apache-2.0",
+        license_name="franca-research-only-rail-ams" if official else None,
+        license_link=OFFICIAL_LICENSE_LINK if official else None,
+        tags=["franca", "vision", "self-supervised-learning", "matryoshka", "dinov2", "rasa"],
+        datasets=[_HUB_DATASETS[dataset]] if dataset in _HUB_DATASETS else None,
+        base_model=base_model,
+    )
+    where = repo_id or "path/to/this/folder"
+    grid = config.position_grid_size
+    lines = [
+        f"# {name}",
+        "",
+        "[Franca](https://arxiv.org/abs/2507.14137) is a fully open vision foundation model: a DINOv2-style ViT "
+        "trained with nested Matryoshka clustering, CyclicMask and RASA positional debiasing. This folder is in the "
+        "Hugging Face transformers format produced by [franca_hf](https://github.com/valeoai/Franca).",
+        "",
+        "## Checkpoint",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | ViT, {config.hidden_size} wide, {config.num_hidden_layers} blocks, "
+        f"{config.num_attention_heads} heads, patch {config.patch_size}, {config.ffn_type} FFN |",
+        f"| position table | {grid}x{grid} ({grid * config.patch_size} px native); other sizes are interpolated |",
+        f"| register tokens | {config.num_register_tokens} |",
+        f"| Matryoshka dims | {config.matryoshka_dims} |",
+        f"| RASA | {f'{config.rasa_steps} steps' if config.rasa_steps else 'no (debiased features unavailable)'} |",
+    ]
+    provenance = [
+        ("release", "release"),
+        ("pretraining data", "dataset"),
+        ("source URL", "url"),
+        ("source file", "file"),
+        ("sha256", "sha256"),
+        ("RASA file", "rasa_file"),
+        ("RASA sha256", "rasa_sha256"),
+    ]
+    lines += [f"| {label} | `{source[key]}` |" for label, key in provenance if source.get(key)]
+    parity = source.get("parity")
+    if parity:
+        lines += [
+            "",
+            "## Verification",
+            "",
+            "The converter compared this model with a direct evaluation of the original weights on random "
+            "inputs (fp32, max abs error):",
+            "",
+            "| output | max abs error |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v:.2e} |" for k, v in sorted(parity.items())]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor, AutoModel",
+        "",
+        f'processor = AutoImageProcessor.from_pretrained("{where}")',
+        f'model = AutoModel.from_pretrained("{where}", trust_remote_code=True).eval()  # or `import franca_hf`',
+        'inputs = processor(Image.open("photo.jpg"), return_tensors="pt")',
+        "with torch.no_grad():",
+        "    out = model(**inputs)",
+        "cls = out.pooler_output                         # (1, D) final-normed CLS",
+        "patches = out.patch_embeddings                  # (1, 256, D) final-normed patch tokens",
+        f"small = model.get_image_features(**inputs, dim={config.matryoshka_dims[0]})  # Matryoshka prefix, L2-normalised",
+    ]
+    if config.rasa_steps:
+        lines.append("dense = model.get_dense_features(**inputs, debiased=True)  # (1, D, 16, 16) RASA-debiased")
+    lines += [
+        "```",
+        "",
+        "Images whose sides are not multiples of 14 are cropped to the nearest smaller multiple.",
+        "",
+    ]
+    if official:
+        lines += [
+            "## License",
+            "",
+            f"The weights are released by valeo.ai under the Franca research-only RAIL license "
+            f"([LICENSE_MODEL]({OFFICIAL_LICENSE_LINK})): non-commercial research use only.",
+            "",
+        ]
+    lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).content

@@ -1,0 +1,206 @@
+"""The official Franca release files: names, URLs, resumable cached downloads and the split ViT-g archives.
+
+Files live at `<base_url>/<tag>/<stem>.pth` (RASA heads `<stem>_rasa.pth`); ViT-g comes as three parts
+`<stem>_chunked.tar.gz.part_aa/ab/ac` that concatenate into one tar.gz holding the .pth. The base URL is a setting
+(`FRANCA_HF_RELEASE_URL` or the `base_url` argument) so that a mirror, or a loopback server in tests, can serve the
+same layout. Downloads go to `FRANCA_HF_CACHE` (default `~/.cache/franca_hf`).
+"""
+
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+DEFAULT_RELEASE_URL = "https://github.com/valeoai/Franca/releases/download"
+VIT_G_PART_SUFFIXES = ("aa", "ab", "ac")
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Release:
+    """One published Franca backbone.
+
+    Attributes:
+        stem: file stem, also the release name users type (`franca_vitb14_In21K`).
+        tag: GitHub release tag holding the files.
+        preset: architecture preset.
+        grid: side of the stored position table (37 for 518 px, 16 for 224 px); None where not documented.
+        has_rasa: whether a RASA head `<stem>_rasa.pth` is published.
+        dataset: pretraining data, for the model card.
+        chunked: ViT-g archives split into tar.gz parts.
+    """
+
+    stem: str
+    tag: str
+    preset: str
+    grid: int | None
+    has_rasa: bool
+    dataset: str
+
+    @property
+    def chunked(self) -> bool:
+        return self.preset == "vit_giant2"
+
+
+_IN21K = "ImageNet-21K"
+_LAION = "LAION-600M (LAION-COCO)"
+RELEASES: dict[str, Release] = {
+    r.stem: r
+    for r in (
+        Release("franca_vitb14_In21K", "v1.0.0", "vit_base", 37, True, _IN21K),
+        Release("franca_vitb14_In21K_224", "v1.1.0", "vit_base", 16, False, _IN21K),
+        Release("franca_vitb14_Dinov2_In21K", "v1.1.0", "vit_base", 16, False, _IN21K),
+        Release("franca_vitb14_Dinov2_In21K_518", "v1.1.0", "vit_base", 37, True, _IN21K),
+        Release("franca_vitl14_Laion600M", "v1.0.0", "vit_large", 37, True, _LAION),
+        Release("franca_vitl14_Laion600M_224", "v1.1.0", "vit_large", 16, False, _LAION),
+        Release("franca_vitl14_Dinov2_In21K", "v1.1.0", "vit_large", 16, False, _IN21K),
+        Release("franca_vitl14_Dinov2_In21K_518", "v1.1.0", "vit_large", 37, True, _IN21K),
+        Release("franca_vitl14_Laion_518", "v1.1.0", "vit_large", 37, True, _LAION),
+        Release("franca_vitg14_Laion600M", "v1.0.0", "vit_giant2", 16, True, _LAION),
+        # Listed in the July-2025 README (spelled In21k) but not by the current official loader.
+        Release("franca_vitl14_In21k", "v1.0.0", "vit_large", None, False, _IN21K),
+        Release("franca_vitg14_In21k", "v1.0.0", "vit_giant2", None, False, _IN21K),
+    )
+}
+
+
+class DownloadError(RuntimeError):
+    """A release file could not be downloaded."""
+
+
+def get_release(name: str) -> Release:
+    """Look a release up by its stem; the error lists every known name."""
+    if name not in RELEASES:
+        raise ValueError(f"Unknown Franca release {name!r}. Known releases: {', '.join(RELEASES)}.")
+    return RELEASES[name]
+
+
+def cache_dir(override: str | Path | None = None) -> Path:
+    """Where downloads and converted folders are kept: `override`, `$FRANCA_HF_CACHE` or `~/.cache/franca_hf`."""
+    if override is not None:
+        return Path(override)
+    return Path(os.environ.get("FRANCA_HF_CACHE", Path.home() / ".cache" / "franca_hf"))
+
+
+def release_base_url(override: str | None = None) -> str:
+    return (override or os.environ.get("FRANCA_HF_RELEASE_URL") or DEFAULT_RELEASE_URL).rstrip("/")
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url: str, destination: str | Path, progress: bool = True) -> Path:
+    """Download `url` to `destination`, resuming a previous partial download, with a progress bar.
+
+    Bytes go to `<destination>.partial`; a restart asks the server for the missing range (HTTP Range) and starts
+    over if the server ignores it. The file appears under its final name only once complete.
+    """
+    destination = Path(destination)
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # the partial file already holds every byte
+            os.replace(partial, destination)
+            return destination
+        raise DownloadError(f"Downloading {url} failed: HTTP {error.code} {error.reason}.") from error
+    except (urllib.error.URLError, OSError) as error:
+        raise DownloadError(
+            f"Downloading {url} failed: {error}. Check the network or FRANCA_HF_RELEASE_URL."
+        ) from error
+    with response:
+        resumed = offset and response.status == 206
+        if not resumed:
+            offset = 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        with (
+            open(partial, "ab" if resumed else "wb") as handle,
+            tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, desc=destination.name, disable=not progress
+            ) as bar,
+        ):
+            while chunk := response.read(_CHUNK_BYTES):
+                handle.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and partial.stat().st_size != total:
+        raise DownloadError(
+            f"Download of {url} stopped at {partial.stat().st_size} of {total} bytes; run again to resume."
+        )
+    os.replace(partial, destination)
+    return destination
+
+
+def _extract_single_pth(archive: Path, destination: Path) -> Path:
+    """Unpack the one `.pth` member of a tar.gz into `destination` (regular files only, no path traversal)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".pth")]
+        if len(members) != 1:
+            raise DownloadError(f"{archive.name} should hold exactly one .pth file, found {[m.name for m in members]}.")
+        source = tar.extractfile(members[0])
+        partial = destination.with_name(destination.name + ".partial")
+        with source, open(partial, "wb") as handle:
+            shutil.copyfileobj(source, handle, _CHUNK_BYTES)
+    os.replace(partial, destination)
+    return destination
+
+
+def fetch_release_file(
+    name: str,
+    rasa: bool = False,
+    base_url: str | None = None,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Local path of a release's backbone (or RASA head) `.pth`, downloading it into the cache on first use.
+
+    For ViT-g the three tar.gz parts are downloaded, joined and unpacked; the parts are deleted afterwards.
+    """
+    release = get_release(name)
+    if rasa and not release.has_rasa:
+        with_rasa = [r.stem for r in RELEASES.values() if r.has_rasa]
+        raise ValueError(f"{name} has no published RASA head; releases with one: {', '.join(with_rasa)}.")
+    folder = cache_dir(cache) / "downloads" / release.tag
+    base = f"{release_base_url(base_url)}/{release.tag}"
+    filename = f"{release.stem}_rasa.pth" if rasa else f"{release.stem}.pth"
+    target = folder / filename
+    if target.is_file():
+        return target
+    if rasa or not release.chunked:
+        return download_file(f"{base}/{filename}", target, progress=progress)
+    parts = [
+        download_file(
+            f"{base}/{release.stem}_chunked.tar.gz.part_{s}",
+            folder / f"{release.stem}_chunked.tar.gz.part_{s}",
+            progress,
+        )
+        for s in VIT_G_PART_SUFFIXES
+    ]
+    archive = folder / f"{release.stem}_chunked.tar.gz"
+    joined = archive.with_name(archive.name + ".partial")
+    with open(joined, "wb") as handle:
+        for part in parts:
+            with open(part, "rb") as source:
+                shutil.copyfileobj(source, handle, _CHUNK_BYTES)
+    os.replace(joined, archive)
+    _extract_single_pth(archive, target)
+    for leftover in (*parts, archive):
+        leftover.unlink()
+    return target

@@ -1,0 +1,48 @@
+"""Shared fixtures: the official tiny reference (../shared/reference/tiny) and its converted HF folder."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import franca_hf  # noqa: F401  (registers the Auto classes)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("FRANCA_HF_SHARED_DIR", REPO_ROOT.parent / "shared"))
+REFERENCE_DIR = SHARED_DIR / "reference" / "tiny"
+if not (REFERENCE_DIR / "reference.safetensors").is_file():
+    raise RuntimeError(
+        f"The official reference outputs are missing from {REFERENCE_DIR}; the parity tests need them. "
+        "Run the tests from a checkout that has ../shared beside it, or set FRANCA_HF_SHARED_DIR."
+    )
+TEACHER_CHECKPOINT = REFERENCE_DIR / "teacher_checkpoint.pth"
+RASA_CHECKPOINT = REFERENCE_DIR / "rasa_head.pth"
+EXAMPLE_IMAGES = REPO_ROOT / "examples" / "images"
+REFERENCE_SIZES = ("98x98", "112x112", "70x126")
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, torch.Tensor]:
+    """Inputs and outputs computed by the official Franca code on random weights (see reference.json)."""
+    return load_file(REFERENCE_DIR / "reference.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny reference checkpoint + RASA head converted once with the project's converter."""
+    from franca_hf.conversion.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("converted") / "tiny"
+    convert_checkpoint(TEACHER_CHECKPOINT, out, rasa=RASA_CHECKPOINT)
+    return out
+
+
+def tiny_config(**overrides):
+    """A small random FrancaConfig for shape and behaviour tests."""
+    values = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14, position_grid_size=4, image_size=56
+    )
+    values.update(overrides)
+    return franca_hf.FrancaConfig(**values)

@@ -1,0 +1,47 @@
+"""Schedules indexed by optimizer step, at their key steps."""
+
+import math
+
+import pytest
+
+from franca_hf.training import FrancaSchedules, WarmupCosineSchedule, scaled_learning_rate
+
+
+def test_sqrt_batch_scaling():
+    assert scaled_learning_rate(1e-3, 2048) == pytest.approx(1e-3 * math.sqrt(2))
+    assert scaled_learning_rate(4e-3, 256) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="Batch sizes"):
+        scaled_learning_rate(1e-3, 0)
+
+
+def test_warmup_cosine_key_steps():
+    schedule = WarmupCosineSchedule(peak=1.0, final=0.1, total_steps=110, warmup_steps=11, warmup_start=0.0)
+    assert schedule(0) == 0.0
+    assert schedule(5) == pytest.approx(0.5)
+    assert schedule(10) == pytest.approx(1.0)  # end of warmup (inclusive, like numpy.linspace)
+    assert schedule(11) == pytest.approx(1.0)  # cosine starts at the peak
+    assert schedule(11 + 99 // 2) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 49 / 99)))
+    assert 0.1 < schedule(109) < 0.1 + 1e-3
+    assert schedule(110) == schedule(10**9) == 0.1
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosineSchedule(1.0, 0.0, total_steps=5, warmup_steps=6)
+    with pytest.raises(ValueError, match="step"):
+        schedule(-1)
+
+
+def test_franca_schedules():
+    schedules = FrancaSchedules(
+        lr=2e-3, total_steps=1000, warmup_steps=100, teacher_temperature_warmup_steps=300, freeze_last_layer_steps=50
+    )
+    start, end_warmup, last, after = schedules(0), schedules(99), schedules(999), schedules(1000)
+    assert start.lr == 0.0 and end_warmup.lr == pytest.approx(2e-3) and after.lr == pytest.approx(1e-6)
+    assert start.weight_decay == pytest.approx(0.04) and after.weight_decay == pytest.approx(0.2)
+    assert start.weight_decay < schedules(500).weight_decay < last.weight_decay < 0.2
+    assert start.teacher_momentum == pytest.approx(0.994) and after.teacher_momentum == 1.0
+    assert start.teacher_temperature == pytest.approx(0.04)
+    assert schedules(149).teacher_temperature == pytest.approx(0.04 + 0.03 * 149 / 299)
+    assert schedules(299).teacher_temperature == pytest.approx(0.07) == schedules(5000).teacher_temperature
+    assert schedules(49).last_layer_lr == 0.0 and schedules(49).lr > 0
+    assert schedules(50).last_layer_lr == schedules(50).lr
+    with pytest.raises(ValueError, match="freeze_last_layer_steps"):
+        FrancaSchedules(lr=1e-3, freeze_last_layer_steps=-1)
