@@ -30,6 +30,7 @@ def _convert(args: argparse.Namespace) -> None:
             cache=args.cache_dir,
         )
         print(f"converted {args.release} -> {folder}")
+        _maybe_push(args, folder)
         return
     if args.out is None:
         raise ValueError("--out DIR is required when converting a local checkpoint.")
@@ -48,6 +49,15 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"skipped {len(result.report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
     if result.parity:
         print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in result.parity.items()}))
+    _maybe_push(args, result.folder)
+
+
+def _maybe_push(args: argparse.Namespace, folder) -> None:
+    if args.push_to_hub:
+        from .conversion.hub import push_to_hub
+
+        url = push_to_hub(folder, args.push_to_hub, private=args.private, endpoint=args.endpoint)
+        print(f"pushed to {args.push_to_hub}: {url}")
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -81,6 +91,88 @@ def _extract(args: argparse.Namespace) -> None:
         print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
+def _knn(args: argparse.Namespace) -> None:
+    from .conversion.export import make_image_processor
+    from .features import load_model_and_processor
+    from .training.data import open_source, subsample
+    from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
+
+    model, processor = load_model_and_processor(args.model, device=args.device)
+    if args.crop_size:
+        processor = make_image_processor(args.crop_size)
+    splits = []
+    for spec, split in ((args.train, args.train_split), (args.test, args.test_split)):
+        source = subsample(open_source(spec, split), args.max_images)
+        splits.append(embed_source(model, source, processor, batch_size=args.batch_size, progress=True))
+    (train_x, train_y), (test_x, test_y) = splits
+    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, model.config.matryoshka_dims, args.k,
+                                   args.temperature)
+    print(f"k-NN (k={args.k}, T={args.temperature}) of {args.model}: {len(train_x)} train / {len(test_x)} test images")
+    print(format_knn_table(accuracy))
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .training.pretrain import main as pretrain_main
+
+    code = pretrain_main(["--config", args.config, *args.overrides])
+    if code:
+        raise SystemExit(code)
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .conversion.hub import push_to_hub
+
+    url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                      commit_message=args.message, base_model=args.base_model, endpoint=args.endpoint)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from .features import load_model_and_processor
+    from .retrieval import index_images
+
+    model, processor = load_model_and_processor(args.model, device=args.device)
+    index = index_images(model, processor, args.images, batch_size=args.batch_size)
+    index.save(args.out)
+    print(f"indexed {len(index)} images ({index.width} dims, nested {index.dims}) -> {args.out}")
+
+
+def _search(args: argparse.Namespace) -> None:
+    from .features import collect_image_paths, extract_features, load_model_and_processor
+    from .retrieval import EmbeddingIndex, default_funnel
+
+    index = EmbeddingIndex.load(args.index)
+    model, processor = load_model_and_processor(args.model, device=args.device)
+    if model.config.hidden_size != index.width:
+        raise ValueError(f"The index holds {index.width}-dim embeddings; {args.model} makes "
+                         f"{model.config.hidden_size}-dim ones. Search with the model that built the index.")
+    queries = extract_features(model, processor, collect_image_paths(args.queries), progress=False)
+    if args.funnel:
+        stages = default_funnel(index.dims, args.k)
+        scores, indices = index.funnel_search(queries.features, k=args.k, stages=stages)
+        how = "funnel " + " > ".join(f"{dim}:{size}" for dim, size in stages)
+    else:
+        scores, indices = index.search(queries.features, k=args.k, dim=args.dim)
+        how = f"prefix dim {args.dim or index.width}"
+    print(f"top-{args.k} of {len(index)} images ({how})")
+    for query, row_scores, row_indices in zip(queries.paths, scores.tolist(), indices.tolist(), strict=True):
+        print(query)
+        for rank, (score, position) in enumerate(zip(row_scores, row_indices, strict=True), start=1):
+            print(f"  {rank:2d}. {score:.4f}  {index.ids[position]}")
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from .conversion.export import make_image_processor
+    from .features import load_model_and_processor
+    from .visualize import visualize
+
+    model, processor = load_model_and_processor(args.model, device=args.device)
+    if args.size:
+        processor = make_image_processor(args.size)
+    r2 = visualize(model, processor, args.image, args.out)
+    print(f"wrote {args.out}; position-probe R²: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()))
+
+
 def _releases(args: argparse.Namespace) -> None:
     for release in RELEASES.values():
         grid = f"{release.grid * 14}px" if release.grid else "?"
@@ -107,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-verify", action="store_true", help="skip the comparison with the original weights")
     convert.add_argument("--base-url", help="release mirror (default $FRANCA_HF_RELEASE_URL or GitHub)")
     convert.add_argument("--cache-dir", help="download/convert cache (default $FRANCA_HF_CACHE or ~/.cache/franca_hf)")
+    convert.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the folder to this Hub repo")
+    convert.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    convert.add_argument("--endpoint", help="with --push-to-hub: Hub address (default $HF_ENDPOINT)")
     convert.set_defaults(run=_convert)
 
     extract = commands.add_parser("extract", help="embed images into a safetensors file")
@@ -121,6 +216,62 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     extract.add_argument("--dtype", choices=list(TORCH_DTYPES), default="float32")
     extract.set_defaults(run=_extract)
+
+    push = commands.add_parser("push", help="upload a Franca folder (with a fresh model card) to the Hub")
+    push.add_argument("folder", help="folder written by convert, the trainer or rasa")
+    push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--base-model", help="Hub id this model derives from (model card metadata)")
+    push.add_argument("--endpoint", help="Hub address (default $HF_ENDPOINT or https://huggingface.co)")
+    push.set_defaults(run=_push)
+
+    index = commands.add_parser("index", help="embed images into a Matryoshka retrieval index")
+    index.add_argument("images", nargs="+", help="image files or folders")
+    index.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
+    index.add_argument("--out", required=True, help="index file (.safetensors)")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    index.set_defaults(run=_index)
+
+    search = commands.add_parser("search", help="find the images of an index closest to query images")
+    search.add_argument("queries", nargs="+", help="query image files or folders")
+    search.add_argument("--index", required=True, help="index file written by `franca-hf index`")
+    search.add_argument("--model", required=True, help="the model that built the index")
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--dim", type=int, help="search on this Matryoshka prefix (default: full width)")
+    search.add_argument("--funnel", action="store_true", help="shortlist with a small prefix, rerank up to full width")
+    search.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    search.set_defaults(run=_search)
+
+    visualize = commands.add_parser("visualize", help="PCA maps of raw vs RASA-debiased patch features")
+    visualize.add_argument("image", help="an image file")
+    visualize.add_argument("--model", required=True, help="a Franca folder, Hub id or release with RASA weights")
+    visualize.add_argument("--out", required=True, help="output PNG")
+    visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
+    visualize.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    visualize.set_defaults(run=_visualize)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain with Accelerate (multi-process: accelerate launch -m franca_hf.training.pretrain)")
+    pretrain.add_argument("--config", default="demo", help="bundled recipe or YAML file (see docs/pretraining.md)")
+    pretrain.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.total_steps=200")
+    pretrain.set_defaults(run=_pretrain)
+
+    knn = commands.add_parser("knn", help="k-NN accuracy of a model's CLS features at every Matryoshka dim")
+    knn.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
+    knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
+    knn.add_argument("--test", required=True, help="same syntax as --train")
+    knn.add_argument("--train-split", default="train")
+    knn.add_argument("--test-split", default="test")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--max-images", type=int, help="evaluate on at most this many images per split")
+    knn.add_argument("--crop-size", type=int, help="override the model's preprocessing crop (resize + center crop)")
+    knn.add_argument("--batch-size", type=int, default=64)
+    knn.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    knn.set_defaults(run=_knn)
 
     releases = commands.add_parser("releases", help="list the official Franca releases")
     releases.set_defaults(run=_releases)

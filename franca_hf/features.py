@@ -5,8 +5,6 @@ Used by `franca-hf extract` and by the retrieval index. Unreadable images are re
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
 from .conversion.convert import resolve_model
+from .io import write_file_atomically
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -118,19 +117,10 @@ def extract_features(
 
 def save_features(result: ExtractedFeatures, out_file: str | Path, metadata: dict | None = None) -> Path:
     """Write `features` to a safetensors file whose metadata holds the image paths (JSON), failures and settings."""
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     header = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     header.update(paths=json.dumps(result.paths), failed=json.dumps(result.failed))
-    handle, staging = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)
-    os.close(handle)
-    try:
-        save_file({"features": result.features.contiguous()}, staging, metadata=header)
-        os.replace(staging, out_file)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return out_file
+    tensors = {"features": result.features.contiguous()}
+    return write_file_atomically(out_file, lambda staging: save_file(tensors, staging, metadata=header))
 
 
 def load_model_and_processor(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from .checkpoint import (
     CheckpointError,
@@ -17,7 +18,7 @@ from .checkpoint import (
     load_rasa_weights,
     load_torch_file,
 )
-from .export import fill_model_folder, write_atomically
+from .export import fill_model_folder
 from .model_card import render_model_card
 from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
 
@@ -175,7 +176,7 @@ def convert_checkpoint(
         if verify:
             _check_reload(folder, model)
 
-    write_atomically(out_dir, fill, overwrite=overwrite)
+    write_folder_atomically(out_dir, fill, overwrite=overwrite)
     return ConversionResult(folder=out_dir, config=config, report=report, parity=parity)
 
 

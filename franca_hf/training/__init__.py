@@ -3,7 +3,7 @@ schedules and optimizer groups. The training loop itself lives elsewhere and cal
 
 One step, in the order a loop calls them (B images, 2 global and L local crops, crop-major rows):
 
-1. data: `MultiCropAugmentation` per image, `MaskedCropCollator` per batch (CyclicMask iBOT masks);
+1. data: `MultiCropAugmentation` per image, `collate_masked_crops` per batch (CyclicMask iBOT masks);
 2. `values = schedules(step)`; `apply_schedule(optimizer, values.lr, values.weight_decay, values.last_layer_lr)`;
 3. teacher (no grad): CLS tokens of the global crops -> `dino_head`, masked patch tokens -> `ibot_head`, then
    `sinkhorn_knopp(logits, values.teacher_temperature)` for each head (all levels at once);
@@ -39,7 +39,7 @@ from .losses import (
     soft_cross_entropy,
     swap_global_crops,
 )
-from .masking import CyclicMaskGenerator, MaskedCropCollator, collate_masked_crops, mask_token_weights
+from .masking import CyclicMaskGenerator, collate_masked_crops, mask_token_weights
 from .optim import (
     ParamGroupSettings,
     apply_schedule,
@@ -62,7 +62,6 @@ __all__ = [
     "DINOLossOutput",
     "FrancaSchedules",
     "LevelLosses",
-    "MaskedCropCollator",
     "MatryoshkaHead",
     "MultiCropAugmentation",
     "ParamGroupSettings",

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 
 
 class BlurProbabilities(NamedTuple):
@@ -42,6 +43,9 @@ def _check_scale(name: str, scale: Sequence[float]) -> None:
 class MultiCropAugmentation:
     """Image (PIL, ndarray or tensor; grayscale is made RGB) -> {"global_crops": [2 x (3, G, G)], "local_crops": [L x (3, l, l)]}.
 
+    `color_jitter` is (brightness, contrast, saturation, hue) of the colour jitter applied with p 0.8; the blur
+    kernel size and sigma range default to DINOv2's (9, (0.1, 2.0)), which suit 224-px crops.
+
     The crops are fp32, normalised. Randomness comes from torch's global generator (seeded per DataLoader worker).
     """
 
@@ -54,6 +58,9 @@ class MultiCropAugmentation:
         num_local_crops: int = 8,
         blur_probabilities: Sequence[float] = PAPER_BLUR_PROBABILITIES,
         solarize_probability: float = 0.2,
+        color_jitter: Sequence[float] = COLOR_JITTER,
+        blur_kernel_size: int = 9,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
@@ -71,12 +78,12 @@ class MultiCropAugmentation:
             return [
                 v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                 v2.RandomHorizontalFlip(p=0.5),
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
                 v2.RandomGrayscale(p=0.2),
             ]
 
         def blur_with(p: float) -> v2.Transform:
-            return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+            return v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel_size, sigma=blur_sigma)], p=p)
 
         # uint8 RGB throughout, as the official PIL pipeline (solarisation threshold 128 is on the 0-255 scale).
         to_input = [v2.ToImage(), v2.RGB(), v2.ToDtype(torch.uint8, scale=True)]

@@ -89,6 +89,8 @@ class MatryoshkaHead(nn.Module):
         num_prototypes: K, the prototype count of the largest level; level l has K * m_l / m_max (must divide).
         hidden_dim, bottleneck_dim: MLP sizes.
         mode: "project" (official), "slice" (paper) or "shared" (standard MRL); see the module docstring.
+        init_std: std of the truncated-normal init of the Linear weights (official 0.02, sized for 2048-wide MLPs:
+            narrow heads start with near-zero outputs, hence near-uniform predictions, and need a larger value).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class MatryoshkaHead(nn.Module):
         hidden_dim: int = DEFAULT_HIDDEN_DIM,
         bottleneck_dim: int = DINO_BOTTLENECK_DIM,
         mode: str = "project",
+        init_std: float = 0.02,
     ):
         super().__init__()
         nesting_dims = list(default_nesting_dims(in_dim) if nesting_dims is None else nesting_dims)
@@ -127,13 +130,10 @@ class MatryoshkaHead(nn.Module):
             self.last_layers = nn.ModuleList(
                 WeightNormPrototypes(bottleneck_dim, count) for count in self.prototypes_per_level
             )
-        self.apply(self._init_linear)
-
-    @staticmethod
-    def _init_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=init_std)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(..., in_dim) -> one (..., K_l) logit tensor per nesting level, coarsest first."""

@@ -140,35 +140,3 @@ def collate_masked_crops(
         "num_masked": torch.tensor([mask_indices.numel()], dtype=torch.long),
         "upperbound": upperbound,
     }
-
-
-class MaskedCropCollator:
-    """Picklable DataLoader `collate_fn` around `collate_masked_crops`.
-
-    Its `random.Random` is created lazily in each process from `torch.initial_seed()`, which differs between
-    DataLoader workers and follows the DataLoader's generator, so masks are reproducible and not repeated across
-    workers.
-
-    Args:
-        grid_size: patch grid of the global crops (e.g. 224 // 14 = 16, or (rows, cols)).
-        Other arguments: see `collate_masked_crops` and `CyclicMaskGenerator`.
-    """
-
-    def __init__(
-        self,
-        grid_size: int | tuple[int, int],
-        mask_probability: float = MASK_PROBABILITY,
-        mask_ratio_range: tuple[float, float] = MASK_RATIO_RANGE,
-        min_aspect: float = 0.3,
-    ):
-        self.mask_generator = CyclicMaskGenerator(grid_size, min_aspect=min_aspect)
-        self.mask_probability = mask_probability
-        self.mask_ratio_range = mask_ratio_range
-        self._rng: random.Random | None = None
-
-    def __call__(self, samples: Sequence[Mapping | Sequence]) -> dict[str, torch.Tensor | int]:
-        if self._rng is None:
-            self._rng = random.Random(torch.initial_seed())
-        return collate_masked_crops(
-            samples, self.mask_generator, self._rng, self.mask_probability, self.mask_ratio_range
-        )

@@ -15,6 +15,7 @@ from franca_hf.conversion.convert import convert_release
 from franca_hf.conversion.releases import DownloadError, download_file, fetch_release_file, sha256_of
 
 from ..conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
+from .fake_hub import FakeHub
 
 
 class ReleaseServer:
@@ -119,6 +120,20 @@ def test_download_errors_are_clear(server, tmp_path):
         fetch_release_file("franca_vitx14", cache=tmp_path)
     with pytest.raises(ValueError, match="has no published RASA head"):
         fetch_release_file("franca_vitb14_In21K_224", rasa=True, cache=tmp_path)
+
+
+def test_convert_release_and_push_in_one_command(server, tmp_path, capsys, monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    try:
+        code = main(["convert", "--release", "franca_vitb14_In21K", "--with-rasa", "--base-url", server.url,
+                     "--cache-dir", str(tmp_path), "--push-to-hub", "valeo/franca-b", "--endpoint", hub.url])
+    finally:
+        hub.close()
+    assert code == 0, capsys.readouterr().err
+    uploaded = hub.repos["valeo/franca-b"]["revisions"]["main"]
+    assert {"model.safetensors", "modeling_franca.py", "README.md"} <= set(uploaded)
+    assert "franca_vitb14_In21K" in uploaded["README.md"].decode() and "RASA sha256" in uploaded["README.md"].decode()
 
 
 def test_cli_convert_release_and_errors(server, tmp_path, capsys):

@@ -1,0 +1,271 @@
+"""Matryoshka prefix search and funnel search vs full-dimension exact search: queries/s and recall@10.
+
+Every method runs in ONE process, round-robin over `--rounds` rounds (these machines are noisy); a method's speed-up
+is the median over rounds of (full-D exact time / its time) in the same round. Recall@10 is measured against
+full-D exact search. Without `--embeddings` the data are SYNTHETIC (see `synthetic_embeddings`); with it, real
+embeddings are read from a safetensors file and `--queries` rows are held out of the database as queries.
+
+torch runs on `--threads` threads (default 1): on a CPU shared with other jobs, a second OpenMP thread that is not
+scheduled stalls every parallel op, which distorts the many small ops of a funnel far more than one big matmul.
+
+Run (about 2-3 minutes on 2 CPU cores):
+    python benchmarks/retrieval.py --plot docs/retrieval_benchmark.png --docs docs/retrieval.md
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from franca_hf.io import write_file_atomically
+from franca_hf.modeling.configuration_franca import default_matryoshka_dims
+from franca_hf.retrieval import EmbeddingIndex
+
+K = 10
+DOCS_START, DOCS_END = "<!-- retrieval-benchmark:start -->", "<!-- retrieval-benchmark:end -->"
+
+
+def synthetic_embeddings(
+    size: int, queries: int, width: int, clusters: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(size, width) database and (queries, width) queries with a nested, PCA-like, clustered structure.
+
+    Channel i has standard deviation (i + 1) ** -0.5 (variance ~ 1 / (i + 1), so the first width/16 channels carry
+    about 60% of it, as in a PCA-ordered spectrum). Cluster centres are drawn with that spectrum; cluster sizes follow
+    Zipf's law (cluster c gets a share ~ 1 / (c + 1)); a point is its centre plus 0.5x-spread noise of the same
+    spectrum. A query is a random database point plus half that noise (0.25x spread): near its source point, inside
+    a cluster of look-alikes.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    spectrum = (torch.arange(width) + 1.0) ** -0.5
+    share = 1.0 / (torch.arange(clusters) + 1.0)
+    centres = torch.randn(clusters, width, generator=gen) * spectrum
+    members = torch.multinomial(share, size, replacement=True, generator=gen)
+    database = centres[members] + 0.5 * torch.randn(size, width, generator=gen) * spectrum
+    sources = torch.randint(size, (queries,), generator=gen)
+    query_vectors = database[sources] + 0.25 * torch.randn(queries, width, generator=gen) * spectrum
+    return database, query_vectors
+
+
+def real_embeddings(path: str, key: str | None, queries: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2-D tensor `key` of a safetensors file (its only 2-D tensor when None), `queries` random rows held out."""
+    with safe_open(path, framework="pt") as handle:
+        names = [key] if key else [n for n in handle.keys() if len(handle.get_slice(n).get_shape()) == 2]
+        if len(names) != 1:
+            raise SystemExit(f"{path}: pass --key, one of the 2-D tensors {names}.")
+        vectors = handle.get_tensor(names[0]).float()
+    order = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))
+    return vectors[order[queries:]], vectors[order[:queries]]
+
+
+def funnel_settings(dims: list[int]) -> list[list[tuple[int, int]]]:
+    """MRL-style cascades for top-10 over Franca's nested dims [D/16, D/8, D/4, D/2, D]."""
+    if len(dims) != 5:
+        raise SystemExit(f"The funnel settings need Franca's five nested dims [D/16, …, D]; D gives {dims}.")
+    d16, d8, d4, d2, full = dims
+    return [
+        [(d16, 200), (full, K)],
+        [(d16, 100), (d4, 30), (full, K)],
+        [(d16, 200), (d4, 50), (full, K)],
+        [(d16, 400), (d4, 100), (full, K)],
+        [(d16, 200), (d8, 100), (d4, 50), (d2, 25), (full, K)],
+        [(d8, 100), (d2, 30), (full, K)],
+    ]
+
+
+def timed(fn, queries: torch.Tensor, batch: int, device: torch.device) -> float:
+    """Seconds to run `fn` over all queries in batches of `batch`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, queries.shape[0], batch):
+        fn(queries[i : i + batch])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean fraction of each query's true top-k found in its returned top-k."""
+    hits = (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2).float().sum(dim=1)
+    return (hits / truth.shape[1]).mean().item()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} thread(s), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def write_docs(path: Path, block: str) -> None:
+    """Replace the text between the benchmark markers of a markdown page."""
+    text = path.read_text()
+    if DOCS_START not in text or DOCS_END not in text:
+        raise SystemExit(f"{path} lacks the markers {DOCS_START} ... {DOCS_END}.")
+    head, rest = text.split(DOCS_START, 1)
+    text = f"{head}{DOCS_START}\n{block}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}"
+    write_file_atomically(path, lambda staging: staging.write_text(text))
+
+
+def plot(rows: list[dict], batches: list[int], path: Path) -> None:
+    """Speed-up vs recall@10, one panel per batch size; funnels are labelled F1… as in the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for kind, marker, colour in (("prefix", "o", "tab:blue"), ("funnel", "^", "tab:orange")):
+            chosen = [r for r in rows if r["kind"] == kind]
+            ax.scatter(
+                [r["recall"] for r in chosen],
+                [r["speedup"][batch] for r in chosen],
+                marker=marker,
+                color=colour,
+                label=f"{kind} search",
+            )
+            for r in chosen:
+                ax.annotate(
+                    r["short"],
+                    (r["recall"], r["speedup"][batch]),
+                    fontsize=7,
+                    xytext=(4, 2),
+                    textcoords="offset points",
+                )
+        ax.axhline(5, color="grey", linestyle="--", linewidth=0.8, label="5x target")
+        ax.axvline(0.99, color="grey", linestyle=":", linewidth=0.8, label="recall 0.99")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("recall@10 vs full-dimension exact search")
+        ax.set_ylabel("speed-up over full-dimension exact search")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    write_file_atomically(path, lambda staging: fig.savefig(staging, dpi=120, format="png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=100_000, help="synthetic database size")
+    parser.add_argument("--width", type=int, default=768, help="synthetic embedding width D")
+    parser.add_argument("--clusters", type=int, default=1000, help="synthetic cluster count")
+    parser.add_argument("--queries", type=int, default=1024, help="queries timed at the largest batch size")
+    parser.add_argument("--single-queries", type=int, default=64, help="queries timed one at a time (batch 1)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="query batch sizes to time")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embeddings", help="safetensors file of real (N, D) embeddings instead of synthetic ones")
+    parser.add_argument("--key", help="tensor name in --embeddings (default: its only 2-D tensor)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see above)")
+    parser.add_argument("--plot", type=Path, help="write the speed-up vs recall plot here (PNG)")
+    parser.add_argument("--docs", type=Path, help="replace the results block of this markdown page")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+
+    if args.embeddings:
+        database, queries = real_embeddings(args.embeddings, args.key, args.queries, args.seed)
+        source = f"REAL embeddings from {args.embeddings}: {len(queries)} random rows held out as queries"
+    else:
+        database, queries = synthetic_embeddings(args.size, args.queries, args.width, args.clusters, args.seed)
+        source = (
+            f"SYNTHETIC embeddings (seed {args.seed}): channel i has std (i+1)^-0.5, {args.clusters} Zipf-sized "
+            "clusters, points = centre + 0.5x-spread noise, queries = a random database point + 0.25x noise"
+        )
+    dims = default_matryoshka_dims(database.shape[1])
+    started = time.perf_counter()
+    index = EmbeddingIndex(database.to(device), dims=dims)
+    built = time.perf_counter() - started
+    queries = queries.to(device)
+    variance = database.var(dim=0)
+    share = ", ".join(f"{d}: {variance[:d].sum() / variance.sum():.0%}" for d in dims[:-1])
+    header = [
+        f"Data: {source}.",
+        f"Database {len(index)} x {index.width} float32, {len(queries)} queries, k = {K}; variance held by the first d "
+        f"channels: {share}. Index built in {built:.2f} s.",
+        f"Machine: {machine()}; device {device}; load average {os.getloadavg()[0]:.1f} at the start.",
+    ]
+    print("\n".join(header), flush=True)
+
+    truth = index.search(queries, K)[1]
+    methods = [dict(kind="exact", name=f"exact, dim {index.width}", short="exact", fn=lambda q: index.search(q, K))]
+    methods += [
+        dict(kind="prefix", name=f"prefix, dim {d}", short=str(d), fn=lambda q, d=d: index.search(q, K, d))
+        for d in dims[:-1]
+    ]
+    methods += [
+        dict(
+            kind="funnel",
+            name=f"funnel F{i}: " + " > ".join(f"{d}:{s}" for d, s in stages),
+            short=f"F{i}",
+            fn=lambda q, stages=stages: index.funnel_search(q, K, stages),
+        )
+        for i, stages in enumerate(funnel_settings(dims), start=1)
+    ]
+    for m in methods:
+        m["recall"] = recall(m["fn"](queries)[1], truth)
+        m["times"] = {b: [] for b in args.batches}
+    for r in range(args.rounds):
+        for batch in args.batches:
+            subset = queries[: args.single_queries] if batch == 1 else queries
+            for m in methods:
+                m["times"][batch].append(timed(m["fn"], subset, batch, device) / subset.shape[0])
+        print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    base = methods[0]["times"]
+    for m in methods:
+        m["qps"] = {b: 1 / statistics.median(t) for b, t in m["times"].items()}
+        m["speedup"] = {
+            b: statistics.median(x / y for x, y in zip(base[b], t, strict=True)) for b, t in m["times"].items()
+        }
+
+    columns = "".join(f" q/s (batch {b}) | speed-up (batch {b}) |" for b in args.batches)
+    lines = [f"| method | recall@{K} |{columns}", "|---|---|" + "---|---|" * len(args.batches)]
+    for m in methods:
+        cells = "".join(f" {m['qps'][b]:,.0f} | {m['speedup'][b]:.2f}x |" for b in args.batches)
+        lines.append(f"| {m['name']} | {m['recall']:.4f} |{cells}")
+    accurate = [m for m in methods if m["kind"] == "funnel" and m["recall"] >= 0.99]
+    verdicts = []
+    for b in args.batches:
+        best = max(accurate, key=lambda m: m["speedup"][b], default=None)
+        verdicts.append(
+            f"Batch {b}: no funnel reached recall@{K} >= 0.99."
+            if best is None
+            else f"Batch {b}: fastest funnel at recall@{K} >= 0.99 is {best['name']} (recall "
+            f"{best['recall']:.4f}), {best['speedup'][b]:.2f}x full-dimension exact search: 5x target "
+            f"{'met' if best['speedup'][b] >= 5 else 'NOT met'}."
+        )
+    footer = [
+        f"Timings: median over {args.rounds} round-robin rounds; batch 1 timed on the first "
+        f"{args.single_queries} queries, larger batches on all {len(queries)}; load average "
+        f"{os.getloadavg()[0]:.1f} at the end.",
+        *verdicts,
+    ]
+    print("\n" + "\n".join(lines) + "\n\n" + "\n".join(footer))
+    if args.plot:
+        plot(methods[1:], args.batches, args.plot)
+        print(f"wrote {args.plot}")
+    if args.docs:
+        write_docs(args.docs, "\n\n".join(["\n".join(header), "\n".join(lines), "\n".join(footer)]))
+        print(f"wrote {args.docs}")
+
+
+if __name__ == "__main__":
+    main()

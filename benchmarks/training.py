@@ -1,0 +1,121 @@
+"""Throughput and peak memory of one Franca training step, against the backbone alone, in one process.
+
+A step is what `franca_hf.training.pretrain` does per optimizer step: teacher forward + Sinkhorn targets (no grad),
+student forward on all crops with the nested DINO and iBOT heads, DINO + iBOT + KoLeo losses, backward, AdamW step
+and the teacher EMA. The baseline is a forward + backward of the student backbone alone on the same global crops,
+so the ratio shows what the heads, the teacher and the losses cost on top of the ViT. Interleaved rounds, medians.
+
+    python benchmarks/training.py                                   # the demo config on CPU
+    python benchmarks/training.py --config vitb14_in21k --device cuda --dtype bfloat16 --batch 64
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from PIL import Image
+
+from franca_hf.training.config import load_config
+from franca_hf.training.data import AugmentedImages, EpochBatchSampler, ImageSource, open_source
+from franca_hf.training.optim import build_param_groups
+from franca_hf.training.pretrain import BatchCollator, build_networks, ema_update, make_augmentation
+
+
+def synthetic_or_demo_batch(config, batch_size: int) -> dict:
+    """One collated batch: the demo images for the demo config, random images otherwise (no dataset needed)."""
+    if config.data.source == "demo":
+        source = open_source("demo", demo_num_images=max(batch_size, 64))
+    else:
+        side = config.crops.global_size
+        images = [Image.fromarray(torch.randint(0, 256, (side, side, 3), dtype=torch.uint8).numpy())
+                  for _ in range(batch_size)]
+        source = ImageSource("random", lambda i: images[i], len(images))
+    dataset = AugmentedImages(source, make_augmentation(config), seed=0)
+    indices = next(iter(EpochBatchSampler(len(source), batch_size)))
+    return BatchCollator(config)([dataset[key] for key in indices])
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--batch", type=int, help="images per step (default: the config's batch_size_per_device)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=5)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    batch_size = args.batch or config.optim.batch_size_per_device
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    student, teacher = build_networks(config)
+    student, teacher = student.to(device).train(), teacher.to(device)
+    optimizer = torch.optim.AdamW(build_param_groups(student), lr=1e-4)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_or_demo_batch(config, batch_size).items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def franca_step() -> None:
+        with autocast:
+            targets = teacher(batch["global_crops"], batch["mask_indices"], 0.04, 3)
+            parts = student(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"],
+                            batch["mask_weights"], *targets)
+        parts["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher, student, 0.994)
+
+    def backbone_step() -> None:
+        with autocast:
+            loss = student.backbone(batch["global_crops"]).pooler_output.float().square().mean()
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    def timed(step) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps_per_round):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps_per_round
+
+    franca_step(), backbone_step()  # warm-up
+    results = {"franca step": [], "backbone fwd+bwd": []}
+    memory = {}
+    for _ in range(args.rounds):
+        for name, step in (("franca step", franca_step), ("backbone fwd+bwd", backbone_step)):
+            reset_peak(device)
+            results[name].append(timed(step))
+            memory[name] = max(memory.get(name, 0.0), peak_memory_mib(device))
+    print(f"{args.config}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
+          f"{config.crops.local_number} local), {args.device}, {args.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for name, times in results.items():
+        median = statistics.median(times)
+        print(f"{name:18s} {median * 1000:8.1f} ms/step  {batch_size / median:8.1f} images/s  "
+              f"peak memory {memory[name]:.0f} MiB")
+    ratio = statistics.median(f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True))
+    print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Atomic writes: a file or folder appears complete under its final name, or not at all (no half-written output
+after an error or a kill), with the permissions of an ordinary new file."""
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write(staging)` fill a hidden temp file beside `path`, flush it to disk, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(staging)
+        os.chmod(staging, 0o666 & ~_umask())  # some writers (safetensors) create 0600 files
+        with open(staging, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_folder_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Create folder `out_dir` by letting `fill` write into a hidden staging folder beside it, then renaming.
+
+    An existing `out_dir` is only replaced with `overwrite`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        fill(staging)
+        mask = _umask()
+        os.chmod(staging, 0o777 & ~mask)  # mkdtemp creates 0700 folders
+        for path in staging.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, retired / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

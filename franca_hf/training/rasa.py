@@ -1,0 +1,353 @@
+"""RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
+
+    franca-hf rasa --model runs/demo/teacher --data demo --steps 8 --out runs/demo/teacher_rasa
+    accelerate launch -m franca_hf.training.rasa --model facebook/dinov2-base --data /voc --steps 8 --out dinov2_rasa
+
+Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
+the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
+to 0), then freezes it into the chain. After every step a fresh linear probe, fitted on half of the held-out images
+and scored on the other half, gives the R² of position still linearly decodable; the mean cosine similarity between
+raw and debiased tokens shows how much else changed. Progress is saved after every step; a rerun resumes.
+
+Output: for a FrancaModel, an HF folder whose `debiased_patch_embeddings` use the whole chain; for DINOv2 models, a
+`rasa_directions.safetensors` file to use with `franca_hf.rasa.RasaDirections`.
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from ..conversion.export import save_model_folder
+from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
+from ..rasa import DIRECTIONS_FILE, RasaDirections, patch_tokens
+from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .data import DECODE_ERRORS, AugmentedImages, EpochBatchSampler, ImageSource, open_source, split_off, subsample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RasaSettings:
+    """Defaults follow the paper (SPEC §3): 8 steps of 5 epochs, lr 2e-3 (the official config says 2e-4),
+    batch 128, 518-px random resized crops (scale 0.25-1) with colour jitter, grayscale and blur."""
+
+    steps: int = 8
+    epochs: int = 5
+    lr: float = 2e-3
+    batch_size: int = 128
+    resolution: int = 518
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    held_out_images: int = 64
+    max_images: int | None = None
+    orthogonal: bool = True  # False: the official steps (see fit_position_predictor)
+    num_workers: int = 2
+    seed: int = 0
+
+    def validate(self, patch_size: int) -> None:
+        if self.steps < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("steps, epochs and batch_size must be >= 1.")
+        if self.resolution % patch_size or self.resolution < 2 * patch_size:
+            raise ValueError(f"resolution must be a multiple of the patch size ({patch_size}) covering >= 2 patches.")
+        if self.held_out_images < 4:
+            raise ValueError("held_out_images must be >= 4 (two halves for the position probe).")
+
+
+@dataclass
+class RasaReport:
+    """Per chain length (0 = before RASA): held-out position-probe R² and raw/debiased cosine similarity."""
+
+    probe_r2: list[float] = field(default_factory=list)
+    cosine_to_raw: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+
+
+def augmentation(settings: RasaSettings) -> v2.Compose:
+    """The RASA training views: random resized crop, colour jitter, grayscale, blur, ImageNet normalisation."""
+    return v2.Compose([
+        v2.ToImage(), v2.RGB(),
+        v2.RandomResizedCrop(settings.resolution, scale=settings.crop_scale,
+                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.32, 0.32, 0.32, 0.08)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def evaluation_transform(resolution: int) -> v2.Compose:
+    return v2.Compose([
+        v2.ToImage(), v2.RGB(), v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def grid_coordinates(rows: int, cols: int) -> torch.Tensor:
+    """(rows * cols, 2) normalised (row / (rows - 1), col / (cols - 1)) of each patch, row-major."""
+    r, c = torch.meshgrid(torch.arange(rows) / max(rows - 1, 1), torch.arange(cols) / max(cols - 1, 1), indexing="ij")
+    return torch.stack([r.flatten(), c.flatten()], dim=1)
+
+
+def linear_probe_r2(
+    fit_x: torch.Tensor, fit_y: torch.Tensor, score_x: torch.Tensor, score_y: torch.Tensor, ridge: float = 1e-3
+) -> float:
+    """R² of a ridge-regularised linear (with bias) probe fitted on (fit_x (n, D), fit_y (n, 2)), scored on
+    (score_x, score_y): 1 - SS_res / SS_tot averaged over the two coordinates (1: fully linearly decodable)."""
+
+    def design(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+    fit, score = design(fit_x), design(score_x)
+    gram = fit.T @ fit + ridge * fit.shape[0] * torch.eye(fit.shape[1], dtype=fit.dtype)
+    solution = torch.linalg.solve(gram, fit.T @ fit_y.double())
+    residual = ((score @ solution - score_y.double()) ** 2).sum(0)
+    total = ((score_y.double() - score_y.double().mean(0)) ** 2).sum(0)
+    return float((1 - residual / total).mean())
+
+
+def probe_r2(tokens: torch.Tensor, coords: torch.Tensor, ridge: float = 1e-3) -> float:
+    """Held-out position-probe R²: fitted on the first half of the images, scored on the second.
+
+    Args:
+        tokens: (images, N, D) patch tokens; coords: (N, 2) their grid coordinates.
+    """
+    half = tokens.shape[0] // 2
+    if half < 1:
+        raise ValueError("The probe needs at least 2 images.")
+    rest = tokens.shape[0] - half
+    return linear_probe_r2(tokens[:half].reshape(-1, tokens.shape[-1]), coords.repeat(half, 1),
+                           tokens[half:].reshape(-1, tokens.shape[-1]), coords.repeat(rest, 1), ridge)
+
+
+def fit_position_predictor(
+    batches, width: int, basis: torch.Tensor, epochs: int, lr: float, accelerator: Accelerator | None = None,
+    progress: bool = False, orthogonal: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """Train one RASA step: a bias-free Linear(width, 2) + sigmoid regressing grid coordinates by MSE.
+
+    Args:
+        batches: callable(epoch) -> iterable of (tokens (B, N, width) fp32 raw patch tokens, coords (N, 2)).
+        basis: (S, 2, width) orthonormal directions of the steps already trained (applied to the tokens first).
+        orthogonal: project the trained weight off every direction of the earlier steps. The tokens it sees have
+            no component there, so its predictions do not change; but the official code keeps whatever the
+            random init and Adam's per-coordinate updates left in those directions, and the per-step projections
+            of the chain then write position back into them (on a planted signal the held-out probe R² stays at
+            0.33 instead of reaching 0; tests/training/test_rasa_training.py). False reproduces the official step.
+    Returns:
+        the (2, width) weight and the mean training loss of the last epoch.
+    """
+    accelerator = accelerator or Accelerator(cpu=True)
+    head = nn.Linear(width, 2, bias=False)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    iterations = epochs * max(1, sum(1 for _ in batches(0)))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
+    last_losses = []
+    for epoch in range(epochs):
+        last_losses = []
+        for tokens, coords in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                                   disable=not progress):
+            tokens = remove_position_directions(tokens.to(accelerator.device), basis)
+            predicted = torch.sigmoid(head(tokens))
+            loss = F.mse_loss(predicted, coords.to(accelerator.device).expand_as(predicted))
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_losses.append(loss.detach())
+    weight = accelerator.unwrap_model(head).weight.detach().float().cpu().clone()
+    if orthogonal and len(basis):
+        earlier = torch.linalg.qr(basis.reshape(-1, width).T.cpu().double())[0].float()  # (width, 2S) orthonormal
+        weight = weight - (weight @ earlier) @ earlier.T
+    loss = accelerator.reduce(torch.stack(last_losses).mean(), "mean").item() if last_losses else math.nan
+    return weight, loss
+
+
+class FrozenTokens:
+    """Final-normed patch tokens of a frozen backbone for RASA training views (this process's shard)."""
+
+    def __init__(self, model, source: ImageSource, settings: RasaSettings, accelerator: Accelerator, round_: int):
+        self.model, self.settings, self.accelerator, self.round = model, settings, accelerator, round_
+        self.images = AugmentedImages(source, augmentation(settings), settings.seed)
+        self.sampler = EpochBatchSampler(len(source), min(settings.batch_size, len(source) // accelerator.num_processes),
+                                         accelerator.process_index, accelerator.num_processes, settings.seed)
+        self.loader = DataLoader(self.images, batch_sampler=self.sampler, num_workers=settings.num_workers)
+
+    @torch.no_grad()
+    def __call__(self, epoch: int):
+        """Batches of (tokens, coords) of epoch `epoch` of this step; fresh augmentations for every step and epoch."""
+        self.sampler.start(self.round * self.settings.epochs + epoch, 0)
+        for pixels, _, _ in self.loader:
+            with self.accelerator.autocast():
+                tokens, grid = patch_tokens(self.model, pixels.to(self.accelerator.device))
+            yield tokens.float(), grid_coordinates(*grid)
+
+
+@torch.no_grad()
+def held_out_tokens(model, source: ImageSource, resolution: int, accelerator: Accelerator) -> tuple:
+    """Raw patch tokens (images, N, D) of every held-out image (gathered from all processes) and their coords."""
+    transform = evaluation_transform(resolution)
+    mine = []
+    for index in range(accelerator.process_index, len(source), accelerator.num_processes):
+        try:
+            pixels = transform(source.load(index))[None].to(accelerator.device)
+        except DECODE_ERRORS as error:
+            logger.warning("Skipping unreadable held-out image %s: %s", source.describe(index), error)
+            continue
+        with accelerator.autocast():
+            tokens, grid = patch_tokens(model, pixels)
+        mine.append((index, tokens[0].float().cpu()))
+    gathered = sorted((item for part in gather_object([mine]) for item in part), key=lambda pair: pair[0])
+    if len(gathered) < 4:
+        raise ValueError(f"Only {len(gathered)} held-out images could be read; the probe needs at least 4.")
+    patch = model.config.patch_size
+    return torch.stack([tokens for _, tokens in gathered]), grid_coordinates(resolution // patch, resolution // patch)
+
+
+def evaluate_chain(tokens: torch.Tensor, coords: torch.Tensor, weights: torch.Tensor | None) -> tuple[float, float]:
+    """(probe R², mean cosine similarity to the raw tokens) after removing the directions of `weights`."""
+    if weights is None or len(weights) == 0:
+        return probe_r2(tokens, coords), 1.0
+    debiased = remove_position_directions(tokens, orthonormalize_rasa_weights(weights))
+    return probe_r2(debiased, coords), F.cosine_similarity(debiased, tokens, dim=-1).mean().item()
+
+
+def _progress_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.rasa-progress.safetensors"
+
+
+def train_rasa(
+    model, train_source: ImageSource, held_out_source: ImageSource, settings: RasaSettings, out_dir: str | Path,
+    accelerator: Accelerator | None = None, overwrite: bool = False,
+) -> tuple[torch.Tensor, RasaReport]:
+    """Learn `settings.steps` RASA steps on top of the model's existing chain (if any) and write the result.
+
+    Returns the full (S, 2, D) weights and the report. Progress after each step goes to a hidden file beside
+    `out_dir`; calling again with the same arguments resumes after the last finished step.
+    """
+    out_dir = Path(out_dir)
+    accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    settings.validate(model.config.patch_size)
+    model.eval().requires_grad_(False).to(accelerator.device)
+    width = model.config.hidden_size
+    existing = model.rasa.position_weights.detach().float().cpu() if getattr(model, "rasa", None) is not None else None
+    weights = existing if existing is not None else torch.zeros(0, 2, width)
+
+    tokens, coords = held_out_tokens(model, held_out_source, settings.resolution, accelerator)
+    report = RasaReport()
+    progress_file = _progress_path(out_dir)
+    fingerprint = json.dumps({k: v for k, v in asdict(settings).items() if k != "num_workers"}, sort_keys=True)
+    if progress_file.is_file():
+        saved = RasaDirections.load(progress_file)
+        if saved.metadata.get("settings") == fingerprint:
+            weights, report = saved.weights, RasaReport(**saved.metadata["report"])
+            accelerator.print(f"resuming RASA after {len(report.train_loss)} of {settings.steps} steps")
+    if not report.probe_r2:
+        r2, cosine = evaluate_chain(tokens, coords, weights)
+        report.probe_r2.append(r2)
+        report.cosine_to_raw.append(cosine)
+        accelerator.print(f"before: probe R² {r2:.3f}")
+    for step in range(len(report.train_loss), settings.steps):
+        batches = FrozenTokens(model, train_source, settings, accelerator, round_=step)
+        basis = orthonormalize_rasa_weights(weights).to(accelerator.device)
+        weight, loss = fit_position_predictor(batches, width, basis, settings.epochs, settings.lr, accelerator,
+                                              progress=accelerator.is_main_process, orthogonal=settings.orthogonal)
+        weights = torch.cat([weights, weight[None]])
+        r2, cosine = evaluate_chain(tokens, coords, weights)
+        report.train_loss.append(loss)
+        report.probe_r2.append(r2)
+        report.cosine_to_raw.append(cosine)
+        accelerator.print(f"step {step + 1}/{settings.steps}: train MSE {loss:.4f}, held-out probe R² {r2:.3f}, "
+                          f"cosine to raw {cosine:.3f}")
+        if accelerator.is_main_process:
+            RasaDirections(weights, {"settings": fingerprint, "report": asdict(report)}).save(progress_file)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_rasa_output(model, weights, report, out_dir, overwrite)
+        progress_file.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return weights, report
+
+
+def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir: Path, overwrite: bool) -> Path:
+    """A FrancaModel folder with the new chain as its RASA weights, or a directions file for other backbones."""
+    metadata = {"backbone": type(model).__name__, "name_or_path": getattr(model.config, "_name_or_path", ""),
+                "report": asdict(report)}
+    if isinstance(model, FrancaModel):
+        config = FrancaConfig.from_dict({**model.config.to_dict(), "rasa_steps": weights.shape[0]})
+        debiased = FrancaModel(config)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("rasa.")}
+        state["rasa.position_weights"] = weights
+        debiased.load_state_dict(state)
+        save_model_folder(debiased.eval(), out_dir, overwrite=overwrite)
+        (out_dir / "rasa_report.json").write_text(json.dumps(metadata, indent=2))
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return RasaDirections(weights, metadata).save(out_dir / DIRECTIONS_FILE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="franca-hf rasa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = RasaSettings()
+    parser.add_argument("--model", required=True, help="FrancaModel folder/Hub id/release, or a DINOv2 model")
+    parser.add_argument("--data", required=True, help="'demo', an image folder, or hf:<dataset>")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="RASA steps K (paper 8, code 9)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--resolution", type=int, default=defaults.resolution)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=defaults.crop_scale)
+    parser.add_argument("--held-out-images", type=int, default=defaults.held_out_images)
+    parser.add_argument("--max-images", type=int, help="train on at most this many images")
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--official-steps", action="store_true",
+                        help="keep each step's weight as trained (official); default: made orthogonal to earlier steps")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModel
+
+    from ..conversion.convert import resolve_model
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = RasaSettings(
+        steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
+        crop_scale=tuple(args.crop_scale), held_out_images=args.held_out_images, max_images=args.max_images,
+        orthogonal=not args.official_steps, num_workers=args.num_workers, seed=args.seed)
+    try:
+        model = AutoModel.from_pretrained(resolve_model(args.model))
+        source = open_source(args.data, args.split, seed=args.seed)
+        train, held_out = split_off(source, settings.held_out_images, seed=args.seed)
+        train = subsample(train, settings.max_images, seed=args.seed)
+        _, report = train_rasa(model, train, held_out, settings, args.out, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"franca-hf rasa: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

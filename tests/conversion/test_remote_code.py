@@ -1,0 +1,55 @@
+"""Exported folders carry their own code: they load with trust_remote_code where franca_hf cannot be imported."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModel
+
+REMOTE_LOAD = r"""
+import sys, json, torch
+
+class BlockFrancaHF:  # make sure nothing below can use the installed package
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "franca_hf":
+            raise ImportError("franca_hf is blocked in this process")
+
+sys.meta_path.insert(0, BlockFrancaHF())
+try:
+    import franca_hf  # noqa: F401
+    raise SystemExit("franca_hf was importable")
+except ImportError:
+    pass
+from transformers import AutoConfig, AutoModel
+
+folder, pixels_file, out_file = sys.argv[1:]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+pixels = torch.load(pixels_file)
+with torch.no_grad():
+    out = model(pixels, matryoshka_dim=config.matryoshka_dims[2])
+torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls": out.pooler_output,
+            "patch": out.patch_embeddings, "debiased": out.debiased_patch_embeddings}, out_file)
+"""
+
+
+def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path, reference):
+    config = json.loads((tiny_folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoBackbone": "modeling_franca.FrancaBackbone",
+                                  "AutoConfig": "configuration_franca.FrancaConfig",
+                                  "AutoModel": "modeling_franca.FrancaModel"}
+    pixels = reference["70x126.pixel_values"]
+    torch.save(pixels, tmp_path / "pixels.pt")
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(tiny_folder), str(tmp_path / "pixels.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("FrancaModel")
+    model = AutoModel.from_pretrained(tiny_folder).eval()
+    with torch.no_grad():
+        out = model(pixels, matryoshka_dim=32)
+    torch.testing.assert_close(remote["cls"], out.pooler_output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["patch"], out.patch_embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["debiased"], out.debiased_patch_embeddings, rtol=0, atol=1e-6)

@@ -1,0 +1,234 @@
+"""EmbeddingIndex: prefix search vs brute force, funnel search vs full-dimension exact search, save/load, errors."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from franca_hf import FrancaModel, retrieval
+from franca_hf.conversion.export import make_image_processor
+from franca_hf.retrieval import EmbeddingIndex, default_funnel, index_images
+
+from .conftest import EXAMPLE_IMAGES, tiny_config
+
+WIDTH, DIMS = 128, [8, 16, 32, 64, 128]
+
+
+def gaussian(size: int, queries: int, decay: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Database and queries (noisy copies of database rows) whose channel i has std (i + 1) ** -decay; database rows
+    are scaled by random factors in [0.5, 5), which cosine similarity must ignore.
+
+    decay = 0 is isotropic: a prefix says little about the full vector. decay = 1.5 is nested: the first 8 of 128
+    channels carry 99% of the variance, so a short prefix already ranks well, as in a Matryoshka embedding; the
+    remaining 1% still reorders neighbours (8-channel prefix search finds only about 80% of the true top-10).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    spectrum = (torch.arange(WIDTH) + 1.0) ** -decay
+    database = torch.randn(size, WIDTH, generator=gen) * spectrum
+    sources = torch.randint(size, (queries,), generator=gen)
+    queries = database[sources] + 0.3 * torch.randn(queries, WIDTH, generator=gen) * spectrum
+    return database * (0.5 + 4.5 * torch.rand(size, 1, generator=gen)), queries
+
+
+def assert_exact_top_k(scores: torch.Tensor, found: torch.Tensor, database, queries, dim: int) -> None:
+    """`found` is a true top-k at prefix `dim`, best first, and `scores` are its cosines; computed independently in
+    float64 (truncate, L2-normalise, one dense product). Near-ties (< 1e-6) may come in either order."""
+    similarity = F.normalize(queries[:, :dim].double(), dim=1) @ F.normalize(database[:, :dim].double(), dim=1).T
+    best = similarity.topk(found.shape[1], dim=1).values
+    torch.testing.assert_close(similarity.gather(1, found), best, atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores.double(), best, atol=1e-6, rtol=0)
+
+
+def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    return (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2).float().mean().item()
+
+
+@pytest.fixture(params=["one tile", "many tiles"])
+def tiles(request, monkeypatch):
+    """Run with the default work sizes (one score tile here) and with tiny ones (several query blocks, database
+    chunks and rerank blocks, each with a ragged last one)."""
+    if request.param == "many tiles":
+        monkeypatch.setattr(retrieval, "QUERY_BLOCK", 16)
+        monkeypatch.setattr(retrieval, "SCORE_TILE", 16 * 1024)
+        monkeypatch.setattr(retrieval, "GATHER_TILE", 3000)
+    return request.param
+
+
+def test_prefix_search_equals_brute_force(tiles):
+    database, queries = gaussian(3000, 40, decay=0.5)
+    index = EmbeddingIndex(database, dims=DIMS)
+    for dim in DIMS:
+        for cut in (queries, queries[:, :dim]):  # full-width queries, or already truncated to the prefix
+            assert_exact_top_k(*index.search(cut, k=7, dim=dim), database, queries, dim)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [None, [(8, 200), (128, 10)], [(8, 100), (32, 30), (128, 10)], [(8, 60), (16, 40), (32, 20), (64, 15), (128, 10)]],
+    ids=["default", "adaptive", "funnel-3", "funnel-5"],
+)
+def test_funnel_returns_exact_top_k_on_nested_embeddings(tiles, stages):
+    database, queries = gaussian(3000, 40, decay=1.5)
+    index = EmbeddingIndex(database, dims=DIMS)
+    scores, found = index.funnel_search(queries, k=10, stages=stages)
+    measured = recall(found, index.search(queries, k=10)[1])
+    print(f"funnel {stages or default_funnel(DIMS, 10)}: recall@10 = {measured:.4f} vs full-dimension exact search")
+    assert measured == 1.0  # the 10th and 11th true neighbours differ by > 1e-5 here: no rounding ties
+    assert_exact_top_k(scores, found, database, queries, WIDTH)
+
+
+def test_funnel_recall_drops_when_prefixes_carry_no_information():
+    """The control for the test above: on isotropic data an 8-of-128 prefix shortlist misses most true neighbours,
+    so exact funnel results on nested data come from the nesting, not from the shortlist covering everything."""
+    stages, recalls = [(8, 30), (32, 15), (128, 10)], {}
+    for name, decay in (("nested", 1.5), ("isotropic", 0.0)):
+        database, queries = gaussian(3000, 40, decay)
+        index = EmbeddingIndex(database, dims=DIMS)
+        recalls[name] = recall(index.funnel_search(queries, 10, stages)[1], index.search(queries, 10)[1])
+    print(f"funnel {stages}: recall@10 {recalls}")
+    assert recalls["nested"] >= 0.95 and recalls["isotropic"] < 0.5
+
+
+def test_funnel_follows_its_cascade_on_isotropic_embeddings(tiles):
+    """Each stage keeps exactly the best `size` of the previous shortlist at its prefix: a float64 re-derivation."""
+    database, queries = gaussian(2000, 30, decay=0.0)
+    stages = [(8, 40), (32, 20), (128, 10)]
+    shortlist = torch.arange(len(database)).expand(len(queries), -1)
+    for dim, size in stages:
+        unit_db = F.normalize(database[:, :dim].double(), dim=1)[shortlist]  # (Q, shortlist, dim)
+        similarity = (unit_db @ F.normalize(queries[:, :dim].double(), dim=1).unsqueeze(2)).squeeze(2)
+        best, pick = similarity.topk(size, dim=1)
+        shortlist = shortlist.gather(1, pick)
+    scores, found = EmbeddingIndex(database, dims=DIMS).funnel_search(queries, 10, stages)
+    assert torch.equal(found, shortlist)
+    torch.testing.assert_close(scores.double(), best, atol=1e-6, rtol=0)
+
+
+def test_single_stage_funnel_is_prefix_search():
+    database, queries = gaussian(500, 5, decay=1.0)
+    index = EmbeddingIndex(database, dims=DIMS)
+    for got, want in zip(index.funnel_search(queries, 5, [(16, 5)]), index.search(queries, 5, 16), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_no_queries_give_empty_results():
+    index = EmbeddingIndex(gaussian(100, 1, decay=1.0)[0], dims=DIMS)
+    for scores, indices in (index.search(torch.empty(0, WIDTH), 5), index.funnel_search(torch.empty(0, WIDTH), 5)):
+        assert scores.shape == indices.shape == (0, 5)
+
+
+def test_prefix_vectors_are_truncated_then_normalised():
+    database, _ = gaussian(50, 1, decay=1.0)
+    torch.testing.assert_close(EmbeddingIndex(database, dims=DIMS).prefix(16), F.normalize(database[:, :16], dim=1))
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    database, queries = gaussian(300, 8, decay=1.0)
+    ids = [f"photos/été/{i:03d}.jpg" for i in range(300)]
+    index = EmbeddingIndex(database, ids, dims=DIMS)
+    path = tmp_path / "index.safetensors"
+    index.save(path)
+    EmbeddingIndex(database[:10], dims=DIMS).save(path)  # overwriting works …
+    index.save(path)  # … and the last write wins
+    loaded = EmbeddingIndex.load(path)
+    assert torch.equal(loaded.vectors, index.vectors) and loaded.ids == ids and loaded.dims == DIMS
+    for got, want in zip(loaded.funnel_search(queries, 5), index.funnel_search(queries, 5), strict=True):
+        assert torch.equal(got, want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors"]
+    (tmp_path / "plain").write_bytes(b"")  # the index gets the permissions of any new file (umask), not 0600
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    database, _ = gaussian(20, 1, decay=1.0)
+    path = tmp_path / "index.safetensors"
+    EmbeddingIndex(database, dims=DIMS).save(path)
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(retrieval, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        EmbeddingIndex(database[:5], dims=DIMS).save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["index.safetensors"]
+
+
+def test_load_rejects_files_that_are_not_an_index(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"features": torch.randn(4, 8)}, tmp_path / "features.safetensors", metadata={"paths": "[]"})
+    with pytest.raises(ValueError, match="not a franca_hf retrieval index"):
+        EmbeddingIndex.load(tmp_path / "features.safetensors")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda index, q: index.search(q, 5, dim=50), r"dim=50 is not an allowed nested dim.*\[8, 16, 32, 64, 128\]"),
+        (lambda index, q: index.search(q, 101), r"k=101 is out of range.*\(100\)"),
+        (lambda index, q: index.search(q, 0), r"k=0 is out of range"),
+        (lambda index, q: index.search(q[:, :100], 5), r"queries must have shape.*\[128\].*\(3, 100\)"),
+        (lambda index, q: index.search(q[:, :16], 5, dim=32), r"width in \[32, 128\].*\(3, 16\)"),
+        (lambda index, q: index.search(q[0], 5), r"queries\[None\] for a single query"),
+        (lambda index, q: index.search(torch.cat([q, torch.zeros(1, 128)]), 5), r"Query 3 has a zero"),
+        (lambda index, q: index.funnel_search(q, 5, []), r"stages is empty"),
+        (lambda index, q: index.funnel_search(q, 5, [(10, 50), (128, 5)]), r"dim=10 is not an allowed"),
+        (lambda index, q: index.funnel_search(q, 5, [(32, 50), (16, 20), (128, 5)]), r"strictly increasing.*\[32, 16"),
+        (lambda index, q: index.funnel_search(q, 5, [(8, 20), (32, 50), (128, 5)]), r"non-increasing.*\[20, 50, 5\]"),
+        (lambda index, q: index.funnel_search(q, 5, [(8, 50), (128, 3)]), r">= k=5; got \[50, 3\]"),
+        (lambda index, q: index.funnel_search(q, 101), r"k=101 is out of range"),
+        (lambda index, q: index.funnel_search(q[:, :32], 5), r"width in \[128\]"),
+    ],
+)
+def test_bad_search_inputs_raise_clear_errors(call, message):
+    database, queries = gaussian(100, 3, decay=1.0)
+    with pytest.raises(ValueError, match=message):
+        call(EmbeddingIndex(database, dims=DIMS), queries)
+
+
+def test_bad_index_inputs_raise_clear_errors():
+    database, _ = gaussian(10, 1, decay=1.0)
+    with pytest.raises(ValueError, match=r"non-empty \(N, D\) float tensor; got shape \(0, 128\)"):
+        EmbeddingIndex(torch.empty(0, WIDTH))
+    with pytest.raises(ValueError, match="non-empty"):
+        EmbeddingIndex(torch.ones(4, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="Got 3 ids for 10 vectors"):
+        EmbeddingIndex(database, ids=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"ending at the vector width 128; got \[8, 64\]"):
+        EmbeddingIndex(database, dims=[8, 64])
+    database[4, :8] = 0
+    with pytest.raises(ValueError, match=r"Vector 4 \('e'\) has a zero or non-finite prefix of length 8"):
+        EmbeddingIndex(database, ids="abcdefghij", dims=DIMS)
+    database[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="Vector 4"):
+        EmbeddingIndex(database, dims=DIMS)
+
+
+def test_default_funnel_follows_mrl():
+    assert default_funnel([48, 96, 192, 384, 768], 10) == [(48, 200), (192, 50), (768, 10)]
+    assert default_funnel([32, 64], 5) == [(32, 100), (64, 5)]
+    assert default_funnel([768], 10) == [(768, 10)]
+
+
+def test_index_images_embeds_readable_files_and_skips_broken_ones(tmp_path, caplog):
+    folder = tmp_path / "photos"
+    shutil.copytree(EXAMPLE_IMAGES, folder, ignore=shutil.ignore_patterns("*.md"))
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    model = FrancaModel(tiny_config()).eval()
+    processor = make_image_processor(56)
+    with caplog.at_level(logging.WARNING):
+        index = index_images(model, processor, [folder], batch_size=2, progress=False)
+    assert "broken.jpg" in caplog.text
+    assert [p.split("/")[-1] for p in index.ids] == ["astronaut.jpg", "chelsea_cat.jpg", "coffee.jpg", "rocket.jpg"]
+    assert index.dims == model.config.matryoshka_dims == [4, 8, 16, 32, 64]
+
+    images = [Image.open(p).convert("RGB") for p in index.ids]
+    with torch.no_grad():
+        expected = model.get_image_features(processor(images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(index.vectors, expected, atol=1e-5, rtol=1e-5)
