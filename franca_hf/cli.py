@@ -1,6 +1,7 @@
 """`franca-hf <command>`: a thin command line over the franca_hf Python API."""
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -109,14 +110,6 @@ def _knn(args: argparse.Namespace) -> None:
                                    args.temperature)
     print(f"k-NN (k={args.k}, T={args.temperature}) of {args.model}: {len(train_x)} train / {len(test_x)} test images")
     print(format_knn_table(accuracy))
-
-
-def _pretrain(args: argparse.Namespace) -> None:
-    from .training.pretrain import main as pretrain_main
-
-    code = pretrain_main(["--config", args.config, *args.overrides])
-    if code:
-        raise SystemExit(code)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -253,12 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     visualize.set_defaults(run=_visualize)
 
-    pretrain = commands.add_parser(
-        "pretrain", help="pretrain with Accelerate (multi-process: accelerate launch -m franca_hf.training.pretrain)")
-    pretrain.add_argument("--config", default="demo", help="bundled recipe or YAML file (see docs/pretraining.md)")
-    pretrain.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.total_steps=200")
-    pretrain.set_defaults(run=_pretrain)
-
+    # These two have their own parsers (they also run as `accelerate launch -m franca_hf.training.<module>`).
+    commands.add_parser("pretrain", add_help=False,
+                        help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]")
+    commands.add_parser("rasa", add_help=False,
+                        help="learn RASA position directions on a frozen Franca or DINOv2 backbone")
     knn = commands.add_parser("knn", help="k-NN accuracy of a model's CLS features at every Matryoshka dim")
     knn.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
@@ -278,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.training.rasa"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

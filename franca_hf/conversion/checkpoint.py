@@ -132,7 +132,7 @@ def infer_config_values(
     values = {
         "hidden_size": hidden,
         "num_hidden_layers": depth,
-        "num_attention_heads": hidden // 64 if hidden % 64 == 0 else 1,
+        "num_attention_heads": hidden // 64 if hidden % 64 == 0 else 0,
         "patch_size": patch,
         "num_channels": channels,
         "position_grid_size": grid,
@@ -157,6 +157,11 @@ def infer_config_values(
         values["num_attention_heads"] = preset_heads
     if num_heads is not None:
         values["num_attention_heads"] = num_heads
+    if not values["num_attention_heads"]:
+        raise CheckpointError(
+            f"Cannot infer the head count of a {hidden}-wide model (official presets use heads of 64, and {hidden} "
+            "is not a multiple of 64): pass --num-heads or --preset."
+        )
     if hidden % values["num_attention_heads"]:
         raise CheckpointError(f"hidden size {hidden} is not divisible by {values['num_attention_heads']} heads.")
     return values

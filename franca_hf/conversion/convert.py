@@ -170,6 +170,8 @@ def convert_checkpoint(
             raise CheckpointError(f"Converted model differs from the original weights by {worst:.2e}: {parity}.")
         config.source_checkpoint["parity"] = parity
     model = model.to(DTYPES[dtype])
+    if model.rasa is not None:
+        model.rasa.float()  # RASA directions stay fp32 (see FrancaPreTrainedModel._keep_in_fp32_modules_strict)
 
     def fill(folder: Path) -> None:
         fill_model_folder(folder, model, card_text=render_model_card(config))

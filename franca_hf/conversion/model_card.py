@@ -47,7 +47,8 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         "",
         "[Franca](https://arxiv.org/abs/2507.14137) is a fully open vision foundation model: a DINOv2-style ViT "
         "trained with nested Matryoshka clustering, CyclicMask and RASA positional debiasing. This folder is in the "
-        "Hugging Face transformers format produced by [franca_hf](https://github.com/valeoai/Franca).",
+        "Hugging Face transformers format produced by franca_hf; the official code and weights are at "
+        "[valeoai/Franca](https://github.com/valeoai/Franca).",
         "",
         "## Checkpoint",
         "",

@@ -7,6 +7,7 @@ same layout. Downloads go to `FRANCA_HF_CACHE` (default `~/.cache/franca_hf`).
 """
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -137,9 +138,14 @@ def download_file(url: str, destination: str | Path, progress: bool = True) -> P
                 total=total, initial=offset, unit="B", unit_scale=True, desc=destination.name, disable=not progress
             ) as bar,
         ):
-            while chunk := response.read(_CHUNK_BYTES):
-                handle.write(chunk)
-                bar.update(len(chunk))
+            try:
+                while chunk := response.read(_CHUNK_BYTES):
+                    handle.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as error:
+                raise DownloadError(
+                    f"Download of {url} was interrupted after {handle.tell()} bytes ({error}); run again to resume."
+                ) from error
     if total is not None and partial.stat().st_size != total:
         raise DownloadError(
             f"Download of {url} stopped at {partial.stat().st_size} of {total} bytes; run again to resume."

@@ -121,7 +121,8 @@ class FrancaRASA(nn.Module):
 
     def __init__(self, config: FrancaConfig):
         super().__init__()
-        self.register_buffer("position_weights", torch.zeros(config.rasa_steps, 2, config.hidden_size))
+        # A parameter rather than a buffer: `_keep_in_fp32_modules_strict` keeps it fp32 when loading in bf16.
+        self.position_weights = nn.Parameter(torch.zeros(config.rasa_steps, 2, config.hidden_size), requires_grad=False)
         self._basis: torch.Tensor | None = None
         self._basis_key: tuple | None = None
 
@@ -333,6 +334,7 @@ class FrancaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["rasa"]  # bf16 or fp16 would round the RASA directions
 
     def _init_weights(self, module: nn.Module) -> None:
         """The official DINOv2/Franca init: trunc-normal(0.02) linears with zero bias, default conv init,
@@ -398,12 +400,12 @@ class FrancaPreTrainedModel(PreTrainedModel):
         output_attentions: bool = False,
         stop_after: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Run embeddings and blocks. Returns (tokens before the final norm, hidden states, attentions).
+        """Run embeddings and blocks on pixels checked by `_prepare_pixels`. Returns (tokens before the final norm,
+        hidden states, attentions).
 
         Hidden states hold the embeddings and every block output when `output_hidden_states`; `stop_after=i`
         stops after block i (0-based) and then always returns the hidden states up to it.
         """
-        pixel_values = self._prepare_pixels(pixel_values)
         if bool_masked_pos is not None:
             rows, cols = (s // self.config.patch_size for s in pixel_values.shape[-2:])
             expected = (pixel_values.shape[0], rows * cols)
@@ -506,7 +508,7 @@ class FrancaModel(FrancaPreTrainedModel):
         )
 
         prenorm, states, attentions = self._encode(
-            pixel_values,
+            self._prepare_pixels(pixel_values),
             bool_masked_pos,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -569,7 +571,7 @@ class FrancaModel(FrancaPreTrainedModel):
             a tuple with one entry per requested block, in block order.
         """
         depth = self.config.num_hidden_layers
-        indices = list(range(depth - n, depth)) if isinstance(n, int) else sorted(int(i) for i in n)
+        indices = list(range(depth - n, depth)) if isinstance(n, int) else sorted({int(i) for i in n})
         if not indices or indices[0] < 0 or indices[-1] >= depth:
             raise ValueError(f"Requested blocks {n!r} are out of range for a model with {depth} blocks.")
         pixel_values = self._prepare_pixels(pixel_values)
@@ -620,6 +622,11 @@ class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
             raise ValueError("Debiased feature maps need RASA weights, and this backbone has none (rasa_steps == 0).")
         if debiased and not self.config.apply_layernorm:
             raise ValueError("RASA applies to final-normed tokens: debiased feature maps need apply_layernorm=True.")
+        if debiased and self.stage_names[-1] not in self.out_features:
+            raise ValueError(
+                f"RASA debiases the last stage ({self.stage_names[-1]}), which is not among out_features "
+                f"{self.out_features}; add it or pass debiased=False."
+            )
         output_hidden_states, output_attentions, return_dict = self._output_flags(
             output_hidden_states, output_attentions, return_dict
         )

@@ -53,7 +53,7 @@ class DataSettings:
     image_column: str | None = None  # Hugging Face datasets: default the first Image column
     streaming: bool = False  # Hugging Face datasets: stream and split by process
     num_workers: int = 2
-    demo_num_images: int = 2000
+    demo_num_images: int = 5000  # per split of the demo source (training and k-NN)
 
 
 @dataclass
@@ -159,6 +159,16 @@ class PretrainConfig:
             (self.crops.local_number == 0 or self.crops.local_size % self.model.patch_size == 0,
              "crops.local_size must be a multiple of the patch size"),
             (self.run.checkpoint_every > 0, "run.checkpoint_every must be > 0"),
+            (self.run.log_every > 0, "run.log_every must be > 0"),
+            (self.run.export_every is None or self.run.export_every > 0, "run.export_every must be > 0 or null"),
+            (self.eval.knn_every is None or self.eval.knn_every > 0, "eval.knn_every must be > 0 or null"),
+            (0.0 <= self.objective.mask_probability <= 1.0, "objective.mask_probability must be in [0, 1]"),
+            (len(self.objective.mask_ratio) == 2 and 0.0 <= self.objective.mask_ratio[0] <= self.objective.mask_ratio[1]
+             <= 1.0, "objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1"),
+            (all(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
+                 for scale in (self.crops.global_scale, self.crops.local_scale)),
+             "crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1"),
+            (self.objective.student_temperature > 0, "objective.student_temperature must be > 0"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
             ((self.eval.knn_train is None) == (self.eval.knn_test is None),
              "set both eval.knn_train and eval.knn_test, or neither"),

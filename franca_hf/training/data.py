@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..features import collect_image_paths
 
@@ -116,7 +116,7 @@ def hf_source(dataset, name: str, image_column: str | None = None) -> ImageSourc
 
 
 def open_source(
-    spec: str, split: str = "train", image_column: str | None = None, demo_num_images: int = 2000, seed: int = 0
+    spec: str, split: str = "train", image_column: str | None = None, demo_num_images: int = 5000, seed: int = 0
 ) -> ImageSource:
     """Resolve a source spec (see the module docstring) to a map-style ImageSource."""
     if spec == "demo":
@@ -183,44 +183,56 @@ class AugmentedImages(Dataset):
                 self.skips.record(self.source.describe(position), error)
                 skipped += 1
                 continue
-            seed = sample_seed(self.seed, epoch, position)
+            # a replacement image gets the requested sample's seed, not its own (which may be in the same batch)
+            seed = sample_seed(self.seed, epoch, index, *([attempt] if attempt else []))
             return seeded(self.transform, image, seed), skipped, seed
         raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive images of {self.source.name} are unreadable.")
 
 
 class StreamedAugmentedImages(IterableDataset):
-    """Streaming training set over a `datasets.IterableDataset`, split by process (and DataLoader worker),
-    resumable by skipping the examples this process already consumed. Yields `(crops, skipped, seed)`.
+    """Streaming training set over a `datasets.IterableDataset`, split by process (`split_dataset_by_node`) and by
+    DataLoader worker (by `datasets` itself). Yields `(crops, skipped, seed)`.
 
-    Images are decoded here rather than by `datasets`, so that one corrupt file is skipped instead of ending the
-    stream.
+    Resumable: a DataLoader takes whole batches from its workers in turn, so after `start_batch` batches of
+    `batch_size` examples, worker w of W has delivered `ceil((start_batch - w) / W)` of them; each worker passes over
+    that many readable examples of its stream before yielding. Images are decoded here rather than by `datasets`, so
+    that one corrupt file is skipped instead of ending the stream. `next_epoch()` reshuffles for the next pass.
     """
 
     def __init__(self, dataset, transform: Callable, image_column: str | None, rank: int, world_size: int,
-                 seed: int, start_example: int = 0, epoch: int = 0):
+                 seed: int, batch_size: int, start_batch: int = 0):
         from datasets import Image as ImageFeature
-        from datasets.distributed import split_dataset_by_node
 
         self.column = _image_column(dataset, image_column)
         self.decoder = ImageFeature()
-        stream = dataset.cast_column(self.column, ImageFeature(decode=False)).shuffle(seed=seed, buffer_size=1000)
-        stream.set_epoch(epoch)
-        self.dataset = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        self.transform, self.seed, self.rank, self.start = transform, seed, rank, start_example
+        self.stream = dataset.cast_column(self.column, ImageFeature(decode=False)).shuffle(seed=seed, buffer_size=1000)
+        self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
+        self.batch_size, self.start_batch, self.epoch = batch_size, start_batch, 0
         self.skips = SkipCounter()
 
+    def next_epoch(self) -> None:
+        self.epoch, self.start_batch = self.epoch + 1, 0
+
     def __iter__(self) -> Iterator:
-        skipped = 0
-        for position, row in enumerate(self.dataset):
-            if position < self.start:  # resuming: pass over this process's examples already trained on
-                continue
+        from datasets.distributed import split_dataset_by_node
+
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        self.stream.set_epoch(self.epoch)
+        stream = split_dataset_by_node(self.stream, rank=self.rank, world_size=self.world_size)
+        to_skip = max(0, -(-(self.start_batch - worker_id) // workers)) * self.batch_size
+        readable, skipped = 0, 0
+        for row in stream:
             try:
                 image = self.decoder.decode_example(row[self.column]).convert("RGB")
             except DECODE_ERRORS as error:
                 self.skips.record(f"{row[self.column].get('path') or 'a streamed row'}", error)
                 skipped += 1
                 continue
-            seed = sample_seed(self.seed, self.rank, position)
+            readable += 1
+            if readable <= to_skip:  # resuming: already trained on
+                continue
+            seed = sample_seed(self.seed, self.epoch, self.rank, worker_id, readable)
             yield seeded(self.transform, image, seed), skipped, seed
             skipped = 0
 

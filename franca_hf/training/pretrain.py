@@ -51,7 +51,7 @@ from .heads import MatryoshkaHead
 from .knn import embed_source, format_knn_table, knn_accuracy_by_dim
 from .losses import dino_loss, ibot_loss, koleo_loss
 from .masking import CyclicMaskGenerator, collate_masked_crops
-from .optim import apply_schedule, build_param_groups
+from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .schedules import FrancaSchedules, scaled_learning_rate
 from .sinkhorn import sinkhorn_knopp
 
@@ -77,8 +77,10 @@ class Teacher(FrancaNetworks):
         """Sinkhorn targets per level: DINO (2B, K_l) in the teacher's crop order, iBOT (M, K_l) of masked tokens."""
         out = self.backbone(global_crops)
         masked_patches = out.patch_embeddings.flatten(0, 1)[mask_indices]
-        dino = sinkhorn_knopp(self.dino_head(out.pooler_output), temperature, iterations)
-        ibot = sinkhorn_knopp(self.ibot_head(masked_patches), temperature, iterations)
+        # the heads in fp32: the targets divide their logits by a temperature as low as 0.04
+        with torch.autocast(global_crops.device.type, enabled=False):
+            dino = sinkhorn_knopp(self.dino_head(out.pooler_output.float()), temperature, iterations)
+            ibot = sinkhorn_knopp(self.ibot_head(masked_patches.float()), temperature, iterations)
         return dino, ibot
 
 
@@ -155,6 +157,8 @@ def build_networks(config: PretrainConfig) -> tuple[Student, Teacher]:
     if config.model.init_from:
         backbone = FrancaModel.from_pretrained(config.model.init_from, drop_path_rate=config.model.drop_path_rate)
         resize_position_table(backbone, config.crops.global_size // backbone.config.patch_size)
+        if backbone.rasa is not None:
+            backbone.rasa.requires_grad_(False)  # post-training directions, not trained by this objective
     else:
         backbone = FrancaModel(backbone_config(config))
     backbone.train()
@@ -225,7 +229,7 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
             raise ValueError("data.streaming needs a Hugging Face dataset source ('hf:<name>').")
         stream = load_hf_dataset(data.source, data.split, streaming=True)
         dataset = StreamedAugmentedImages(stream, transform, data.image_column, rank, world, config.run.seed,
-                                          start_example=state.batches_seen * batch_size)
+                                          batch_size, start_batch=state.batches_seen)
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, **loader_args), None
     source = open_source(data.source, data.split, data.image_column, data.demo_num_images, config.run.seed)
     sampler = EpochBatchSampler(len(source), batch_size, rank, world, config.run.seed)
@@ -233,16 +237,18 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
 
 
 def iterate_batches(loader: DataLoader, sampler: EpochBatchSampler | None, state: TrainState):
-    """Endless batches, resuming at `state.batches_seen` (new shuffled epoch each pass)."""
+    """Endless batches, resuming at `state.batches_seen`, a newly shuffled epoch each pass."""
     while True:
         if sampler is not None:
             sampler.start(*divmod(state.batches_seen, sampler.batches_per_epoch))
-        exhausted = True
+        produced = False
         for batch in loader:
-            exhausted = False
+            produced = True
             yield batch
-        if exhausted and sampler is None:
-            raise RuntimeError("The streamed dataset produced no batch; it is empty or too small.")
+        if sampler is None:
+            if not produced:
+                raise RuntimeError("The streamed dataset produced no batch; it is empty or too small.")
+            loader.dataset.next_epoch()
 
 
 def find_latest_checkpoint(directory: Path) -> Path | None:
@@ -272,9 +278,14 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, directory: Path
     return final
 
 
-def teacher_backbone_copy(accelerator: Accelerator, teacher: Teacher) -> FrancaModel:
-    """A full, unsharded CPU copy of the teacher backbone for export and evaluation (drop path off)."""
+def teacher_backbone_copy(accelerator: Accelerator, teacher: Teacher) -> FrancaModel | None:
+    """A full, unsharded CPU copy of the teacher backbone (drop path off) on the main process; None elsewhere.
+
+    Every process must call it: under FSDP, gathering the full state dict is a collective (that only the main
+    process receives)."""
     state = accelerator.get_state_dict(teacher)
+    if not accelerator.is_main_process:
+        return None
     backbone = accelerator.unwrap_model(teacher).backbone
     config = FrancaConfig.from_dict({**backbone.config.to_dict(), "drop_path_rate": 0.0})
     copy_ = FrancaModel(config)
@@ -287,7 +298,7 @@ def export_teacher(accelerator: Accelerator, teacher: Teacher, config: PretrainC
     """Write the teacher backbone as an HF folder (`<output_dir>/teacher`), atomically."""
     backbone = teacher_backbone_copy(accelerator, teacher)
     folder = Path(config.run.output_dir) / "teacher"
-    if accelerator.is_main_process:
+    if backbone is not None:
         backbone.config.source_checkpoint = {"trained_with": "franca_hf pretrain", "recipe": config_name,
                                              "steps": state.step, "heads": config.heads.mode}
         crop = config.crops.global_size
@@ -311,16 +322,22 @@ class KnnEvaluator:
         self.processor = make_image_processor(crop, crop if crop < 64 else None)
 
     @torch.no_grad()
-    def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float]:
-        model = accelerator.unwrap_model(teacher).backbone
+    def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float] | None:
+        """Accuracy per dim on the main process (None on the others under FSDP, where the main process evaluates a
+        gathered full copy alone)."""
         if accelerator.distributed_type == DistributedType.FSDP:
             model = teacher_backbone_copy(accelerator, teacher)
-        rank, world = accelerator.process_index, accelerator.num_processes
+            result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1)
+            accelerator.wait_for_everyone()
+            return result
+        return self._evaluate(accelerator.unwrap_model(teacher).backbone, accelerator.process_index,
+                              accelerator.num_processes)
+
+    def _evaluate(self, model: FrancaModel, rank: int, world: int) -> dict[int, float]:
         features = []
         for source in self.sources:
-            with accelerator.autocast():
-                mine = embed_source(model, source, self.processor, indices=list(range(rank, len(source), world)))
-            gathered = gather_object([mine])
+            mine = embed_source(model, source, self.processor, indices=list(range(rank, len(source), world)))
+            gathered = gather_object([mine]) if world > 1 else [mine]
             features.append((torch.cat([f for f, _ in gathered]), torch.cat([label for _, label in gathered])))
         (train_x, train_y), (test_x, test_y) = features
         return knn_accuracy_by_dim(train_x, train_y, test_x, test_y, model.config.matryoshka_dims,
@@ -339,10 +356,6 @@ class MetricsLog:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
         flat = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         self.accelerator.log(flat, step=step)
-
-
-def knn_as_metrics(accuracy: dict[int, float]) -> dict[str, float]:
-    return {f"knn_top1_dim_{dim}": value for dim, value in accuracy.items()}
 
 
 def train(config: PretrainConfig, config_name: str = "custom") -> dict:
@@ -377,13 +390,18 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         optim.freeze_last_layer_steps)
     optimizer = torch.optim.AdamW(build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult),
                                   betas=tuple(optim.betas))
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise ValueError("FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
+                         "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config.")
     student, optimizer = accelerator.prepare(student, optimizer)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        teacher = accelerator.prepare_model(teacher)  # sharded like the student, so the EMA pairs local shards
+    state = TrainState()
+    if fsdp:  # sharded like the student so that the EMA pairs local shards; save_state then holds it as a model
+        teacher = accelerator.prepare_model(teacher)
+        accelerator.register_for_checkpointing(state)
     else:
         teacher = teacher.to(accelerator.device)
-    state = TrainState()
-    accelerator.register_for_checkpointing(teacher, state)
+        accelerator.register_for_checkpointing(teacher, state)
 
     checkpoints = output_dir / "checkpoints"
     latest = find_latest_checkpoint(checkpoints)
@@ -394,10 +412,18 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     batches = iterate_batches(loader, sampler, state)
     evaluator = KnnEvaluator(config) if config.eval.knn_train else None
     log = MetricsLog(accelerator, output_dir)
+
+    def evaluate_knn(title: str | None = None) -> dict[int, float] | None:
+        """Teacher k-NN, logged (and printed with a title) where a result exists, i.e. on the main process."""
+        accuracy = evaluator(accelerator, teacher)
+        if accuracy is not None:
+            log(state.step, {f"knn_top1_dim_{dim}": value for dim, value in accuracy.items()})
+            if title:
+                accelerator.print(format_knn_table(accuracy, title))
+        return accuracy
+
     if evaluator is not None and state.step == 0:
-        state.knn_at_init = evaluator(accelerator, teacher)
-        log(0, knn_as_metrics(state.knn_at_init))
-        accelerator.print(format_knn_table(state.knn_at_init, "teacher k-NN at init"))
+        state.knn_at_init = evaluate_knn("teacher k-NN at init")
 
     unwrapped = accelerator.unwrap_model(student)
     modules = {"backbone": unwrapped.backbone, "dino_head": unwrapped.dino_head, "ibot_head": unwrapped.ibot_head}
@@ -428,8 +454,8 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
                     "or use run.mixed_precision=bf16 instead of fp16.")
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
-                for module in modules.values():
-                    accelerator.clip_grad_norm_(module.parameters(), optim.clip_grad)
+                accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
+                clip_grad_norm_per_module(modules, optim.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.skipped_images += skipped
@@ -454,7 +480,7 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         final_step = state.step == optim.total_steps  # evaluated and exported once more after the loop
         if evaluator is not None and config.eval.knn_every and state.step % config.eval.knn_every == 0 \
                 and not final_step:
-            log(state.step, knn_as_metrics(evaluator(accelerator, teacher)))
+            evaluate_knn()
         if state.step % config.run.checkpoint_every == 0 or final_step:
             save_checkpoint(accelerator, state, checkpoints, config.run.keep_checkpoints)
         if config.run.export_every and state.step % config.run.export_every == 0 and not final_step:
@@ -465,9 +491,7 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     summary = {"knn_at_init": state.knn_at_init, "steps": state.step, "skipped_images": state.skipped_images,
                "teacher_folder": str(folder)}
     if evaluator is not None:
-        summary["knn_final"] = evaluator(accelerator, teacher)
-        log(state.step, knn_as_metrics(summary["knn_final"]))
-        accelerator.print(format_knn_table(summary["knn_final"], f"teacher k-NN after {state.step} steps"))
+        summary["knn_final"] = evaluate_knn(f"teacher k-NN after {state.step} steps")
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()

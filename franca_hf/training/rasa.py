@@ -67,7 +67,8 @@ class RasaSettings:
 
 @dataclass
 class RasaReport:
-    """Per chain length (0 = before RASA): held-out position-probe R² and raw/debiased cosine similarity."""
+    """Held-out position-probe R² and raw/debiased cosine similarity: entry 0 for the raw tokens (no RASA at all),
+    then one entry per trained step for the whole chain so far (a model's existing steps included)."""
 
     probe_r2: list[float] = field(default_factory=list)
     cosine_to_raw: list[float] = field(default_factory=list)
@@ -153,7 +154,8 @@ def fit_position_predictor(
     head = nn.Linear(width, 2, bias=False)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     head, optimizer = accelerator.prepare(head, optimizer)
-    iterations = epochs * max(1, sum(1 for _ in batches(0)))
+    per_epoch = len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches(0))
+    iterations = epochs * max(1, per_epoch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
     last_losses = []
     for epoch in range(epochs):
@@ -185,6 +187,9 @@ class FrozenTokens:
         self.sampler = EpochBatchSampler(len(source), min(settings.batch_size, len(source) // accelerator.num_processes),
                                          accelerator.process_index, accelerator.num_processes, settings.seed)
         self.loader = DataLoader(self.images, batch_sampler=self.sampler, num_workers=settings.num_workers)
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch
 
     @torch.no_grad()
     def __call__(self, epoch: int):
@@ -251,14 +256,17 @@ def train_rasa(
     tokens, coords = held_out_tokens(model, held_out_source, settings.resolution, accelerator)
     report = RasaReport()
     progress_file = _progress_path(out_dir)
-    fingerprint = json.dumps({k: v for k, v in asdict(settings).items() if k != "num_workers"}, sort_keys=True)
+    identity = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__, "width": width,
+                "data": train_source.name, "images": len(train_source), "held_out": len(held_out_source)}
+    fingerprint = json.dumps({**identity, **{k: v for k, v in asdict(settings).items() if k != "num_workers"}},
+                             sort_keys=True)
     if progress_file.is_file():
         saved = RasaDirections.load(progress_file)
         if saved.metadata.get("settings") == fingerprint:
             weights, report = saved.weights, RasaReport(**saved.metadata["report"])
             accelerator.print(f"resuming RASA after {len(report.train_loss)} of {settings.steps} steps")
-    if not report.probe_r2:
-        r2, cosine = evaluate_chain(tokens, coords, weights)
+    if not report.probe_r2:  # entry 0: the raw tokens, before any RASA step (also a model's existing ones)
+        r2, cosine = evaluate_chain(tokens, coords, None)
         report.probe_r2.append(r2)
         report.cosine_to_raw.append(cosine)
         accelerator.print(f"before: probe R² {r2:.3f}")
@@ -336,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
         crop_scale=tuple(args.crop_scale), held_out_images=args.held_out_images, max_images=args.max_images,
         orthogonal=not args.official_steps, num_workers=args.num_workers, seed=args.seed)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     try:
-        model = AutoModel.from_pretrained(resolve_model(args.model))
+        with accelerator.main_process_first():  # one process downloads and converts a release, the others wait
+            model = AutoModel.from_pretrained(resolve_model(args.model))
         source = open_source(args.data, args.split, seed=args.seed)
         train, held_out = split_off(source, settings.held_out_images, seed=args.seed)
         train = subsample(train, settings.max_images, seed=args.seed)
-        _, report = train_rasa(model, train, held_out, settings, args.out, overwrite=args.overwrite)
+        _, report = train_rasa(model, train, held_out, settings, args.out, accelerator, overwrite=args.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"franca-hf rasa: error: {error}", file=sys.stderr)
         return 2

@@ -138,31 +138,7 @@ def test_convert_release_and_push_in_one_command(server, tmp_path, capsys, monke
 
 def test_cli_convert_release_and_errors(server, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(
-        [
-            "convert",
-            "--release",
-            "franca_vitb14_In21K",
-            "--base-url",
-            server.url,
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0 and (out / "model.safetensors").is_file()
-    code = main(
-        [
-            "convert",
-            "--release",
-            "franca_vitb14_In21K",
-            "--base-url",
-            server.url,
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 2 and "already exists" in capsys.readouterr().err
+    command = ["convert", "--release", "franca_vitb14_In21K", "--base-url", server.url,
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(command) == 0 and (out / "model.safetensors").is_file()
+    assert main(command) == 2 and "already exists" in capsys.readouterr().err

@@ -89,12 +89,30 @@ def test_hugging_face_datasets_map_style_and_streamed(tmp_path):
     assert len(subsample(source, 3)) == 3
 
     stream = load_hf_dataset(f"hf:{tmp_path / 'saved'}", "train", streaming=True)
-    seen = [list(StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0)), None, rank, 2, seed=0))
-            for rank in range(2)]
-    pixels = [pixel for shard in seen for pixel, _, _ in shard]
-    assert len(pixels) == 8 and len(set(pixels)) == 8  # every row once, split between the two processes
-    resumed = list(StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0)), None, 0, 2, seed=0,
-                                           start_example=2))
-    assert [p for p, _, _ in resumed] == [p for p, _, _ in seen[0]][2:]
+
+    def pixels_of(rank: int, **kwargs) -> list:
+        dataset = StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0)), None, rank, 2, seed=0,
+                                          batch_size=2, **kwargs)
+        return [pixel for pixel, _, _ in dataset]
+
+    shards = [pixels_of(rank) for rank in range(2)]
+    assert len(shards[0]) + len(shards[1]) == 8 and len(set(shards[0] + shards[1])) == 8  # each row once
+    assert pixels_of(0, start_batch=1) == shards[0][2:]  # resuming after one batch of 2
     with pytest.raises(ValueError, match="Column 'pixels' not found"):
         hf_source(datasets.load_from_disk(tmp_path / "saved"), "x", image_column="pixels")
+
+
+def test_streamed_resume_with_dataloader_workers():
+    rows = {"image": [_image(v) for v in range(0, 240, 10)]}
+    stream = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+    stream = stream.to_iterable_dataset(num_shards=4)
+
+    def batches(start_batch: int) -> list[list]:
+        dataset = StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0))[0], None, 0, 1, seed=0,
+                                          batch_size=2, start_batch=start_batch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
+        return [batch[0].tolist() for batch in loader]
+
+    full = batches(0)
+    assert len(full) == 12 and sorted(v for b in full for v in b) == list(range(0, 240, 10))
+    assert batches(4) == full[4:]  # 2 workers took turns: each passes over the 2 batches it had delivered

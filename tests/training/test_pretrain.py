@@ -27,7 +27,7 @@ data: {source: DATA, num_workers: 0}
 crops: {global_size: 32, global_scale: [0.4, 1.0], local_number: 2, local_size: 16, local_scale: [0.1, 0.4]}
 optim: {batch_size_per_device: 8, total_steps: 6, warmup_steps: 0, base_lr: 0.05, freeze_last_layer_steps: 0,
         teacher_temperature_warmup_steps: 2, teacher_momentum: 0.9}
-run: {checkpoint_every: 2, log_every: 1, log_with: null}
+run: {checkpoint_every: 2, log_every: 1, log_with: tensorboard}
 """
 
 
@@ -91,6 +91,7 @@ def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert "Skipping unreadable image" in reference.stderr and "corrupt.png" in reference.stderr
     assert json.loads((tmp_path / "uninterrupted" / "summary.json").read_text())["skipped_images"] >= 1
+    assert list((tmp_path / "uninterrupted" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard, via Accelerate
 
     output = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -166,3 +166,18 @@ def test_a_rerun_resumes_after_the_last_finished_step(tmp_path, monkeypatch):
     weights, _ = train_rasa(model, train, held_out, settings, tmp_path / "out")
     assert calls == [] and torch.equal(weights, saved.weights)  # nothing retrained
     assert not progress.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_cli_trains_directions_for_a_converted_model(tiny_folder, tmp_path, capsys):
+    from franca_hf.cli import main
+
+    out = tmp_path / "rasa"
+    assert main(["rasa", "--model", str(tiny_folder), "--data", "demo", "--steps", "1", "--epochs", "1",
+                 "--batch-size", "16", "--resolution", "28", "--held-out-images", "8", "--max-images", "32",
+                 "--num-workers", "0", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["probe_r2"]) == 2 and report["cosine_to_raw"][0] == 1.0
+    # the converted model had 10 official steps; the new one is appended to its chain
+    assert FrancaModel.from_pretrained(out).config.rasa_steps == 11
+    assert main(["rasa", "--model", str(tiny_folder), "--data", "demo", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
