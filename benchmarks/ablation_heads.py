@@ -44,8 +44,19 @@ SCALES = {
     # steps, seeds, images in the k-NN memory bank, extra overrides
     "default": (600, 3, 2000, []),
     "smoke": (4, 1, 100, ["data.demo_num_images=200", "optim.warmup_steps=1"]),
-    "gpu": (3000, 3, 5000, ["model.hidden_size=384", "model.num_attention_heads=6", "model.num_hidden_layers=6",
-                            "optim.batch_size_per_device=256", "data.num_workers=8", "data.demo_num_images=20000"]),
+    "gpu": (
+        3000,
+        3,
+        5000,
+        [
+            "model.hidden_size=384",
+            "model.num_attention_heads=6",
+            "model.num_hidden_layers=6",
+            "optim.batch_size_per_device=256",
+            "data.num_workers=8",
+            "data.demo_num_images=20000",
+        ],
+    ),
 }
 
 
@@ -53,8 +64,18 @@ def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) ->
     """One `franca_hf.training.pretrain` run in a subprocess; returns its summary plus seconds per step."""
     folder = out / name
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "franca_hf.training.pretrain", "--config", "demo", f"run.output_dir={folder}",
-               "run.log_with=null", "run.log_every=10", "eval.knn_every=null", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "franca_hf.training.pretrain",
+        "--config",
+        "demo",
+        f"run.output_dir={folder}",
+        "run.log_with=null",
+        "run.log_every=10",
+        "eval.knn_every=null",
+        *overrides,
+    ]
     started = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -83,8 +104,10 @@ def supervised_pilot(overrides: list[str], steps: int, bank: int, threads: int) 
     classifier = torch.nn.Linear(backbone.config.hidden_size, 10)
     source = open_source("demo", "train", demo_num_images=config.data.demo_num_images, seed=config.run.seed)
     processor = make_image_processor(config.crops.global_size, config.crops.global_size)
-    knn_sources = [subsample(open_source("demo", split, demo_num_images=config.data.demo_num_images), bank)
-                   for split in ("train", "test")]
+    knn_sources = [
+        subsample(open_source("demo", split, demo_num_images=config.data.demo_num_images), bank)
+        for split in ("train", "test")
+    ]
 
     def knn() -> dict[int, float]:
         (tx, ty), (qx, qy) = (embed_source(backbone, s, processor) for s in knn_sources)
@@ -121,8 +144,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_report(path: Path, scale: str, steps: int, seeds: int, pilot: dict, results: dict, parameters: dict,
-                 command: str, machine: str) -> None:
+def write_report(
+    path: Path,
+    scale: str,
+    steps: int,
+    seeds: int,
+    pilot: dict,
+    results: dict,
+    parameters: dict,
+    command: str,
+    machine: str,
+) -> None:
     dims = list(next(iter(results.values()))[0]["knn_final"])
     lines = [
         "# Nested heads: dedicated vs shared vs learned projections",
@@ -159,12 +191,20 @@ def write_report(path: Path, scale: str, steps: int, seeds: int, pilot: dict, re
         gains.append(after - before)
         lines.append(f"| {name} | {before:.1f} | {after:.1f} | {after - before:+.1f} |")
     learns = min(gains) >= 10
-    lines += ["", "Both runs gain at least 10 points: learning is real at this scale." if learns else
-              "At least one run gains less than 10 points: this scale does not show learning, and the comparison "
-              "below is not evidence either way."]
-    lines += ["", "## Teacher k-NN top-1 (%) per CLS prefix, mean ± std over seeds", "",
-              "| mode | " + " | ".join(f"dim {d}" for d in dims) + " | s / step | images / s |",
-              "|---|" + "---|" * (len(dims) + 2)]
+    lines += [
+        "",
+        "Both runs gain at least 10 points: learning is real at this scale."
+        if learns
+        else "At least one run gains less than 10 points: this scale does not show learning, and the comparison "
+        "below is not evidence either way.",
+    ]
+    lines += [
+        "",
+        "## Teacher k-NN top-1 (%) per CLS prefix, mean ± std over seeds",
+        "",
+        "| mode | " + " | ".join(f"dim {d}" for d in dims) + " | s / step | images / s |",
+        "|---|" + "---|" * (len(dims) + 2),
+    ]
     batch = load_config("demo").optim.batch_size_per_device
     stats = {}
     for mode, runs in results.items():
@@ -174,9 +214,14 @@ def write_report(path: Path, scale: str, steps: int, seeds: int, pilot: dict, re
             cells.append("{:.1f} ± {:.1f}".format(*stats[mode, dim]))
         speed = statistics.mean(run["images_per_second"] for run in runs)
         lines.append(f"| {mode} | " + " | ".join(cells) + f" | {batch / speed:.2f} | {speed:.0f} |")
-    lines += ["", "Differences against `project` (the official layout), in points, with the seed noise: a difference "
-              "counts as real when it exceeds twice its standard error sqrt(s1²/n + s2²/n).", "",
-              "| mode | " + " | ".join(f"dim {d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+    lines += [
+        "",
+        "Differences against `project` (the official layout), in points, with the seed noise: a difference "
+        "counts as real when it exceeds twice its standard error sqrt(s1²/n + s2²/n).",
+        "",
+        "| mode | " + " | ".join(f"dim {d}" for d in dims) + " |",
+        "|---|" + "---|" * len(dims),
+    ]
     for mode in results:
         if mode == "project":
             continue
@@ -185,15 +230,25 @@ def write_report(path: Path, scale: str, steps: int, seeds: int, pilot: dict, re
             difference, real = compare(stats, mode, "project", dim, seeds)
             cells.append(f"{difference:+.1f} ({'real' if real else 'noise'})")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "Training speed (s / step, images / s) is measured by the trainer over its logging windows, one thread "
-              "per run with two runs side by side.", "",
-              "![k-NN accuracy per prefix and head layout](ablation_heads.png)", "", "## Answer", "",
-              answer(stats, dims, seeds, parameters) if learns else "No answer: the pilot shows no learning.", "",
-              "## Limits", "",
-              f"One small scale: a 0.8 M-parameter ViT, 32-px synthetic shapes with 10 classes, {steps} steps on CPU; "
-              "the real question is about ViT-B/L/g on ImageNet-21K or LAION over 625K steps with 131K prototypes. "
-              "The demo recipe itself departs from Franca's at this scale (see docs/pretraining.md). k-NN on "
-              "10 balanced classes saturates near the top, which compresses differences at large dims.", ""]
+    lines += [
+        "",
+        "Training speed (s / step, images / s) is measured by the trainer over its logging windows, one thread "
+        "per run with two runs side by side.",
+        "",
+        "![k-NN accuracy per prefix and head layout](ablation_heads.png)",
+        "",
+        "## Answer",
+        "",
+        answer(stats, dims, seeds, parameters) if learns else "No answer: the pilot shows no learning.",
+        "",
+        "## Limits",
+        "",
+        f"One small scale: a 0.8 M-parameter ViT, 32-px synthetic shapes with 10 classes, {steps} steps on CPU; "
+        "the real question is about ViT-B/L/g on ImageNet-21K or LAION over 625K steps with 131K prototypes. "
+        "The demo recipe itself departs from Franca's at this scale (see docs/pretraining.md). k-NN on "
+        "10 balanced classes saturates near the top, which compresses differences at large dims.",
+        "",
+    ]
     write_file_atomically(path, lambda staging: staging.write_text("\n".join(lines)))
 
 
@@ -218,10 +273,13 @@ def answer(stats: dict, dims: list[str], seeds: int, parameters: dict) -> str:
         f"(`project`) by {said('slice', 'project', small)} and one shared MRL head by {said('shared', 'project', small)}."
         " Only the prefix-fed layouts train the backbone's first channels as an embedding of their own.",
         f"*Full width.* The un-nested single head differs from `project` by {said('single', 'project', full)} at dim "
-        f"{full}: " + ("at this scale nesting costs full-width accuracy."
-                        if compare(stats, "single", "project", full, seeds)[1]
-                        and compare(stats, "single", "project", full, seeds)[0] > 0
-                        else "at this scale nesting costs no measurable full-width accuracy."),
+        f"{full}: "
+        + (
+            "at this scale nesting costs full-width accuracy."
+            if compare(stats, "single", "project", full, seeds)[1]
+            and compare(stats, "single", "project", full, seeds)[0] > 0
+            else "at this scale nesting costs no measurable full-width accuracy."
+        ),
         "*The question: dedicated vs shared heads on nested prefixes.* `shared` minus `slice`: "
         + ", ".join(f"dim {d}: {said('shared', 'slice', d)}" for d in dims)
         + f". `shared` has {parameters['shared']:,} head parameters against {parameters['slice']:,} for `slice` "
@@ -231,13 +289,17 @@ def answer(stats: dict, dims: list[str], seeds: int, parameters: dict) -> str:
     worse = [d for d, (difference, real) in versus_slice.items() if real and difference < 0]
     better = [d for d, (difference, real) in versus_slice.items() if real and difference > 0]
     if not worse and not better:
-        lines.append("So here one shared head is as good as dedicated heads at every dim, within seed noise, for a "
-                     "fraction of the head parameters.")
+        lines.append(
+            "So here one shared head is as good as dedicated heads at every dim, within seed noise, for a "
+            "fraction of the head parameters."
+        )
     else:
         found = [f"worse at dims {', '.join(worse)}"] * bool(worse) + [f"better at dims {', '.join(better)}"] * bool(
-            better)
-        lines.append(f"So here one shared head is {' and '.join(found)} than dedicated heads, within seed noise "
-                     "elsewhere.")
+            better
+        )
+        lines.append(
+            f"So here one shared head is {' and '.join(found)} than dedicated heads, within seed noise elsewhere."
+        )
     return "\n\n".join(lines)
 
 
@@ -274,8 +336,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         summary = json.loads((Path(args.out) / "ablation.json").read_text())
-        write_outputs(Path(args.docs), summary, summary.get("command", "python benchmarks/ablation_heads.py"),
-                      summary.get("machine", ""))
+        write_outputs(
+            Path(args.docs),
+            summary,
+            summary.get("command", "python benchmarks/ablation_heads.py"),
+            summary.get("machine", ""),
+        )
         return
     steps, seeds, bank, extra = SCALES[args.scale]
     steps, seeds = args.steps or steps, args.seeds or seeds
@@ -286,28 +352,61 @@ def main() -> None:
     started = time.time()
     with ThreadPoolExecutor(args.parallel) as pool:
         pilot_future = pool.submit(supervised_pilot, common, steps, bank, threads)
-        futures = {job: pool.submit(run_pretraining, f"{job[0]}_seed{job[1]}",
-                                    [*common, *MODES[job[0]], f"run.seed={job[1]}"], out, threads) for job in jobs}
+        futures = {
+            job: pool.submit(
+                run_pretraining, f"{job[0]}_seed{job[1]}", [*common, *MODES[job[0]], f"run.seed={job[1]}"], out, threads
+            )
+            for job in jobs
+        }
         results = {mode: [futures[mode, seed].result() for seed in range(seeds)] for mode in MODES}
-        pilot = {"supervised (labels, same backbone and steps)": pilot_future.result(),
-                 "DINO (project heads, seed 0)": results["project"][0]}
+        pilot = {
+            "supervised (labels, same backbone and steps)": pilot_future.result(),
+            "DINO (project heads, seed 0)": results["project"][0],
+        }
     parameters = {mode: head_parameters([*common, *overrides]) for mode, overrides in MODES.items()}
     command = " ".join(["python benchmarks/ablation_heads.py", *sys.argv[1:]])
     minutes = (time.time() - started) / 60
-    machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} minutes, {args.parallel} runs at a time"
-    summary = {"scale": args.scale, "steps": steps, "seeds": seeds, "minutes": minutes, "command": command,
-               "machine": machine, "pilot": pilot, "results": results, "head_parameters": parameters}
+    machine = (
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} minutes, {args.parallel} runs at a time"
+    )
+    summary = {
+        "scale": args.scale,
+        "steps": steps,
+        "seeds": seeds,
+        "minutes": minutes,
+        "command": command,
+        "machine": machine,
+        "pilot": pilot,
+        "results": results,
+        "head_parameters": parameters,
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_file_atomically(out / "ablation.json", lambda staging: staging.write_text(json.dumps(summary, indent=2)))
-    print(json.dumps({mode: {d: round(statistics.mean(r["knn_final"][d] for r in runs), 1)
-                             for d in runs[0]["knn_final"]} for mode, runs in results.items()}, indent=1))
+    print(
+        json.dumps(
+            {
+                mode: {d: round(statistics.mean(r["knn_final"][d] for r in runs), 1) for d in runs[0]["knn_final"]}
+                for mode, runs in results.items()
+            },
+            indent=1,
+        )
+    )
     if args.docs:
         write_outputs(Path(args.docs), summary, command, machine)
 
 
 def write_outputs(docs: Path, summary: dict, command: str, machine: str) -> None:
-    write_report(docs, summary["scale"], summary["steps"], summary["seeds"], summary["pilot"], summary["results"],
-                 summary["head_parameters"], command, machine)
+    write_report(
+        docs,
+        summary["scale"],
+        summary["steps"],
+        summary["seeds"],
+        summary["pilot"],
+        summary["results"],
+        summary["head_parameters"],
+        command,
+        machine,
+    )
     plot(docs.with_suffix(".png"), summary["results"])
     print(f"wrote {docs}")
 

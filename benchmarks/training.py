@@ -28,8 +28,10 @@ def synthetic_or_demo_batch(config, batch_size: int) -> dict:
         source = open_source("demo", demo_num_images=max(batch_size, 64))
     else:
         side = config.crops.global_size
-        images = [Image.fromarray(torch.randint(0, 256, (side, side, 3), dtype=torch.uint8).numpy())
-                  for _ in range(batch_size)]
+        images = [
+            Image.fromarray(torch.randint(0, 256, (side, side, 3), dtype=torch.uint8).numpy())
+            for _ in range(batch_size)
+        ]
         source = ImageSource("random", lambda i: images[i], len(images))
     dataset = AugmentedImages(source, make_augmentation(config), seed=0)
     indices = next(iter(EpochBatchSampler(len(source), batch_size)))
@@ -63,14 +65,14 @@ def main() -> None:
     student, teacher = build_networks(config)
     student, teacher = student.to(device).train(), teacher.to(device)
     optimizer = torch.optim.AdamW(build_param_groups(student), lr=1e-4)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_or_demo_batch(config, batch_size).items()}
+    batch = {
+        k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_or_demo_batch(config, batch_size).items()
+    }
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def franca_step() -> None:
         with autocast:
-            targets = teacher(batch["global_crops"], batch["mask_indices"], 0.04, 3)
-            parts = student(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"],
-                            batch["mask_weights"], *targets)
+            parts = student(batch, *teacher(batch, 0.04, 3))
         parts["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -101,14 +103,18 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             results[name].append(timed(step))
             memory[name] = max(memory.get(name, 0.0), peak_memory_mib(device))
-    print(f"{args.config}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
-          f"{config.crops.local_number} local), {args.device}, {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.config}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
+        f"{config.crops.local_number} local), {args.device}, {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for name, times in results.items():
         median = statistics.median(times)
         where = "peak allocated" if device.type == "cuda" else "process peak RSS"
-        print(f"{name:18s} {median * 1000:8.1f} ms/step  {batch_size / median:8.1f} images/s  "
-              f"{where} {memory[name]:.0f} MiB")
+        print(
+            f"{name:18s} {median * 1000:8.1f} ms/step  {batch_size / median:8.1f} images/s  "
+            f"{where} {memory[name]:.0f} MiB"
+        )
     ratio = statistics.median(f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True))
     print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
 

@@ -106,8 +106,9 @@ def _knn(args: argparse.Namespace) -> None:
         source = subsample(open_source(spec, split), args.max_images)
         splits.append(embed_source(model, source, processor, batch_size=args.batch_size, progress=True))
     (train_x, train_y), (test_x, test_y) = splits
-    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, model.config.matryoshka_dims, args.k,
-                                   args.temperature)
+    accuracy = knn_accuracy_by_dim(
+        train_x, train_y, test_x, test_y, model.config.matryoshka_dims, args.k, args.temperature
+    )
     print(f"k-NN (k={args.k}, T={args.temperature}) of {args.model}: {len(train_x)} train / {len(test_x)} test images")
     print(format_knn_table(accuracy))
 
@@ -115,8 +116,15 @@ def _knn(args: argparse.Namespace) -> None:
 def _push(args: argparse.Namespace) -> None:
     from .conversion.hub import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                      commit_message=args.message, base_model=args.base_model, endpoint=args.endpoint)
+    url = push_to_hub(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+        base_model=args.base_model,
+        endpoint=args.endpoint,
+    )
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
 
 
@@ -137,8 +145,10 @@ def _search(args: argparse.Namespace) -> None:
     index = EmbeddingIndex.load(args.index)
     model, processor = load_model_and_processor(args.model, device=args.device)
     if model.config.hidden_size != index.width:
-        raise ValueError(f"The index holds {index.width}-dim embeddings; {args.model} makes "
-                         f"{model.config.hidden_size}-dim ones. Search with the model that built the index.")
+        raise ValueError(
+            f"The index holds {index.width}-dim embeddings; {args.model} makes "
+            f"{model.config.hidden_size}-dim ones. Search with the model that built the index."
+        )
     queries = extract_features(model, processor, collect_image_paths(args.queries), progress=False)
     if args.funnel:
         stages = default_funnel(index.dims, args.k)
@@ -247,10 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.set_defaults(run=_visualize)
 
     # These two have their own parsers (they also run as `accelerate launch -m franca_hf.training.<module>`).
-    commands.add_parser("pretrain", add_help=False,
-                        help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]")
-    commands.add_parser("rasa", add_help=False,
-                        help="learn RASA position directions on a frozen Franca or DINOv2 backbone")
+    commands.add_parser(
+        "pretrain",
+        add_help=False,
+        help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
+    )
+    commands.add_parser(
+        "rasa", add_help=False, help="learn RASA position directions on a frozen Franca or DINOv2 backbone"
+    )
     knn = commands.add_parser("knn", help="k-NN accuracy of a model's CLS features at every Matryoshka dim")
     knn.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")

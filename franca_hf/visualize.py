@@ -46,12 +46,16 @@ def single_image_probe_r2(features: torch.Tensor, rows: int, cols: int, seed: in
 def render_comparison(model, pixel_values: torch.Tensor) -> tuple[Image.Image, dict[str, float]]:
     """Two PCA panels (raw, debiased) for one (1, 3, H, W) image and the probe R² of each."""
     if not getattr(model, "has_rasa", False):
-        raise ValueError("The comparison needs RASA weights; this model has none (convert with --rasa, or train "
-                         "them with `franca-hf rasa`).")
+        raise ValueError(
+            "The comparison needs RASA weights; this model has none (convert with --rasa, or train "
+            "them with `franca-hf rasa`)."
+        )
     out = model(pixel_values)
     rows, cols = (side // model.config.patch_size for side in pixel_values.shape[-2:])
-    panels = {"raw": out.patch_embeddings[0].float().cpu(),
-              "RASA-debiased": out.debiased_patch_embeddings[0].float().cpu()}
+    panels = {
+        "raw": out.patch_embeddings[0].float().cpu(),
+        "RASA-debiased": out.debiased_patch_embeddings[0].float().cpu(),
+    }
     r2 = {name: single_image_probe_r2(features, rows, cols) for name, features in panels.items()}
     margin, caption = 12, 40
     canvas = Image.new("RGB", (2 * PANEL_SIDE + 3 * margin, PANEL_SIDE + 2 * margin + caption), "white")

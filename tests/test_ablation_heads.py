@@ -9,9 +9,22 @@ from .conftest import REPO_ROOT
 
 def test_ablation_script_runs_and_writes_its_report(tmp_path):
     report = tmp_path / "ablation_heads.md"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ablation_heads.py"), "--scale", "smoke",
-                             "--out", str(tmp_path / "runs"), "--docs", str(report)],
-                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "ablation_heads.py"),
+            "--scale",
+            "smoke",
+            "--out",
+            str(tmp_path / "runs"),
+            "--docs",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "ablation.json").read_text())
     assert sorted(summary["results"]) == ["project", "shared", "single", "slice"]
@@ -20,8 +33,9 @@ def test_ablation_script_runs_and_writes_its_report(tmp_path):
         assert len(runs) == 1 and list(runs[0]["knn_final"]) == dims and runs[0]["steps"] == 4
     assert summary["head_parameters"]["shared"] < summary["head_parameters"]["slice"]
     text = report.read_text()
-    table = [line for line in text.splitlines() if line.startswith(("| slice |", "| shared |", "| project |",
-                                                                     "| single |"))]
+    table = [
+        line for line in text.splitlines() if line.startswith(("| slice |", "| shared |", "| project |", "| single |"))
+    ]
     assert len(table) == 4 + 4 + 3  # modes, mean ± std rows, differences against project
     assert "| mode | dim 8 | dim 16 | dim 32 | dim 64 | dim 128 | s / step | images / s |" in text
     assert "## Pilot: does this scale learn?" in text and "supervised" in text

@@ -76,13 +76,12 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     index = tmp_path / "photos.safetensors"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index)]) == 0
     assert "indexed 4 images (128 dims, nested [8, 16, 32, 64, 128])" in capsys.readouterr().out
+    search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index), "--model", str(tiny_folder)]
     for extra in (["--dim", "32"], ["--funnel"]):
-        assert main(["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index), "--model",
-                     str(tiny_folder), "--k", "2", *extra]) == 0
+        assert main([*search, "--k", "2", *extra]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[2].strip().startswith("1. 1.0000") and lines[2].endswith("rocket.jpg")  # itself, first
-    assert main(["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index), "--model", str(tiny_folder),
-                 "--dim", "10"]) == 2
+    assert main([*search, "--dim", "10"]) == 2
     assert "dim" in capsys.readouterr().err
 
 
@@ -90,14 +89,31 @@ def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch
     from .conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
     from .conversion.test_releases import ReleaseServer
 
-    server = ReleaseServer({"/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes(),
-                            "/v1.0.0/franca_vitb14_In21K_rasa.pth": RASA_CHECKPOINT.read_bytes()})
+    server = ReleaseServer(
+        {
+            "/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes(),
+            "/v1.0.0/franca_vitb14_In21K_rasa.pth": RASA_CHECKPOINT.read_bytes(),
+        }
+    )
     monkeypatch.setenv("FRANCA_HF_RELEASE_URL", server.url)
     monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
     try:
         out = tmp_path / "dense.safetensors"
-        assert main(["extract", str(EXAMPLE_IMAGES / "coffee.jpg"), "--model", "franca_vitb14_In21K", "--dense",
-                     "--debiased", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "extract",
+                    str(EXAMPLE_IMAGES / "coffee.jpg"),
+                    "--model",
+                    "franca_vitb14_In21K",
+                    "--dense",
+                    "--debiased",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         server.close()
     assert (tmp_path / "cache" / "converted" / "franca_vitb14_In21K_rasa" / "float32" / "config.json").is_file()

@@ -14,13 +14,29 @@ from .conftest import EXAMPLE_IMAGES, tiny_config
 
 def test_visualize_writes_a_two_panel_png(tiny_folder, tmp_path, capsys):
     out = tmp_path / "fig.png"
-    assert main(["visualize", str(EXAMPLE_IMAGES / "chelsea_cat.jpg"), "--model", str(tiny_folder),
-                 "--out", str(out), "--size", "112"]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                str(EXAMPLE_IMAGES / "chelsea_cat.jpg"),
+                "--model",
+                str(tiny_folder),
+                "--out",
+                str(out),
+                "--size",
+                "112",
+            ]
+        )
+        == 0
+    )
     assert "position-probe R²: raw" in capsys.readouterr().out
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 2 * PANEL_SIDE and image.height > PANEL_SIDE
         pixels = torch.tensor(np.array(image.convert("RGB")), dtype=torch.float32)
-    left, right = pixels[12 : 12 + PANEL_SIDE, 12 : 12 + PANEL_SIDE], pixels[12 : 12 + PANEL_SIDE, -12 - PANEL_SIDE : -12]
+    left, right = (
+        pixels[12 : 12 + PANEL_SIDE, 12 : 12 + PANEL_SIDE],
+        pixels[12 : 12 + PANEL_SIDE, -12 - PANEL_SIDE : -12],
+    )
     assert left.std() > 10 and right.std() > 10  # two colourful PCA panels
     assert (left - right).abs().mean() > 5  # showing different features
 

@@ -15,8 +15,13 @@ from ..io import write_file_atomically
 from ..modeling import FrancaConfig
 from .model_card import render_model_card
 
-REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "configuration_franca.py",
-                  "modeling_franca.py")
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "configuration_franca.py",
+    "modeling_franca.py",
+)
 
 
 def check_folder(folder: str | Path) -> FrancaConfig:
@@ -26,8 +31,10 @@ def check_folder(folder: str | Path) -> FrancaConfig:
         raise FileNotFoundError(f"{folder} is not a folder.")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{folder} is not a complete Franca folder: missing {missing}. Write it with "
-                         "`franca-hf convert` or the trainer's export.")
+        raise ValueError(
+            f"{folder} is not a complete Franca folder: missing {missing}. Write it with "
+            "`franca-hf convert` or the trainer's export."
+        )
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "franca":
         raise ValueError(f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'franca'.")

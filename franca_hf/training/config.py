@@ -156,22 +156,33 @@ class PretrainConfig:
             (self.optim.batch_size_per_device >= 2, "optim.batch_size_per_device must be >= 2 (KoLeo needs pairs)"),
             (self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps must be >= 1"),
             (self.crops.global_size % self.model.patch_size == 0, "crops.global_size must be a multiple of the patch"),
-            (self.crops.local_number == 0 or self.crops.local_size % self.model.patch_size == 0,
-             "crops.local_size must be a multiple of the patch size"),
+            (
+                self.crops.local_number == 0 or self.crops.local_size % self.model.patch_size == 0,
+                "crops.local_size must be a multiple of the patch size",
+            ),
             (self.run.checkpoint_every > 0, "run.checkpoint_every must be > 0"),
             (self.run.log_every > 0, "run.log_every must be > 0"),
             (self.run.export_every is None or self.run.export_every > 0, "run.export_every must be > 0 or null"),
             (self.eval.knn_every is None or self.eval.knn_every > 0, "eval.knn_every must be > 0 or null"),
             (0.0 <= self.objective.mask_probability <= 1.0, "objective.mask_probability must be in [0, 1]"),
-            (len(self.objective.mask_ratio) == 2 and 0.0 <= self.objective.mask_ratio[0] <= self.objective.mask_ratio[1]
-             <= 1.0, "objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1"),
-            (all(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
-                 for scale in (self.crops.global_scale, self.crops.local_scale)),
-             "crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1"),
+            (
+                len(self.objective.mask_ratio) == 2
+                and 0.0 <= self.objective.mask_ratio[0] <= self.objective.mask_ratio[1] <= 1.0,
+                "objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1",
+            ),
+            (
+                all(
+                    len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
+                    for scale in (self.crops.global_scale, self.crops.local_scale)
+                ),
+                "crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1",
+            ),
             (self.objective.student_temperature > 0, "objective.student_temperature must be > 0"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
-            ((self.eval.knn_train is None) == (self.eval.knn_test is None),
-             "set both eval.knn_train and eval.knn_test, or neither"),
+            (
+                (self.eval.knn_train is None) == (self.eval.knn_test is None),
+                "set both eval.knn_train and eval.knn_test, or neither",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:

@@ -62,7 +62,9 @@ def folder_source(root: str | Path) -> ImageSource:
         class_names = sorted({parts[0] for parts in parents})
         index = {name: i for i, name in enumerate(class_names)}
         labels = [index[parts[0]] for parts in parents]
-    return ImageSource(str(root), lambda i: _open_path(paths[i]), len(paths), labels, class_names, lambda i: str(paths[i]))
+    return ImageSource(
+        str(root), lambda i: _open_path(paths[i]), len(paths), labels, class_names, lambda i: str(paths[i])
+    )
 
 
 def _image_column(dataset, requested: str | None) -> str:
@@ -199,8 +201,17 @@ class StreamedAugmentedImages(IterableDataset):
     that one corrupt file is skipped instead of ending the stream. `next_epoch()` reshuffles for the next pass.
     """
 
-    def __init__(self, dataset, transform: Callable, image_column: str | None, rank: int, world_size: int,
-                 seed: int, batch_size: int, start_batch: int = 0):
+    def __init__(
+        self,
+        dataset,
+        transform: Callable,
+        image_column: str | None,
+        rank: int,
+        world_size: int,
+        seed: int,
+        batch_size: int,
+        start_batch: int = 0,
+    ):
         from datasets import Image as ImageFeature
 
         self.column = _image_column(dataset, image_column)
@@ -253,7 +264,12 @@ class EpochBatchSampler:
                 f"({batch_size} per process x {world_size} processes)."
             )
         self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
-            num_items, batch_size, rank, world_size, seed)
+            num_items,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+        )
         self.epoch, self.first_batch = 0, 0
 
     def start(self, epoch: int, batch: int) -> None:
@@ -274,8 +290,14 @@ class EpochBatchSampler:
 def subset(source: ImageSource, indices: list[int]) -> ImageSource:
     """The images of `source` at `indices`, labels kept aligned."""
     labels = [source.labels[i] for i in indices] if source.labels is not None else None
-    return ImageSource(source.name, lambda i: source.load(indices[i]), len(indices), labels, source.class_names,
-                       lambda i: source.describe(indices[i]))
+    return ImageSource(
+        source.name,
+        lambda i: source.load(indices[i]),
+        len(indices),
+        labels,
+        source.class_names,
+        lambda i: source.describe(indices[i]),
+    )
 
 
 def subsample(source: ImageSource, max_images: int | None, seed: int = 0) -> ImageSource:

@@ -14,7 +14,11 @@ from .data import DECODE_ERRORS, ImageSource, SkipCounter
 
 @torch.no_grad()
 def embed_source(
-    model, source: ImageSource, image_processor, batch_size: int = 64, indices: list[int] | None = None,
+    model,
+    source: ImageSource,
+    image_processor,
+    batch_size: int = 64,
+    indices: list[int] | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-width final-normed CLS features (n, D) and labels (n,) of the readable images of `source`.
@@ -95,7 +99,9 @@ def knn_accuracy_by_dim(
 
 def format_knn_table(accuracy: dict[int, float], title: str = "k-NN accuracy") -> str:
     """A Markdown table of accuracy per Matryoshka dim."""
-    lines = [f"| {title} | " + " | ".join(f"dim {d}" for d in accuracy) + " |",
-             "|---|" + "---|" * len(accuracy),
-             "| top-1 (%) | " + " | ".join(f"{a:.1f}" for a in accuracy.values()) + " |"]
+    lines = [
+        f"| {title} | " + " | ".join(f"dim {d}" for d in accuracy) + " |",
+        "|---|" + "---|" * len(accuracy),
+        "| top-1 (%) | " + " | ".join(f"{a:.1f}" for a in accuracy.values()) + " |",
+    ]
     return "\n".join(lines)

@@ -73,12 +73,13 @@ class FrancaNetworks(nn.Module):
 
 class Teacher(FrancaNetworks):
     @torch.no_grad()
-    def forward(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, temperature: float, iterations: int):
-        """Sinkhorn targets per level: DINO (2B, K_l) in the teacher's crop order, iBOT (M, K_l) of masked tokens."""
-        out = self.backbone(global_crops)
-        masked_patches = out.patch_embeddings.flatten(0, 1)[mask_indices]
+    def forward(self, batch: dict, temperature: float, iterations: int):
+        """Sinkhorn targets per level for a collated batch (`collate_masked_crops`): DINO (2B, K_l) in the teacher's
+        crop order, iBOT (M, K_l) of the masked tokens."""
+        out = self.backbone(batch["global_crops"])
+        masked_patches = out.patch_embeddings.flatten(0, 1)[batch["mask_indices"]]
         # the heads in fp32: the targets divide their logits by a temperature as low as 0.04
-        with torch.autocast(global_crops.device.type, enabled=False):
+        with torch.autocast(batch["global_crops"].device.type, enabled=False):
             dino = sinkhorn_knopp(self.dino_head(out.pooler_output.float()), temperature, iterations)
             ibot = sinkhorn_knopp(self.ibot_head(masked_patches.float()), temperature, iterations)
         return dino, ibot
@@ -90,19 +91,24 @@ class Student(FrancaNetworks):
         self.dino_weight, self.ibot_weight = objective.dino_weight, objective.ibot_weight
         self.koleo_weight, self.temperature = objective.koleo_weight, objective.student_temperature
 
-    def forward(self, global_crops, local_crops, masks, mask_indices, mask_weights, dino_targets, ibot_targets):
-        """The whole student loss. Returns a dict of scalars: `loss` and its parts (per level for DINO and iBOT)."""
-        global_out = self.backbone(global_crops, bool_masked_pos=masks)
+    def forward(self, batch: dict, dino_targets, ibot_targets):
+        """The whole student loss for a collated batch and the teacher's targets. Returns a dict of scalars: `loss`
+        and its parts (per level for DINO and iBOT)."""
+        local_crops = batch["local_crops"]
+        global_out = self.backbone(batch["global_crops"], bool_masked_pos=batch["masks"])
         global_cls = global_out.pooler_output
         num_global = global_cls.shape[0]
         cls_tokens = global_cls
         if local_crops.shape[0]:
             cls_tokens = torch.cat([global_cls, self.backbone(local_crops).pooler_output])
         dino_logits = self.dino_head(cls_tokens)  # one head call for global and local crops
-        dino = dino_loss([x[:num_global] for x in dino_logits], [x[num_global:] for x in dino_logits], dino_targets,
-                         self.temperature)
-        masked_patches = global_out.patch_embeddings.flatten(0, 1)[mask_indices]
-        ibot = ibot_loss(self.ibot_head(masked_patches), ibot_targets, mask_weights, num_global, self.temperature)
+        dino = dino_loss(
+            [x[:num_global] for x in dino_logits], [x[num_global:] for x in dino_logits], dino_targets, self.temperature
+        )
+        masked_patches = global_out.patch_embeddings.flatten(0, 1)[batch["mask_indices"]]
+        ibot = ibot_loss(
+            self.ibot_head(masked_patches), ibot_targets, batch["mask_weights"], num_global, self.temperature
+        )
         koleo = koleo_loss(global_cls, num_crops=2) if self.koleo_weight else global_cls.new_zeros(())
         loss = self.dino_weight * dino.total + self.ibot_weight * ibot.total + self.koleo_weight * koleo
         parts = {"loss": loss, "dino": dino.total, "ibot": ibot.total, "koleo": koleo}
@@ -130,13 +136,23 @@ class TrainState:
 def backbone_config(config: PretrainConfig) -> FrancaConfig:
     """The FrancaConfig of a new backbone; its position table matches the global crops."""
     m, crops = config.model, config.crops
-    settings = dict(patch_size=m.patch_size, ffn_type=m.ffn_type, num_register_tokens=m.num_register_tokens,
-                    layerscale_value=m.layerscale_value, drop_path_rate=m.drop_path_rate,
-                    position_grid_size=crops.global_size // m.patch_size, image_size=crops.global_size)
+    settings = dict(
+        patch_size=m.patch_size,
+        ffn_type=m.ffn_type,
+        num_register_tokens=m.num_register_tokens,
+        layerscale_value=m.layerscale_value,
+        drop_path_rate=m.drop_path_rate,
+        position_grid_size=crops.global_size // m.patch_size,
+        image_size=crops.global_size,
+    )
     if m.preset:
         return FrancaConfig.from_preset(m.preset, **settings)
-    return FrancaConfig(hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
-                        num_attention_heads=m.num_attention_heads, **settings)
+    return FrancaConfig(
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        **settings,
+    )
 
 
 @torch.no_grad()
@@ -166,12 +182,14 @@ def build_networks(config: PretrainConfig) -> tuple[Student, Teacher]:
     nesting = heads.nesting_dims or backbone.config.matryoshka_dims
 
     def head(bottleneck: int) -> MatryoshkaHead:
-        return MatryoshkaHead(width, nesting, heads.num_prototypes, heads.hidden_dim, bottleneck, heads.mode,
-                              heads.init_std)
+        return MatryoshkaHead(
+            width, nesting, heads.num_prototypes, heads.hidden_dim, bottleneck, heads.mode, heads.init_std
+        )
 
     student = Student(backbone, head(heads.dino_bottleneck_dim), head(heads.ibot_bottleneck_dim), config.objective)
-    teacher = Teacher(copy.deepcopy(student.backbone), copy.deepcopy(student.dino_head),
-                      copy.deepcopy(student.ibot_head))
+    teacher = Teacher(
+        copy.deepcopy(student.backbone), copy.deepcopy(student.dino_head), copy.deepcopy(student.ibot_head)
+    )
     teacher.requires_grad_(False)
     teacher.eval()
     return student, teacher
@@ -196,10 +214,17 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def make_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
     crops = config.crops
     blur = PAPER_BLUR_PROBABILITIES if crops.blur == "paper" else OFFICIAL_BLUR_PROBABILITIES
-    return MultiCropAugmentation(crops.global_size, crops.local_size, tuple(crops.global_scale),
-                                 tuple(crops.local_scale), crops.local_number, blur,
-                                 color_jitter=tuple(crops.color_jitter), blur_kernel_size=crops.blur_kernel_size,
-                                 blur_sigma=tuple(crops.blur_sigma))
+    return MultiCropAugmentation(
+        crops.global_size,
+        crops.local_size,
+        tuple(crops.global_scale),
+        tuple(crops.local_scale),
+        crops.local_number,
+        blur,
+        color_jitter=tuple(crops.color_jitter),
+        blur_kernel_size=crops.blur_kernel_size,
+        blur_sigma=tuple(crops.blur_sigma),
+    )
 
 
 class BatchCollator:
@@ -222,18 +247,29 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
     data, batch_size = config.data, config.optim.batch_size_per_device
     rank, world = accelerator.process_index, accelerator.num_processes
     transform = make_augmentation(config)
-    loader_args = dict(collate_fn=BatchCollator(config), num_workers=data.num_workers,
-                       pin_memory=accelerator.device.type == "cuda")
+    loader_args = dict(
+        collate_fn=BatchCollator(config), num_workers=data.num_workers, pin_memory=accelerator.device.type == "cuda"
+    )
     if data.streaming:
         if not data.source.startswith("hf:"):
             raise ValueError("data.streaming needs a Hugging Face dataset source ('hf:<name>').")
         stream = load_hf_dataset(data.source, data.split, streaming=True)
-        dataset = StreamedAugmentedImages(stream, transform, data.image_column, rank, world, config.run.seed,
-                                          batch_size, start_batch=state.batches_seen)
+        dataset = StreamedAugmentedImages(
+            stream,
+            transform,
+            data.image_column,
+            rank,
+            world,
+            config.run.seed,
+            batch_size,
+            start_batch=state.batches_seen,
+        )
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, **loader_args), None
     source = open_source(data.source, data.split, data.image_column, data.demo_num_images, config.run.seed)
     sampler = EpochBatchSampler(len(source), batch_size, rank, world, config.run.seed)
-    return DataLoader(AugmentedImages(source, transform, config.run.seed), batch_sampler=sampler, **loader_args), sampler
+    return DataLoader(
+        AugmentedImages(source, transform, config.run.seed), batch_sampler=sampler, **loader_args
+    ), sampler
 
 
 def iterate_batches(loader: DataLoader, sampler: EpochBatchSampler | None, state: TrainState):
@@ -293,18 +329,24 @@ def teacher_backbone_copy(accelerator: Accelerator, teacher: Teacher) -> FrancaM
     return copy_.eval()
 
 
-def export_teacher(accelerator: Accelerator, teacher: Teacher, config: PretrainConfig, state: TrainState,
-                   config_name: str) -> Path:
+def export_teacher(
+    accelerator: Accelerator, teacher: Teacher, config: PretrainConfig, state: TrainState, config_name: str
+) -> Path:
     """Write the teacher backbone as an HF folder (`<output_dir>/teacher`), atomically."""
     backbone = teacher_backbone_copy(accelerator, teacher)
     folder = Path(config.run.output_dir) / "teacher"
     if backbone is not None:
-        backbone.config.source_checkpoint = {"trained_with": "franca_hf pretrain", "recipe": config_name,
-                                             "steps": state.step, "heads": config.heads.mode}
+        backbone.config.source_checkpoint = {
+            "trained_with": "franca_hf pretrain",
+            "recipe": config_name,
+            "steps": state.step,
+            "heads": config.heads.mode,
+        }
         crop = config.crops.global_size
         processor = make_image_processor(crop, crop if crop < 64 else None)
-        save_model_folder(backbone, folder, overwrite=True, image_processor=processor,
-                          card_text=render_model_card(backbone.config))
+        save_model_folder(
+            backbone, folder, overwrite=True, image_processor=processor, card_text=render_model_card(backbone.config)
+        )
     accelerator.wait_for_everyone()
     return folder
 
@@ -315,9 +357,14 @@ class KnnEvaluator:
     def __init__(self, config: PretrainConfig):
         settings = config.eval
         self.settings = settings
-        self.sources = [subsample(open_source(spec, split, demo_num_images=config.data.demo_num_images,
-                                              seed=config.run.seed), settings.knn_max_images, config.run.seed)
-                        for spec, split in ((settings.knn_train, "train"), (settings.knn_test, "test"))]
+        self.sources = [
+            subsample(
+                open_source(spec, split, demo_num_images=config.data.demo_num_images, seed=config.run.seed),
+                settings.knn_max_images,
+                config.run.seed,
+            )
+            for spec, split in ((settings.knn_train, "train"), (settings.knn_test, "test"))
+        ]
         crop = config.crops.global_size
         self.processor = make_image_processor(crop, crop if crop < 64 else None)
 
@@ -330,8 +377,9 @@ class KnnEvaluator:
             result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1)
             accelerator.wait_for_everyone()
             return result
-        return self._evaluate(accelerator.unwrap_model(teacher).backbone, accelerator.process_index,
-                              accelerator.num_processes)
+        return self._evaluate(
+            accelerator.unwrap_model(teacher).backbone, accelerator.process_index, accelerator.num_processes
+        )
 
     def _evaluate(self, model: FrancaModel, rank: int, world: int) -> dict[int, float]:
         features = []
@@ -340,8 +388,15 @@ class KnnEvaluator:
             gathered = gather_object([mine]) if world > 1 else [mine]
             features.append((torch.cat([f for f, _ in gathered]), torch.cat([label for _, label in gathered])))
         (train_x, train_y), (test_x, test_y) = features
-        return knn_accuracy_by_dim(train_x, train_y, test_x, test_y, model.config.matryoshka_dims,
-                                   self.settings.knn_k, self.settings.knn_temperature)
+        return knn_accuracy_by_dim(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            model.config.matryoshka_dims,
+            self.settings.knn_k,
+            self.settings.knn_temperature,
+        )
 
 
 class MetricsLog:
@@ -374,8 +429,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    accelerator.init_trackers("franca", config={f"{s}.{k}": str(v) for s, d in config.to_dict().items()
-                                                 for k, v in d.items()})
+    accelerator.init_trackers(
+        "franca", config={f"{s}.{k}": str(v) for s, d in config.to_dict().items() for k, v in d.items()}
+    )
 
     student, teacher = build_networks(config)
     set_seed(config.run.seed, device_specific=True)  # drop path differs between processes, as with any DDP run
@@ -384,16 +440,28 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     optim = config.optim
     global_batch = optim.batch_size_per_device * accelerator.num_processes * optim.gradient_accumulation_steps
     schedules = FrancaSchedules(
-        scaled_learning_rate(optim.base_lr, global_batch), optim.total_steps, optim.warmup_steps, optim.min_lr,
-        optim.weight_decay, optim.weight_decay_end, optim.teacher_momentum, optim.teacher_momentum_end,
-        optim.teacher_temperature_start, optim.teacher_temperature, optim.teacher_temperature_warmup_steps,
-        optim.freeze_last_layer_steps)
-    optimizer = torch.optim.AdamW(build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult),
-                                  betas=tuple(optim.betas))
+        scaled_learning_rate(optim.base_lr, global_batch),
+        optim.total_steps,
+        optim.warmup_steps,
+        optim.min_lr,
+        optim.weight_decay,
+        optim.weight_decay_end,
+        optim.teacher_momentum,
+        optim.teacher_momentum_end,
+        optim.teacher_temperature_start,
+        optim.teacher_temperature,
+        optim.teacher_temperature_warmup_steps,
+        optim.freeze_last_layer_steps,
+    )
+    optimizer = torch.optim.AdamW(
+        build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=tuple(optim.betas)
+    )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and not accelerator.is_fsdp2:
-        raise ValueError("FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
-                         "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config.")
+        raise ValueError(
+            "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
+            "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
+        )
     student, optimizer = accelerator.prepare(student, optimizer)
     state = TrainState()
     if fsdp:  # sharded like the student so that the EMA pairs local shards; save_state then holds it as a model
@@ -427,31 +495,37 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
 
     unwrapped = accelerator.unwrap_model(student)
     modules = {"backbone": unwrapped.backbone, "dino_head": unwrapped.dino_head, "ibot_head": unwrapped.ibot_head}
-    progress = tqdm(total=optim.total_steps, initial=state.step, desc="pretrain", disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=optim.total_steps, initial=state.step, desc="pretrain", disable=not accelerator.is_main_process
+    )
     window_start, window_images, window_batches, running = time.perf_counter(), 0, 0, {}
     while state.step < optim.total_steps:
         values = schedules(state.step)
         apply_schedule(optimizer, values.lr, values.weight_decay, values.last_layer_lr)
-        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in next(batches).items()}
+        batch = {
+            k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in next(batches).items()
+        }
         state.batches_seen += 1
         with accelerator.accumulate(student):
             with accelerator.autocast():
-                dino_targets, ibot_targets = teacher(batch["global_crops"], batch["mask_indices"],
-                                                     values.teacher_temperature, config.objective.sinkhorn_iterations)
-            parts = student(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"],
-                            batch["mask_weights"], dino_targets, ibot_targets)
+                dino_targets, ibot_targets = teacher(
+                    batch, values.teacher_temperature, config.objective.sinkhorn_iterations
+                )
+            parts = student(batch, dino_targets, ibot_targets)
             # one collective for the logged values: loss parts (averaged over processes) and skipped images
             reduced = {k: v.detach().float() for k, v in parts.items()}
             reduced["skipped_images"] = torch.tensor(float(batch["skipped_images"]), device=accelerator.device)
-            reduced = dict(zip(reduced, accelerator.reduce(torch.stack(list(reduced.values())), "mean").tolist(),
-                               strict=True))
+            reduced = dict(
+                zip(reduced, accelerator.reduce(torch.stack(list(reduced.values())), "mean").tolist(), strict=True)
+            )
             skipped = round(reduced.pop("skipped_images") * accelerator.num_processes)
             if not math.isfinite(reduced["loss"]):
                 raise NonFiniteLossError(
                     f"Non-finite loss at step {state.step}: {json.dumps({k: reduced[k] for k in ('loss', 'dino', 'ibot', 'koleo')})}. "
                     f"Stopping; the last good checkpoint is kept in {checkpoints}. Lower optim.base_lr, check the data, "
-                    "or use run.mixed_precision=bf16 instead of fp16.")
+                    "or use run.mixed_precision=bf16 instead of fp16."
+                )
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
@@ -471,15 +545,27 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         if state.step % config.run.log_every == 0 or state.step == optim.total_steps:
             averages = {k: v / window_batches for k, v in running.items()}
             elapsed = time.perf_counter() - window_start
-            log(state.step, {**averages, "lr": values.lr, "weight_decay": values.weight_decay,
-                             "teacher_momentum": values.teacher_momentum,
-                             "teacher_temperature": values.teacher_temperature,
-                             "images_per_second": window_images / elapsed, "skipped_images": state.skipped_images})
+            log(
+                state.step,
+                {
+                    **averages,
+                    "lr": values.lr,
+                    "weight_decay": values.weight_decay,
+                    "teacher_momentum": values.teacher_momentum,
+                    "teacher_temperature": values.teacher_temperature,
+                    "images_per_second": window_images / elapsed,
+                    "skipped_images": state.skipped_images,
+                },
+            )
             progress.set_postfix(loss=f"{averages['loss']:.3f}", lr=f"{values.lr:.2e}")
             window_start, window_images, window_batches, running = time.perf_counter(), 0, 0, {}
         final_step = state.step == optim.total_steps  # evaluated and exported once more after the loop
-        if evaluator is not None and config.eval.knn_every and state.step % config.eval.knn_every == 0 \
-                and not final_step:
+        if (
+            evaluator is not None
+            and config.eval.knn_every
+            and state.step % config.eval.knn_every == 0
+            and not final_step
+        ):
             evaluate_knn()
         if state.step % config.run.checkpoint_every == 0 or final_step:
             save_checkpoint(accelerator, state, checkpoints, config.run.keep_checkpoints)
@@ -488,8 +574,12 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     progress.close()
 
     folder = export_teacher(accelerator, teacher, config, state, config_name)
-    summary = {"knn_at_init": state.knn_at_init, "steps": state.step, "skipped_images": state.skipped_images,
-               "teacher_folder": str(folder)}
+    summary = {
+        "knn_at_init": state.knn_at_init,
+        "steps": state.step,
+        "skipped_images": state.skipped_images,
+        "teacher_folder": str(folder),
+    }
     if evaluator is not None:
         summary["knn_final"] = evaluate_knn(f"teacher k-NN after {state.step} steps")
     if accelerator.is_main_process:
@@ -499,8 +589,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="franca-hf pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="franca-hf pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="demo", help="a bundled recipe (demo, vitb14_in21k, ...) or a YAML file")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.total_steps=200")
     return parser

@@ -77,22 +77,36 @@ class RasaReport:
 
 def augmentation(settings: RasaSettings) -> v2.Compose:
     """The RASA training views: random resized crop, colour jitter, grayscale, blur, ImageNet normalisation."""
-    return v2.Compose([
-        v2.ToImage(), v2.RGB(),
-        v2.RandomResizedCrop(settings.resolution, scale=settings.crop_scale,
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomApply([v2.ColorJitter(0.32, 0.32, 0.32, 0.08)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            v2.RandomResizedCrop(
+                settings.resolution,
+                scale=settings.crop_scale,
+                interpolation=v2.InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+            v2.RandomApply([v2.ColorJitter(0.32, 0.32, 0.32, 0.08)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def evaluation_transform(resolution: int) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(), v2.RGB(), v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(resolution),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def grid_coordinates(rows: int, cols: int) -> torch.Tensor:
@@ -129,13 +143,24 @@ def probe_r2(tokens: torch.Tensor, coords: torch.Tensor, ridge: float = 1e-3) ->
     if half < 1:
         raise ValueError("The probe needs at least 2 images.")
     rest = tokens.shape[0] - half
-    return linear_probe_r2(tokens[:half].reshape(-1, tokens.shape[-1]), coords.repeat(half, 1),
-                           tokens[half:].reshape(-1, tokens.shape[-1]), coords.repeat(rest, 1), ridge)
+    return linear_probe_r2(
+        tokens[:half].reshape(-1, tokens.shape[-1]),
+        coords.repeat(half, 1),
+        tokens[half:].reshape(-1, tokens.shape[-1]),
+        coords.repeat(rest, 1),
+        ridge,
+    )
 
 
 def fit_position_predictor(
-    batches, width: int, basis: torch.Tensor, epochs: int, lr: float, accelerator: Accelerator | None = None,
-    progress: bool = False, orthogonal: bool = True,
+    batches,
+    width: int,
+    basis: torch.Tensor,
+    epochs: int,
+    lr: float,
+    accelerator: Accelerator | None = None,
+    progress: bool = False,
+    orthogonal: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Train one RASA step: a bias-free Linear(width, 2) + sigmoid regressing grid coordinates by MSE.
 
@@ -160,8 +185,9 @@ def fit_position_predictor(
     last_losses = []
     for epoch in range(epochs):
         last_losses = []
-        for tokens, coords in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                                   disable=not progress):
+        for tokens, coords in tqdm(
+            batches(epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress
+        ):
             tokens = remove_position_directions(tokens.to(accelerator.device), basis)
             predicted = torch.sigmoid(head(tokens))
             loss = F.mse_loss(predicted, coords.to(accelerator.device).expand_as(predicted))
@@ -184,8 +210,13 @@ class FrozenTokens:
     def __init__(self, model, source: ImageSource, settings: RasaSettings, accelerator: Accelerator, round_: int):
         self.model, self.settings, self.accelerator, self.round = model, settings, accelerator, round_
         self.images = AugmentedImages(source, augmentation(settings), settings.seed)
-        self.sampler = EpochBatchSampler(len(source), min(settings.batch_size, len(source) // accelerator.num_processes),
-                                         accelerator.process_index, accelerator.num_processes, settings.seed)
+        self.sampler = EpochBatchSampler(
+            len(source),
+            min(settings.batch_size, len(source) // accelerator.num_processes),
+            accelerator.process_index,
+            accelerator.num_processes,
+            settings.seed,
+        )
         self.loader = DataLoader(self.images, batch_sampler=self.sampler, num_workers=settings.num_workers)
 
     def __len__(self) -> int:
@@ -235,8 +266,13 @@ def _progress_path(out_dir: Path) -> Path:
 
 
 def train_rasa(
-    model, train_source: ImageSource, held_out_source: ImageSource, settings: RasaSettings, out_dir: str | Path,
-    accelerator: Accelerator | None = None, overwrite: bool = False,
+    model,
+    train_source: ImageSource,
+    held_out_source: ImageSource,
+    settings: RasaSettings,
+    out_dir: str | Path,
+    accelerator: Accelerator | None = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, RasaReport]:
     """Learn `settings.steps` RASA steps on top of the model's existing chain (if any) and write the result.
 
@@ -256,10 +292,16 @@ def train_rasa(
     tokens, coords = held_out_tokens(model, held_out_source, settings.resolution, accelerator)
     report = RasaReport()
     progress_file = _progress_path(out_dir)
-    identity = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__, "width": width,
-                "data": train_source.name, "images": len(train_source), "held_out": len(held_out_source)}
-    fingerprint = json.dumps({**identity, **{k: v for k, v in asdict(settings).items() if k != "num_workers"}},
-                             sort_keys=True)
+    identity = {
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "width": width,
+        "data": train_source.name,
+        "images": len(train_source),
+        "held_out": len(held_out_source),
+    }
+    fingerprint = json.dumps(
+        {**identity, **{k: v for k, v in asdict(settings).items() if k != "num_workers"}}, sort_keys=True
+    )
     if progress_file.is_file():
         saved = RasaDirections.load(progress_file)
         if saved.metadata.get("settings") == fingerprint:
@@ -273,15 +315,25 @@ def train_rasa(
     for step in range(len(report.train_loss), settings.steps):
         batches = FrozenTokens(model, train_source, settings, accelerator, round_=step)
         basis = orthonormalize_rasa_weights(weights).to(accelerator.device)
-        weight, loss = fit_position_predictor(batches, width, basis, settings.epochs, settings.lr, accelerator,
-                                              progress=accelerator.is_main_process, orthogonal=settings.orthogonal)
+        weight, loss = fit_position_predictor(
+            batches,
+            width,
+            basis,
+            settings.epochs,
+            settings.lr,
+            accelerator,
+            progress=accelerator.is_main_process,
+            orthogonal=settings.orthogonal,
+        )
         weights = torch.cat([weights, weight[None]])
         r2, cosine = evaluate_chain(tokens, coords, weights)
         report.train_loss.append(loss)
         report.probe_r2.append(r2)
         report.cosine_to_raw.append(cosine)
-        accelerator.print(f"step {step + 1}/{settings.steps}: train MSE {loss:.4f}, held-out probe R² {r2:.3f}, "
-                          f"cosine to raw {cosine:.3f}")
+        accelerator.print(
+            f"step {step + 1}/{settings.steps}: train MSE {loss:.4f}, held-out probe R² {r2:.3f}, "
+            f"cosine to raw {cosine:.3f}"
+        )
         if accelerator.is_main_process:
             RasaDirections(weights, {"settings": fingerprint, "report": asdict(report)}).save(progress_file)
         accelerator.wait_for_everyone()
@@ -294,8 +346,11 @@ def train_rasa(
 
 def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir: Path, overwrite: bool) -> Path:
     """A FrancaModel folder with the new chain as its RASA weights, or a directions file for other backbones."""
-    metadata = {"backbone": type(model).__name__, "name_or_path": getattr(model.config, "_name_or_path", ""),
-                "report": asdict(report)}
+    metadata = {
+        "backbone": type(model).__name__,
+        "name_or_path": getattr(model.config, "_name_or_path", ""),
+        "report": asdict(report),
+    }
     if isinstance(model, FrancaModel):
         config = FrancaConfig.from_dict({**model.config.to_dict(), "rasa_steps": weights.shape[0]})
         debiased = FrancaModel(config)
@@ -310,8 +365,9 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="franca-hf rasa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="franca-hf rasa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     defaults = RasaSettings()
     parser.add_argument("--model", required=True, help="FrancaModel folder/Hub id/release, or a DINOv2 model")
     parser.add_argument("--data", required=True, help="'demo', an image folder, or hf:<dataset>")
@@ -327,8 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, help="train on at most this many images")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--official-steps", action="store_true",
-                        help="keep each step's weight as trained (official); default: made orthogonal to earlier steps")
+    parser.add_argument(
+        "--official-steps",
+        action="store_true",
+        help="keep each step's weight as trained (official); default: made orthogonal to earlier steps",
+    )
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -341,9 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = RasaSettings(
-        steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
-        crop_scale=tuple(args.crop_scale), held_out_images=args.held_out_images, max_images=args.max_images,
-        orthogonal=not args.official_steps, num_workers=args.num_workers, seed=args.seed)
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        crop_scale=tuple(args.crop_scale),
+        held_out_images=args.held_out_images,
+        max_images=args.max_images,
+        orthogonal=not args.official_steps,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     try:
         with accelerator.main_process_first():  # one process downloads and converts a release, the others wait

@@ -34,8 +34,11 @@ class FakeHub:
                 path = self.path.split("?")[0]
                 if path == "/api/repos/create":
                     request = json.loads(body)
-                    repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") \
+                    repo_id = (
+                        f"{request['organization']}/{request['name']}"
+                        if request.get("organization")
                         else request["name"]
+                    )
                     private = request.get("visibility", "private" if request.get("private") else "public") == "private"
                     hub.repos.setdefault(repo_id, {"private": private, "revisions": {"main": {}}})
                     return self._reply(200, {"url": f"{hub.url}/{repo_id}"})
@@ -60,19 +63,27 @@ class FakeHub:
                     return self._reply(200, {})
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                        "shouldIgnore": False} for f in files]})
+                    return self._reply(
+                        200,
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                    )
                 if action == "commit":
                     lines = [json.loads(line) for line in body.splitlines() if line.strip()]
                     header = next(line["value"] for line in lines if line["key"] == "header")
-                    added = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
-                             for line in lines if line["key"] == "file"}
+                    added = {
+                        line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                        for line in lines
+                        if line["key"] == "file"
+                    }
                     revisions.setdefault(revision, {}).update(added)
                     oid = hashlib.sha1(body).hexdigest()
-                    hub.commits.append({"repo_id": repo_id, "revision": revision, "summary": header["summary"],
-                                        "files": sorted(added)})
-                    return self._reply(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                                             "pullRequestUrl": None})
+                    hub.commits.append(
+                        {"repo_id": repo_id, "revision": revision, "summary": header["summary"], "files": sorted(added)}
+                    )
+                    return self._reply(
+                        200,
+                        {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
+                    )
                 return self._reply(404, {"error": f"unknown action {action}"})
 
             def log_message(self, *args):

@@ -22,14 +22,21 @@ def hub():
 def test_push_sends_every_file_with_a_parseable_model_card(hub, tiny_folder, tmp_path):
     folder = tmp_path / "folder"
     shutil.copytree(tiny_folder, folder)
-    url = push_to_hub(folder, "valeo/franca-tiny", private=True, token="hf_test", endpoint=hub.url,
-                      base_model="valeo/franca-base")
+    url = push_to_hub(
+        folder, "valeo/franca-tiny", private=True, token="hf_test", endpoint=hub.url, base_model="valeo/franca-base"
+    )
     assert url.startswith(f"{hub.url}/valeo/franca-tiny/commit/")
     repo = hub.repos["valeo/franca-tiny"]
     assert repo["private"] is True
     uploaded = repo["revisions"]["main"]
-    assert sorted(uploaded) == ["README.md", "config.json", "configuration_franca.py", "model.safetensors",
-                                "modeling_franca.py", "preprocessor_config.json"]
+    assert sorted(uploaded) == [
+        "README.md",
+        "config.json",
+        "configuration_franca.py",
+        "model.safetensors",
+        "modeling_franca.py",
+        "preprocessor_config.json",
+    ]
     assert uploaded["model.safetensors"] == (folder / "model.safetensors").read_bytes()
     card = ModelCard(uploaded["README.md"].decode())
     meta = card.data.to_dict()

@@ -126,8 +126,22 @@ def test_convert_release_and_push_in_one_command(server, tmp_path, capsys, monke
     hub = FakeHub()
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     try:
-        code = main(["convert", "--release", "franca_vitb14_In21K", "--with-rasa", "--base-url", server.url,
-                     "--cache-dir", str(tmp_path), "--push-to-hub", "valeo/franca-b", "--endpoint", hub.url])
+        code = main(
+            [
+                "convert",
+                "--release",
+                "franca_vitb14_In21K",
+                "--with-rasa",
+                "--base-url",
+                server.url,
+                "--cache-dir",
+                str(tmp_path),
+                "--push-to-hub",
+                "valeo/franca-b",
+                "--endpoint",
+                hub.url,
+            ]
+        )
     finally:
         hub.close()
     assert code == 0, capsys.readouterr().err
@@ -138,7 +152,16 @@ def test_convert_release_and_push_in_one_command(server, tmp_path, capsys, monke
 
 def test_cli_convert_release_and_errors(server, tmp_path, capsys):
     out = tmp_path / "out"
-    command = ["convert", "--release", "franca_vitb14_In21K", "--base-url", server.url,
-               "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    command = [
+        "convert",
+        "--release",
+        "franca_vitb14_In21K",
+        "--base-url",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
     assert main(command) == 0 and (out / "model.safetensors").is_file()
     assert main(command) == 2 and "already exists" in capsys.readouterr().err

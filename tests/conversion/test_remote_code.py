@@ -36,14 +36,21 @@ torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls":
 
 def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path, reference):
     config = json.loads((tiny_folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoBackbone": "modeling_franca.FrancaBackbone",
-                                  "AutoConfig": "configuration_franca.FrancaConfig",
-                                  "AutoModel": "modeling_franca.FrancaModel"}
+    assert config["auto_map"] == {
+        "AutoBackbone": "modeling_franca.FrancaBackbone",
+        "AutoConfig": "configuration_franca.FrancaConfig",
+        "AutoModel": "modeling_franca.FrancaModel",
+    }
     pixels = reference["70x126.pixel_values"]
     torch.save(pixels, tmp_path / "pixels.pt")
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(tiny_folder), str(tmp_path / "pixels.pt"),
-                             str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(tiny_folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
     assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("FrancaModel")

@@ -91,8 +91,9 @@ def test_hugging_face_datasets_map_style_and_streamed(tmp_path):
     stream = load_hf_dataset(f"hf:{tmp_path / 'saved'}", "train", streaming=True)
 
     def pixels_of(rank: int, **kwargs) -> list:
-        dataset = StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0)), None, rank, 2, seed=0,
-                                          batch_size=2, **kwargs)
+        dataset = StreamedAugmentedImages(
+            stream, lambda im: im.getpixel((0, 0)), None, rank, 2, seed=0, batch_size=2, **kwargs
+        )
         return [pixel for pixel, _, _ in dataset]
 
     shards = [pixels_of(rank) for rank in range(2)]
@@ -108,8 +109,9 @@ def test_streamed_resume_with_dataloader_workers():
     stream = stream.to_iterable_dataset(num_shards=4)
 
     def batches(start_batch: int) -> list[list]:
-        dataset = StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0))[0], None, 0, 1, seed=0,
-                                          batch_size=2, start_batch=start_batch)
+        dataset = StreamedAugmentedImages(
+            stream, lambda im: im.getpixel((0, 0))[0], None, 0, 1, seed=0, batch_size=2, start_batch=start_batch
+        )
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
         return [batch[0].tolist() for batch in loader]
 

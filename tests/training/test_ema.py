@@ -34,8 +34,10 @@ def _pair() -> tuple[FrancaModel, FrancaModel]:
 
 def test_ema_formula():
     student, teacher = _pair()
-    expected = {n: MOMENTUM * t + (1 - MOMENTUM) * s for (n, t), s in
-                zip(teacher.state_dict().items(), student.state_dict().values(), strict=True)}
+    expected = {
+        n: MOMENTUM * t + (1 - MOMENTUM) * s
+        for (n, t), s in zip(teacher.state_dict().items(), student.state_dict().values(), strict=True)
+    }
     ema_update(teacher, student, MOMENTUM)
     for name, value in teacher.state_dict().items():
         torch.testing.assert_close(value, expected[name])

@@ -41,7 +41,9 @@ def tiny_recipe(tmp_path_factory) -> Path:
         for i in range(24):
             image = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
             x, y = rng.randrange(2, 12), rng.randrange(2, 12)
-            getattr(ImageDraw.Draw(image), shape)([x, y, x + 18, y + 18], fill=tuple(rng.randrange(256) for _ in range(3)))
+            getattr(ImageDraw.Draw(image), shape)(
+                [x, y, x + 18, y + 18], fill=tuple(rng.randrange(256) for _ in range(3))
+            )
             image.save(root / "images" / shape / f"{i}.png")
     (root / "images" / "ellipse" / "corrupt.png").write_bytes(b"\x89PNG truncated")
     recipe = root / "tiny.yaml"
@@ -52,9 +54,24 @@ def tiny_recipe(tmp_path_factory) -> Path:
 def _command(recipe: Path, output: Path, *overrides: str, processes: int = 1) -> list[str]:
     launcher = [sys.executable, "-m", "franca_hf.training.pretrain"]
     if processes > 1:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "franca_hf.training.pretrain"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "franca_hf.training.pretrain",
+        ]
     return [*launcher, "--config", str(recipe), f"run.output_dir={output}", *overrides]
 
 
@@ -95,8 +112,9 @@ def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
 
     output = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(_command(tiny_recipe, output, steps), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _command(tiny_recipe, output, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not (output / "checkpoints" / "step_00000004").is_dir() and time.time() < deadline:
         time.sleep(0.05)
@@ -134,7 +152,11 @@ def test_recipes_load_and_bad_configs_are_explained():
         assert config.optim.total_steps > 0
     b14 = load_config("vitb14_in21k")
     assert (b14.model.preset, b14.optim.total_steps, b14.optim.warmup_steps, b14.heads.num_prototypes) == (
-        "vit_base", 625_000, 100_000, 131_072)
+        "vit_base",
+        625_000,
+        100_000,
+        131_072,
+    )
     assert load_config("vitl14_laion").crops.global_scale == [0.48, 1.0]
     with pytest.raises(ValueError, match="unknown key optim.lr_max"):
         load_config("vitb14_in21k", ["optim.lr_max=1"])
@@ -153,9 +175,20 @@ def test_demo_config_learns_in_under_two_minutes(tmp_path):
     values ln K_l, the teacher's features do not collapse, and its k-NN accuracy rises well above initialisation."""
     output = tmp_path / "demo"
     started = time.time()
-    result = _run(_command(Path("demo"), output, "optim.total_steps=200", "data.demo_num_images=2000",
-                           "eval.knn_max_images=1000", "eval.knn_every=null", "run.checkpoint_every=1000",
-                           "run.log_every=10", "run.log_with=null"), timeout=600)
+    result = _run(
+        _command(
+            Path("demo"),
+            output,
+            "optim.total_steps=200",
+            "data.demo_num_images=2000",
+            "eval.knn_max_images=1000",
+            "eval.knn_every=null",
+            "run.checkpoint_every=1000",
+            "run.log_every=10",
+            "run.log_with=null",
+        ),
+        timeout=600,
+    )
     elapsed = time.time() - started
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -193,6 +226,8 @@ def test_demo_config_learns_in_under_two_minutes(tmp_path):
     state = teacher.state_dict()
     layer_scale = torch.stack([v for k, v in state.items() if k.endswith("lambda1")])
     norm_gain = torch.stack([v for k, v in state.items() if k.endswith(("norm1.weight", "norm2.weight"))])
-    report.update(layer_scale_shift=round(float((layer_scale - 0.1).abs().mean()), 4),
-                  norm_gain_shift=round(float((norm_gain - 1).abs().mean()), 4))
+    report.update(
+        layer_scale_shift=round(float((layer_scale - 0.1).abs().mean()), 4),
+        norm_gain_shift=round(float((norm_gain - 1).abs().mean()), 4),
+    )
     assert report["layer_scale_shift"] > 0.002 and report["norm_gain_shift"] > 0.002, report

@@ -45,8 +45,9 @@ def _rasa_on_planted_signal(orthogonal: bool) -> tuple[list[float], torch.Tensor
     r2 = [evaluate_chain(held_out, coords, None)[0]]
     for _ in range(3):
         basis = RasaDirections(weights).basis if len(weights) else torch.zeros(0, 2, WIDTH)
-        weight, _ = fit_position_predictor(lambda epoch: [(t, coords) for t in train], WIDTH, basis, epochs=30,
-                                           lr=0.05, orthogonal=orthogonal)
+        weight, _ = fit_position_predictor(
+            lambda epoch: [(t, coords) for t in train], WIDTH, basis, epochs=30, lr=0.05, orthogonal=orthogonal
+        )
         weights = torch.cat([weights, weight[None]])
         r2.append(evaluate_chain(held_out, coords, weights)[0])
     learned = torch.linalg.qr(weights.reshape(-1, WIDTH).T)[0]  # (WIDTH, 2 * steps) orthonormal
@@ -94,8 +95,9 @@ def test_directions_round_trip_and_the_model_applies_the_official_chain(tmp_path
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         out = debiased(pixels)
-    torch.testing.assert_close(out.debiased_patch_embeddings, official_chain(out.patch_embeddings, weights),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.debiased_patch_embeddings, official_chain(out.patch_embeddings, weights), rtol=1e-5, atol=1e-5
+    )
     assert json.loads((tmp_path / "franca" / "rasa_report.json").read_text())["backbone"] == "FrancaModel"
 
 
@@ -116,18 +118,20 @@ def test_short_real_run_lowers_the_position_probe(kind, tmp_path):
     if kind == "franca":
         model = _with_linear_positions(FrancaModel(tiny_config(patch_size=4, position_grid_size=8, image_size=32)))
     else:
-        config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=32,
-                              mlp_ratio=2)
+        config = Dinov2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=32, mlp_ratio=2
+        )
         model = _with_linear_positions(Dinov2Model(config))
     source = subsample(open_source("demo", "train", demo_num_images=200), 160)
     train, held_out = split_off(source, 32)
-    settings = RasaSettings(steps=8, epochs=5, lr=0.05, batch_size=32, resolution=32, held_out_images=32,
-                            num_workers=0)
+    settings = RasaSettings(steps=8, epochs=5, lr=0.05, batch_size=32, resolution=32, held_out_images=32, num_workers=0)
     weights, report = train_rasa(model, train, held_out, settings, tmp_path / kind)
     # Measured: Franca 0.977 -> 0.809, DINOv2 0.982 -> 0.899 over 8 steps. Each step removes the two directions its
     # regressor uses, which for anisotropic tokens are not the only ones carrying position: R² falls step by step.
-    print(f"{kind}: held-out position-probe R² per step {[round(r, 3) for r in report.probe_r2]}, "
-          f"cosine to raw {[round(c, 3) for c in report.cosine_to_raw]}")
+    print(
+        f"{kind}: held-out position-probe R² per step {[round(r, 3) for r in report.probe_r2]}, "
+        f"cosine to raw {[round(c, 3) for c in report.cosine_to_raw]}"
+    )
     assert weights.shape == (8, 2, 64)
     assert report.probe_r2[0] > 0.9 and report.probe_r2[-1] < report.probe_r2[0] - 0.05
     assert report.cosine_to_raw[-1] > 0.3  # tokens keep most of what is not position
@@ -145,8 +149,7 @@ def test_a_rerun_resumes_after_the_last_finished_step(tmp_path, monkeypatch):
     model = _with_linear_positions(FrancaModel(tiny_config(patch_size=4, position_grid_size=8, image_size=32)))
     source = subsample(open_source("demo", "train", demo_num_images=200), 96)
     train, held_out = split_off(source, 16)
-    settings = RasaSettings(steps=2, epochs=1, lr=0.01, batch_size=32, resolution=32, held_out_images=16,
-                            num_workers=0)
+    settings = RasaSettings(steps=2, epochs=1, lr=0.01, batch_size=32, resolution=32, held_out_images=16, num_workers=0)
     import franca_hf.training.rasa as rasa_module
 
     real_write = rasa_module.write_rasa_output
@@ -172,9 +175,34 @@ def test_cli_trains_directions_for_a_converted_model(tiny_folder, tmp_path, caps
     from franca_hf.cli import main
 
     out = tmp_path / "rasa"
-    assert main(["rasa", "--model", str(tiny_folder), "--data", "demo", "--steps", "1", "--epochs", "1",
-                 "--batch-size", "16", "--resolution", "28", "--held-out-images", "8", "--max-images", "32",
-                 "--num-workers", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "rasa",
+                "--model",
+                str(tiny_folder),
+                "--data",
+                "demo",
+                "--steps",
+                "1",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--resolution",
+                "28",
+                "--held-out-images",
+                "8",
+                "--max-images",
+                "32",
+                "--num-workers",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["probe_r2"]) == 2 and report["cosine_to_raw"][0] == 1.0
     # the converted model had 10 official steps; the new one is appended to its chain
