@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from franca_hf import FrancaModel
 from franca_hf.conversion.export import make_image_processor
@@ -34,30 +35,43 @@ from franca_hf.training.data import AugmentedImages, EpochBatchSampler, open_sou
 from franca_hf.training.knn import embed_source, knn_accuracy_by_dim
 from franca_hf.training.pretrain import backbone_config, build_networks, make_augmentation
 
-MODES = {
-    "slice": ["heads.mode=slice"],  # paper: level l sees the backbone prefix z[:m_l]
-    "shared": ["heads.mode=shared"],  # standard MRL: one head whose weights are sliced per level
-    "project": ["heads.mode=project"],  # official code: level l sees a learned projection of the full z
-    "single": ["heads.mode=slice", "heads.nesting_dims=[128]"],  # one un-nested head on the full CLS
-}
+
+def modes(width: int) -> dict[str, list[str]]:
+    """The compared head layouts as config overrides, for a backbone of width D = `width`."""
+    return {
+        "slice": ["heads.mode=slice"],  # paper: level l sees the backbone prefix z[:m_l]
+        "shared": ["heads.mode=shared"],  # standard MRL: one head whose weights are sliced per level
+        "project": ["heads.mode=project"],  # official code: level l sees a learned projection of the full z
+        "single": ["heads.mode=slice", f"heads.nesting_dims=[{width}]"],  # one un-nested head on the full CLS
+    }
+
+
 SCALES = {
     # steps, seeds, images in the k-NN memory bank, extra overrides
     "default": (600, 3, 2000, []),
     "smoke": (4, 1, 100, ["data.demo_num_images=200", "optim.warmup_steps=1"]),
+    # A ViT-S-width model, 4 runs at a time on one GPU with 3 augmentation workers each (16 cores); sized by estimate
+    # for about 15 minutes, never run (no GPU was lent to this project's sessions so far).
     "gpu": (
-        3000,
+        1500,
         3,
         5000,
         [
             "model.hidden_size=384",
             "model.num_attention_heads=6",
             "model.num_hidden_layers=6",
-            "optim.batch_size_per_device=256",
-            "data.num_workers=8",
+            "optim.batch_size_per_device=128",
+            "data.num_workers=3",
             "data.demo_num_images=20000",
+            "run.mixed_precision=bf16",
         ],
     ),
 }
+
+
+def scale_config(scale: str):
+    """The demo recipe with the scale's overrides (model size, batch, data)."""
+    return load_config("demo", SCALES[scale][3])
 
 
 def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) -> dict:
@@ -94,14 +108,39 @@ def head_parameters(overrides: list[str]) -> int:
     return sum(p.numel() for head in (student.dino_head, student.ibot_head) for p in head.parameters())
 
 
+class FirstGlobalCrop:
+    """The first global crop of the multi-crop augmentation: the supervised pilot's input."""
+
+    def __init__(self, augment):
+        self.augment = augment
+
+    def __call__(self, image):
+        return self.augment(image)["global_crops"][0]
+
+
+class LabelledCrops(Dataset):
+    """`(crop, label)` of an `AugmentedImages` set, keyed by `(index, epoch)` as `EpochBatchSampler` yields them."""
+
+    def __init__(self, images: AugmentedImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.images[key][0], self.images.source.labels[key[0]]
+
+
 def supervised_pilot(overrides: list[str], steps: int, bank: int, threads: int) -> dict[str, dict]:
     """The same backbone and budget trained with labels (cross-entropy on a linear classifier over the CLS token),
     from the same initialisation: k-NN before and after, to show the scale can learn at all."""
     torch.set_num_threads(threads)
     config = load_config("demo", overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(config.run.seed)
     backbone = FrancaModel(backbone_config(config))
     classifier = torch.nn.Linear(backbone.config.hidden_size, 10)
+    backbone.to(device), classifier.to(device)
     source = open_source("demo", "train", demo_num_images=config.data.demo_num_images, seed=config.run.seed)
     processor = make_image_processor(config.crops.global_size, config.crops.global_size)
     knn_sources = [
@@ -115,9 +154,9 @@ def supervised_pilot(overrides: list[str], steps: int, bank: int, threads: int) 
         return {str(dim): value for dim, value in accuracy.items()}  # the keys of the runs' summary.json
 
     before = knn()
-    augment = make_augmentation(config)
-    images = AugmentedImages(source, lambda image: augment(image)["global_crops"][0], seed=config.run.seed)
+    images = AugmentedImages(source, FirstGlobalCrop(make_augmentation(config)), seed=config.run.seed)
     sampler = EpochBatchSampler(len(source), config.optim.batch_size_per_device, seed=config.run.seed)
+    loader = DataLoader(LabelledCrops(images), batch_sampler=sampler, num_workers=config.data.num_workers)
     parameters = list(backbone.parameters()) + list(classifier.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.04)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
@@ -125,9 +164,8 @@ def supervised_pilot(overrides: list[str], steps: int, bank: int, threads: int) 
     step = 0
     while step < steps:
         sampler.start(step // sampler.batches_per_epoch, 0)
-        for batch in sampler:
-            pixels = torch.stack([images[key][0] for key in batch])
-            labels = torch.tensor([source.labels[index] for index, _ in batch])
+        for pixels, labels in loader:
+            pixels, labels = pixels.to(device), labels.to(device)
             loss = F.cross_entropy(classifier(backbone(pixels).pooler_output), labels)
             loss.backward()
             optimizer.step()
@@ -156,6 +194,10 @@ def write_report(
     machine: str,
 ) -> None:
     dims = list(next(iter(results.values()))[0]["knn_final"])
+    config = scale_config(scale)
+    model, batch = backbone_config(config), config.optim.batch_size_per_device
+    width = model.hidden_size
+    backbone_parameters = sum(p.numel() for p in FrancaModel(model).parameters())
     lines = [
         "# Nested heads: dedicated vs shared vs learned projections",
         "",
@@ -177,12 +219,14 @@ def write_report(
         f"{parameters['project']:,} |",
         f"| single | one head on the full z, no nesting (DINOv2-style baseline) | {parameters['single']:,} |",
         "",
-        f"Scale `{scale}`: the demo recipe (`franca_hf/training/configs/demo.yaml`: ViT patch 8, D = 128, 4 blocks, "
-        f"32-px demo shapes, DINO + iBOT + KoLeo) for {steps} steps, {seeds} seed(s) per mode.",
+        f"Scale `{scale}`: the demo recipe (`franca_hf/training/configs/demo.yaml`) with a ViT of patch "
+        f"{model.patch_size}, D = {width}, {model.num_hidden_layers} blocks ({backbone_parameters / 1e6:.1f} M "
+        f"parameters), {config.crops.global_size}-px demo shapes ({config.data.demo_num_images} training images), "
+        f"batch {batch}, DINO + iBOT + KoLeo, for {steps} steps, {seeds} seed(s) per mode.",
         "",
         "## Pilot: does this scale learn?",
         "",
-        "| run | k-NN at init (dim 128) | k-NN after (dim 128) | gain |",
+        f"| run | k-NN at init (dim {width}) | k-NN after (dim {width}) | gain |",
         "|---|---|---|---|",
     ]
     gains = []
@@ -205,7 +249,6 @@ def write_report(
         "| mode | " + " | ".join(f"dim {d}" for d in dims) + " | s / step | images / s |",
         "|---|" + "---|" * (len(dims) + 2),
     ]
-    batch = load_config("demo").optim.batch_size_per_device
     stats = {}
     for mode, runs in results.items():
         cells = []
@@ -243,7 +286,8 @@ def write_report(
         "",
         "## Limits",
         "",
-        f"One small scale: a 0.8 M-parameter ViT, 32-px synthetic shapes with 10 classes, {steps} steps on CPU; "
+        f"One small scale: a {backbone_parameters / 1e6:.1f} M-parameter ViT, {config.crops.global_size}-px synthetic "
+        f"shapes with 10 classes, {steps} steps; "
         "the real question is about ViT-B/L/g on ImageNet-21K or LAION over 625K steps with 131K prototypes. "
         "The demo recipe itself departs from Franca's at this scale (see docs/pretraining.md). k-NN on "
         "10 balanced classes saturates near the top, which compresses differences at large dims.",
@@ -331,7 +375,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per run (default: the scale's)")
     parser.add_argument("--out", default="runs/ablation_heads", help="where the runs go")
     parser.add_argument("--docs", default="docs/ablation_heads.md", help="report to write ('' to skip)")
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--parallel", type=int, help="runs at a time (default: 2, or 4 at the gpu scale)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from <out>/ablation.json")
     args = parser.parse_args()
     if args.report_only:
@@ -347,23 +391,29 @@ def main() -> None:
     steps, seeds = args.steps or steps, args.seeds or seeds
     out = Path(args.out)
     common = [f"optim.total_steps={steps}", f"eval.knn_max_images={bank}", *extra]
+    args.parallel = args.parallel or (4 if args.scale == "gpu" else 2)
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
-    jobs = [(mode, seed) for seed in range(seeds) for mode in MODES]
+    compared = modes(scale_config(args.scale).model.hidden_size)
+    jobs = [(mode, seed) for seed in range(seeds) for mode in compared]
     started = time.time()
     with ThreadPoolExecutor(args.parallel) as pool:
         pilot_future = pool.submit(supervised_pilot, common, steps, bank, threads)
         futures = {
             job: pool.submit(
-                run_pretraining, f"{job[0]}_seed{job[1]}", [*common, *MODES[job[0]], f"run.seed={job[1]}"], out, threads
+                run_pretraining,
+                f"{job[0]}_seed{job[1]}",
+                [*common, *compared[job[0]], f"run.seed={job[1]}"],
+                out,
+                threads,
             )
             for job in jobs
         }
-        results = {mode: [futures[mode, seed].result() for seed in range(seeds)] for mode in MODES}
+        results = {mode: [futures[mode, seed].result() for seed in range(seeds)] for mode in compared}
         pilot = {
             "supervised (labels, same backbone and steps)": pilot_future.result(),
             "DINO (project heads, seed 0)": results["project"][0],
         }
-    parameters = {mode: head_parameters([*common, *overrides]) for mode, overrides in MODES.items()}
+    parameters = {mode: head_parameters([*common, *overrides]) for mode, overrides in compared.items()}
     command = " ".join(["python benchmarks/ablation_heads.py", *sys.argv[1:]])
     minutes = (time.time() - started) / 60
     machine = (

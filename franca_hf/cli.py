@@ -21,6 +21,9 @@ def _convert(args: argparse.Namespace) -> None:
     if args.release is not None:
         if args.rasa is not None:
             raise ValueError("--rasa is for local checkpoints; with --release use --with-rasa.")
+        fixed = [flag for flag, value in (("--preset", args.preset), ("--num-heads", args.num_heads)) if value]
+        if fixed:
+            raise ValueError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
         folder = convert_release(
             args.release,
             out_dir=args.out,
@@ -29,6 +32,7 @@ def _convert(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             base_url=args.base_url,
             cache=args.cache_dir,
+            verify=not args.no_verify,
         )
         print(f"converted {args.release} -> {folder}")
         _maybe_push(args, folder)
@@ -99,6 +103,12 @@ def _knn(args: argparse.Namespace) -> None:
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
     model, processor = load_model_and_processor(args.model, device=args.device)
+    width = model.config.hidden_size
+    # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
+    # not trained for them are a baseline for the Matryoshka ones
+    dims = args.dims or getattr(model.config, "matryoshka_dims", None) or [width]
+    if any(not 1 <= dim <= width for dim in dims):
+        raise ValueError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
     if args.crop_size:
         processor = make_image_processor(args.crop_size)
     splits = []
@@ -106,9 +116,7 @@ def _knn(args: argparse.Namespace) -> None:
         source = subsample(open_source(spec, split), args.max_images)
         splits.append(embed_source(model, source, processor, batch_size=args.batch_size, progress=True))
     (train_x, train_y), (test_x, test_y) = splits
-    accuracy = knn_accuracy_by_dim(
-        train_x, train_y, test_x, test_y, model.config.matryoshka_dims, args.k, args.temperature
-    )
+    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, args.k, args.temperature)
     print(f"k-NN (k={args.k}, T={args.temperature}) of {args.model}: {len(train_x)} train / {len(test_x)} test images")
     print(format_knn_table(accuracy))
 
@@ -265,12 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "rasa", add_help=False, help="learn RASA position directions on a frozen Franca or DINOv2 backbone"
     )
-    knn = commands.add_parser("knn", help="k-NN accuracy of a model's CLS features at every Matryoshka dim")
+    knn = commands.add_parser("knn", help="k-NN accuracy of any model's CLS features at every Matryoshka dim")
     knn.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
     knn.add_argument("--test", required=True, help="same syntax as --train")
     knn.add_argument("--train-split", default="train")
     knn.add_argument("--test-split", default="test")
+    knn.add_argument(
+        "--dims", type=int, nargs="+", help="CLS prefix widths to evaluate (default: the Matryoshka dims, else full)"
+    )
     knn.add_argument("--k", type=int, default=20)
     knn.add_argument("--temperature", type=float, default=0.07)
     knn.add_argument("--max-images", type=int, help="evaluate on at most this many images per split")

@@ -19,6 +19,8 @@ from .conversion.convert import resolve_model
 from .io import write_file_atomically
 
 logger = logging.getLogger(__name__)
+# What opening a damaged, truncated, unsupported or absurdly large (decompression bomb) image file raises.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
 
@@ -60,7 +62,7 @@ def read_images(paths: Sequence[Path], batch_size: int) -> Iterator[tuple[list[P
             with Image.open(path) as image:
                 batch_images.append(image.convert("RGB"))
             batch_paths.append(path)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except DECODE_ERRORS as error:
             logger.warning("Skipping unreadable image %s: %s", path, error)
             failures.append((str(path), f"{type(error).__name__}: {error}"))
         if len(batch_images) == batch_size:

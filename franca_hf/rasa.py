@@ -31,17 +31,18 @@ DIRECTIONS_FILE = "rasa_directions.safetensors"
 def patch_tokens(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Final-normed patch tokens (B, N, D) of a FrancaModel or a transformers DINOv2 model (with or without
     registers), before any RASA step, and the (rows, cols) patch grid."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model, FrancaModel) and model_type not in ("dinov2", "dinov2_with_registers"):
+        raise ValueError(
+            f"Unsupported backbone {type(model).__name__}: RASA works with FrancaModel, Dinov2Model and "
+            "Dinov2WithRegistersModel."
+        )
     patch = model.config.patch_size
     grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
     if isinstance(model, FrancaModel):
         return model(pixel_values).patch_embeddings, grid
-    if getattr(model.config, "model_type", None) in ("dinov2", "dinov2_with_registers"):
-        prefix = 1 + getattr(model.config, "num_register_tokens", 0)
-        return model(pixel_values=pixel_values).last_hidden_state[:, prefix:], grid
-    raise ValueError(
-        f"Unsupported backbone {type(model).__name__}: RASA works with FrancaModel, Dinov2Model and "
-        "Dinov2WithRegistersModel."
-    )
+    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+    return model(pixel_values=pixel_values).last_hidden_state[:, prefix:], grid
 
 
 class RasaDirections:

@@ -1,5 +1,6 @@
 """Shared fixtures: the official tiny reference (../shared/reference/tiny) and its converted HF folder."""
 
+import json
 import os
 from pathlib import Path
 
@@ -46,3 +47,25 @@ def tiny_config(**overrides):
     )
     values.update(overrides)
     return franca_hf.FrancaConfig(**values)
+
+
+PUBLISHABLE_FILES = {
+    "README.md",
+    "config.json",
+    "configuration_franca.py",
+    "model.safetensors",
+    "modeling_franca.py",
+    "preprocessor_config.json",
+}
+
+
+def assert_publishable_folder(folder: Path) -> None:
+    """What every folder franca_hf writes (converter, trainer, RASA) must hold to be pushed and used as is: weights,
+    image processor, a model card whose metadata parses, and the remote code that `auto_map` points to."""
+    from huggingface_hub import ModelCard
+
+    assert PUBLISHABLE_FILES <= {p.name for p in folder.iterdir()}, sorted(p.name for p in folder.iterdir())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_franca.FrancaModel"
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import struct
+import zlib
 
 import pytest
 import torch
@@ -17,10 +19,18 @@ from .conftest import EXAMPLE_IMAGES
 
 @pytest.fixture()
 def photos(tmp_path):
-    """The example photos plus one corrupt file that must be skipped."""
+    """The example photos plus two bad files that must be skipped: garbage, and a PNG whose header claims
+    20000 x 20000 pixels (PIL refuses it as a decompression bomb, an error that is not an OSError)."""
     folder = tmp_path / "photos"
     shutil.copytree(EXAMPLE_IMAGES, folder, ignore=shutil.ignore_patterns("*.md"))
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    size = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    png = chunk(b"IHDR", size) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + png)
     return folder
 
 
@@ -38,7 +48,7 @@ def test_extract_cli_writes_embeddings_paths_and_failures(tiny_folder, photos, t
         meta = handle.metadata()
     paths = json.loads(meta["paths"])
     assert [p.split("/")[-1] for p in paths] == ["astronaut.jpg", "chelsea_cat.jpg", "coffee.jpg", "rocket.jpg"]
-    assert [f[0].split("/")[-1] for f in json.loads(meta["failed"])] == ["broken.jpg"]
+    assert [f[0].split("/")[-1] for f in json.loads(meta["failed"])] == ["broken.jpg", "huge.png"]
     assert features.shape == (4, 32) and torch.allclose(features.norm(dim=-1), torch.ones(4))
     assert json.loads(meta["kind"]) == "cls" and json.loads(meta["dim"]) == 32
 
@@ -59,7 +69,7 @@ def test_dense_debiased_extraction(tiny_folder, photos):
     result = extract_features(
         model, processor, collect_image_paths([photos]), dense=True, debiased=True, dim=64, progress=False
     )
-    assert result.features.shape == (4, 64, 16, 16) and len(result.failed) == 1
+    assert result.features.shape == (4, 64, 16, 16) and len(result.failed) == 2
     with pytest.raises(ValueError, match="pass dense=True"):
         extract_features(model, processor, [photos / "coffee.jpg"], debiased=True)
 

@@ -218,15 +218,35 @@ def convert_state_dict(
     extra = sorted(set(converted) - expected_keys)
     problems = []
     if unknown:
-        problems.append(f"unknown keys: {sorted(unknown)}")
+        problems.append(f"unknown keys (module./backbone./teacher prefixes removed): {sorted(unknown)}")
     if extra:
         problems.append(f"keys this architecture does not have: {extra}")
     if missing:
-        problems.append(f"missing backbone keys: {missing}")
+        problems.append(
+            f"missing backbone keys (official name <- FrancaModel name): {_official_names(missing, state_dict)}"
+        )
     if problems:
         raise CheckpointError("The checkpoint does not match a Franca backbone; " + "; ".join(problems))
     report.converted = len(converted)
     return converted, report
+
+
+def _official_names(keys: list[str], state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """`"blocks.2.attn.proj.bias <- encoder.layer.2.attention.proj.bias"` for each FrancaModel key, in the block
+    layout (flat, or `blocks.{chunk}.{i}`) of the checkpoint's other keys."""
+    top = {new: old for old, new in _TOP_RENAMES.items()}
+    block = {new: old for old, new in _BLOCK_RENAMES.items()}
+    chunks = {int(m.group(2)): m.group(1) for k in state_dict if (m := _BLOCK_KEY.match(k))}
+    named = []
+    for key in keys:
+        layer = re.match(r"^encoder\.layer\.(\d+)\.(.+)$", key)
+        if layer and layer.group(2) in block:
+            index = int(layer.group(1))
+            chunk = f"{chunks[index]}." if chunks.get(index) is not None else ""
+            named.append(f"blocks.{chunk}{index}.{block[layer.group(2)]} <- {key}")
+        else:
+            named.append(f"{top.get(key, '?')} <- {key}")
+    return named
 
 
 def load_rasa_weights(path_or_state_dict: str | Path | dict, hidden_size: int | None = None) -> torch.Tensor:

@@ -146,6 +146,10 @@ def convert_checkpoint(
     values = infer_config_values(original, num_heads=num_heads, preset=preset)
     rasa_weights = load_rasa_weights(rasa, values["hidden_size"]) if rasa is not None else None
     source = dict(provenance or {})
+    if "release" not in source and Path(checkpoint).stem in RELEASES:
+        # an official file downloaded by hand: its card gets the release's name, data and license
+        release = RELEASES[Path(checkpoint).stem]
+        source.update(release=release.stem, tag=release.tag, dataset=release.dataset)
     source.update(file=Path(checkpoint).name, sha256=sha256_of(checkpoint), converter=f"franca_hf {__version__}")
     if rasa is not None:
         source.update(rasa_file=Path(rasa).name, rasa_sha256=sha256_of(rasa))
@@ -203,10 +207,12 @@ def convert_release(
     base_url: str | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Download (once) and convert (once) an official release; returns the HF folder.
 
-    Without `out_dir` the folder is kept in the cache (`<cache>/converted/<name>[_rasa]`) and reused by later calls.
+    Without `out_dir` the folder is kept in the cache (`<cache>/converted/<name>[_rasa]/<dtype>`) and reused by later
+    calls (`overwrite=True` converts it again).
     """
     release = get_release(name)
     target = (
@@ -214,7 +220,7 @@ def convert_release(
         if out_dir is not None
         else cache_dir(cache) / "converted" / (f"{name}_rasa" if with_rasa else name) / dtype
     )
-    if out_dir is None and (target / "config.json").is_file():
+    if out_dir is None and (target / "config.json").is_file() and not overwrite:
         return target
     checkpoint = fetch_release_file(name, base_url=base_url, cache=cache, progress=progress)
     rasa = fetch_release_file(name, rasa=True, base_url=base_url, cache=cache, progress=progress) if with_rasa else None
@@ -222,7 +228,9 @@ def convert_release(
         "_chunked.tar.gz.part_*" if release.chunked else ".pth"
     )
     provenance = {"release": name, "tag": release.tag, "dataset": release.dataset, "url": url}
-    convert_checkpoint(checkpoint, target, rasa=rasa, dtype=dtype, overwrite=overwrite, provenance=provenance)
+    convert_checkpoint(
+        checkpoint, target, rasa=rasa, dtype=dtype, overwrite=overwrite, provenance=provenance, verify=verify
+    )
     return target
 
 

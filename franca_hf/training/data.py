@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..features import collect_image_paths
+from ..features import DECODE_ERRORS, collect_image_paths
 
 logger = logging.getLogger(__name__)
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 MAX_CONSECUTIVE_FAILURES = 100
 
 
@@ -195,10 +194,11 @@ class StreamedAugmentedImages(IterableDataset):
     """Streaming training set over a `datasets.IterableDataset`, split by process (`split_dataset_by_node`) and by
     DataLoader worker (by `datasets` itself). Yields `(crops, skipped, seed)`.
 
-    Resumable: a DataLoader takes whole batches from its workers in turn, so after `start_batch` batches of
-    `batch_size` examples, worker w of W has delivered `ceil((start_batch - w) / W)` of them; each worker passes over
-    that many readable examples of its stream before yielding. Images are decoded here rather than by `datasets`, so
-    that one corrupt file is skipped instead of ending the stream. `next_epoch()` reshuffles for the next pass.
+    Pass `epoch` over the stream is shuffled with `seed` and `epoch` (`set_epoch`). Resumable: a DataLoader takes
+    whole batches from its workers in turn, so after `start_batch` batches of `batch_size` examples in the current
+    pass, worker w of W has delivered `ceil((start_batch - w) / W)` of them; each worker passes over that many
+    readable examples of its stream before yielding. Images are decoded here rather than by `datasets`, so that one
+    corrupt file is skipped instead of ending the stream. `start(epoch, batch)` sets where the next iteration begins.
     """
 
     def __init__(
@@ -210,6 +210,7 @@ class StreamedAugmentedImages(IterableDataset):
         world_size: int,
         seed: int,
         batch_size: int,
+        epoch: int = 0,
         start_batch: int = 0,
     ):
         from datasets import Image as ImageFeature
@@ -218,27 +219,28 @@ class StreamedAugmentedImages(IterableDataset):
         self.decoder = ImageFeature()
         self.stream = dataset.cast_column(self.column, ImageFeature(decode=False)).shuffle(seed=seed, buffer_size=1000)
         self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
-        self.batch_size, self.start_batch, self.epoch = batch_size, start_batch, 0
+        self.batch_size, self.epoch, self.start_batch = batch_size, epoch, start_batch
         self.skips = SkipCounter()
 
-    def next_epoch(self) -> None:
-        self.epoch, self.start_batch = self.epoch + 1, 0
+    def start(self, epoch: int, batch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch
 
     def __iter__(self) -> Iterator:
         from datasets.distributed import split_dataset_by_node
 
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        self.stream.set_epoch(self.epoch)
         stream = split_dataset_by_node(self.stream, rank=self.rank, world_size=self.world_size)
+        stream.set_epoch(self.epoch)  # after the split, which does not carry the epoch over
         to_skip = max(0, -(-(self.start_batch - worker_id) // workers)) * self.batch_size
         readable, skipped = 0, 0
         for row in stream:
             try:
                 image = self.decoder.decode_example(row[self.column]).convert("RGB")
             except DECODE_ERRORS as error:
-                self.skips.record(f"{row[self.column].get('path') or 'a streamed row'}", error)
-                skipped += 1
+                if readable >= to_skip:  # rows before that were counted by the run that trained on them
+                    self.skips.record(f"{row[self.column].get('path') or 'a streamed row'}", error)
+                    skipped += 1
                 continue
             readable += 1
             if readable <= to_skip:  # resuming: already trained on

@@ -123,6 +123,8 @@ class TrainState:
 
     step: int = 0
     batches_seen: int = 0  # micro-batches consumed by each process
+    stream_epoch: int = 0  # streamed data: the pass over the stream, and batches_seen when that pass began
+    stream_epoch_start: int = 0
     skipped_images: int = 0
     knn_at_init: dict | None = None
 
@@ -262,7 +264,8 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
             world,
             config.run.seed,
             batch_size,
-            start_batch=state.batches_seen,
+            epoch=state.stream_epoch,
+            start_batch=state.batches_seen - state.stream_epoch_start,
         )
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, **loader_args), None
     source = open_source(data.source, data.split, data.image_column, data.demo_num_images, config.run.seed)
@@ -282,9 +285,13 @@ def iterate_batches(loader: DataLoader, sampler: EpochBatchSampler | None, state
             produced = True
             yield batch
         if sampler is None:
-            if not produced:
-                raise RuntimeError("The streamed dataset produced no batch; it is empty or too small.")
-            loader.dataset.next_epoch()
+            if not produced and loader.dataset.start_batch == 0:  # (a resumed pass may have had nothing left)
+                raise RuntimeError(
+                    f"Pass {state.stream_epoch} over the streamed dataset produced no batch; "
+                    "it is empty or smaller than one batch per process."
+                )
+            state.stream_epoch, state.stream_epoch_start = state.stream_epoch + 1, state.batches_seen
+            loader.dataset.start(state.stream_epoch, 0)
 
 
 def find_latest_checkpoint(directory: Path) -> Path | None:
@@ -347,6 +354,7 @@ def export_teacher(
         save_model_folder(
             backbone, folder, overwrite=True, image_processor=processor, card_text=render_model_card(backbone.config)
         )
+        accelerator.print(f"step {state.step}: teacher exported to {folder}")
     accelerator.wait_for_everyone()
     return folder
 

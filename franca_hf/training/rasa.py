@@ -50,6 +50,9 @@ class RasaSettings:
     batch_size: int = 128
     resolution: int = 518
     crop_scale: tuple[float, float] = (0.25, 1.0)
+    jitter_probability: float = 0.8  # colour jitter (0.32, 0.32, 0.32, 0.08)
+    grayscale_probability: float = 0.2
+    blur_probability: float = 0.5  # Gaussian blur, kernel 9, sigma 0.1-2
     held_out_images: int = 64
     max_images: int | None = None
     orthogonal: bool = True  # False: the official steps (see fit_position_predictor)
@@ -61,6 +64,11 @@ class RasaSettings:
             raise ValueError("steps, epochs and batch_size must be >= 1.")
         if self.resolution % patch_size or self.resolution < 2 * patch_size:
             raise ValueError(f"resolution must be a multiple of the patch size ({patch_size}) covering >= 2 patches.")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
+        for name in ("jitter_probability", "grayscale_probability", "blur_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.held_out_images < 4:
             raise ValueError("held_out_images must be >= 4 (two halves for the position probe).")
 
@@ -87,9 +95,9 @@ def augmentation(settings: RasaSettings) -> v2.Compose:
                 interpolation=v2.InterpolationMode.BICUBIC,
                 antialias=True,
             ),
-            v2.RandomApply([v2.ColorJitter(0.32, 0.32, 0.32, 0.08)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomApply([v2.ColorJitter(0.32, 0.32, 0.32, 0.08)], p=settings.jitter_probability),
+            v2.RandomGrayscale(p=settings.grayscale_probability),
+            v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=settings.blur_probability),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
@@ -378,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=defaults.crop_scale)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=defaults.crop_scale, metavar=("LOW", "HIGH"))
+    parser.add_argument("--jitter-prob", type=float, default=defaults.jitter_probability, help="colour jitter")
+    parser.add_argument("--grayscale-prob", type=float, default=defaults.grayscale_probability)
+    parser.add_argument("--blur-prob", type=float, default=defaults.blur_probability)
     parser.add_argument("--held-out-images", type=int, default=defaults.held_out_images)
     parser.add_argument("--max-images", type=int, help="train on at most this many images")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
@@ -406,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         resolution=args.resolution,
         crop_scale=tuple(args.crop_scale),
+        jitter_probability=args.jitter_prob,
+        grayscale_probability=args.grayscale_prob,
+        blur_probability=args.blur_prob,
         held_out_images=args.held_out_images,
         max_images=args.max_images,
         orthogonal=not args.official_steps,

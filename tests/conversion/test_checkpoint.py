@@ -102,15 +102,21 @@ def test_missing_key_is_an_error_naming_it(tmp_path):
     checkpoint = _reference_teacher()
     del checkpoint["teacher"]["backbone.blocks.2.2.attn.proj.bias"]
     torch.save(checkpoint, tmp_path / "ckpt.pth")
-    with pytest.raises(CheckpointError, match=r"missing backbone keys: \['encoder.layer.2.attention.proj.bias'\]"):
+    with pytest.raises(CheckpointError) as error:
         convert_checkpoint(tmp_path / "ckpt.pth", tmp_path / "hf")
+    assert (
+        "missing backbone keys (official name <- FrancaModel name): "
+        "['blocks.2.2.attn.proj.bias <- encoder.layer.2.attention.proj.bias']"
+    ) in str(error.value)
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):
     checkpoint = _reference_teacher()
     checkpoint["teacher"]["backbone.extra_head.weight"] = torch.zeros(3)
     torch.save(checkpoint, tmp_path / "ckpt.pth")
-    with pytest.raises(CheckpointError, match=r"unknown keys: \['extra_head.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"unknown keys \(module\./backbone\./teacher prefixes removed\): \['extra_head.weight'\]"
+    ):
         convert_checkpoint(tmp_path / "ckpt.pth", tmp_path / "hf")
 
 

@@ -95,13 +95,23 @@ def test_release_converts_once_then_comes_from_the_cache(server, tmp_path, refer
     assert again == folder and len(server.requests) == 2  # nothing downloaded or converted again
 
 
-def test_split_vit_g_archive_is_joined_and_unpacked(server, tmp_path):
+def test_split_vit_g_archive_is_joined_unpacked_and_converted(server, tmp_path, reference):
     path = fetch_release_file("franca_vitg14_Laion600M", base_url=server.url, cache=tmp_path, progress=False)
     assert path.read_bytes() == TEACHER_CHECKPOINT.read_bytes()
     assert sorted(p for p, _ in server.requests) == [
         f"/v1.0.0/franca_vitg14_Laion600M_chunked.tar.gz.part_{s}" for s in ("aa", "ab", "ac")
     ]
     assert sorted(p.name for p in path.parent.iterdir()) == ["franca_vitg14_Laion600M.pth"]  # parts cleaned up
+
+    folder = convert_release("franca_vitg14_Laion600M", base_url=server.url, cache=tmp_path, progress=False)
+    assert len(server.requests) == 3  # the unpacked file was reused
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(reference["98x98.pixel_values"])
+    assert (out.patch_embeddings - reference["98x98.patch"]).abs().max() <= 1e-5
+    source = model.config.source_checkpoint
+    assert source["release"] == "franca_vitg14_Laion600M" and source["url"].endswith("_chunked.tar.gz.part_*")
+    assert "laion/laion-coco" in (folder / "README.md").read_text()
 
 
 def test_download_resumes_a_partial_file(server, tmp_path):
@@ -165,3 +175,24 @@ def test_cli_convert_release_and_errors(server, tmp_path, capsys):
     ]
     assert main(command) == 0 and (out / "model.safetensors").is_file()
     assert main(command) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*command, "--preset", "vit_base", "--overwrite"]) == 2
+    assert "--preset: only for local checkpoints; a release fixes its architecture." in capsys.readouterr().err
+
+    # without --out the converted folder lives in the cache, is reused, and --overwrite converts it again
+    cached = command[:-2]
+    assert main(cached) == 0
+    folder = Path(capsys.readouterr().out.split(" -> ")[-1].strip())
+    (folder / "marker").write_text("from the first conversion")
+    assert main(cached) == 0 and (folder / "marker").exists()
+    assert main([*cached, "--overwrite", "--no-verify"]) == 0 and not (folder / "marker").exists()
+    assert AutoModel.from_pretrained(folder).config.source_checkpoint.get("parity") is None  # not verified
+
+
+def test_a_release_file_downloaded_by_hand_converts_as_that_release(tmp_path):
+    by_hand = tmp_path / "franca_vitl14_Laion600M.pth"
+    by_hand.write_bytes(TEACHER_CHECKPOINT.read_bytes())
+    assert main(["convert", str(by_hand), "--out", str(tmp_path / "out")]) == 0
+    source = AutoModel.from_pretrained(tmp_path / "out").config.source_checkpoint
+    assert source["release"] == "franca_vitl14_Laion600M" and source["dataset"] == "LAION-600M (LAION-COCO)"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "license: other" in card and "franca-research-only-rail-ams" in card

@@ -7,6 +7,8 @@ import sys
 import torch
 from transformers import AutoModel
 
+from ..conftest import assert_publishable_folder
+
 REMOTE_LOAD = r"""
 import sys, json, torch
 
@@ -35,6 +37,7 @@ torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls":
 
 
 def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path, reference):
+    assert_publishable_folder(tiny_folder)
     config = json.loads((tiny_folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoBackbone": "modeling_franca.FrancaBackbone",

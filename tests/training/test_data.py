@@ -1,5 +1,7 @@
 """Training data: sources, per-sample seeded augmentation, resumable sharded sampling, unreadable images."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -16,6 +18,7 @@ from franca_hf.training.data import (
     open_source,
     subsample,
 )
+from franca_hf.training.pretrain import TrainState, iterate_batches
 
 
 def _image(value: int) -> Image.Image:
@@ -118,3 +121,45 @@ def test_streamed_resume_with_dataloader_workers():
     full = batches(0)
     assert len(full) == 12 and sorted(v for b in full for v in b) == list(range(0, 240, 10))
     assert batches(4) == full[4:]  # 2 workers took turns: each passes over the 2 batches it had delivered
+
+
+def test_streamed_passes_reshuffle_and_resume_in_any_pass():
+    """Three passes over an 8-row stream (4 batches of 2 each), one row corrupt: every pass is a new order, and a
+    run resumed from the state saved after any batch (end of a pass included) continues with exactly the batches,
+    and the skipped-row counts, of the uninterrupted run."""
+    images = [_image(v) for v in range(0, 80, 10)] + [{"bytes": b"not an image", "path": "broken.png"}]
+    stream = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    stream = stream.to_iterable_dataset(num_shards=3)
+
+    def run(state: TrainState, num_batches: int) -> list[tuple[list, int]]:
+        dataset = StreamedAugmentedImages(
+            stream,
+            lambda im: im.getpixel((0, 0))[0],
+            None,
+            0,
+            1,
+            seed=0,
+            batch_size=2,
+            epoch=state.stream_epoch,
+            start_batch=state.batches_seen - state.stream_epoch_start,
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, drop_last=True)
+        batches = iterate_batches(loader, None, state)
+        seen = []
+        for _ in range(num_batches):
+            pixels, skipped, _ = next(batches)
+            seen.append((pixels.tolist(), int(skipped.sum())))
+            state.batches_seen += 1
+        return seen
+
+    full = run(TrainState(), 12)
+    passes = [[v for batch, _ in full[i : i + 4] for v in batch] for i in (0, 4, 8)]
+    assert all(sorted(p) == list(range(0, 80, 10)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 3  # reshuffled every pass
+    assert [sum(s for _, s in full[i : i + 4]) for i in (0, 4, 8)] == [1, 1, 1]  # the corrupt row, once per pass
+    for stop in (3, 4, 6, 8):
+        state = TrainState()
+        first = run(state, stop)
+        saved = TrainState()
+        saved.load_state_dict(json.loads(json.dumps(state.state_dict())))  # as a checkpoint stores it
+        assert first + run(saved, 12 - stop) == full, stop

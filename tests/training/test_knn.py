@@ -2,8 +2,13 @@
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
 
-from franca_hf.training.knn import format_knn_table, knn_accuracy_by_dim, knn_predict
+from franca_hf.cli import main
+from franca_hf.conversion.export import make_image_processor
+from franca_hf.training.data import open_source
+from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
 
 
 def test_weighted_vote_follows_the_nearest_neighbours():
@@ -26,3 +31,35 @@ def test_accuracy_per_dim_truncates_then_normalises():
     assert accuracy[2] == 100.0
     assert accuracy[16] < 90.0  # the noisy channels dilute the neighbourhoods
     assert "dim 2" in format_knn_table(accuracy) and "100.0" in format_knn_table(accuracy)
+
+
+def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
+    """`franca-hf knn` on a model that is not a FrancaModel: full width by default, any prefixes with --dims."""
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            shade = tuple(min(255, c + 5 * i) for c in colour)
+            Image.new("RGB", (40, 40), shade).save(tmp_path / "images" / label / f"{i}.png")
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, patch_size=8, image_size=32
+    )
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    make_image_processor(32).save_pretrained(tmp_path / "dinov2")
+    images = str(tmp_path / "images")
+
+    def knn(*extra: str) -> int:
+        argv = ["knn", "--model", str(tmp_path / "dinov2"), "--train", images, "--test", images, "--k", "3"]
+        return main([*argv, *extra, "--device", "cpu"])
+
+    assert knn() == 0
+    printed = capsys.readouterr().out
+    model = Dinov2Model.from_pretrained(tmp_path / "dinov2").eval()
+    features, labels = embed_source(model, open_source(images), make_image_processor(32))
+    expected = knn_accuracy_by_dim(features, labels, features, labels, dims=[32], k=3)
+    assert format_knn_table(expected) in printed and "dim 32 |" in printed
+
+    assert knn("--dims", "8", "32") == 0
+    assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out
+    assert knn("--dims", "64") == 2
+    assert "--dims must lie in 1..32 (the model's hidden size), got [64]" in capsys.readouterr().err

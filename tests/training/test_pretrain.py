@@ -20,6 +20,8 @@ from franca_hf.conversion.export import make_image_processor
 from franca_hf.training.config import list_configs, load_config
 from franca_hf.training.demo_data import load_demo_dataset
 
+from ..conftest import assert_publishable_folder
+
 TINY_CONFIG = """
 model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, patch_size: 4, drop_path_rate: 0.0}
 heads: {num_prototypes: 32, hidden_dim: 32, dino_bottleneck_dim: 16, ibot_bottleneck_dim: 16}
@@ -102,6 +104,35 @@ def test_two_processes_agree_with_one_process(tiny_recipe, tmp_path):
     assert summary["steps"] == 3
 
 
+def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
+    """The loop's optional paths together: 2 micro-batches per optimizer step, bf16 autocast, k-NN and HF export
+    every 2 steps."""
+    images = str(tiny_recipe.parent / "images")
+    result = _run(
+        _command(
+            tiny_recipe,
+            tmp_path,
+            "optim.total_steps=4",
+            "optim.gradient_accumulation_steps=2",
+            "run.mixed_precision=bf16",
+            f"eval.knn_train={images}",
+            f"eval.knn_test={images}",
+            "eval.knn_every=2",
+            "run.export_every=2",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    exports = [line for line in result.stdout.splitlines() if "teacher exported to" in line]
+    assert [line.split(":")[0] for line in exports] == ["step 2", "step 4"]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "knn_top1_dim_32" in m] == [0, 2, 4]
+    assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    state = json.loads((tmp_path / "checkpoints" / "step_00000004" / "train_state.json").read_text())
+    assert state["step"] == 4 and state["batches_seen"] == 8  # two micro-batches per optimizer step
+    teacher = AutoModel.from_pretrained(tmp_path / "teacher")
+    assert teacher.config.source_checkpoint["steps"] == 4
+
+
 def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
     steps = "optim.total_steps=30"
     reference = _run(_command(tiny_recipe, tmp_path / "uninterrupted", steps))
@@ -130,6 +161,7 @@ def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
     assert max(losses) == 30
     for step in range(25, 31):  # after the restart, the run continues exactly as if it had never stopped
         assert losses[step] == pytest.approx(expected[step], rel=1e-5)
+    assert_publishable_folder(output / "teacher")
     model = AutoModel.from_pretrained(output / "teacher")
     reference_model = AutoModel.from_pretrained(tmp_path / "uninterrupted" / "teacher")
     for name, tensor in reference_model.state_dict().items():
