@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard
 from franca_hf.cli import main
 from franca_hf.conversion.hub import push_to_hub
 
+from ..conftest import PUBLISHABLE_FILES
 from .fake_hub import FakeHub
 
 
@@ -29,14 +30,7 @@ def test_push_sends_every_file_with_a_parseable_model_card(hub, tiny_folder, tmp
     repo = hub.repos["valeo/franca-tiny"]
     assert repo["private"] is True
     uploaded = repo["revisions"]["main"]
-    assert sorted(uploaded) == [
-        "README.md",
-        "config.json",
-        "configuration_franca.py",
-        "model.safetensors",
-        "modeling_franca.py",
-        "preprocessor_config.json",
-    ]
+    assert set(uploaded) == PUBLISHABLE_FILES
     assert uploaded["model.safetensors"] == (folder / "model.safetensors").read_bytes()
     card = ModelCard(uploaded["README.md"].decode())
     meta = card.data.to_dict()
