@@ -218,7 +218,9 @@ def convert_state_dict(
     extra = sorted(set(converted) - expected_keys)
     problems = []
     if unknown:
-        problems.append(f"unknown keys (module./backbone./teacher prefixes removed): {sorted(unknown)}")
+        problems.append(
+            f"unknown keys (after unwrapping 'teacher'/'model'/'state_dict' and removing module./backbone. prefixes): {sorted(unknown)}"
+        )
     if extra:
         problems.append(f"keys this architecture does not have: {extra}")
     if missing:

@@ -27,8 +27,10 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         base_model: the Hub repo this model was derived from, if any.
     """
     source = dict(config.source_checkpoint or {})
-    official = "release" in source
-    name = source.get("release") or f"Franca ViT-{_SIZE_NAMES.get(config.hidden_size, config.hidden_size)}/14"
+    official = "release" in source  # official weights, or weights trained on from them (model.init_from)
+    derived = official and "trained_with" in source
+    generic = f"Franca ViT-{_SIZE_NAMES.get(config.hidden_size, config.hidden_size)}/14"
+    name = f"{generic}, trained on from {source['release']}" if derived else source.get("release") or generic
     dataset = source.get("dataset")
     data = ModelCardData(
         library_name="transformers",
@@ -114,8 +116,13 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         lines += [
             "## License",
             "",
-            f"The weights are released by valeo.ai under the Franca research-only RAIL license "
-            f"([LICENSE_MODEL]({OFFICIAL_LICENSE_LINK})): non-commercial research use only.",
+            (
+                "These weights were trained on from valeo.ai's release, which is"
+                if derived
+                else "The weights are released by valeo.ai"
+            )
+            + f" under the Franca research-only RAIL license ([LICENSE_MODEL]({OFFICIAL_LICENSE_LINK})): "
+            "non-commercial research use only.",
             "",
         ]
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]

@@ -8,7 +8,7 @@ that cannot be decoded is replaced by the next readable one, so every process ke
 
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,15 +190,21 @@ class AugmentedImages(Dataset):
         raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive images of {self.source.name} are unreadable.")
 
 
+def worker_index() -> int:
+    """The DataLoader worker running this code (0 in the main process)."""
+    worker = get_worker_info()
+    return worker.id if worker else 0
+
+
 class StreamedAugmentedImages(IterableDataset):
     """Streaming training set over a `datasets.IterableDataset`, split by process (`split_dataset_by_node`) and by
     DataLoader worker (by `datasets` itself). Yields `(crops, skipped, seed)`.
 
-    Pass `epoch` over the stream is shuffled with `seed` and `epoch` (`set_epoch`). Resumable: a DataLoader takes
-    whole batches from its workers in turn, so after `start_batch` batches of `batch_size` examples in the current
-    pass, worker w of W has delivered `ceil((start_batch - w) / W)` of them; each worker passes over that many
-    readable examples of its stream before yielding. Images are decoded here rather than by `datasets`, so that one
-    corrupt file is skipped instead of ending the stream. `start(epoch, batch)` sets where the next iteration begins.
+    Pass `epoch` over the stream is shuffled with `seed` and `epoch` (`set_epoch`). Resumable: each DataLoader worker
+    builds whole batches of `batch_size` examples from its own part of the stream, so a worker that has delivered n
+    batches of the current pass (`worker_batches[w]`) passes over n * batch_size readable examples before yielding
+    again. Images are decoded here rather than by `datasets`, so that one corrupt file is skipped instead of ending
+    the stream. `start(epoch, worker_batches)` sets where the next iteration begins.
     """
 
     def __init__(
@@ -211,7 +217,7 @@ class StreamedAugmentedImages(IterableDataset):
         seed: int,
         batch_size: int,
         epoch: int = 0,
-        start_batch: int = 0,
+        worker_batches: Sequence[int] = (),
     ):
         from datasets import Image as ImageFeature
 
@@ -219,20 +225,20 @@ class StreamedAugmentedImages(IterableDataset):
         self.decoder = ImageFeature()
         self.stream = dataset.cast_column(self.column, ImageFeature(decode=False)).shuffle(seed=seed, buffer_size=1000)
         self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
-        self.batch_size, self.epoch, self.start_batch = batch_size, epoch, start_batch
+        self.batch_size = batch_size
+        self.start(epoch, worker_batches)
         self.skips = SkipCounter()
 
-    def start(self, epoch: int, batch: int) -> None:
-        self.epoch, self.start_batch = epoch, batch
+    def start(self, epoch: int, worker_batches: Sequence[int] = ()) -> None:
+        self.epoch, self.worker_batches = epoch, list(worker_batches)
 
     def __iter__(self) -> Iterator:
         from datasets.distributed import split_dataset_by_node
 
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        worker = worker_index()
         stream = split_dataset_by_node(self.stream, rank=self.rank, world_size=self.world_size)
         stream.set_epoch(self.epoch)  # after the split, which does not carry the epoch over
-        to_skip = max(0, -(-(self.start_batch - worker_id) // workers)) * self.batch_size
+        to_skip = (self.worker_batches[worker] if worker < len(self.worker_batches) else 0) * self.batch_size
         readable, skipped = 0, 0
         for row in stream:
             try:
@@ -245,7 +251,7 @@ class StreamedAugmentedImages(IterableDataset):
             readable += 1
             if readable <= to_skip:  # resuming: already trained on
                 continue
-            seed = sample_seed(self.seed, self.epoch, self.rank, worker_id, readable)
+            seed = sample_seed(self.seed, self.epoch, self.rank, worker, readable)
             yield seeded(self.transform, image, seed), skipped, seed
             skipped = 0
 

@@ -23,7 +23,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from .data import (
     open_source,
     sample_seed,
     subsample,
+    worker_index,
 )
 from .heads import MatryoshkaHead
 from .knn import embed_source, format_knn_table, knn_accuracy_by_dim
@@ -123,8 +124,10 @@ class TrainState:
 
     step: int = 0
     batches_seen: int = 0  # micro-batches consumed by each process
-    stream_epoch: int = 0  # streamed data: the pass over the stream, and batches_seen when that pass began
-    stream_epoch_start: int = 0
+    # streamed data, this process: the pass over the stream and the batches each DataLoader worker delivered in it
+    stream_epoch: int = 0
+    stream_worker_batches: list[int] = field(default_factory=list)
+    stream_positions: list | None = None  # at a checkpoint: [stream_epoch, stream_worker_batches] of every process
     skipped_images: int = 0
     knn_at_init: dict | None = None
 
@@ -174,6 +177,11 @@ def build_networks(config: PretrainConfig) -> tuple[Student, Teacher]:
     """Student and teacher with identical initial weights (from `model.init_from` when given)."""
     if config.model.init_from:
         backbone = FrancaModel.from_pretrained(config.model.init_from, drop_path_rate=config.model.drop_path_rate)
+        if backbone.config.patch_size != config.model.patch_size:  # the crops and masks are sized by the config
+            raise ValueError(
+                f"model.init_from ({config.model.init_from}) has patch size {backbone.config.patch_size}, but "
+                f"model.patch_size is {config.model.patch_size}: set model.patch_size={backbone.config.patch_size}."
+            )
         resize_position_table(backbone, config.crops.global_size // backbone.config.patch_size)
         if backbone.rasa is not None:
             backbone.rasa.requires_grad_(False)  # post-training directions, not trained by this objective
@@ -241,6 +249,7 @@ class BatchCollator:
         rng = random.Random(sample_seed(*(seed for _, _, seed in samples)))
         batch = collate_masked_crops(samples, self.generator, rng, self.probability, self.ratio)
         batch["skipped_images"] = sum(skipped for _, skipped, _ in samples)
+        batch["worker"] = worker_index()  # (collated in the worker) what a streamed run's resume position counts
         return batch
 
 
@@ -256,16 +265,9 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
         if not data.source.startswith("hf:"):
             raise ValueError("data.streaming needs a Hugging Face dataset source ('hf:<name>').")
         stream = load_hf_dataset(data.source, data.split, streaming=True)
+        restore_stream_position(state, rank, world, max(1, data.num_workers))
         dataset = StreamedAugmentedImages(
-            stream,
-            transform,
-            data.image_column,
-            rank,
-            world,
-            config.run.seed,
-            batch_size,
-            epoch=state.stream_epoch,
-            start_batch=state.batches_seen - state.stream_epoch_start,
+            stream, transform, data.image_column, rank, world, config.run.seed, batch_size
         )
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, **loader_args), None
     source = open_source(data.source, data.split, data.image_column, data.demo_num_images, config.run.seed)
@@ -275,23 +277,48 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
     ), sampler
 
 
+def restore_stream_position(state: TrainState, rank: int, world_size: int, workers: int) -> None:
+    """This process's place in a streamed dataset, from the checkpoint's per-process positions (a fresh run: the
+    start of pass 0). Raises ValueError when the run was checkpointed with other process or worker counts."""
+    if state.stream_positions is not None:
+        if len(state.stream_positions) != world_size:
+            raise ValueError(
+                f"This streamed run was checkpointed by {len(state.stream_positions)} processes: resume it with "
+                f"{len(state.stream_positions)} (each process's position in its part of the stream is saved)."
+            )
+        state.stream_epoch, state.stream_worker_batches = state.stream_positions[rank]
+    if not state.stream_worker_batches:
+        state.stream_worker_batches = [0] * workers
+    elif len(state.stream_worker_batches) != workers:
+        saved = len(state.stream_worker_batches)
+        raise ValueError(
+            f"This streamed run was checkpointed with {saved} DataLoader worker(s) per process: resume it with "
+            f"data.num_workers={saved} (each worker's position in its part of the stream is saved)."
+        )
+
+
 def iterate_batches(loader: DataLoader, sampler: EpochBatchSampler | None, state: TrainState):
-    """Endless batches, resuming at `state.batches_seen`, a newly shuffled epoch each pass."""
+    """Endless batches, resuming at `state.batches_seen` (map-style data) or at `state`'s stream position, a newly
+    shuffled epoch each pass."""
     while True:
         if sampler is not None:
             sampler.start(*divmod(state.batches_seen, sampler.batches_per_epoch))
+        else:
+            loader.dataset.start(state.stream_epoch, state.stream_worker_batches)
         produced = False
         for batch in loader:
             produced = True
+            if sampler is None:
+                state.stream_worker_batches[batch["worker"]] += 1
             yield batch
         if sampler is None:
-            if not produced and loader.dataset.start_batch == 0:  # (a resumed pass may have had nothing left)
+            if not produced and not any(loader.dataset.worker_batches):  # (a resumed pass may have had nothing left)
                 raise RuntimeError(
-                    f"Pass {state.stream_epoch} over the streamed dataset produced no batch; "
-                    "it is empty or smaller than one batch per process."
+                    f"Pass {state.stream_epoch} over the streamed dataset produced no batch: it is empty, or smaller "
+                    "than one batch per DataLoader worker (data.num_workers) per process."
                 )
-            state.stream_epoch, state.stream_epoch_start = state.stream_epoch + 1, state.batches_seen
-            loader.dataset.start(state.stream_epoch, 0)
+            state.stream_epoch += 1
+            state.stream_worker_batches = [0] * len(state.stream_worker_batches)
 
 
 def find_latest_checkpoint(directory: Path) -> Path | None:
@@ -308,6 +335,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, directory: Path
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    # every process's own place in a streamed dataset (save_state keeps the main process's TrainState only)
+    state.stream_positions = gather_object([[state.stream_epoch, list(state.stream_worker_batches)]])
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -343,11 +372,15 @@ def export_teacher(
     backbone = teacher_backbone_copy(accelerator, teacher)
     folder = Path(config.run.output_dir) / "teacher"
     if backbone is not None:
+        # weights trained on from an official release keep its name, data and license (see the model card)
+        base = backbone.config.source_checkpoint or {}
         backbone.config.source_checkpoint = {
             "trained_with": "franca_hf pretrain",
             "recipe": config_name,
             "steps": state.step,
             "heads": config.heads.mode,
+            **({"init_from": str(config.model.init_from)} if config.model.init_from else {}),
+            **{key: base[key] for key in ("release", "tag", "dataset") if key in base},
         }
         crop = config.crops.global_size
         processor = make_image_processor(crop, crop if crop < 64 else None)

@@ -17,8 +17,9 @@ from franca_hf.training.data import (
     load_hf_dataset,
     open_source,
     subsample,
+    worker_index,
 )
-from franca_hf.training.pretrain import TrainState, iterate_batches
+from franca_hf.training.pretrain import TrainState, iterate_batches, restore_stream_position
 
 
 def _image(value: int) -> Image.Image:
@@ -101,65 +102,66 @@ def test_hugging_face_datasets_map_style_and_streamed(tmp_path):
 
     shards = [pixels_of(rank) for rank in range(2)]
     assert len(shards[0]) + len(shards[1]) == 8 and len(set(shards[0] + shards[1])) == 8  # each row once
-    assert pixels_of(0, start_batch=1) == shards[0][2:]  # resuming after one batch of 2
+    assert pixels_of(0, worker_batches=[1]) == shards[0][2:]  # resuming after one batch of 2
     with pytest.raises(ValueError, match="Column 'pixels' not found"):
         hf_source(datasets.load_from_disk(tmp_path / "saved"), "x", image_column="pixels")
 
 
-def test_streamed_resume_with_dataloader_workers():
-    rows = {"image": [_image(v) for v in range(0, 240, 10)]}
-    stream = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
-    stream = stream.to_iterable_dataset(num_shards=4)
-
-    def batches(start_batch: int) -> list[list]:
-        dataset = StreamedAugmentedImages(
-            stream, lambda im: im.getpixel((0, 0))[0], None, 0, 1, seed=0, batch_size=2, start_batch=start_batch
-        )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
-        return [batch[0].tolist() for batch in loader]
-
-    full = batches(0)
-    assert len(full) == 12 and sorted(v for b in full for v in b) == list(range(0, 240, 10))
-    assert batches(4) == full[4:]  # 2 workers took turns: each passes over the 2 batches it had delivered
-
-
-def test_streamed_passes_reshuffle_and_resume_in_any_pass():
-    """Three passes over an 8-row stream (4 batches of 2 each), one row corrupt: every pass is a new order, and a
-    run resumed from the state saved after any batch (end of a pass included) continues with exactly the batches,
-    and the skipped-row counts, of the uninterrupted run."""
-    images = [_image(v) for v in range(0, 80, 10)] + [{"bytes": b"not an image", "path": "broken.png"}]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_passes_reshuffle_and_resume_anywhere(workers):
+    """Three passes over a stream of 13 images and one corrupt row in 3 shards (with 2 DataLoader workers: one
+    worker's part runs out mid-pass). Every pass is a new order; a run resumed from the state a checkpoint saves
+    after any batch (end of a pass included) delivers the rest of the uninterrupted run's batches, with their
+    skipped-row counts, none repeated or lost. In the same order without workers; with workers the resumed
+    DataLoader asks worker 0 first, so only the order inside the resumed pass may differ."""
+    images = [_image(v) for v in range(0, 130, 10)] + [{"bytes": b"not an image", "path": "broken.png"}]
     stream = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
     stream = stream.to_iterable_dataset(num_shards=3)
 
-    def run(state: TrainState, num_batches: int) -> list[tuple[list, int]]:
-        dataset = StreamedAugmentedImages(
-            stream,
-            lambda im: im.getpixel((0, 0))[0],
-            None,
-            0,
-            1,
-            seed=0,
-            batch_size=2,
-            epoch=state.stream_epoch,
-            start_batch=state.batches_seen - state.stream_epoch_start,
+    def collate(samples):
+        pixels = tuple(pixel for pixel, _, _ in samples)
+        return {"pixels": pixels, "skipped": sum(s for _, s, _ in samples), "worker": worker_index()}
+
+    def run(state: TrainState, num_batches: int) -> list[tuple[int, tuple, int]]:
+        restore_stream_position(state, rank=0, world_size=1, workers=max(1, workers))
+        dataset = StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0))[0], None, 0, 1, seed=0, batch_size=2)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=2, drop_last=True, num_workers=workers, collate_fn=collate
         )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, drop_last=True)
         batches = iterate_batches(loader, None, state)
         seen = []
         for _ in range(num_batches):
-            pixels, skipped, _ = next(batches)
-            seen.append((pixels.tolist(), int(skipped.sum())))
+            batch = next(batches)
+            seen.append((state.stream_epoch, batch["pixels"], batch["skipped"]))
             state.batches_seen += 1
         return seen
 
-    full = run(TrainState(), 12)
-    passes = [[v for batch, _ in full[i : i + 4] for v in batch] for i in (0, 4, 8)]
-    assert all(sorted(p) == list(range(0, 80, 10)) for p in passes)
-    assert len({tuple(p) for p in passes}) == 3  # reshuffled every pass
-    assert [sum(s for _, s in full[i : i + 4]) for i in (0, 4, 8)] == [1, 1, 1]  # the corrupt row, once per pass
-    for stop in (3, 4, 6, 8):
+    full = run(TrainState(), 18)
+    passes = [sorted(v for epoch, batch, _ in full if epoch == e for v in batch) for e in range(3)]
+    assert all(len(p) == len(passes[0]) >= 10 for p in passes)  # the same images each pass (minus drop_last)
+    orders = [[v for epoch, batch, _ in full if epoch == e for v in batch] for e in range(3)]
+    assert len({tuple(order) for order in orders}) == 3  # reshuffled every pass
+    # the corrupt row is counted with the next image its worker yields (none when it ends a worker's part)
+    assert sum(s for _, _, s in full) >= 1
+    for stop in range(1, 18):
         state = TrainState()
         first = run(state, stop)
+        state.stream_positions = [[state.stream_epoch, list(state.stream_worker_batches)]]  # as save_checkpoint
         saved = TrainState()
-        saved.load_state_dict(json.loads(json.dumps(state.state_dict())))  # as a checkpoint stores it
-        assert first + run(saved, 12 - stop) == full, stop
+        saved.load_state_dict(json.loads(json.dumps(state.state_dict())))
+        resumed = first + run(saved, 18 - stop)
+        if workers == 0:
+            assert resumed == full, stop
+        else:
+            assert sorted(resumed) == sorted(full), stop
+            assert [epoch for epoch, _, _ in resumed] == [epoch for epoch, _, _ in full], stop
+
+
+def test_streamed_resume_needs_the_same_process_and_worker_counts():
+    state = TrainState(stream_positions=[[1, [2, 3]], [1, [4, 1]]])
+    with pytest.raises(ValueError, match="checkpointed by 2 processes: resume it with 2"):
+        restore_stream_position(state, rank=0, world_size=4, workers=2)
+    with pytest.raises(ValueError, match=r"checkpointed with 2 DataLoader worker\(s\) per process: resume it with "):
+        restore_stream_position(state, rank=1, world_size=2, workers=3)
+    restore_stream_position(state, rank=1, world_size=2, workers=2)
+    assert (state.stream_epoch, state.stream_worker_batches) == (1, [4, 1])  # this process's own position

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,78 @@ def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
     assert state["step"] == 4 and state["batches_seen"] == 8  # two micro-batches per optimizer step
     teacher = AutoModel.from_pretrained(tmp_path / "teacher")
     assert teacher.config.source_checkpoint["steps"] == 4
+
+
+def test_two_process_streamed_run_resumes_each_process_at_its_own_place(tiny_recipe, tmp_path):
+    """A streamed `datasets` source of 47 images split over 2 processes: 24 and 23 images, so passes of 3 and 2
+    batches of 8. At the step-3 checkpoint process 0 is at the end of its first pass and process 1 one batch into
+    its second; a run resumed there continues steps 4-5 exactly as the uninterrupted run did, because every process
+    gets back its own position (save_state alone keeps the main process's)."""
+    import datasets
+
+    paths = sorted(str(p) for p in (tiny_recipe.parent / "images").rglob("*.png") if p.name != "corrupt.png")[:47]
+    rows = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    rows.save_to_disk(tmp_path / "saved")
+    settings = [
+        f"data.source=hf:{tmp_path / 'saved'}",
+        "data.streaming=true",
+        "optim.total_steps=5",
+        "run.checkpoint_every=3",
+        "run.log_with=null",
+    ]
+    full = _run(_command(tiny_recipe, tmp_path / "full", *settings, processes=2))
+    assert full.returncode == 0, full.stderr[-3000:]
+    saved = json.loads((tmp_path / "full" / "checkpoints" / "step_00000003" / "train_state.json").read_text())
+    assert saved["stream_positions"] == [[0, [3]], [1, [1]]]
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    again = _run(_command(tiny_recipe, resumed, *settings, processes=2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout + again.stderr
+    expected, losses = _losses(tmp_path / "full"), _losses(resumed)
+    assert sorted(losses) == [4, 5]
+    for step in (4, 5):
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5), (step, losses, expected)
+
+
+def test_training_on_from_a_converted_release(tiny_recipe, tmp_path):
+    """`model.init_from` (the high-resolution stages): the official tiny reference, converted from a file named like
+    a release, trained on at another resolution. The position table is resized to the new grid, and the exported
+    teacher keeps the release's provenance and license on its model card."""
+    from franca_hf.conversion.convert import convert_checkpoint
+
+    from ..conftest import TEACHER_CHECKPOINT
+
+    shutil.copy(TEACHER_CHECKPOINT, tmp_path / "franca_vitb14_In21K.pth")
+    convert_checkpoint(tmp_path / "franca_vitb14_In21K.pth", tmp_path / "release")
+    mismatch = _run(_command(tiny_recipe, tmp_path / "bad", f"model.init_from={tmp_path / 'release'}"))
+    assert mismatch.returncode == 2
+    assert "has patch size 14, but model.patch_size is 4: set model.patch_size=14" in mismatch.stderr
+    result = _run(
+        _command(
+            tiny_recipe,
+            tmp_path / "run",
+            f"model.init_from={tmp_path / 'release'}",
+            "model.patch_size=14",
+            "crops.global_size=42",
+            "crops.local_size=14",
+            "optim.total_steps=2",
+            "run.log_with=null",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = AutoModel.from_pretrained(tmp_path / "release")
+    teacher = AutoModel.from_pretrained(tmp_path / "run" / "teacher")
+    assert start.config.position_grid_size != 3 and teacher.config.position_grid_size == 3  # 42 px / patch 14
+    assert teacher.embeddings.position_embeddings.shape[1] == 1 + 3 * 3
+    moved = (teacher.encoder.layer[0].norm1.weight - start.encoder.layer[0].norm1.weight).abs().max()
+    assert moved > 0  # trained on, not copied
+    source = teacher.config.source_checkpoint
+    assert source["release"] == "franca_vitb14_In21K" and source["init_from"] == str(tmp_path / "release")
+    card = (tmp_path / "run" / "teacher" / "README.md").read_text()
+    assert "trained on from franca_vitb14_In21K" in card and "license: other" in card
 
 
 def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):

@@ -37,6 +37,7 @@ def planted_tokens(images: int, generator: torch.Generator, planted: torch.Tenso
 def _rasa_on_planted_signal(orthogonal: bool) -> tuple[list[float], torch.Tensor]:
     """Three RASA steps on tokens with a planted position code; returns the held-out probe R² per chain length
     and how much of each planted direction the learned directions span."""
+    torch.manual_seed(0)  # the predictors' initialisation
     generator = torch.Generator().manual_seed(0)
     planted = torch.linalg.qr(torch.randn(WIDTH, 2, generator=generator))[0].T  # orthonormal (2, WIDTH)
     train = [planted_tokens(16, generator, planted) for _ in range(4)]
