@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.benchmark import Timer
 
 from franca_hf.training.augment import OFFICIAL_BLUR_PROBABILITIES, MultiCropAugmentation
 
@@ -92,7 +93,7 @@ def compare_outputs(official, ours: MultiCropAugmentation, images: list[bytes], 
 def device_rate(
     augmentation: MultiCropAugmentation, images: list[bytes], batch: int, device: torch.device, rounds: int
 ) -> tuple[float, bool]:
-    """Images/s of `finish_on_device` on `batch` images (global and local crops), median of `rounds` timings, and
+    """Images/s of `finish_on_device` on `batch` images (global and local crops), mean of `rounds` calls, and
     whether its crops on `device` are bit-identical to the same batch finished on CPU."""
     samples = [augmentation(decode(images[i % len(images)])) for i in range(batch)]
 
@@ -111,16 +112,8 @@ def device_rate(
         torch.equal(finished.cpu(), augmentation.finish_on_device(crops.cpu(), rows))
         for finished, (crops, rows) in zip(run(), groups, strict=True)
     )
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times), identical
+    seconds = Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads()).timeit(rounds).mean
+    return batch / seconds, identical
 
 
 def main() -> None:

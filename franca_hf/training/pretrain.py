@@ -8,7 +8,8 @@ One optimizer step, read top to bottom in `train()`:
 1. the schedules give this step's lr, weight decay, teacher momentum and temperature;
 2. the teacher (EMA, outside `accelerator.prepare`, no grad) turns its global crops into Sinkhorn targets;
 3. the student (backbone on every crop, heads and losses, all inside the prepared module so DDP/FSDP sync it)
-   returns the loss, which is checked for NaN/inf on every process, then back-propagated;
+   returns the loss, which is back-propagated; its parts stay on the device (`LossWindow`) and are averaged over
+   processes and checked for NaN/inf only at logging, k-NN, checkpoint and export steps (no host sync per step);
 4. gradients are clipped per sub-module, the optimizer steps, the teacher takes an EMA step (foreach ops);
 5. logging, k-NN, resumable checkpoints (`save_state` + step, RNG and data position) and HF exports of the teacher.
 """
