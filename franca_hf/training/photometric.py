@@ -36,6 +36,12 @@ FIELD = {name: index for index, name in enumerate(PHOTOMETRIC_FIELDS)}
 SOLARIZE_THRESHOLD = 128
 
 
+def _divide(x: torch.Tensor, value: float) -> torch.Tensor:
+    """x / value as a true division on every device: CUDA divides by a Python number by multiplying with its
+    reciprocal, which can differ in the last bit (the divisor here is a tensor on x's device, made without a copy)."""
+    return x / torch.full((), value, dtype=x.dtype, device=x.device)
+
+
 def _to(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     return indices.to(device, non_blocking=True)
 
@@ -54,7 +60,7 @@ def _blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) 
 def luma(rgb: torch.Tensor) -> torch.Tensor:
     """Pillow's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16, exact in float32. (N, 3, H, W) -> (N, 1, H, W)."""
     r, g, b = rgb.unbind(-3)
-    return ((19595 * r + 38470 * g + 7471 * b + 32768) / 65536).floor_().unsqueeze(-3)
+    return _divide(19595 * r + 38470 * g + 7471 * b + 32768, 65536).floor_().unsqueeze(-3)
 
 
 def adjust_brightness(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -64,7 +70,7 @@ def adjust_brightness(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def adjust_contrast(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the image's mean luma, rounded to an integer as `ImageEnhance.Contrast` does (in float64)."""
     grey = luma(rgb).double()
-    mean = (grey.sum((-3, -2, -1), keepdim=True) / grey[0].numel() + 0.5).floor_()
+    mean = (_divide(grey.sum((-3, -2, -1), keepdim=True), grey[0].numel()) + 0.5).floor_()
     return _blend(mean.float(), rgb, factor)
 
 
@@ -87,7 +93,7 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
         bc - gc,
         torch.where(g == high, (2.0 + rc.double()) - bc.double(), (4.0 + gc.double()) - rc.double()).float(),
     )
-    hue = torch.fmod(hue.double() / 6.0 + 1.0, 1.0).float()
+    hue = torch.fmod(_divide(hue.double(), 6.0) + 1.0, 1.0).float()
     hue = torch.where(grey, 0.0, (hue.double() * 255.0).trunc_().clamp_(0, 255).float())
     saturation = torch.where(grey, 0.0, (saturation.double() * 255.0).trunc_().clamp_(0, 255).float())
     return torch.stack((hue, saturation, high), dim=-3)
@@ -100,10 +106,10 @@ _SECTOR_SOURCES = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """Pillow's HSV -> RGB, with its float and float64 steps. (N, 3, H, W) -> (N, 3, H, W)."""
     hue, saturation, value = hsv.unbind(-3)
-    position = hue.double() * 6.0 / 255.0
+    position = _divide(hue.double() * 6.0, 255.0)
     sector = position.floor()
     fraction = (position - sector).float()
-    scaled_saturation = (saturation.double() / 255.0).float()
+    scaled_saturation = _divide(saturation.double(), 255.0).float()
     v = value.double()
     # C's round() rounds halves away from zero, torch.round to even: none of the 2^24 inputs gives a half here
     p = (v * (1.0 - scaled_saturation.double())).round()
@@ -153,26 +159,30 @@ def jitter_and_grayscale(crops: torch.Tensor, parameters: torch.Tensor) -> torch
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(n,) sigmas -> (n, kernel_size) normalised 1-D Gaussian kernels, torchvision's GaussianBlur formula."""
+    """(n,) sigmas -> (n, kernel_size) normalised 1-D Gaussian kernels, torchvision's GaussianBlur formula (computed
+    on the CPU by the callers here, so that every device blurs with the same weights)."""
     half = (kernel_size - 1) * 0.5
     position = torch.linspace(-half, half, kernel_size, device=sigma.device)
     density = torch.exp(-0.5 * (position / sigma[:, None]).pow(2))
     return density / density.sum(-1, keepdim=True)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur of (n, C, H, W) float images, one sigma per image, with reflect padding (torchvision's
-    2-D convolution as two 1-D passes of shifted multiply-adds: 2k instead of k^2 operations per pixel)."""
-    half = kernel_size // 2
-    weights = gaussian_kernels(sigma, kernel_size).view(len(sigma), kernel_size, 1, 1, 1)
+def gaussian_blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (n, C, H, W) float images, one 1-D kernel per image ((n, k), `gaussian_kernels`),
+    with reflect padding: torchvision's 2-D convolution as two 1-D passes of shifted multiply-adds (2k instead of k^2
+    operations per value). Products and sums are separate operations, so no device fuses them into a differently
+    rounded multiply-add: every device computes the same values."""
+    size = kernels.shape[1]
+    half = size // 2
+    weights = kernels.view(*kernels.shape, 1, 1, 1)
     padded = F.pad(images, (half, half, half, half), mode="reflect")
     height, width = images.shape[-2:]
     rows = padded[..., :width] * weights[:, 0]
-    for i in range(1, kernel_size):
-        rows.addcmul_(padded[..., i : i + width], weights[:, i])
+    for i in range(1, size):
+        rows += padded[..., i : i + width] * weights[:, i]
     out = rows[..., :height, :] * weights[:, 0]
-    for i in range(1, kernel_size):
-        out.addcmul_(rows[..., i : i + height, :], weights[:, i])
+    for i in range(1, size):
+        out += rows[..., i : i + height, :] * weights[:, i]
     return out
 
 
@@ -189,8 +199,8 @@ def blur_solarize_normalize(
     indices = (parameters[:, FIELD["blur_sigma"]] > 0).nonzero().flatten()
     if len(indices):
         target = _to(indices, device)
-        sigma = _to(parameters[indices, FIELD["blur_sigma"]], device)
-        crops[target] = gaussian_blur(crops[target], sigma, kernel_size).round_()
+        kernels = _to(gaussian_kernels(parameters[indices, FIELD["blur_sigma"]], kernel_size), device)
+        crops[target] = gaussian_blur(crops[target], kernels).round_()
     indices = (parameters[:, FIELD["solarize"]] > 0).nonzero().flatten()
     if len(indices):
         target = _to(indices, device)
@@ -198,7 +208,7 @@ def blur_solarize_normalize(
         crops[target] = torch.where(selected >= SOLARIZE_THRESHOLD, 255 - selected, selected)
     mean = torch.as_tensor(mean, dtype=crops.dtype, device=device).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=crops.dtype, device=device).view(-1, 1, 1)
-    return crops.div_(255).sub_(mean).div_(std)
+    return _divide(crops, 255).sub_(mean).div_(std)
 
 
 def finish_on_device(
