@@ -23,7 +23,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
     INFERENCE=(--preset vit_small --batch 2 --rounds 1)
     SIZES=(56)
     AUGMENT=(--rounds 1 --per-round 2 --batch 4 --compare-seeds 2)
-    LIMIT=120
+    LIMITS=(120 120 120 120)  # seconds: sinkhorn, training, each inference size, augmentation
 elif [[ $# -eq 0 ]]; then
     DEVICE=cuda
     SINKHORN=(--batch 4096 --prototypes 131072 --repeats 5)
@@ -31,7 +31,7 @@ elif [[ $# -eq 0 ]]; then
     INFERENCE=(--preset vit_large --batch 64 --rounds 7)
     SIZES=(224 518)
     AUGMENT=(--rounds 5 --per-round 40 --batch 64)
-    LIMIT=240
+    LIMITS=(60 180 90 120)  # at most 9 minutes in all (typically a few)
 else
     echo "usage: benchmarks/gpu_check.sh [--smoke]" >&2
     exit 2
@@ -41,24 +41,24 @@ if [[ -n "${FRANCA_OFFICIAL_DIR:-}" ]]; then
     OFFICIAL=(--official "$FRANCA_OFFICIAL_DIR")
 fi
 
-# stage NAME COMMAND...: run one benchmark with a time limit, its results in $LOGS/NAME.json; a failure is reported
-# in the table instead of stopping the check
+# stage NAME SECONDS COMMAND...: run one benchmark with a time limit, its results in $LOGS/NAME.json; a failure is
+# reported in the table instead of stopping the check
 stage() {
-    local name=$1
-    shift
-    echo "running $name ..." >&2
-    if ! timeout "$LIMIT" "$PYTHON" "$@" --json "$LOGS/$name.json" >"$LOGS/$name.log" 2>&1; then
+    local name=$1 limit=$2
+    shift 2
+    echo "running $name (at most $limit s) ..." >&2
+    if ! timeout "$limit" "$PYTHON" "$@" --json "$LOGS/$name.json" >"$LOGS/$name.log" 2>&1; then
         echo "$name failed, see $LOGS/$name.log" >&2
     fi
 }
 
-stage sinkhorn benchmarks/sinkhorn.py --device "$DEVICE" --per-level "${SINKHORN[@]}"
-stage training benchmarks/training.py --device "$DEVICE" "${TRAINING[@]}"
+stage sinkhorn "${LIMITS[0]}" benchmarks/sinkhorn.py --device "$DEVICE" --per-level "${SINKHORN[@]}"
+stage training "${LIMITS[1]}" benchmarks/training.py --device "$DEVICE" "${TRAINING[@]}"
 for size in "${SIZES[@]}"; do
-    stage "inference_$size" benchmarks/inference.py --device "$DEVICE" --dtype bfloat16 --size "$size" \
-        --no-memory "${INFERENCE[@]}"
+    stage "inference_$size" "${LIMITS[2]}" benchmarks/inference.py --device "$DEVICE" --dtype bfloat16 \
+        --size "$size" --no-memory "${INFERENCE[@]}"
 done
-stage augment benchmarks/augment.py --device "$DEVICE" "${OFFICIAL[@]}" "${AUGMENT[@]}"
+stage augment "${LIMITS[3]}" benchmarks/augment.py --device "$DEVICE" ${OFFICIAL[@]+"${OFFICIAL[@]}"} "${AUGMENT[@]}"
 
 "$PYTHON" - "$LOGS" "$DEVICE" "${SIZES[@]}" <<'EOF'
 import json
