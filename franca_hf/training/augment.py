@@ -17,7 +17,7 @@ orders and factors, grayscale, blur sigmas and solarisation. The pixels are comp
 (docs/pretraining.md has the measured differences):
 
 * the image is converted to a uint8 tensor once, and each crop is resized by torch's uint8 bicubic antialiased
-  kernel instead of Pillow's (the same filter; at most 1 level apart, on under 1 % of values);
+  kernel instead of Pillow's (the same filter and pass order; at most 2 levels apart, on about 0.3 % of values);
 * the colour jitter and grayscale use torchvision's own PIL functions on the resized crop (identical);
 * the blur is separable (two 1-D passes of the same kernel) and the crops of an image are blurred, solarised and
   normalised together (`franca_hf.training.photometric`); rounding ties make a blurred value 1 level apart at times.
@@ -210,7 +210,7 @@ class MultiCropAugmentation:
 
         torch's uint8 kernel resizes rows first, then columns, each pass rounded to uint8, as Pillow does, except
         that Pillow resizes columns first when the height shrinks by more than twice as many pixels as the width
-        (`ImagingResampleInner`); such crops are resized transposed, so that both libraries round the same passes."""
+        (`ImagingResampleInner`, Pillow 13); such crops are resized transposed, so that both round the same passes."""
         top, left, height, width = parameters.box
         region = pixels[None, :, top : top + height, left : left + width]
         columns_first = 0 < height - size and height - size > 2 * (width - size)
