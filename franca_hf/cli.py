@@ -69,6 +69,7 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 def _extract(args: argparse.Namespace) -> None:
     from .features import (
         ExtractionSettings,
+        check_feature_flags,
         check_feature_request,
         extract_to_folder,
         feature_kind,
@@ -79,8 +80,9 @@ def _extract(args: argparse.Namespace) -> None:
 
     if str(args.out).endswith(".safetensors"):
         raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
-    _require_at_least(1, batch_size=args.batch_size, shard_size=args.shard_size)
-    _require_at_least(0, num_workers=args.num_workers)
+    _check_runtime_flags(args)
+    _require_at_least(1, shard_size=args.shard_size)
+    check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
     model, processor = load_model_and_processor(
         args.model, device=args.device, dtype=TORCH_DTYPES[args.dtype], int8=args.int8
@@ -112,7 +114,7 @@ def _extract(args: argparse.Namespace) -> None:
         resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
         print(
             f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {index.rows} images in "
-            f"{len(index.shards)} shards to {args.out}{resumed}"
+            f"{len(index.shards)} shard{'s' * (len(index.shards) != 1)} to {args.out}{resumed}"
         )
         if index.failed:
             print(
@@ -121,6 +123,12 @@ def _extract(args: argparse.Namespace) -> None:
             )
             for image_id, reason in index.failed[:20]:
                 print(f"  {image_id}: {reason}", file=sys.stderr)
+
+
+def _check_runtime_flags(args: argparse.Namespace) -> None:
+    """The flags of `_add_runtime_flags`."""
+    _require_at_least(1, batch_size=args.batch_size)
+    _require_at_least(0, num_workers=args.num_workers)
 
 
 def _require_at_least(minimum: int, **flags: int | None) -> None:
@@ -136,6 +144,7 @@ def _knn(args: argparse.Namespace) -> None:
     from .features import load_model_and_processor
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
+    _check_runtime_flags(args)
     model, processor = load_model_and_processor(args.model, device=args.device, int8=args.int8)
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
@@ -182,6 +191,7 @@ def _index(args: argparse.Namespace) -> None:
     from .features.store import INDEX_FILE
     from .retrieval import index_from_features, index_images
 
+    _check_runtime_flags(args)
     if len(args.images) == 1 and (Path(args.images[0]) / INDEX_FILE).is_file():
         index = index_from_features(args.images[0])
         how = f"from the features in {args.images[0]}"

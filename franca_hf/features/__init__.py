@@ -13,6 +13,7 @@ from ..data.sources import DECODE_ERRORS, IMAGE_SUFFIXES, collect_image_paths
 from .extract import (
     ExtractedFeatures,
     ExtractionResult,
+    check_feature_flags,
     check_feature_request,
     extract_features,
     extract_to_folder,
@@ -32,6 +33,7 @@ __all__ = [
     "ExtractionIndex",
     "ExtractionResult",
     "ExtractionSettings",
+    "check_feature_flags",
     "check_feature_request",
     "collect_image_paths",
     "default_num_workers",

@@ -75,10 +75,15 @@ def open_inputs(
     return files_source(collect_image_paths(inputs), ", ".join(inputs))
 
 
-def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
-    """Errors (naming the CLI flags) for a request the model cannot serve, before any image is read."""
+def check_feature_flags(dense: bool, debiased: bool) -> None:
+    """The errors (naming the CLI flags) that need no model: checked before one loads."""
     if debiased and not dense:
         raise ValueError("--debiased applies to dense patch features; pass --dense as well.")
+
+
+def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
+    """Errors (naming the CLI flags) for a request the model cannot serve, before any image is read."""
+    check_feature_flags(dense, debiased)
     if debiased and not getattr(model, "has_rasa", False):
         raise ValueError(
             "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
@@ -327,13 +332,15 @@ def load_model_and_processor(
     `int8` quantises the Linear layers dynamically (CPU only, see `quantize_int8`).
     """
     state = process_state(device)
-    with state.main_process_first():  # a release name is downloaded and converted once, by the first process
-        path = resolve_model(name_or_path)
     device = torch.device(device) if device else state.device
+    if int8 and dtype not in (None, torch.float32):
+        raise ValueError(f"--int8 quantises a float32 model; drop --dtype {str(dtype).removeprefix('torch.')}.")
     if int8 and device.type != "cpu":
         raise ValueError(
             f"--int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got --device {device}."
         )
+    with state.main_process_first():  # a release name is downloaded and converted once, by the first process
+        path = resolve_model(name_or_path)
     model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
     if int8:
         from .quantize import quantize_int8

@@ -5,6 +5,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import datasets
 import pytest
 from PIL import Image
 
@@ -39,3 +40,13 @@ def make_images(folder: Path, count: int, broken: int = 0, size: int = 24) -> li
     for i in range(broken):
         (folder / f"broken_{i}.png").write_bytes(b"not a png")
     return paths
+
+
+def extract_command(images, model, out, *extra: str) -> list[str]:
+    """`franca-hf extract` arguments, decoding in the calling process (the worker path has its own tests)."""
+    return ["extract", str(images), "--model", str(model), "--out", str(out), "--num-workers", "0", *extra]
+
+
+def load_rows(folder: Path) -> datasets.Dataset:
+    """An extraction folder opened the way users open it."""
+    return datasets.load_dataset(str(folder), split="train")
