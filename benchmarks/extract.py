@@ -17,9 +17,11 @@ every Matryoshka dim, fp32 vs int8, and the cosine between each image's int8 and
 Run (about 5 minutes on 2 CPU cores):
     python benchmarks/extract.py --images 32 --rounds 3
     python benchmarks/extract.py --quality runs/demo/teacher --max-images 2000
+    python benchmarks/extract.py --torchao --rounds 5     # why --int8 uses torch's quantisation (pip install torchao)
 """
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -118,9 +120,7 @@ def speed(args) -> None:
             processor = AutoImageProcessor.from_pretrained(args.model)
             name = args.model
         else:
-            torch.manual_seed(0)
-            config = FrancaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224)
-            model, processor, name = FrancaModel(config).eval(), make_image_processor(224), "random ViT-B/14, 224 px"
+            (model, name), processor = random_vit_b(), make_image_processor(224)
         models = {"fp32": model, "int8": quantize_int8(model)}
         paths = write_images(work / "images", args.images)
         settings = ExtractionSettings(
@@ -140,7 +140,8 @@ def speed(args) -> None:
         }
         print(
             f"{name}; {args.images} JPEGs of 640x480; batch {args.batch}; {workers} DataLoader workers; torch "
-            f"{torch.__version__} on {torch.get_num_threads()} threads, {psutil.cpu_count()} CPU cores",
+            f"{torch.__version__} on {torch.get_num_threads()} threads, {psutil.cpu_count()} CPU cores, load average "
+            f"{os.getloadavg()[0]:.1f}",
             flush=True,
         )
         for method in methods.values():  # warm-up on one batch: first-call costs (thread pools, kernels)
@@ -214,6 +215,42 @@ def quality(args) -> None:
         )
 
 
+def random_vit_b() -> tuple[FrancaModel, str]:
+    torch.manual_seed(0)
+    config = FrancaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224)
+    return FrancaModel(config).eval(), "random ViT-B/14, 224 px"
+
+
+def torchao_forward(args) -> None:
+    """Forward of the model alone: fp32 vs torch's dynamic int8 (what --int8 uses) vs torchao's int8 in eager mode."""
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model, name = random_vit_b()
+    torchao_model = copy.deepcopy(model)
+    quantize_(torchao_model, Int8DynamicActivationInt8WeightConfig())
+    variants = {"fp32": model, "torch quantize_dynamic int8": quantize_int8(model), "torchao int8": torchao_model}
+    pixels = torch.randn(args.batch, 3, 224, 224)
+    times = {label: [] for label in variants}
+    with torch.inference_mode():
+        reference = model.get_image_features(pixels)
+        cosine = {
+            label: F.cosine_similarity(v.get_image_features(pixels), reference).min() for label, v in variants.items()
+        }
+        for _ in range(args.rounds):
+            for label, variant in variants.items():
+                started = time.perf_counter()
+                variant.get_image_features(pixels)
+                times[label].append(time.perf_counter() - started)
+    print(f"{name}, batch {args.batch}, forward only, median over {args.rounds} interleaved rounds:")
+    print("| | images/s | speed vs fp32 | min cosine to fp32 |\n|---|---|---|---|")
+    for label in variants:
+        speedup = statistics.median(a / b for a, b in zip(times["fp32"], times[label], strict=True))
+        rate = args.batch / statistics.median(times[label])
+        print(f"| {label} | {rate:.2f} | {speedup:.2f}x | {cosine[label]:.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="an HF folder to time (default: a random ViT-B/14)")
@@ -223,8 +260,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality", metavar="TEACHER", help="instead: int8 vs fp32 k-NN and cosine of this model")
     parser.add_argument("--max-images", type=int, default=2000, help="with --quality: demo images per split")
+    parser.add_argument(
+        "--torchao",
+        action="store_true",
+        help="instead: model forward, torch dynamic int8 vs torchao int8 (needs torchao)",
+    )
     args = parser.parse_args()
-    quality(args) if args.quality else speed(args)
+    if args.torchao:
+        torchao_forward(args)
+    elif args.quality:
+        quality(args)
+    else:
+        speed(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """int8 inference on the CPU: dynamic quantisation of a model's Linear layers.
 
 Uses PyTorch's own `torch.ao.quantization.quantize_dynamic` (int8 weights, activations quantised per batch on the
-fly, fbgemm/x86 kernels). torchao's `Int8DynamicActivationInt8WeightConfig` was measured too (torchao 0.18, this
-torch, eager mode): 0.72x the fp32 speed of a ViT-B at batch 8 on 2 cores, while this path ran 1.5-2.4x faster;
-torchao's CPU speed needs `torch.compile`. See docs/extraction.md for the measurements.
+fly, fbgemm/x86 kernels). torchao's `Int8DynamicActivationInt8WeightConfig` is slower than fp32 on the CPU in eager
+mode with this torch (its speed-ups need `torch.compile`); see docs/extraction.md for the measurements.
 """
 
 import copy
