@@ -74,6 +74,7 @@ def _extract(args: argparse.Namespace) -> None:
         extract_to_folder,
         feature_kind,
         load_model_and_processor,
+        nested_dims,
         open_inputs,
         process_state,
     )
@@ -96,7 +97,7 @@ def _extract(args: argparse.Namespace) -> None:
         dim=args.dim or model.config.hidden_size,
         normalized=not args.no_normalize and not args.dense,
         dtype=args.features_dtype,
-        matryoshka_dims=list(getattr(model.config, "matryoshka_dims", None) or [model.config.hidden_size]),
+        matryoshka_dims=nested_dims(model),
         quantized="int8" if args.int8 else None,
     )
     result = extract_to_folder(

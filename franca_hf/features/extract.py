@@ -75,6 +75,11 @@ def open_inputs(
     return files_source(collect_image_paths(inputs), ", ".join(inputs))
 
 
+def nested_dims(model) -> list[int]:
+    """The CLS widths a model serves: its Matryoshka dims, or its full width alone (a model without them)."""
+    return list(getattr(model.config, "matryoshka_dims", None) or [model.config.hidden_size])
+
+
 def check_feature_flags(dense: bool, debiased: bool) -> None:
     """The errors (naming the CLI flags) that need no model: checked before one loads."""
     if debiased and not dense:
@@ -89,7 +94,7 @@ def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -
             "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
             "(`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
         )
-    allowed = getattr(model.config, "matryoshka_dims", None) or [model.config.hidden_size]
+    allowed = nested_dims(model)
     if dim is not None and dim not in allowed:
         raise ValueError(f"--dim {dim} is not one of this model's Matryoshka dims {allowed}.")
 
