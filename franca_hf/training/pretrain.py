@@ -78,7 +78,7 @@ class Teacher(FrancaNetworks):
         """Sinkhorn targets per level for a collated batch (`collate_masked_crops`): DINO (2B, K_l) in the teacher's
         crop order, iBOT (M, K_l) of the masked tokens."""
         out = self.backbone(batch["global_crops"])
-        masked_patches = out.patch_embeddings.flatten(0, 1)[batch["mask_indices"]]
+        masked_patches = out.patch_tokens.flatten(0, 1)[batch["mask_indices"]]
         # the heads in fp32: the targets divide their logits by a temperature as low as 0.04
         with torch.autocast(batch["global_crops"].device.type, enabled=False):
             dino = sinkhorn_knopp(self.dino_head(out.pooler_output.float()), temperature, iterations)
@@ -106,7 +106,7 @@ class Student(FrancaNetworks):
         dino = dino_loss(
             [x[:num_global] for x in dino_logits], [x[num_global:] for x in dino_logits], dino_targets, self.temperature
         )
-        masked_patches = global_out.patch_embeddings.flatten(0, 1)[batch["mask_indices"]]
+        masked_patches = global_out.patch_tokens.flatten(0, 1)[batch["mask_indices"]]
         ibot = ibot_loss(
             self.ibot_head(masked_patches), ibot_targets, batch["mask_weights"], num_global, self.temperature
         )
