@@ -1,7 +1,6 @@
-"""Shared fixtures: the official tiny reference (../shared/reference/tiny) and its converted HF folder."""
+"""Shared fixtures: the official tiny reference (tests/reference/tiny, see its README.md) and its converted HF folder."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,7 @@ from safetensors.torch import load_file
 import franca_hf  # noqa: F401  (registers the Auto classes)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("FRANCA_HF_SHARED_DIR", REPO_ROOT.parent / "shared"))
-REFERENCE_DIR = SHARED_DIR / "reference" / "tiny"
-if not (REFERENCE_DIR / "reference.safetensors").is_file():
-    raise RuntimeError(
-        f"The official reference outputs are missing from {REFERENCE_DIR}; the parity tests need them. "
-        "Run the tests from a checkout that has ../shared beside it, or set FRANCA_HF_SHARED_DIR."
-    )
+REFERENCE_DIR = REPO_ROOT / "tests" / "reference" / "tiny"
 TEACHER_CHECKPOINT = REFERENCE_DIR / "teacher_checkpoint.pth"
 RASA_CHECKPOINT = REFERENCE_DIR / "rasa_head.pth"
 EXAMPLE_IMAGES = REPO_ROOT / "examples" / "images"
