@@ -109,7 +109,7 @@ def extract_features(
             if dense:
                 features = model.get_dense_features(pixels, debiased=debiased, dim=dim)
             else:
-                features = model.get_image_features(pixels, dim=dim, normalize=normalize)
+                features = model.get_image_embeddings(pixels, dim=dim, normalize=normalize)
             outputs.append(features.float().cpu())
             kept.extend(str(p) for p in batch_paths)
     if not outputs:

@@ -53,8 +53,8 @@ def render_comparison(model, pixel_values: torch.Tensor) -> tuple[Image.Image, d
     out = model(pixel_values)
     rows, cols = (side // model.config.patch_size for side in pixel_values.shape[-2:])
     panels = {
-        "raw": out.patch_embeddings[0].float().cpu(),
-        "RASA-debiased": out.debiased_patch_embeddings[0].float().cpu(),
+        "raw": out.patch_tokens[0].float().cpu(),
+        "RASA-debiased": out.debiased_patch_tokens[0].float().cpu(),
     }
     r2 = {name: single_image_probe_r2(features, rows, cols) for name, features in panels.items()}
     margin, caption = 12, 40

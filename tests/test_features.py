@@ -59,7 +59,7 @@ def test_extract_cli_writes_embeddings_paths_and_failures(tiny_folder, photos, t
 
     images = [Image.open(p).convert("RGB") for p in paths]
     with torch.no_grad():
-        expected = model.get_image_features(processor(images, return_tensors="pt")["pixel_values"], dim=32)
+        expected = model.get_image_embeddings(processor(images, return_tensors="pt")["pixel_values"], dim=32)
     assert torch.allclose(features, expected, atol=1e-5)
 
 

@@ -113,7 +113,7 @@ def measure_parity(model: FrancaModel, original: dict, rasa_weights: torch.Tenso
     for pixels in _verification_inputs(model.config):
         expected = reference_forward(original, pixels, model.config, rasa_weights)
         out = model(pixels)
-        got = {"cls": out.pooler_output, "patch": out.patch_embeddings, "patch_rasa": out.debiased_patch_embeddings}
+        got = {"cls": out.pooler_output, "patch": out.patch_tokens, "patch_rasa": out.debiased_patch_tokens}
         for name, value in expected.items():
             errors[name] = max(errors.get(name, 0.0), (got[name] - value).abs().max().item())
     return errors
@@ -192,7 +192,7 @@ def _check_reload(folder: Path, model: FrancaModel) -> None:
     reloaded = FrancaModel.from_pretrained(folder, dtype=model.dtype).eval()
     pixels = _verification_inputs(model.config)[1].to(model.dtype)
     first, second = model(pixels), reloaded(pixels)
-    for name in ("last_hidden_state", "debiased_patch_embeddings"):
+    for name in ("last_hidden_state", "debiased_patch_tokens"):
         a, b = getattr(first, name), getattr(second, name)
         if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
             raise CheckpointError(f"The saved folder does not reproduce the converted model ({name} differs).")

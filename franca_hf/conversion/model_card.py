@@ -115,8 +115,8 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         "with torch.no_grad():",
         "    out = model(**inputs)",
         "cls = out.pooler_output                         # (1, D) final-normed CLS",
-        "patches = out.patch_embeddings                  # (1, 256, D) final-normed patch tokens",
-        f"small = model.get_image_features(**inputs, dim={config.matryoshka_dims[0]})  # Matryoshka prefix, L2-normalised",
+        "patches = out.patch_tokens                      # (1, 256, D) final-normed patch tokens",
+        f"small = model.get_image_embeddings(inputs['pixel_values'], dim={config.matryoshka_dims[0]})  # Matryoshka embedding, L2-normalised",
     ]
     if config.rasa_steps:
         lines.append("dense = model.get_dense_features(**inputs, debiased=True)  # (1, D, 16, 16) RASA-debiased")

@@ -9,7 +9,7 @@ to 0), then freezes it into the chain. After every step a fresh linear probe, fi
 and scored on the other half, gives the R² of position still linearly decodable; the mean cosine similarity between
 raw and debiased tokens shows how much else changed. Progress is saved after every step; a rerun resumes.
 
-Output: for a FrancaModel, an HF folder whose `debiased_patch_embeddings` use the whole chain; for DINOv2 models, a
+Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the whole chain; for DINOv2 models, a
 `rasa_directions.safetensors` file to use with `franca_hf.rasa.RasaDirections`.
 """
 

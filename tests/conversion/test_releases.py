@@ -87,7 +87,7 @@ def test_release_converts_once_then_comes_from_the_cache(server, tmp_path, refer
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model(reference["98x98.pixel_values"])
-    assert (out.debiased_patch_embeddings - reference["98x98.patch_rasa"]).abs().max() <= 1e-5
+    assert (out.debiased_patch_tokens - reference["98x98.patch_rasa"]).abs().max() <= 1e-5
     source = model.config.source_checkpoint
     assert source["release"] == "franca_vitb14_In21K" and source["sha256"] == sha256_of(TEACHER_CHECKPOINT)
     assert "franca-research-only-rail-ams" in (folder / "README.md").read_text()
@@ -108,7 +108,7 @@ def test_split_vit_g_archive_is_joined_unpacked_and_converted(server, tmp_path, 
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model(reference["98x98.pixel_values"])
-    assert (out.patch_embeddings - reference["98x98.patch"]).abs().max() <= 1e-5
+    assert (out.patch_tokens - reference["98x98.patch"]).abs().max() <= 1e-5
     source = model.config.source_checkpoint
     assert source["release"] == "franca_vitg14_Laion600M" and source["url"].endswith("_chunked.tar.gz.part_*")
     assert "laion/laion-coco" in (folder / "README.md").read_text()

@@ -79,3 +79,18 @@ def test_rasa_of_the_starting_folder_is_dropped_and_the_card_says_how_to_refit(b
     assert "held 10 RASA steps" in card and "they were dropped" in card
     assert "franca-hf rasa --model path/to/this/folder --data <images>" in card
     assert "| RASA | no (debiased features unavailable) |" in card
+
+
+@pytest.mark.parametrize("mode", ["subset", "sample"])
+def test_drop_path_mode_reaches_new_and_loaded_backbones(bf16_folder_with_rasa, tmp_path, mode):
+    """The official subset stochastic depth is every recipe's default; `model.drop_path_mode` selects either form."""
+    fresh = PretrainConfig()
+    fresh.model.hidden_size, fresh.model.num_hidden_layers, fresh.model.num_attention_heads = 32, 1, 2
+    fresh.heads.num_prototypes = fresh.heads.hidden_dim = 32
+    fresh.heads.dino_bottleneck_dim = fresh.heads.ibot_bottleneck_dim = 16
+    assert fresh.model.drop_path_mode == "subset"
+    for config in (fresh, _config(bf16_folder_with_rasa, tmp_path)):
+        config.model.drop_path_mode = mode
+        student, teacher = build_networks(config)
+        drop = student.backbone.encoder.layer[0].drop_path
+        assert (drop.mode, drop.drop_prob) == (mode, config.model.drop_path_rate) == (mode, 0.1)

@@ -98,7 +98,7 @@ def test_directions_round_trip_and_the_model_applies_the_official_chain(tmp_path
     with torch.no_grad():
         out = debiased(pixels)
     torch.testing.assert_close(
-        out.debiased_patch_embeddings, official_chain(out.patch_embeddings, weights), rtol=1e-5, atol=1e-5
+        out.debiased_patch_tokens, official_chain(out.patch_tokens, weights), rtol=1e-5, atol=1e-5
     )
     assert json.loads((tmp_path / "franca" / "rasa_report.json").read_text())["backbone"] == "FrancaModel"
 
