@@ -95,7 +95,7 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert "dim" in capsys.readouterr().err
 
 
-def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch, capsys):
+def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch, capsys, tiny_releases):
     from .conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
     from .conversion.test_releases import ReleaseServer
 
