@@ -250,7 +250,11 @@ def _visualize(args: argparse.Namespace) -> None:
     if args.size:
         processor = make_image_processor(args.size)
     r2 = visualize(model, processor, args.image, args.out)
-    print(f"wrote {args.out}; position-probe R²: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()))
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
+    print(
+        f"wrote {args.out}"
+        + (f"; position-probe R²: {scores}" if scores else " (no position-probe R²: grid too small)")
+    )
 
 
 def _releases(args: argparse.Namespace) -> None:
@@ -343,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     search.set_defaults(run=_search)
 
-    visualize = commands.add_parser("visualize", help="PCA maps of raw vs RASA-debiased patch features")
+    visualize = commands.add_parser(
+        "visualize", help="the image and PCA maps of its patch features (raw, and RASA-debiased when available)"
+    )
     visualize.add_argument("image", help="an image file")
-    visualize.add_argument("--model", required=True, help="a Franca folder, Hub id or release with RASA weights")
+    visualize.add_argument("--model", required=True, help="a Franca folder, Hub id or release")
     visualize.add_argument("--out", required=True, help="output PNG")
     visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
     visualize.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")

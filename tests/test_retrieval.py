@@ -235,7 +235,7 @@ def test_index_images_embeds_readable_files_and_skips_broken_ones(tmp_path, capl
 
     images = [Image.open(p).convert("RGB") for p in index.ids]
     with torch.no_grad():
-        expected = model.get_image_features(processor(images, return_tensors="pt")["pixel_values"])
+        expected = model.get_image_embeddings(processor(images, return_tensors="pt")["pixel_values"])
     torch.testing.assert_close(index.vectors, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Official Franca checkpoint (+ RASA head) -> verified Hugging Face folder."""
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .export import fill_model_folder
 from .model_card import render_model_card
 from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
 
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARITY_TOLERANCE = 1e-4
 
@@ -113,7 +115,7 @@ def measure_parity(model: FrancaModel, original: dict, rasa_weights: torch.Tenso
     for pixels in _verification_inputs(model.config):
         expected = reference_forward(original, pixels, model.config, rasa_weights)
         out = model(pixels)
-        got = {"cls": out.pooler_output, "patch": out.patch_embeddings, "patch_rasa": out.debiased_patch_embeddings}
+        got = {"cls": out.pooler_output, "patch": out.patch_tokens, "patch_rasa": out.debiased_patch_tokens}
         for name, value in expected.items():
             errors[name] = max(errors.get(name, 0.0), (got[name] - value).abs().max().item())
     return errors
@@ -146,10 +148,27 @@ def convert_checkpoint(
     values = infer_config_values(original, num_heads=num_heads, preset=preset)
     rasa_weights = load_rasa_weights(rasa, values["hidden_size"]) if rasa is not None else None
     source = dict(provenance or {})
-    if "release" not in source and Path(checkpoint).stem in RELEASES:
-        # an official file downloaded by hand: its card gets the release's name, data and license
+    if "release" in source:  # downloaded by convert_release: anything else than the release is a broken download
+        mismatches = RELEASES[source["release"]].architecture_mismatches(values)
+        if mismatches:
+            raise CheckpointError(
+                f"{checkpoint} does not hold {source['release']}: {', '.join(mismatches)}. Delete it and download "
+                "it again."
+            )
+    elif Path(checkpoint).stem in RELEASES:
+        # named like an official file: its card gets the release's name, data and licence only if the weights fit
         release = RELEASES[Path(checkpoint).stem]
-        source.update(release=release.stem, tag=release.tag, dataset=release.dataset)
+        mismatches = release.architecture_mismatches(values)
+        if mismatches:
+            logger.warning(
+                "%s is named like the official release %s, but its weights are not that architecture (%s): it is "
+                "converted as an ordinary checkpoint, without the release's name, data and licence.",
+                checkpoint,
+                release.stem,
+                ", ".join(mismatches),
+            )
+        else:
+            source.update(release=release.stem, tag=release.tag, dataset=release.dataset)
     source.update(file=Path(checkpoint).name, sha256=sha256_of(checkpoint), converter=f"franca_hf {__version__}")
     if rasa is not None:
         source.update(rasa_file=Path(rasa).name, rasa_sha256=sha256_of(rasa))
@@ -192,7 +211,7 @@ def _check_reload(folder: Path, model: FrancaModel) -> None:
     reloaded = FrancaModel.from_pretrained(folder, dtype=model.dtype).eval()
     pixels = _verification_inputs(model.config)[1].to(model.dtype)
     first, second = model(pixels), reloaded(pixels)
-    for name in ("last_hidden_state", "debiased_patch_embeddings"):
+    for name in ("last_hidden_state", "debiased_patch_tokens"):
         a, b = getattr(first, name), getattr(second, name)
         if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
             raise CheckpointError(f"The saved folder does not reproduce the converted model ({name} differs).")

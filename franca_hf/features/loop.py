@@ -49,18 +49,16 @@ def embed_batch(
 
     CLS: (B, dim) L2-normalised Matryoshka embedding (full width when `dim` is None). The full-width rows are the
     model's Matryoshka embedding, such that truncating one to m channels and renormalising gives its embedding at
-    m. A model without `get_image_features` (a transformers `Dinov2Model`, say) gives its normalised
-    `pooler_output`, cut to `dim`. Dense (`dense=True`): (B, dim, h, w) final-normed patch maps, RASA-debiased
+    m (`FrancaModel.get_image_embeddings`: cut in the model's basis, prefix or fitted PCA). Another transformers
+    model (a `Dinov2Model`, say) gives its `pooler_output` cut to `dim`, normalised. Dense (`dense=True`): (B, dim, h, w) final-normed patch maps, RASA-debiased
     with `debiased`.
     """
     if dense:
         return model.get_dense_features(pixel_values, debiased=debiased, dim=dim)
-    if not hasattr(model, "get_image_features"):
-        pooled = model(pixel_values).pooler_output[:, :dim]
-        return F.normalize(pooled, dim=-1) if normalize else pooled
-    features = model.get_image_features(pixel_values, dim=dim, normalize=normalize)
-    # a ModelOutput (transformers' convention: the embedding in `pooler_output`) or, today, the tensor itself
-    return features if isinstance(features, torch.Tensor) else features.pooler_output
+    if hasattr(model, "get_image_embeddings"):
+        return model.get_image_embeddings(pixel_values, dim=dim, normalize=normalize)
+    pooled = model(pixel_values).pooler_output[:, :dim]
+    return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
 class PreprocessedImages(Dataset):

@@ -9,7 +9,7 @@ to 0), then freezes it into the chain. After every step a fresh linear probe, fi
 and scored on the other half, gives the R² of position still linearly decodable; the mean cosine similarity between
 raw and debiased tokens shows how much else changed. Progress is saved after every step; a rerun resumes.
 
-Output: for a FrancaModel, an HF folder whose `debiased_patch_embeddings` use the whole chain; for DINOv2 models, a
+Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the whole chain; for DINOv2 models, a
 `rasa_directions.safetensors` file to use with `franca_hf.rasa.RasaDirections`.
 """
 
@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..conversion.export import save_model_folder
+from ..conversion.export import fill_model_folder
+from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 from ..rasa import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .augment import IMAGENET_MEAN, IMAGENET_STD
@@ -353,23 +354,27 @@ def train_rasa(
 
 
 def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir: Path, overwrite: bool) -> Path:
-    """A FrancaModel folder with the new chain as its RASA weights, or a directions file for other backbones."""
+    """The output folder, atomically: for a FrancaModel a complete HF folder with the new chain as its RASA weights,
+    for other backbones `rasa_directions.safetensors`; in both, `rasa_report.json` (probe R² and cosine per step)."""
     metadata = {
         "backbone": type(model).__name__,
         "name_or_path": getattr(model.config, "_name_or_path", ""),
         "report": asdict(report),
     }
-    if isinstance(model, FrancaModel):
-        config = FrancaConfig.from_dict({**model.config.to_dict(), "rasa_steps": weights.shape[0]})
-        debiased = FrancaModel(config)
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("rasa.")}
-        state["rasa.position_weights"] = weights
-        debiased.load_state_dict(state)
-        save_model_folder(debiased.eval(), out_dir, overwrite=overwrite)
-        (out_dir / "rasa_report.json").write_text(json.dumps(metadata, indent=2))
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return RasaDirections(weights, metadata).save(out_dir / DIRECTIONS_FILE)
+
+    def fill(folder: Path) -> None:
+        if isinstance(model, FrancaModel):
+            config = FrancaConfig.from_dict({**model.config.to_dict(), "rasa_steps": weights.shape[0]})
+            debiased = FrancaModel(config)
+            state = {k: v for k, v in model.state_dict().items() if not k.startswith("rasa.")}
+            state["rasa.position_weights"] = weights
+            debiased.load_state_dict(state)
+            fill_model_folder(folder, debiased.eval())
+        else:
+            RasaDirections(weights, metadata).save(folder / DIRECTIONS_FILE)
+        (folder / "rasa_report.json").write_text(json.dumps(metadata, indent=2))
+
+    return write_folder_atomically(out_dir, fill, overwrite=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -209,7 +209,7 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert "holds features made with other settings" in message and "--dim (dim): 16 vs 128" in message
 
 
-def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch):
+def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch, tiny_releases):
     from ..conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
     from ..conversion.test_releases import ReleaseServer
 

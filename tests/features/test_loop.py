@@ -26,7 +26,7 @@ def test_run_model_with_workers_matches_the_model_and_reports_unreadable_images_
         except DECODE_ERRORS:
             continue
         with torch.no_grad():
-            by_hand[position] = model.eval().get_image_features(processor(image, return_tensors="pt")["pixel_values"])
+            by_hand[position] = model.eval().get_image_embeddings(processor(image, return_tensors="pt")["pixel_values"])
     model.train()
 
     results = {}
@@ -64,7 +64,7 @@ def test_run_model_with_workers_matches_the_model_and_reports_unreadable_images_
 
 def test_embed_batch_rows_truncate_to_every_matryoshka_embedding(tiny_folder):
     """The contract an index relies on: a stored full-width row cut to m channels and renormalised is the model's
-    embedding at m; dense maps have the grid shape; a model without get_image_features gives its pooled CLS."""
+    embedding at m; dense maps have the grid shape; another transformers model gives its pooled CLS."""
     model = FrancaModel.from_pretrained(tiny_folder).eval()
     pixels = torch.randn(3, 3, 56, 56)
     with torch.no_grad():

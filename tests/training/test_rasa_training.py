@@ -98,7 +98,7 @@ def test_directions_round_trip_and_the_model_applies_the_official_chain(tmp_path
     with torch.no_grad():
         out = debiased(pixels)
     torch.testing.assert_close(
-        out.debiased_patch_embeddings, official_chain(out.patch_embeddings, weights), rtol=1e-5, atol=1e-5
+        out.debiased_patch_tokens, official_chain(out.patch_tokens, weights), rtol=1e-5, atol=1e-5
     )
     assert json.loads((tmp_path / "franca" / "rasa_report.json").read_text())["backbone"] == "FrancaModel"
 
@@ -137,6 +137,8 @@ def test_short_real_run_lowers_the_position_probe(kind, tmp_path):
     assert weights.shape == (8, 2, 64)
     assert report.probe_r2[0] > 0.9 and report.probe_r2[-1] < report.probe_r2[0] - 0.05
     assert report.cosine_to_raw[-1] > 0.3  # tokens keep most of what is not position
+    written = json.loads((tmp_path / kind / "rasa_report.json").read_text())["report"]  # for every backbone
+    assert written["probe_r2"] == report.probe_r2 and written["cosine_to_raw"] == report.cosine_to_raw
     if kind == "dinov2":
         directions = RasaDirections.load(tmp_path / kind)
         assert torch.equal(directions.weights, weights)
