@@ -396,7 +396,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
 
 
-DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.training.rasa"}
+DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.rasa.train"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
+from ..rasa.reference import official_rasa_chain
 from .checkpoint import (
     CheckpointError,
     ConversionReport,
@@ -46,7 +47,7 @@ def reference_forward(
 ) -> dict[str, torch.Tensor]:
     """Evaluate the ORIGINAL state dict directly (functional ops on the official key names), as an independent
     check of the key mapping. Returns `cls` (B, D), `patch` (B, N, D) and, with RASA weights, `patch_rasa`
-    computed with the official per-step Gram-Schmidt chain."""
+    computed with the official per-step chain."""
     dim, heads, patch = config.hidden_size, config.num_attention_heads, config.patch_size
     batch, _, height, width = pixel_values.shape
     x = F.conv2d(pixel_values, original["patch_embed.proj.weight"], original["patch_embed.proj.bias"], stride=patch)
@@ -87,13 +88,7 @@ def reference_forward(
     x = F.layer_norm(x, (dim,), original["norm.weight"], original["norm.bias"], eps)
     out = {"cls": x[:, 0], "patch": x[:, 1 + config.num_register_tokens :]}
     if rasa_weights is not None:
-        debiased = out["patch"]
-        for step in rasa_weights.float():
-            u_r = step[0] / step[0].norm()
-            u_c = step[1] - (step[1] @ u_r) * u_r
-            u_c = u_c / u_c.norm()
-            debiased = debiased - (debiased @ u_r)[..., None] * u_r - (debiased @ u_c)[..., None] * u_c
-        out["patch_rasa"] = debiased
+        out["patch_rasa"] = official_rasa_chain(out["patch"], rasa_weights)
     return out
 
 
