@@ -20,12 +20,11 @@ from .checkpoint import (
     load_rasa_weights,
     load_torch_file,
 )
-from .export import fill_model_folder
+from .export import WEIGHT_DTYPES, fill_model_folder
 from .model_card import render_model_card
 from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARITY_TOLERANCE = 1e-4
 
 
@@ -135,8 +134,8 @@ def convert_checkpoint(
     bit-exactly before it is moved into place. The folder appears atomically and is never overwritten silently.
     """
     out_dir = Path(out_dir)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))
@@ -187,7 +186,7 @@ def convert_checkpoint(
         if worst > PARITY_TOLERANCE:
             raise CheckpointError(f"Converted model differs from the original weights by {worst:.2e}: {parity}.")
         config.source_checkpoint["parity"] = parity
-    model = model.to(DTYPES[dtype])
+    model = model.to(WEIGHT_DTYPES[dtype])
     if model.rasa is not None:
         model.rasa.float()  # RASA directions stay fp32 (see FrancaPreTrainedModel._keep_in_fp32_modules_strict)
 
