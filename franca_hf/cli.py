@@ -6,12 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from .conversion.export import WEIGHT_DTYPES
 from .conversion.releases import RELEASES, DownloadError
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, DownloadError)
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -86,7 +84,7 @@ def _extract(args: argparse.Namespace) -> None:
     check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
     model, processor = load_model_and_processor(
-        args.model, device=args.device, dtype=TORCH_DTYPES[args.dtype], int8=args.int8
+        args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8
     )
     check_feature_request(model, args.dim, args.dense, args.debiased)
     settings = ExtractionSettings(
@@ -278,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", help="output folder (default for --release: the cache)")
     convert.add_argument("--preset", help="vit_small | vit_base | vit_large | vit_giant2 (sets the head count)")
     convert.add_argument("--num-heads", type=int, help="attention heads (default: hidden size / 64)")
-    convert.add_argument("--dtype", choices=list(TORCH_DTYPES), default="float32", help="dtype of the saved weights")
+    convert.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="dtype of the saved weights")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     convert.add_argument("--no-verify", action="store_true", help="skip the comparison with the original weights")
     convert.add_argument("--base-url", help="release mirror (default $FRANCA_HF_RELEASE_URL or GitHub)")
@@ -312,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--image-column", help="with hf:<dataset>: the image column (default: the first Image one)")
     extract.add_argument("--shard-size", type=int, help="rows per shard (default: up to 1024, at most 256 MiB)")
     _add_runtime_flags(extract, batch_size=32)
-    extract.add_argument("--dtype", choices=list(TORCH_DTYPES), default="float32", help="model dtype")
+    extract.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="model dtype")
     extract.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers (faster)")
     extract.set_defaults(run=_extract)
 
@@ -396,7 +394,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
 
 
-DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.training.rasa"}
+DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.rasa.train"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from .features import extract_features
 from .features.store import ExtractionIndex, read_shard
 from .io import write_file_atomically
-from .modeling import FrancaModel
-from .modeling.configuration_franca import default_matryoshka_dims
+from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +75,7 @@ class EmbeddingIndex:
         self.ids = [str(i) for i in range(size)] if ids is None else [str(i) for i in ids]
         if len(self.ids) != size:
             raise ValueError(f"Got {len(self.ids)} ids for {size} vectors; pass one id per row.")
-        self.dims = default_matryoshka_dims(width) if dims is None else [int(d) for d in dims]
-        if self.dims != sorted(set(self.dims)) or self.dims[0] <= 0 or self.dims[-1] != width:
-            raise ValueError(
-                f"dims must be strictly increasing positive integers ending at the vector width {width}; "
-                f"got {self.dims}."
-            )
+        self.dims = default_matryoshka_dims(width) if dims is None else check_nested_dims(dims, width, "dims")
         norms = torch.stack([self.vectors[:, :d].norm(dim=1) for d in self.dims], dim=1)
         bad = ~torch.isfinite(norms) | (norms == 0)
         if bad.any():

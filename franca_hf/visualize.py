@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .io import write_file_atomically
-from .training.rasa import grid_coordinates, linear_probe_r2
+from .rasa.probe import grid_coordinates, linear_probe_r2
 
 logger = logging.getLogger(__name__)
 PANEL_SIDE = 320

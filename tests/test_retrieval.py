@@ -204,7 +204,9 @@ def test_bad_index_inputs_raise_clear_errors():
         EmbeddingIndex(torch.ones(4, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="Got 3 ids for 10 vectors"):
         EmbeddingIndex(database, ids=["a", "b", "c"])
-    with pytest.raises(ValueError, match=r"ending at the vector width 128; got \[8, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"dims must be strictly increasing positive integers ending at 128, got \[8, 64\]"
+    ):
         EmbeddingIndex(database, dims=[8, 64])
     database[4, :8] = 0
     with pytest.raises(ValueError, match=r"Vector 4 \('e'\) has a zero or non-finite prefix of length 8"):

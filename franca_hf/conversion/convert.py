@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
+from ..rasa.reference import official_rasa_chain
 from .checkpoint import (
     CheckpointError,
     ConversionReport,
@@ -19,12 +20,11 @@ from .checkpoint import (
     load_rasa_weights,
     load_torch_file,
 )
-from .export import fill_model_folder
+from .export import WEIGHT_DTYPES, fill_model_folder
 from .model_card import render_model_card
 from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARITY_TOLERANCE = 1e-4
 
 
@@ -46,7 +46,7 @@ def reference_forward(
 ) -> dict[str, torch.Tensor]:
     """Evaluate the ORIGINAL state dict directly (functional ops on the official key names), as an independent
     check of the key mapping. Returns `cls` (B, D), `patch` (B, N, D) and, with RASA weights, `patch_rasa`
-    computed with the official per-step Gram-Schmidt chain."""
+    computed with the official per-step chain."""
     dim, heads, patch = config.hidden_size, config.num_attention_heads, config.patch_size
     batch, _, height, width = pixel_values.shape
     x = F.conv2d(pixel_values, original["patch_embed.proj.weight"], original["patch_embed.proj.bias"], stride=patch)
@@ -87,13 +87,7 @@ def reference_forward(
     x = F.layer_norm(x, (dim,), original["norm.weight"], original["norm.bias"], eps)
     out = {"cls": x[:, 0], "patch": x[:, 1 + config.num_register_tokens :]}
     if rasa_weights is not None:
-        debiased = out["patch"]
-        for step in rasa_weights.float():
-            u_r = step[0] / step[0].norm()
-            u_c = step[1] - (step[1] @ u_r) * u_r
-            u_c = u_c / u_c.norm()
-            debiased = debiased - (debiased @ u_r)[..., None] * u_r - (debiased @ u_c)[..., None] * u_c
-        out["patch_rasa"] = debiased
+        out["patch_rasa"] = official_rasa_chain(out["patch"], rasa_weights)
     return out
 
 
@@ -140,8 +134,8 @@ def convert_checkpoint(
     bit-exactly before it is moved into place. The folder appears atomically and is never overwritten silently.
     """
     out_dir = Path(out_dir)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))
@@ -192,7 +186,7 @@ def convert_checkpoint(
         if worst > PARITY_TOLERANCE:
             raise CheckpointError(f"Converted model differs from the original weights by {worst:.2e}: {parity}.")
         config.source_checkpoint["parity"] = parity
-    model = model.to(DTYPES[dtype])
+    model = model.to(WEIGHT_DTYPES[dtype])
     if model.rasa is not None:
         model.rasa.float()  # RASA directions stay fp32 (see FrancaPreTrainedModel._keep_in_fp32_modules_strict)
 

@@ -416,8 +416,7 @@ def export_teacher(
             **({"init_from": str(config.model.init_from)} if config.model.init_from else {}),
             **{key: base[key] for key in ("release", "tag", "dataset", "dropped_rasa_steps") if key in base},
         }
-        crop = config.crops.global_size
-        processor = make_image_processor(crop, crop if crop < 64 else None)
+        processor = make_image_processor(config.crops.global_size)
         save_model_folder(
             backbone, folder, overwrite=True, image_processor=processor, card_text=render_model_card(backbone.config)
         )
@@ -440,8 +439,7 @@ class KnnEvaluator:
             )
             for spec, split in ((settings.knn_train, "train"), (settings.knn_test, "test"))
         ]
-        crop = config.crops.global_size
-        self.processor = make_image_processor(crop, crop if crop < 64 else None)
+        self.processor = make_image_processor(config.crops.global_size)
 
     @torch.no_grad()
     def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float] | None:

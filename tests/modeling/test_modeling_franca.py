@@ -165,7 +165,7 @@ def test_bad_configs_raise_clear_errors():
         FrancaConfig(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="ffn_type must be one of"):
         FrancaConfig(ffn_type="moe")
-    with pytest.raises(ValueError, match="ending at hidden_size"):
+    with pytest.raises(ValueError, match=r"matryoshka_dims must be strictly increasing positive integers ending at 64"):
         FrancaConfig(hidden_size=64, num_attention_heads=2, matryoshka_dims=[8, 32])
     with pytest.raises(ValueError, match="Unknown preset"):
         FrancaConfig.from_preset("vit_huge")
@@ -339,3 +339,18 @@ def test_sample_drop_path_keeps_each_sample_independently():
     assert 0.47 < (per_sample > 0).float().mean() < 0.53  # Bernoulli(0.5): 4000 draws, 4 sigma
     with pytest.raises(ValueError, match="drop_path_mode must be one of"):
         tiny_config(drop_path_mode="batch")
+
+
+def test_one_default_nesting_for_model_heads_and_indexes():
+    """The model's Matryoshka dims, the heads' nesting and an index's dims are one list: the official integer
+    division [D // 16, D // 8, D // 4, D // 2, D], without zeros or repeats."""
+    from franca_hf.modeling import default_matryoshka_dims
+    from franca_hf.retrieval import EmbeddingIndex
+    from franca_hf.training.heads import MatryoshkaHead
+
+    assert default_matryoshka_dims(100) == [6, 12, 25, 50, 100]
+    assert default_matryoshka_dims(8) == [1, 2, 4, 8]
+    config = FrancaConfig(hidden_size=100, num_attention_heads=4)
+    head = MatryoshkaHead(100, num_prototypes=400, hidden_dim=16, bottleneck_dim=8)
+    index = EmbeddingIndex(torch.randn(3, 100))
+    assert config.matryoshka_dims == head.nesting_dims == index.dims == [6, 12, 25, 50, 100]

@@ -1,21 +1,12 @@
-"""RASA: stored directions are model weights, applied with the official chain formula, orthonormalised once."""
+"""RASA in the model: stored directions are model weights, applied as the official chain formula does."""
 
 import torch
 
 from franca_hf import FrancaModel
 from franca_hf.modeling import orthonormalize_rasa_weights, remove_position_directions
+from franca_hf.rasa import official_rasa_chain
 
 from ..conftest import tiny_config
-
-
-def official_chain(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """SPEC §3, step by step on the raw 2 x D weights."""
-    for w in weights:
-        u_r = w[0] / w[0].norm()
-        u_c = w[1] - (w[1] @ u_r) * u_r
-        u_c = u_c / u_c.norm()
-        tokens = tokens - (tokens @ u_r)[..., None] * u_r - (tokens @ u_c)[..., None] * u_c
-    return tokens
 
 
 def test_basis_is_orthonormal_per_step():
@@ -32,7 +23,7 @@ def test_model_debiasing_equals_the_official_chain_and_removes_the_directions():
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         out = model(pixels)
-    expected = official_chain(out.patch_tokens, weights)
+    expected = official_rasa_chain(out.patch_tokens, weights)
     assert torch.allclose(out.debiased_patch_tokens, expected, atol=1e-5)
     # the last step's directions are gone; CLS and last_hidden_state are untouched
     last = orthonormalize_rasa_weights(weights)[-1]

@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .io import write_file_atomically
-from .modeling import FrancaModel, orthonormalize_rasa_weights, remove_position_directions
+from ..io import write_file_atomically
+from ..modeling import FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 
 DIRECTIONS_FILE = "rasa_directions.safetensors"
 
