@@ -3,7 +3,8 @@
 Every method runs in ONE process, round-robin over `--rounds` rounds (these machines are noisy); a method's speed-up
 is the median over rounds of (full-D exact time / its time) in the same round. Recall@10 is measured against
 full-D exact search. Without `--embeddings` the data are SYNTHETIC (see `synthetic_embeddings`); with it, real
-embeddings are read from a safetensors file and `--queries` rows are held out of the database as queries.
+embeddings are read from a `franca-hf extract` folder or a safetensors file and `--queries` rows (at most a quarter)
+are held out of the database as queries.
 
 torch runs on `--threads` threads (default 1): on a CPU shared with other jobs, a second OpenMP thread that is not
 scheduled stalls every parallel op, which distorts the many small ops of a funnel far more than one big matmul.
@@ -24,7 +25,7 @@ from safetensors import safe_open
 
 from franca_hf.io import write_file_atomically
 from franca_hf.modeling.configuration_franca import default_matryoshka_dims
-from franca_hf.retrieval import EmbeddingIndex
+from franca_hf.retrieval import EmbeddingIndex, index_from_features
 
 K = 10
 DOCS_START, DOCS_END = "<!-- retrieval-benchmark:start -->", "<!-- retrieval-benchmark:end -->"
@@ -53,12 +54,24 @@ def synthetic_embeddings(
 
 
 def real_embeddings(path: str, key: str | None, queries: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 2-D tensor `key` of a safetensors file (its only 2-D tensor when None), `queries` random rows held out."""
-    with safe_open(path, framework="pt") as handle:
-        names = [key] if key else [n for n in handle.keys() if len(handle.get_slice(n).get_shape()) == 2]
-        if len(names) != 1:
-            raise SystemExit(f"{path}: pass --key, one of the 2-D tensors {names}.")
-        vectors = handle.get_tensor(names[0]).float()
+    """Real embeddings: the CLS rows of a `franca-hf extract` folder, or the 2-D tensor `key` of a safetensors file
+    (its only 2-D tensor when None). `queries` random rows are held out, at most a quarter of them (with a note)."""
+    if Path(path).is_dir():
+        vectors = index_from_features(path).vectors
+    else:
+        with safe_open(path, framework="pt") as handle:
+            names = [key] if key else [n for n in handle.keys() if len(handle.get_slice(n).get_shape()) == 2]
+            if len(names) != 1:
+                raise SystemExit(f"{path}: pass --key, one of the 2-D tensors {names}.")
+            vectors = handle.get_tensor(names[0]).float()
+    if vectors.shape[0] < 2 * K:
+        raise SystemExit(f"{path} holds {vectors.shape[0]} embeddings; the benchmark (top-{K}) needs at least {2 * K}.")
+    if queries > vectors.shape[0] // 4:
+        print(
+            f"note: {vectors.shape[0]} embeddings cannot spare {queries} queries; holding out "
+            f"{vectors.shape[0] // 4} (a quarter) as queries (--queries sets the number)."
+        )
+        queries = vectors.shape[0] // 4
     order = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))
     return vectors[order[queries:]], vectors[order[:queries]]
 
@@ -171,7 +184,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="query batch sizes to time")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--embeddings", help="safetensors file of real (N, D) embeddings instead of synthetic ones")
+    parser.add_argument(
+        "--embeddings",
+        help="real embeddings instead of synthetic ones: a `franca-hf extract` folder or a safetensors file",
+    )
     parser.add_argument("--key", help="tensor name in --embeddings (default: its only 2-D tensor)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see above)")

@@ -4,13 +4,12 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
-import torch
-
+from .conversion.export import WEIGHT_DTYPES
 from .conversion.releases import RELEASES, DownloadError
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, DownloadError)
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -66,43 +65,86 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from .features import collect_image_paths, extract_features, load_model_and_processor, save_features
+    from .features import (
+        ExtractionSettings,
+        check_feature_flags,
+        check_feature_request,
+        extract_to_folder,
+        feature_kind,
+        load_model_and_processor,
+        nested_dims,
+        open_inputs,
+        process_state,
+    )
 
-    model, processor = load_model_and_processor(args.model, device=args.device, dtype=TORCH_DTYPES[args.dtype])
-    paths = collect_image_paths(args.images)
-    result = extract_features(
+    if str(args.out).endswith(".safetensors"):
+        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
+    _check_runtime_flags(args)
+    _require_at_least(1, shard_size=args.shard_size)
+    check_feature_flags(args.dense, args.debiased)
+    source = open_inputs(args.images, split=args.split, image_column=args.image_column)
+    model, processor = load_model_and_processor(
+        args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8
+    )
+    check_feature_request(model, args.dim, args.dense, args.debiased)
+    settings = ExtractionSettings(
+        model=args.model,
+        sources=[str(item) for item in args.images],
+        split=args.split,
+        kind=feature_kind(args.dense, args.debiased),
+        dim=args.dim or model.config.hidden_size,
+        normalized=not args.no_normalize and not args.dense,
+        dtype=args.features_dtype,
+        matryoshka_dims=nested_dims(model),
+        quantized="int8" if args.int8 else None,
+    )
+    result = extract_to_folder(
         model,
         processor,
-        paths,
-        dim=args.dim,
-        dense=args.dense,
-        debiased=args.debiased,
-        normalize=not args.no_normalize,
-        batch_size=args.batch_size,
-    )
-    kind = ("dense_debiased" if args.debiased else "dense") if args.dense else "cls"
-    save_features(
-        result,
+        source,
         args.out,
-        metadata={
-            "model": args.model,
-            "dim": args.dim or model.config.hidden_size,
-            "kind": kind,
-            "normalized": not args.no_normalize and not args.dense,
-        },
+        settings,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        shard_rows=args.shard_size,
     )
-    print(f"wrote {tuple(result.features.shape)} {kind} features of {len(result.paths)} images to {args.out}")
-    for path, reason in result.failed:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if process_state().is_main_process:
+        index = result.index
+        resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
+        print(
+            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {index.rows} images in "
+            f"{len(index.shards)} shard{'s' * (len(index.shards) != 1)} to {args.out}{resumed}"
+        )
+        if index.failed:
+            print(
+                f"skipped {len(index.failed)} unreadable images (listed in {args.out}/extraction.json):",
+                file=sys.stderr,
+            )
+            for image_id, reason in index.failed[:20]:
+                print(f"  {image_id}: {reason}", file=sys.stderr)
+
+
+def _check_runtime_flags(args: argparse.Namespace) -> None:
+    """The flags of `_add_runtime_flags`."""
+    _require_at_least(1, batch_size=args.batch_size)
+    _require_at_least(0, num_workers=args.num_workers)
+
+
+def _require_at_least(minimum: int, **flags: int | None) -> None:
+    """An error naming the flag (`shard_size` -> --shard-size) of the first value given below `minimum`."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
 
 
 def _knn(args: argparse.Namespace) -> None:
     from .conversion.export import make_image_processor
+    from .data import open_source, subsample
     from .features import load_model_and_processor
-    from .training.data import open_source, subsample
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
-    model, processor = load_model_and_processor(args.model, device=args.device)
+    _check_runtime_flags(args)
+    model, processor = load_model_and_processor(args.model, device=args.device, int8=args.int8)
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
     # not trained for them are a baseline for the Matryoshka ones
@@ -114,10 +156,17 @@ def _knn(args: argparse.Namespace) -> None:
     splits = []
     for spec, split in ((args.train, args.train_split), (args.test, args.test_split)):
         source = subsample(open_source(spec, split), args.max_images)
-        splits.append(embed_source(model, source, processor, batch_size=args.batch_size, progress=True))
+        embedded = embed_source(
+            model, source, processor, batch_size=args.batch_size, progress=True, num_workers=args.num_workers
+        )
+        splits.append(embedded)
     (train_x, train_y), (test_x, test_y) = splits
     accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, args.k, args.temperature)
-    print(f"k-NN (k={args.k}, T={args.temperature}) of {args.model}: {len(train_x)} train / {len(test_x)} test images")
+    int8 = " (int8)" if args.int8 else ""
+    print(
+        f"k-NN (k={args.k}, T={args.temperature}) of {args.model}{int8}: "
+        f"{len(train_x)} train / {len(test_x)} test images"
+    )
     print(format_knn_table(accuracy))
 
 
@@ -138,34 +187,52 @@ def _push(args: argparse.Namespace) -> None:
 
 def _index(args: argparse.Namespace) -> None:
     from .features import load_model_and_processor
-    from .retrieval import index_images
+    from .features.store import INDEX_FILE
+    from .retrieval import index_from_features, index_images
 
-    model, processor = load_model_and_processor(args.model, device=args.device)
-    index = index_images(model, processor, args.images, batch_size=args.batch_size)
+    _check_runtime_flags(args)
+    if len(args.images) == 1 and (Path(args.images[0]) / INDEX_FILE).is_file():
+        index = index_from_features(args.images[0])
+        how = f"from the features in {args.images[0]}"
+    else:
+        if args.model is None:
+            raise ValueError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
+        model, processor = load_model_and_processor(args.model, device=args.device)
+        index = index_images(model, processor, args.images, batch_size=args.batch_size, num_workers=args.num_workers)
+        how = f"with {args.model}"
     index.save(args.out)
-    print(f"indexed {len(index)} images ({index.width} dims, nested {index.dims}) -> {args.out}")
+    print(f"indexed {len(index)} images ({index.width} dims, nested {index.dims}) {how} -> {args.out}")
 
 
 def _search(args: argparse.Namespace) -> None:
-    from .features import collect_image_paths, extract_features, load_model_and_processor
-    from .retrieval import EmbeddingIndex, default_funnel
+    from .features import extract_features, load_model_and_processor
+    from .retrieval import default_funnel, load_index
 
-    index = EmbeddingIndex.load(args.index)
+    _require_at_least(1, k=args.k)
+    index = load_index(args.index)
+    if args.dim is not None and args.dim not in index.dims:
+        raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
     model, processor = load_model_and_processor(args.model, device=args.device)
-    if model.config.hidden_size != index.width:
+    if model.config.hidden_size < index.width:
         raise ValueError(
-            f"The index holds {index.width}-dim embeddings; {args.model} makes "
+            f"The index holds {index.width}-dim embeddings; --model {args.model} makes "
             f"{model.config.hidden_size}-dim ones. Search with the model that built the index."
         )
-    queries = extract_features(model, processor, collect_image_paths(args.queries), progress=False)
+    k = min(args.k, len(index))
+    if k < args.k:
+        print(
+            f"note: the index holds {len(index)} images, fewer than --k {args.k}; showing all of them.", file=sys.stderr
+        )
+    queries = extract_features(model, processor, args.queries, dim=index.width, progress=False)
+    dim = args.dim or index.width
     if args.funnel:
-        stages = default_funnel(index.dims, args.k)
-        scores, indices = index.funnel_search(queries.features, k=args.k, stages=stages)
-        how = "funnel " + " > ".join(f"{dim}:{size}" for dim, size in stages)
+        stages = default_funnel([d for d in index.dims if d <= dim], k)
+        scores, indices = index.funnel_search(queries.features, k=k, stages=stages)
+        how = "funnel " + " > ".join(f"{d}:{size}" for d, size in stages)
     else:
-        scores, indices = index.search(queries.features, k=args.k, dim=args.dim)
-        how = f"prefix dim {args.dim or index.width}"
-    print(f"top-{args.k} of {len(index)} images ({how})")
+        scores, indices = index.search(queries.features, k=k, dim=dim)
+        how = f"prefix dim {dim}"
+    print(f"top-{k} of {len(index)} images ({how})")
     for query, row_scores, row_indices in zip(queries.paths, scores.tolist(), indices.tolist(), strict=True):
         print(query)
         for rank, (score, position) in enumerate(zip(row_scores, row_indices, strict=True), start=1):
@@ -181,7 +248,11 @@ def _visualize(args: argparse.Namespace) -> None:
     if args.size:
         processor = make_image_processor(args.size)
     r2 = visualize(model, processor, args.image, args.out)
-    print(f"wrote {args.out}; position-probe R²: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()))
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
+    print(
+        f"wrote {args.out}"
+        + (f"; position-probe R²: {scores}" if scores else " (no position-probe R²: grid too small)")
+    )
 
 
 def _releases(args: argparse.Namespace) -> None:
@@ -205,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", help="output folder (default for --release: the cache)")
     convert.add_argument("--preset", help="vit_small | vit_base | vit_large | vit_giant2 (sets the head count)")
     convert.add_argument("--num-heads", type=int, help="attention heads (default: hidden size / 64)")
-    convert.add_argument("--dtype", choices=list(TORCH_DTYPES), default="float32", help="dtype of the saved weights")
+    convert.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="dtype of the saved weights")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     convert.add_argument("--no-verify", action="store_true", help="skip the comparison with the original weights")
     convert.add_argument("--base-url", help="release mirror (default $FRANCA_HF_RELEASE_URL or GitHub)")
@@ -215,17 +286,32 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--endpoint", help="with --push-to-hub: Hub address (default $HF_ENDPOINT)")
     convert.set_defaults(run=_convert)
 
-    extract = commands.add_parser("extract", help="embed images into a safetensors file")
-    extract.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    extract = commands.add_parser(
+        "extract",
+        help="embed images into resumable Parquet shards (datasets.load_dataset opens the folder)",
+        description="Embed images into a folder of Parquet shards with an index of the images done; rerun the same "
+        "command to resume after an interruption. Several processes: "
+        "accelerate launch --multi_gpu --num_processes N -m franca_hf.cli extract ... (see docs/extraction.md).",
+    )
+    extract.add_argument("images", nargs="+", help="image files or folders (searched recursively), or one hf:<dataset>")
     extract.add_argument("--model", required=True, help="HF folder, Hub id, or release name (converted on first use)")
+    extract.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
     extract.add_argument("--dim", type=int, help="Matryoshka prefix length (default: full width)")
-    extract.add_argument("--dense", action="store_true", help="patch feature maps (n, d, h, w) instead of CLS")
+    extract.add_argument("--dense", action="store_true", help="patch feature maps (d, h, w) instead of CLS")
     extract.add_argument("--debiased", action="store_true", help="with --dense: remove RASA position directions")
     extract.add_argument("--no-normalize", action="store_true", help="keep CLS embeddings un-normalised")
-    extract.add_argument("--out", required=True, help="output .safetensors file")
-    extract.add_argument("--batch-size", type=int, default=32)
-    extract.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    extract.add_argument("--dtype", choices=list(TORCH_DTYPES), default="float32")
+    extract.add_argument(
+        "--features-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="stored float type (dense: float16 halves the size)",
+    )
+    extract.add_argument("--split", default="train", help="with hf:<dataset>: the split to read")
+    extract.add_argument("--image-column", help="with hf:<dataset>: the image column (default: the first Image one)")
+    extract.add_argument("--shard-size", type=int, help="rows per shard (default: up to 1024, at most 256 MiB)")
+    _add_runtime_flags(extract, batch_size=32)
+    extract.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="model dtype")
+    extract.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers (faster)")
     extract.set_defaults(run=_extract)
 
     push = commands.add_parser("push", help="upload a Franca folder (with a fresh model card) to the Hub")
@@ -238,27 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--endpoint", help="Hub address (default $HF_ENDPOINT or https://huggingface.co)")
     push.set_defaults(run=_push)
 
-    index = commands.add_parser("index", help="embed images into a Matryoshka retrieval index")
-    index.add_argument("images", nargs="+", help="image files or folders")
-    index.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
+    index = commands.add_parser("index", help="a Matryoshka retrieval index of images or of an extract folder")
+    index.add_argument("images", nargs="+", help="image files or folders, or one folder written by `franca-hf extract`")
+    index.add_argument("--model", help="HF folder, Hub id, or release name (not needed for an extract folder)")
     index.add_argument("--out", required=True, help="index file (.safetensors)")
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _add_runtime_flags(index, batch_size=32)
     index.set_defaults(run=_index)
 
     search = commands.add_parser("search", help="find the images of an index closest to query images")
     search.add_argument("queries", nargs="+", help="query image files or folders")
-    search.add_argument("--index", required=True, help="index file written by `franca-hf index`")
+    search.add_argument(
+        "--index", required=True, help="index file of `franca-hf index`, or a `franca-hf extract` folder"
+    )
     search.add_argument("--model", required=True, help="the model that built the index")
-    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--k", type=int, default=10, help="results per query (at most the index size)")
     search.add_argument("--dim", type=int, help="search on this Matryoshka prefix (default: full width)")
-    search.add_argument("--funnel", action="store_true", help="shortlist with a small prefix, rerank up to full width")
+    search.add_argument(
+        "--funnel", action="store_true", help="shortlist with a small prefix, rerank up to --dim (default: full width)"
+    )
     search.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     search.set_defaults(run=_search)
 
-    visualize = commands.add_parser("visualize", help="PCA maps of raw vs RASA-debiased patch features")
+    visualize = commands.add_parser(
+        "visualize", help="the image and PCA maps of its patch features (raw, and RASA-debiased when available)"
+    )
     visualize.add_argument("image", help="an image file")
-    visualize.add_argument("--model", required=True, help="a Franca folder, Hub id or release with RASA weights")
+    visualize.add_argument("--model", required=True, help="a Franca folder, Hub id or release")
     visualize.add_argument("--out", required=True, help="output PNG")
     visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
     visualize.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
@@ -286,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--temperature", type=float, default=0.07)
     knn.add_argument("--max-images", type=int, help="evaluate on at most this many images per split")
     knn.add_argument("--crop-size", type=int, help="override the model's preprocessing crop (resize + center crop)")
-    knn.add_argument("--batch-size", type=int, default=64)
-    knn.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _add_runtime_flags(knn, batch_size=64)
+    knn.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers")
     knn.set_defaults(run=_knn)
 
     releases = commands.add_parser("releases", help="list the official Franca releases")
@@ -295,7 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.training.rasa"}
+def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument(
+        "--num-workers", type=int, help="DataLoader workers decoding images (default: CPU cores - 1, at most 8)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
+
+
+DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.rasa.train"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ scans it in full, and a contiguous read is up to 4x faster there than a strided 
 """
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .features import collect_image_paths, extract_features
+from .features import extract_features
+from .features.store import ExtractionIndex, read_shard
 from .io import write_file_atomically
-from .modeling import FrancaModel
-from .modeling.configuration_franca import default_matryoshka_dims
+from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
+
+logger = logging.getLogger(__name__)
 
 FORMAT_KEY = "franca_hf.retrieval"
 FORMAT_VERSION = 1
@@ -72,12 +75,7 @@ class EmbeddingIndex:
         self.ids = [str(i) for i in range(size)] if ids is None else [str(i) for i in ids]
         if len(self.ids) != size:
             raise ValueError(f"Got {len(self.ids)} ids for {size} vectors; pass one id per row.")
-        self.dims = default_matryoshka_dims(width) if dims is None else [int(d) for d in dims]
-        if self.dims != sorted(set(self.dims)) or self.dims[0] <= 0 or self.dims[-1] != width:
-            raise ValueError(
-                f"dims must be strictly increasing positive integers ending at the vector width {width}; "
-                f"got {self.dims}."
-            )
+        self.dims = default_matryoshka_dims(width) if dims is None else check_nested_dims(dims, width, "dims")
         norms = torch.stack([self.vectors[:, :d].norm(dim=1) for d in self.dims], dim=1)
         bad = ~torch.isfinite(norms) | (norms == 0)
         if bad.any():
@@ -255,17 +253,57 @@ def index_images(
     paths: Sequence[str | os.PathLike],
     batch_size: int = 32,
     progress: bool = True,
+    num_workers: int | None = 0,
 ) -> EmbeddingIndex:
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
-    Stores the full-width CLS embeddings (`model.get_image_features`, unit norm) with the image paths as ids and
-    `model.config.matryoshka_dims` as allowed dims. Runs in batches on the model's device with a tqdm bar; unreadable
-    images are logged as warnings and skipped (see `franca_hf.features.extract_features`).
+    Stores the full-width Matryoshka CLS embeddings (`franca_hf.features.embed_batch`, unit norm) with the image
+    paths as ids and `model.config.matryoshka_dims` as allowed dims, in memory; for a large collection, extract to a
+    folder (resumable) and use `index_from_features`. Unreadable images are logged as warnings and skipped.
     """
     result = extract_features(
-        model, image_processor, collect_image_paths(list(paths)), batch_size=batch_size, progress=progress
+        model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
     return EmbeddingIndex(result.features, result.paths, model.config.matryoshka_dims)
 
 
-__all__ = ["EmbeddingIndex", "default_funnel", "index_images"]
+def index_from_features(folder: str | os.PathLike) -> EmbeddingIndex:
+    """An index of the CLS rows of a `franca-hf extract` folder, without embedding anything again.
+
+    Its dims are the extracting model's Matryoshka dims up to the stored width (`--dim`). An interrupted extraction
+    gives the rows committed so far, with a warning.
+    """
+    folder = Path(folder)
+    extraction = ExtractionIndex.load(folder).with_progress(folder)
+    settings = extraction.settings
+    if settings.kind != "cls":
+        raise ValueError(
+            f"{folder} holds {settings.kind} patch features; an index needs CLS embeddings (extract without --dense)."
+        )
+    if not extraction.rows:
+        raise ValueError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
+    if not extraction.complete:
+        logger.warning(
+            "%s is an interrupted extraction: indexing the %d images committed so far. Rerun the same "
+            "`franca-hf extract` command to finish it.",
+            folder,
+            extraction.rows,
+        )
+    vectors, ids, row = torch.empty(extraction.rows, settings.dim), [], 0
+    for shard in extraction.shards:
+        shard_ids, features = read_shard(folder / shard["file"])
+        vectors[row : row + len(shard_ids)] = features
+        ids.extend(shard_ids)
+        row += len(shard_ids)
+    return EmbeddingIndex(vectors, ids, [d for d in settings.matryoshka_dims if d <= settings.dim])
+
+
+def load_index(path: str | os.PathLike, device: str | torch.device = "cpu") -> EmbeddingIndex:
+    """An index file written by `EmbeddingIndex.save`, or the index of a `franca-hf extract` folder."""
+    if Path(path).is_dir():
+        index = index_from_features(path)
+        return index if str(device) == "cpu" else EmbeddingIndex(index.vectors.to(device), index.ids, index.dims)
+    return EmbeddingIndex.load(path, device)
+
+
+__all__ = ["EmbeddingIndex", "default_funnel", "index_from_features", "index_images", "load_index"]

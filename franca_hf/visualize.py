@@ -1,21 +1,26 @@
-"""`franca-hf visualize`: the 3-component PCA map of patch features, raw next to RASA-debiased.
+"""`franca-hf visualize`: the input image, then the 3-component PCA map of its patch features, raw and (for models
+with RASA weights) RASA-debiased.
 
-Each panel maps the first three principal components of one image's patch features to RGB. Under each panel: the
+Each map panel maps the first three principal components of one image's patch features to RGB. Under each panel: the
 R² of a linear position probe, i.e. how much absolute position the features still encode. With a single image the
 probe uses the 16 leading principal components, is fitted on a random half of the patches and scored on the other
-half (ridge-regularised), so it measures generalisation, not memorisation.
+half (ridge-regularised), so it measures generalisation, not memorisation. Below 8 x 8 patches there is too little
+to fit and score: no R² is reported, with a warning.
 """
 
+import logging
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from .io import write_file_atomically
-from .training.rasa import grid_coordinates, linear_probe_r2
+from .rasa.probe import grid_coordinates, linear_probe_r2
 
+logger = logging.getLogger(__name__)
 PANEL_SIDE = 320
 PROBE_COMPONENTS = 16
+MIN_PROBE_GRID = 8
 
 
 def pca_components(features: torch.Tensor, count: int) -> torch.Tensor:
@@ -42,36 +47,69 @@ def single_image_probe_r2(features: torch.Tensor, rows: int, cols: int, seed: in
     return linear_probe_r2(reduced[fit], coords[fit], reduced[score], coords[score])
 
 
+def probe_grid_problem(rows: int, cols: int, patch_size: int) -> str | None:
+    """Why a `rows` x `cols` patch grid is too small for a meaningful single-image probe, or None."""
+    if min(rows, cols) >= MIN_PROBE_GRID:
+        return None
+    side = MIN_PROBE_GRID * patch_size
+    return (
+        f"the patch grid is {rows}x{cols}; a position probe on one image needs at least {MIN_PROBE_GRID}x"
+        f"{MIN_PROBE_GRID} patches to mean anything (use images of at least {side}x{side} pixels, CLI: --size {side})"
+    )
+
+
 @torch.no_grad()
-def render_comparison(model, pixel_values: torch.Tensor) -> tuple[Image.Image, dict[str, float]]:
-    """Two PCA panels (raw, debiased) for one (1, 3, H, W) image and the probe R² of each."""
-    if not getattr(model, "has_rasa", False):
-        raise ValueError(
-            "The comparison needs RASA weights; this model has none (convert with --rasa, or train "
-            "them with `franca-hf rasa`)."
-        )
+def render_comparison(
+    model, pixel_values: torch.Tensor, image: Image.Image | None = None
+) -> tuple[Image.Image, dict[str, float | None]]:
+    """PCA panels of one (1, 3, H, W) image's patch features: raw, and RASA-debiased when the model has RASA
+    weights, after the input image itself when given. Returns the figure and the probe R² per feature panel (None
+    where the grid is too small to measure it, see `probe_grid_problem`)."""
     out = model(pixel_values)
     rows, cols = (side // model.config.patch_size for side in pixel_values.shape[-2:])
-    panels = {
-        "raw": out.patch_embeddings[0].float().cpu(),
-        "RASA-debiased": out.debiased_patch_embeddings[0].float().cpu(),
-    }
-    r2 = {name: single_image_probe_r2(features, rows, cols) for name, features in panels.items()}
-    margin, caption = 12, 40
-    canvas = Image.new("RGB", (2 * PANEL_SIDE + 3 * margin, PANEL_SIDE + 2 * margin + caption), "white")
+    panels = {"raw": out.patch_tokens[0].float().cpu()}
+    if getattr(model, "has_rasa", False):
+        panels["RASA-debiased"] = out.debiased_patch_tokens[0].float().cpu()
+    problem = probe_grid_problem(rows, cols, model.config.patch_size)
+    r2 = {name: None if problem else single_image_probe_r2(features, rows, cols) for name, features in panels.items()}
+    height = PANEL_SIDE * rows // cols
+    pictures = [("input", image.resize((PANEL_SIDE, height), Image.BICUBIC))] if image is not None else []
+    for name, features in panels.items():
+        caption = (
+            f"{name}: position-probe R2 {r2[name]:.2f}" if r2[name] is not None else f"{name} (grid too small for R2)"
+        )
+        pictures.append((caption, pca_image(features, rows, cols).resize((PANEL_SIDE, height), Image.NEAREST)))
+    margin, caption_height = 12, 40
+    width = len(pictures) * PANEL_SIDE + (len(pictures) + 1) * margin
+    canvas = Image.new("RGB", (width, height + 2 * margin + caption_height), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, (name, features) in enumerate(panels.items()):
-        panel = pca_image(features, rows, cols).resize((PANEL_SIDE, PANEL_SIDE * rows // cols), Image.NEAREST)
+    for column, (caption, picture) in enumerate(pictures):
         left = margin + column * (PANEL_SIDE + margin)
-        canvas.paste(panel, (left, margin))
-        draw.text((left, margin + PANEL_SIDE + 6), f"{name}: position-probe R2 {r2[name]:.2f}", fill="black")
+        canvas.paste(picture, (left, margin))
+        draw.text((left, margin + height + 6), caption, fill="black")
     return canvas, r2
 
 
-def visualize(model, image_processor, image_path: str | Path, out_file: str | Path) -> dict[str, float]:
-    """Write the comparison PNG for an image file; returns the probe R² of the raw and debiased features."""
-    with Image.open(image_path) as image:
-        pixels = image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
-    canvas, r2 = render_comparison(model, pixels.to(model.device, model.dtype))
+def visualize(model, image_processor, image_path: str | Path, out_file: str | Path) -> dict[str, float | None]:
+    """Write the figure for an image file (the processed input, then its PCA maps); returns the probe R² of each
+    feature panel (None where the grid is too small, with a warning)."""
+    with Image.open(image_path) as opened:
+        image = opened.convert("RGB")
+    pixels = image_processor(image, return_tensors="pt")["pixel_values"]
+    shown = _as_picture(pixels[0], image_processor)
+    problem = probe_grid_problem(
+        *(side // model.config.patch_size for side in pixels.shape[-2:]), model.config.patch_size
+    )
+    if problem:
+        logger.warning("No position-probe R²: %s.", problem)
+    canvas, r2 = render_comparison(model, pixels.to(model.device, model.dtype), shown)
     write_file_atomically(out_file, lambda staging: canvas.save(staging, format="PNG"))
     return r2
+
+
+def _as_picture(pixels: torch.Tensor, image_processor) -> Image.Image:
+    """The model's (3, H, W) input as the RGB picture it sees (normalisation undone)."""
+    mean = torch.tensor(getattr(image_processor, "image_mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
+    std = torch.tensor(getattr(image_processor, "image_std", (1.0, 1.0, 1.0))).view(3, 1, 1)
+    rgb = (pixels.float() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(rgb, "RGB")

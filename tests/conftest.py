@@ -1,7 +1,6 @@
-"""Shared fixtures: the official tiny reference (../shared/reference/tiny) and its converted HF folder."""
+"""Shared fixtures: the official tiny reference (tests/reference/tiny, see its README.md) and its converted HF folder."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,7 @@ from safetensors.torch import load_file
 import franca_hf  # noqa: F401  (registers the Auto classes)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("FRANCA_HF_SHARED_DIR", REPO_ROOT.parent / "shared"))
-REFERENCE_DIR = SHARED_DIR / "reference" / "tiny"
-if not (REFERENCE_DIR / "reference.safetensors").is_file():
-    raise RuntimeError(
-        f"The official reference outputs are missing from {REFERENCE_DIR}; the parity tests need them. "
-        "Run the tests from a checkout that has ../shared beside it, or set FRANCA_HF_SHARED_DIR."
-    )
+REFERENCE_DIR = REPO_ROOT / "tests" / "reference" / "tiny"
 TEACHER_CHECKPOINT = REFERENCE_DIR / "teacher_checkpoint.pth"
 RASA_CHECKPOINT = REFERENCE_DIR / "rasa_head.pth"
 EXAMPLE_IMAGES = REPO_ROOT / "examples" / "images"
@@ -28,6 +21,20 @@ REFERENCE_SIZES = ("98x98", "112x112", "70x126")
 def reference() -> dict[str, torch.Tensor]:
     """Inputs and outputs computed by the official Franca code on random weights (see reference.json)."""
     return load_file(REFERENCE_DIR / "reference.safetensors")
+
+
+@pytest.fixture()
+def tiny_releases(monkeypatch):
+    """Let the release names below stand for the tiny reference checkpoint (128 wide, 4 blocks, 7 x 7 table), so
+    that downloads and conversions of "releases" run on it; the converter checks a release's architecture."""
+    import dataclasses
+
+    from franca_hf.conversion.releases import RELEASES
+    from franca_hf.modeling import FRANCA_PRESETS
+
+    monkeypatch.setitem(FRANCA_PRESETS, "tiny_reference", (128, 4, 2))
+    for name in ("franca_vitb14_In21K", "franca_vitl14_Laion600M", "franca_vitg14_Laion600M"):
+        monkeypatch.setitem(RELEASES, name, dataclasses.replace(RELEASES[name], preset="tiny_reference", grid=7))
 
 
 @pytest.fixture(scope="session")

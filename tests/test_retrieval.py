@@ -2,15 +2,20 @@
 
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 from franca_hf import FrancaModel, retrieval
+from franca_hf.cli import main
 from franca_hf.conversion.export import make_image_processor
-from franca_hf.retrieval import EmbeddingIndex, default_funnel, index_images
+from franca_hf.retrieval import EmbeddingIndex, default_funnel, index_from_features, index_images
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
@@ -199,7 +204,9 @@ def test_bad_index_inputs_raise_clear_errors():
         EmbeddingIndex(torch.ones(4, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="Got 3 ids for 10 vectors"):
         EmbeddingIndex(database, ids=["a", "b", "c"])
-    with pytest.raises(ValueError, match=r"ending at the vector width 128; got \[8, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"dims must be strictly increasing positive integers ending at 128, got \[8, 64\]"
+    ):
         EmbeddingIndex(database, dims=[8, 64])
     database[4, :8] = 0
     with pytest.raises(ValueError, match=r"Vector 4 \('e'\) has a zero or non-finite prefix of length 8"):
@@ -230,5 +237,84 @@ def test_index_images_embeds_readable_files_and_skips_broken_ones(tmp_path, capl
 
     images = [Image.open(p).convert("RGB") for p in index.ids]
     with torch.no_grad():
-        expected = model.get_image_features(processor(images, return_tensors="pt")["pixel_values"])
+        expected = model.get_image_embeddings(processor(images, return_tensors="pt")["pixel_values"])
     torch.testing.assert_close(index.vectors, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_index_images_shows_its_progress_as_index(tmp_path, capsys):
+    torch.manual_seed(0)
+    index_images(FrancaModel(tiny_config()).eval(), make_image_processor(56), [EXAMPLE_IMAGES], progress=True)
+    assert "index: 100%" in capsys.readouterr().err
+
+
+def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
+    index = tmp_path / "photos.safetensors"
+    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index)]) == 0
+    assert "indexed 4 images (128 dims, nested [8, 16, 32, 64, 128])" in capsys.readouterr().out
+    search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index), "--model", str(tiny_folder)]
+    for extra in (["--dim", "32"], ["--funnel"]):
+        assert main([*search, "--k", "2", *extra]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[2].strip().startswith("1. 1.0000") and lines[2].endswith("rocket.jpg")  # itself, first
+
+    # k larger than the index: what exists, with a note (the default k is 10)
+    assert main([*search, "--funnel"]) == 0
+    captured = capsys.readouterr()
+    assert "the index holds 4 images, fewer than --k 10; showing all of them" in captured.err
+    assert "top-4 of 4 images (funnel 8:80 > 32:20 > 128:4)" in captured.out
+    # the funnel stops at --dim
+    assert main([*search, "--funnel", "--dim", "32", "--k", "3"]) == 0
+    assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3)" in capsys.readouterr().out
+
+    assert main([*search, "--dim", "10"]) == 2
+    assert "--dim 10 is not one of the index's nested dims [8, 16, 32, 64, 128]" in capsys.readouterr().err
+    assert main([*search, "--k", "0"]) == 2
+    assert "--k must be at least 1; got 0" in capsys.readouterr().err
+    assert main(["index", str(EXAMPLE_IMAGES), "--out", str(index)]) == 2
+    assert "--model is required to embed images" in capsys.readouterr().err
+
+
+def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_path, capsys):
+    features = tmp_path / "features"
+    assert main(["extract", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(features)]) == 0
+    assert (
+        main(
+            ["extract", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(tmp_path / "f32"), "--dim", "32"]
+        )
+        == 0
+    )
+    from_images = tmp_path / "images.safetensors"
+    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images)]) == 0
+    capsys.readouterr()
+
+    built = index_from_features(features)
+    direct = EmbeddingIndex.load(from_images)
+    assert built.ids == direct.ids and built.dims == direct.dims
+    torch.testing.assert_close(built.vectors, direct.vectors)
+    assert index_from_features(tmp_path / "f32").dims == [8, 16, 32]  # nested dims up to the stored width
+
+    # the CLI, with no model loaded: the folder is the only input
+    out = tmp_path / "from_shards.safetensors"
+    assert main(["index", str(features), "--out", str(out)]) == 0
+    assert (
+        f"indexed 4 images (128 dims, nested [8, 16, 32, 64, 128]) from the features in {features}"
+        in capsys.readouterr().out
+    )
+    torch.testing.assert_close(EmbeddingIndex.load(out).vectors, direct.vectors)
+    # search takes the extraction folder or the index file
+    for index in (features, out):
+        command = ["search", str(EXAMPLE_IMAGES / "coffee.jpg"), "--index", str(index), "--model", str(tiny_folder)]
+        assert main([*command, "--k", "1"]) == 0
+        assert capsys.readouterr().out.splitlines()[2].endswith("coffee.jpg")
+
+
+def test_retrieval_benchmark_on_a_small_embeddings_file_holds_out_what_it_can(tmp_path):
+    torch.manual_seed(0)
+    small = tmp_path / "small.safetensors"
+    save_file({"features": torch.randn(40, 128)}, small)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
+    command = [sys.executable, str(script), "--embeddings", str(small), "--rounds", "1", "--single-queries", "2"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "note: 40 embeddings cannot spare 1024 queries; holding out 10 (a quarter)" in run.stdout
+    assert "30 x 128 float32, 10 queries" in run.stdout

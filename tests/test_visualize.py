@@ -1,52 +1,76 @@
-"""`franca-hf visualize`: a two-panel PNG of raw vs debiased PCA maps with position-probe R²."""
+"""`franca-hf visualize`: the input image, then PCA maps of raw (and RASA-debiased) patch features, with the
+position-probe R² where the grid is large enough to measure it."""
+
+import logging
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from franca_hf import FrancaModel
 from franca_hf.cli import main
-from franca_hf.visualize import PANEL_SIDE, render_comparison, single_image_probe_r2
+from franca_hf.conversion.export import make_image_processor
+from franca_hf.visualize import MIN_PROBE_GRID, PANEL_SIDE, render_comparison, single_image_probe_r2
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
+MARGIN = 12
 
-def test_visualize_writes_a_two_panel_png(tiny_folder, tmp_path, capsys):
-    out = tmp_path / "fig.png"
-    assert (
-        main(
-            [
-                "visualize",
-                str(EXAMPLE_IMAGES / "chelsea_cat.jpg"),
-                "--model",
-                str(tiny_folder),
-                "--out",
-                str(out),
-                "--size",
-                "112",
-            ]
-        )
-        == 0
-    )
-    assert "position-probe R²: raw" in capsys.readouterr().out
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.width > 2 * PANEL_SIDE and image.height > PANEL_SIDE
+
+def _panels(path, count: int) -> list[torch.Tensor]:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width == count * PANEL_SIDE + (count + 1) * MARGIN
         pixels = torch.tensor(np.array(image.convert("RGB")), dtype=torch.float32)
-    left, right = (
-        pixels[12 : 12 + PANEL_SIDE, 12 : 12 + PANEL_SIDE],
-        pixels[12 : 12 + PANEL_SIDE, -12 - PANEL_SIDE : -12],
-    )
-    assert left.std() > 10 and right.std() > 10  # two colourful PCA panels
-    assert (left - right).abs().mean() > 5  # showing different features
+    left = [MARGIN + i * (PANEL_SIDE + MARGIN) for i in range(count)]
+    return [pixels[MARGIN : MARGIN + PANEL_SIDE, x : x + PANEL_SIDE] for x in left]
 
 
-def test_probe_sees_a_position_code_and_errors_are_clear():
+def test_visualize_shows_the_image_raw_and_debiased_maps(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "fig.png"
+    image = EXAMPLE_IMAGES / "chelsea_cat.jpg"
+    assert main(["visualize", str(image), "--model", str(tiny_folder), "--out", str(out), "--size", "112"]) == 0
+    printed = capsys.readouterr().out
+    assert "position-probe R²: raw" in printed and "RASA-debiased" in printed
+    picture, raw, debiased = _panels(out, 3)
+    assert raw.std() > 10 and debiased.std() > 10  # two colourful PCA panels
+    assert (raw - debiased).abs().mean() > 5  # showing different features
+    # the first panel is the processed input: the cat photo's centre crop, not a PCA map
+    with Image.open(image) as original:
+        expected = torch.tensor(np.array(original.convert("RGB").resize((8, 8))), dtype=torch.float32)
+    shown = torch.nn.functional.adaptive_avg_pool2d(picture.permute(2, 0, 1)[None], 8)[0].permute(1, 2, 0)
+    assert (shown.mean((0, 1)) - expected.mean((0, 1))).abs().max() < 25  # the same colours
+
+
+def test_a_model_without_rasa_gets_the_raw_map(tmp_path, capsys):
+    folder = tmp_path / "plain"
+    FrancaModel(tiny_config()).save_pretrained(folder)
+    make_image_processor(112).save_pretrained(folder)
+    out = tmp_path / "fig.png"
+    image = str(EXAMPLE_IMAGES / "chelsea_cat.jpg")
+    assert main(["visualize", image, "--model", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "position-probe R²: raw" in printed and "RASA" not in printed
+    _, raw = _panels(out, 2)
+    assert raw.std() > 10
+
+
+def test_small_grids_get_no_r2_but_a_warning(tiny_folder, tmp_path, capsys, caplog):
+    out = tmp_path / "fig.png"
+    with caplog.at_level(logging.WARNING, logger="franca_hf"):
+        code = main(
+            ["visualize", str(EXAMPLE_IMAGES / "coffee.jpg"), "--model", str(tiny_folder), "--out", str(out)]
+            + ["--size", "56"]
+        )
+    assert code == 0
+    assert "the patch grid is 4x4" in caplog.text and f"--size {MIN_PROBE_GRID * 14}" in caplog.text
+    assert "no position-probe R²: grid too small" in capsys.readouterr().out
+    _, r2 = render_comparison(FrancaModel(tiny_config()).eval(), torch.randn(1, 3, 56, 56))
+    assert r2 == {"raw": None}
+
+
+def test_probe_sees_a_position_code():
     coords_code = torch.randn(2, 64)
     rows = cols = 8
     grid = torch.stack(torch.meshgrid(torch.arange(rows) / 7, torch.arange(cols) / 7, indexing="ij"), -1)
     features = grid.reshape(-1, 2) @ coords_code + 0.01 * torch.randn(64, 64)
     assert single_image_probe_r2(features, rows, cols) > 0.95
-    model = FrancaModel(tiny_config()).eval()
-    with pytest.raises(ValueError, match="needs RASA weights"):
-        render_comparison(model, torch.randn(1, 3, 56, 56))

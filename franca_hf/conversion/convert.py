@@ -1,5 +1,6 @@
 """Official Franca checkpoint (+ RASA head) -> verified Hugging Face folder."""
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
+from ..rasa.reference import official_rasa_chain
 from .checkpoint import (
     CheckpointError,
     ConversionReport,
@@ -18,11 +20,11 @@ from .checkpoint import (
     load_rasa_weights,
     load_torch_file,
 )
-from .export import fill_model_folder
+from .export import WEIGHT_DTYPES, fill_model_folder
 from .model_card import render_model_card
 from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+logger = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
 
 
@@ -44,7 +46,7 @@ def reference_forward(
 ) -> dict[str, torch.Tensor]:
     """Evaluate the ORIGINAL state dict directly (functional ops on the official key names), as an independent
     check of the key mapping. Returns `cls` (B, D), `patch` (B, N, D) and, with RASA weights, `patch_rasa`
-    computed with the official per-step Gram-Schmidt chain."""
+    computed with the official per-step chain."""
     dim, heads, patch = config.hidden_size, config.num_attention_heads, config.patch_size
     batch, _, height, width = pixel_values.shape
     x = F.conv2d(pixel_values, original["patch_embed.proj.weight"], original["patch_embed.proj.bias"], stride=patch)
@@ -85,13 +87,7 @@ def reference_forward(
     x = F.layer_norm(x, (dim,), original["norm.weight"], original["norm.bias"], eps)
     out = {"cls": x[:, 0], "patch": x[:, 1 + config.num_register_tokens :]}
     if rasa_weights is not None:
-        debiased = out["patch"]
-        for step in rasa_weights.float():
-            u_r = step[0] / step[0].norm()
-            u_c = step[1] - (step[1] @ u_r) * u_r
-            u_c = u_c / u_c.norm()
-            debiased = debiased - (debiased @ u_r)[..., None] * u_r - (debiased @ u_c)[..., None] * u_c
-        out["patch_rasa"] = debiased
+        out["patch_rasa"] = official_rasa_chain(out["patch"], rasa_weights)
     return out
 
 
@@ -113,7 +109,7 @@ def measure_parity(model: FrancaModel, original: dict, rasa_weights: torch.Tenso
     for pixels in _verification_inputs(model.config):
         expected = reference_forward(original, pixels, model.config, rasa_weights)
         out = model(pixels)
-        got = {"cls": out.pooler_output, "patch": out.patch_embeddings, "patch_rasa": out.debiased_patch_embeddings}
+        got = {"cls": out.pooler_output, "patch": out.patch_tokens, "patch_rasa": out.debiased_patch_tokens}
         for name, value in expected.items():
             errors[name] = max(errors.get(name, 0.0), (got[name] - value).abs().max().item())
     return errors
@@ -138,18 +134,35 @@ def convert_checkpoint(
     bit-exactly before it is moved into place. The folder appears atomically and is never overwritten silently.
     """
     out_dir = Path(out_dir)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))
     values = infer_config_values(original, num_heads=num_heads, preset=preset)
     rasa_weights = load_rasa_weights(rasa, values["hidden_size"]) if rasa is not None else None
     source = dict(provenance or {})
-    if "release" not in source and Path(checkpoint).stem in RELEASES:
-        # an official file downloaded by hand: its card gets the release's name, data and license
+    if "release" in source:  # downloaded by convert_release: anything else than the release is a broken download
+        mismatches = RELEASES[source["release"]].architecture_mismatches(values)
+        if mismatches:
+            raise CheckpointError(
+                f"{checkpoint} does not hold {source['release']}: {', '.join(mismatches)}. Delete it and download "
+                "it again."
+            )
+    elif Path(checkpoint).stem in RELEASES:
+        # named like an official file: its card gets the release's name, data and licence only if the weights fit
         release = RELEASES[Path(checkpoint).stem]
-        source.update(release=release.stem, tag=release.tag, dataset=release.dataset)
+        mismatches = release.architecture_mismatches(values)
+        if mismatches:
+            logger.warning(
+                "%s is named like the official release %s, but its weights are not that architecture (%s): it is "
+                "converted as an ordinary checkpoint, without the release's name, data and licence.",
+                checkpoint,
+                release.stem,
+                ", ".join(mismatches),
+            )
+        else:
+            source.update(release=release.stem, tag=release.tag, dataset=release.dataset)
     source.update(file=Path(checkpoint).name, sha256=sha256_of(checkpoint), converter=f"franca_hf {__version__}")
     if rasa is not None:
         source.update(rasa_file=Path(rasa).name, rasa_sha256=sha256_of(rasa))
@@ -173,7 +186,7 @@ def convert_checkpoint(
         if worst > PARITY_TOLERANCE:
             raise CheckpointError(f"Converted model differs from the original weights by {worst:.2e}: {parity}.")
         config.source_checkpoint["parity"] = parity
-    model = model.to(DTYPES[dtype])
+    model = model.to(WEIGHT_DTYPES[dtype])
     if model.rasa is not None:
         model.rasa.float()  # RASA directions stay fp32 (see FrancaPreTrainedModel._keep_in_fp32_modules_strict)
 
@@ -192,7 +205,7 @@ def _check_reload(folder: Path, model: FrancaModel) -> None:
     reloaded = FrancaModel.from_pretrained(folder, dtype=model.dtype).eval()
     pixels = _verification_inputs(model.config)[1].to(model.dtype)
     first, second = model(pixels), reloaded(pixels)
-    for name in ("last_hidden_state", "debiased_patch_embeddings"):
+    for name in ("last_hidden_state", "debiased_patch_tokens"):
         a, b = getattr(first, name), getattr(second, name)
         if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
             raise CheckpointError(f"The saved folder does not reproduce the converted model ({name} differs).")

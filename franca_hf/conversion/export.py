@@ -8,6 +8,7 @@ A folder holds `config.json` (with `auto_map` for AutoConfig, AutoModel and Auto
 import json
 from pathlib import Path
 
+import torch
 from transformers import BitImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
@@ -15,13 +16,20 @@ from ..io import write_folder_atomically
 from ..modeling import FrancaModel
 from .model_card import render_model_card
 
+# Torch dtypes by the names the command line and the converter accept.
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Crops below this side (the demo's 32-px synthetic images) are not given the 256/224 border: it would cut several
+# of their few pixels, and the images were drawn at the crop size.
+SMALL_CROP = 64
+
 
 def make_image_processor(crop_size: int = 224, resize_size: int | None = None) -> BitImageProcessor:
     """The authors' evaluation transform: resize the shorter side (bicubic), center crop, ImageNet mean/std.
 
-    `resize_size` defaults to `crop_size * 256 / 224` (256 for 224-px crops).
+    `resize_size` defaults to `crop_size * 256 / 224` (256 for 224-px crops), and to `crop_size` itself for crops
+    under `SMALL_CROP` pixels.
     """
-    resize_size = resize_size or round(crop_size * 256 / 224)
+    resize_size = resize_size or (crop_size if crop_size < SMALL_CROP else round(crop_size * 256 / 224))
     return BitImageProcessor(
         size={"shortest_edge": resize_size},
         crop_size={"height": crop_size, "width": crop_size},

@@ -22,7 +22,8 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
 
     Args:
         config: the folder's config; `source_checkpoint` may hold `release`, `dataset`, `file`, `sha256`,
-            `rasa_file`, `rasa_sha256`, `url` and `parity` (max abs errors measured by the converter).
+            `rasa_file`, `rasa_sha256`, `url`, `parity` (max abs errors measured by the converter) and
+            `dropped_rasa_steps` (RASA steps of a starting folder that training made stale and dropped).
         repo_id: the Hub repo the card is for (used in the usage snippet); a local path placeholder otherwise.
         base_model: the Hub repo this model was derived from, if any.
     """
@@ -73,6 +74,19 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         ("RASA sha256", "rasa_sha256"),
     ]
     lines += [f"| {label} | `{source[key]}` |" for label, key in provenance if source.get(key)]
+    if source.get("dropped_rasa_steps"):
+        lines += [
+            "",
+            "## RASA",
+            "",
+            f"The folder this model started from held {source['dropped_rasa_steps']} RASA steps, fitted to its "
+            "backbone. Training changed the backbone, so they were dropped: they would no longer remove its position "
+            "information. Refit them on this folder (the backbone stays frozen):",
+            "",
+            "```bash",
+            f"franca-hf rasa --model {where} --data <images> --out <folder with RASA>",
+            "```",
+        ]
     parity = source.get("parity")
     if parity:
         lines += [
@@ -101,8 +115,8 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         "with torch.no_grad():",
         "    out = model(**inputs)",
         "cls = out.pooler_output                         # (1, D) final-normed CLS",
-        "patches = out.patch_embeddings                  # (1, 256, D) final-normed patch tokens",
-        f"small = model.get_image_features(**inputs, dim={config.matryoshka_dims[0]})  # Matryoshka prefix, L2-normalised",
+        "patches = out.patch_tokens                      # (1, 256, D) final-normed patch tokens",
+        f"small = model.get_image_embeddings(inputs['pixel_values'], dim={config.matryoshka_dims[0]})  # Matryoshka embedding, L2-normalised",
     ]
     if config.rasa_steps:
         lines.append("dense = model.get_dense_features(**inputs, debiased=True)  # (1, D, 16, 16) RASA-debiased")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..modeling import FRANCA_PRESETS
+
 DEFAULT_RELEASE_URL = "https://github.com/valeoai/Franca/releases/download"
 VIT_G_PART_SUFFIXES = ("aa", "ab", "ac")
 _CHUNK_BYTES = 1 << 20
@@ -34,7 +36,7 @@ class Release:
         grid: side of the stored position table (37 for 518 px, 16 for 224 px); None where not documented.
         has_rasa: whether a RASA head `<stem>_rasa.pth` is published.
         dataset: pretraining data, for the model card.
-        chunked: ViT-g archives split into tar.gz parts.
+        chunked: published as tar.gz parts (the ViT-g files).
     """
 
     stem: str
@@ -43,10 +45,19 @@ class Release:
     grid: int | None
     has_rasa: bool
     dataset: str
+    chunked: bool = False
 
-    @property
-    def chunked(self) -> bool:
-        return self.preset == "vit_giant2"
+    def architecture_mismatches(self, values: dict) -> list[str]:
+        """What in `values` (`infer_config_values` of some weights) differs from this release's architecture: the
+        preset's width, depth and patch 14 with a SwiGLU FFN, and the position grid where documented. Empty when the
+        weights can be this release."""
+        hidden, depth, _ = FRANCA_PRESETS[self.preset]
+        expected = {"hidden_size": hidden, "num_hidden_layers": depth, "patch_size": 14, "ffn_type": "swiglu"}
+        if self.grid is not None:
+            expected["position_grid_size"] = self.grid
+        return [
+            f"{key} {values.get(key)} (expected {value})" for key, value in expected.items() if values.get(key) != value
+        ]
 
 
 _IN21K = "ImageNet-21K"
@@ -63,10 +74,10 @@ RELEASES: dict[str, Release] = {
         Release("franca_vitl14_Dinov2_In21K", "v1.1.0", "vit_large", 16, False, _IN21K),
         Release("franca_vitl14_Dinov2_In21K_518", "v1.1.0", "vit_large", 37, True, _IN21K),
         Release("franca_vitl14_Laion_518", "v1.1.0", "vit_large", 37, True, _LAION),
-        Release("franca_vitg14_Laion600M", "v1.0.0", "vit_giant2", 16, True, _LAION),
+        Release("franca_vitg14_Laion600M", "v1.0.0", "vit_giant2", 16, True, _LAION, chunked=True),
         # Listed in the July-2025 README (spelled In21k) but not by the current official loader.
         Release("franca_vitl14_In21k", "v1.0.0", "vit_large", None, False, _IN21K),
-        Release("franca_vitg14_In21k", "v1.0.0", "vit_giant2", None, False, _IN21K),
+        Release("franca_vitg14_In21k", "v1.0.0", "vit_giant2", None, False, _IN21K, chunked=True),
     )
 }
 

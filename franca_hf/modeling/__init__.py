@@ -1,6 +1,6 @@
 """Pure model code: the transformers configuration and model classes of Franca."""
 
-from .configuration_franca import FRANCA_PRESETS, FrancaConfig, default_matryoshka_dims
+from .configuration_franca import FRANCA_PRESETS, FrancaConfig, check_nested_dims, default_matryoshka_dims
 from .modeling_franca import (
     FrancaBackbone,
     FrancaModel,
@@ -20,6 +20,7 @@ __all__ = [
     "FrancaModelOutput",
     "FrancaPreTrainedModel",
     "FrancaRASA",
+    "check_nested_dims",
     "default_matryoshka_dims",
     "interpolate_position_table",
     "orthonormalize_rasa_weights",

@@ -4,12 +4,15 @@ This file is self-contained on purpose: it is copied next to the weights of ever
 `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without the franca_hf package.
 """
 
+from itertools import pairwise
 from typing import Any
 
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
 
 FFN_TYPES = ("swiglu", "mlp")
+DROP_PATH_MODES = ("subset", "sample")
+MATRYOSHKA_BASES = ("prefix", "pca")
 
 # name -> (hidden_size, num_hidden_layers, num_attention_heads); every official Franca preset uses SwiGLU.
 FRANCA_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -39,10 +42,19 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
         interpolate_antialias: antialias flag of that bicubic interpolation (False for Franca).
         layer_norm_eps: LayerNorm epsilon.
         drop_path_rate: stochastic-depth rate, the same for every block (training only).
+        drop_path_mode: `"subset"` (the official Franca/DINOv2 training form: each residual branch runs on exactly
+            floor(B * (1 - rate)) randomly chosen samples of the batch and is added back scaled by B / kept) or
+            `"sample"` (timm/transformers DropPath: an independent Bernoulli(1 - rate) per sample, scaled by
+            1 / (1 - rate)). Same mean; the subset form also skips the dropped samples' compute.
         qkv_bias, proj_bias, ffn_bias: biases of the attention input/output and FFN linears.
         initializer_range: std of the truncated-normal init of linears and the position table.
         matryoshka_dims: allowed prefix lengths of truncated embeddings, ascending, ending at D.
-            Defaults to `[D/16, D/8, D/4, D/2, D]`.
+            Defaults to `[D // 16, D // 8, D // 4, D // 2, D]`.
+        matryoshka_basis: how an embedding is cut to m of those dims. `"prefix"`: its first m channels (what nested
+            training makes meaningful). `"pca"`: the first m coordinates in a fitted basis, `((z - mean) R)[:m]`,
+            with the mean and the orthogonal rotation R stored as fp32 weights, one pair for the CLS embedding and
+            one for patch tokens (see `franca-hf fit-pca`); for checkpoints whose prefixes were not trained to carry
+            the most information (the released weights, trained with projection heads).
         rasa_steps: number of stored RASA steps (2 position directions each); 0 means no debiasing weights.
         image_size: side of the square crop the model is usually fed (metadata for processors and backbones).
         apply_layernorm: backbone only; pass feature maps through the final LayerNorm.
@@ -69,11 +81,13 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
     interpolate_antialias: bool = False
     layer_norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
+    drop_path_mode: str = "subset"
     qkv_bias: bool = True
     proj_bias: bool = True
     ffn_bias: bool = True
     initializer_range: float = 0.02
     matryoshka_dims: list[int] | None = None
+    matryoshka_basis: str = "prefix"
     rasa_steps: int = 0
     image_size: int = 224
     apply_layernorm: bool = True
@@ -87,7 +101,6 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
         self._validate_architecture()
         if self.matryoshka_dims is None:
             self.matryoshka_dims = default_matryoshka_dims(self.hidden_size)
-        self.matryoshka_dims = [int(d) for d in self.matryoshka_dims]
         self._validate_matryoshka_dims()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
         self.set_output_features_output_indices(
@@ -136,19 +149,37 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError("num_register_tokens and rasa_steps must be >= 0.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}.")
+        if self.matryoshka_basis not in MATRYOSHKA_BASES:
+            raise ValueError(f"matryoshka_basis must be one of {MATRYOSHKA_BASES}, got {self.matryoshka_basis!r}.")
 
     def _validate_matryoshka_dims(self) -> None:
-        dims = self.matryoshka_dims
-        if not dims or dims != sorted(set(dims)) or dims[0] <= 0 or dims[-1] != self.hidden_size:
-            raise ValueError(
-                f"matryoshka_dims must be strictly increasing positive integers ending at hidden_size "
-                f"({self.hidden_size}), got {dims}."
-            )
+        self.matryoshka_dims = check_nested_dims(self.matryoshka_dims, self.hidden_size, "matryoshka_dims")
 
 
 def default_matryoshka_dims(hidden_size: int) -> list[int]:
-    """The Franca nesting `[D/16, D/8, D/4, D/2, D]`, keeping only the levels that are whole numbers."""
-    return sorted({hidden_size // f for f in (16, 8, 4, 2, 1) if hidden_size % f == 0 and hidden_size // f > 0})
+    """The Franca nesting `[D // 16, D // 8, D // 4, D // 2, D]` (integer division, as the official heads), without
+    zeros or repeats."""
+    return sorted({hidden_size // f for f in (16, 8, 4, 2, 1)} - {0})
 
 
-__all__ = ["FrancaConfig", "FRANCA_PRESETS", "default_matryoshka_dims"]
+def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) -> list[int]:
+    """`dims` as a list of ints if they are strictly increasing positive integers no larger than `width` (and ending
+    at it when `end_at_width`); otherwise a ValueError that names `name` and says what is allowed."""
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+        raise ValueError(f"{name} must be a list of integers, got {dims!r}.")
+    values = [int(d) for d in dims]
+    ending = f"ending at {width}" if end_at_width else f"at most {width}"
+    if (
+        not values
+        or values[0] <= 0
+        or any(a >= b for a, b in pairwise(values))
+        or values[-1] > width
+        or (end_at_width and values[-1] != width)
+    ):
+        raise ValueError(f"{name} must be strictly increasing positive integers {ending}, got {list(dims)}.")
+    return values
+
+
+__all__ = ["FrancaConfig", "FRANCA_PRESETS", "check_nested_dims", "default_matryoshka_dims"]

@@ -3,14 +3,19 @@
 A DINOv2-style ViT (patch 14, CLS token, learned absolute positions, optional registers, SwiGLU or GELU FFN,
 LayerScale) that reproduces the official Franca outputs, plus two Franca-specific outputs:
 
-* Matryoshka truncation: pooled and patch embeddings can be cut to a prefix of `config.matryoshka_dims`.
+* Matryoshka embeddings: the CLS embedding (and patch tokens) cut to one of `config.matryoshka_dims`, as a prefix or
+  in a fitted basis (`config.matryoshka_basis`).
 * RASA debiasing: the stored position directions are removed from the final-normed patch tokens.
+
+Written the way transformers 5 writes its ViTs (`models/dinov2`): layers return tensors, hidden states and
+attentions are recorded by `capture_outputs`, `return_dict=False` is handled by `can_return_tuple`.
 
 This file is self-contained on purpose (torch and transformers imports, and the sibling configuration file only):
 it is copied into every exported folder so that `trust_remote_code=True` works without franca_hf installed.
 """
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.backbone_utils import BackboneMixin
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BackboneOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_franca import FrancaConfig
 
@@ -31,27 +39,40 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class FrancaModelOutput(ModelOutput):
-    """Outputs of [`FrancaModel`].
+    """Outputs of [`FrancaModel`] (its `forward` and `get_image_features`).
 
     Args:
         last_hidden_state: (B, 1 + R + N, D) all tokens after the final LayerNorm: CLS, R registers, N patches
             (row-major). Never truncated.
-        pooler_output: (B, d) the final-normed CLS token, cut to `matryoshka_dim` (d = D when not given).
-        patch_embeddings: (B, N, d) the final-normed patch tokens, cut to `matryoshka_dim`.
-        debiased_patch_embeddings: (B, N, d) the patch tokens with the RASA directions removed (computed at full
-            width, then cut); None when the model has no RASA weights.
+        pooler_output: `forward` without `matryoshka_dim`: (B, D) the final-normed CLS token. With
+            `matryoshka_dim=m`, and from `get_image_features`: (B, m) the Matryoshka embedding, the CLS token cut
+            to m dims in the model's basis, L2-normalised.
+        patch_tokens: (B, N, d) the final-normed patch tokens; with `matryoshka_dim` cut to d dims in the basis.
+        debiased_patch_tokens: (B, N, d) the patch tokens with the RASA directions removed (at full width, then
+            cut like `patch_tokens`); None when the model has no RASA weights.
         hidden_states: L + 1 tensors (B, 1 + R + N, D): the embeddings, then the output of every block, before the
             final LayerNorm. Only with `output_hidden_states=True`.
-        attentions: L tensors (B, heads, T, T) of attention probabilities. Only with `output_attentions=True` and
-            the "eager" attention implementation.
+        attentions: L tensors (B, heads, T, T) of attention probabilities. Only with `output_attentions=True`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
-    patch_embeddings: torch.FloatTensor | None = None
-    debiased_patch_embeddings: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
+    debiased_patch_tokens: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+    @property
+    def patch_embeddings(self) -> torch.FloatTensor | None:
+        """Deprecated name of `patch_tokens` (franca_hf 0.1)."""
+        warnings.warn("`patch_embeddings` is now `patch_tokens`.", FutureWarning, stacklevel=2)
+        return self.patch_tokens
+
+    @property
+    def debiased_patch_embeddings(self) -> torch.FloatTensor | None:
+        """Deprecated name of `debiased_patch_tokens` (franca_hf 0.1)."""
+        warnings.warn("`debiased_patch_embeddings` is now `debiased_patch_tokens`.", FutureWarning, stacklevel=2)
+        return self.debiased_patch_tokens
 
 
 def interpolate_position_table(
@@ -66,24 +87,57 @@ def interpolate_position_table(
             DINO kludge, needed for bit-compatibility); with 0, bicubic to the exact `size`.
     Returns:
         (1, 1 + rows*cols, D) in the dtype of `table`, interpolated in fp32. The table itself when the grid matches.
+        Under `torch.export` (image size as a dynamic dimension), an equivalent traceable computation is used
+        (`_traceable_bicubic_resize`; equal within 1e-6 relative).
     """
     num_positions = table.shape[1] - 1
     side = math.isqrt(num_positions)
     if side * side != num_positions:
         raise ValueError(f"The position table must hold 1 + M*M rows, got {table.shape[1]}.")
-    if rows == cols == side:
-        return table
     dim = table.shape[-1]
     grid = table[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    if offset:
-        resize = {"scale_factor": ((rows + offset) / side, (cols + offset) / side)}
+    if torch.compiler.is_exporting() and not antialias:
+        grid = _traceable_bicubic_resize(grid, rows, cols, offset)
+    elif rows == cols == side:
+        return table
     else:
-        resize = {"size": (rows, cols)}
-    grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **resize)
-    if grid.shape[-2:] != (rows, cols):
-        raise RuntimeError(f"Position interpolation produced {tuple(grid.shape[-2:])}, expected {(rows, cols)}.")
+        if offset:
+            resize = {"scale_factor": ((rows + offset) / side, (cols + offset) / side)}
+        else:
+            resize = {"size": (rows, cols)}
+        grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **resize)
     grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
     return torch.cat([table[:, :1].float(), grid], dim=1).to(table.dtype)
+
+
+def _bicubic_resize_matrix(out_size: int, in_size: int, scale: float) -> torch.Tensor:
+    """(out_size, in_size) fp64 matrix of torch's bicubic resampling along one axis: output i reads the source
+    coordinate (i + 0.5) / scale - 0.5 with the cubic convolution kernel (a = -0.75), edge samples repeated."""
+    source = (torch.arange(out_size, dtype=torch.float64) + 0.5) / scale - 0.5
+    base = torch.floor(source)
+    t = (source - base).unsqueeze(-1) + torch.tensor([1.0, 0.0, -1.0, -2.0], dtype=torch.float64)  # tap distances
+    a, t = -0.75, t.abs()
+    weights = torch.where(
+        t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    )  # (out_size, 4)
+    taps = (base.long().unsqueeze(-1) + torch.arange(-1, 3)).clamp(0, in_size - 1)
+    columns = torch.arange(in_size)
+    return (weights.unsqueeze(-1) * (taps.unsqueeze(-1) == columns)).sum(1)
+
+
+def _traceable_bicubic_resize(grid: torch.Tensor, rows: int, cols: int, offset: float) -> torch.Tensor:
+    """`interpolate_position_table`'s resize of a (1, D, M, M) grid to (1, D, rows, cols) with tensor ops only, so
+    that `rows` and `cols` may be symbolic (F.interpolate specialises on its scale factors). At the native size the
+    scale is 1 and the matrices are identities (the table comes back unchanged, as in the official code)."""
+    side = grid.shape[-1]
+    if offset:
+        offset = torch.sym_ite((rows == side) & (cols == side), 0.0, offset)
+        row_scale, col_scale = (rows + offset) / side, (cols + offset) / side
+    else:
+        row_scale, col_scale = rows / side, cols / side
+    row_matrix = _bicubic_resize_matrix(rows, side, row_scale)
+    col_matrix = _bicubic_resize_matrix(cols, side, col_scale)
+    return torch.einsum("hi,bdij,wj->bdhw", row_matrix, grid.double(), col_matrix).float()
 
 
 def orthonormalize_rasa_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -117,27 +171,43 @@ def remove_position_directions(tokens: torch.Tensor, basis: torch.Tensor) -> tor
 
 
 class FrancaRASA(nn.Module):
-    """The RASA position directions as model weights, orthonormalised once and cached."""
+    """The RASA position directions as model weights (fp32), orthonormalised on the fly (S x 2 x D: negligible)."""
 
     def __init__(self, config: FrancaConfig):
         super().__init__()
-        # A parameter rather than a buffer: `_keep_in_fp32_modules_strict` keeps it fp32 when loading in bf16.
-        self.position_weights = nn.Parameter(torch.zeros(config.rasa_steps, 2, config.hidden_size), requires_grad=False)
-        self._basis: torch.Tensor | None = None
-        self._basis_key: tuple | None = None
+        # A parameter, created fp32: `_keep_in_fp32_modules_strict` keeps it fp32 when loaded in bf16/fp16.
+        weights = torch.zeros(config.rasa_steps, 2, config.hidden_size, dtype=torch.float32)
+        self.position_weights = nn.Parameter(weights, requires_grad=False)
 
     def basis(self) -> torch.Tensor:
-        """(S, 2, D) orthonormal directions, recomputed only when the stored weights change."""
-        weights = self.position_weights
-        key = (weights.data_ptr(), weights._version, weights.device, weights.dtype)
-        if self._basis is None or key != self._basis_key:
-            with torch.no_grad():
-                self._basis = orthonormalize_rasa_weights(weights)
-            self._basis_key = key
-        return self._basis
+        """(S, 2, D) fp32 orthonormal directions."""
+        return orthonormalize_rasa_weights(self.position_weights)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         return remove_position_directions(patch_tokens, self.basis())
+
+
+class FrancaMatryoshkaBasis(nn.Module):
+    """A fitted truncation basis (`config.matryoshka_basis == "pca"`), fp32: for the CLS embedding and for patch
+    tokens, a mean (D) and an orthogonal rotation (D, D) whose columns are the principal directions by decreasing
+    variance. Until fitted (`franca-hf fit-pca`) the means are 0 and the rotations the identity: prefixes."""
+
+    def __init__(self, config: FrancaConfig):
+        super().__init__()
+        width = config.hidden_size
+
+        def frozen(tensor: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(tensor, requires_grad=False)
+
+        self.cls_mean = frozen(torch.zeros(width, dtype=torch.float32))
+        self.cls_rotation = frozen(torch.eye(width, dtype=torch.float32))
+        self.patch_mean = frozen(torch.zeros(width, dtype=torch.float32))
+        self.patch_rotation = frozen(torch.eye(width, dtype=torch.float32))
+
+    def project(self, tokens: torch.Tensor, dim: int, patches: bool = False) -> torch.Tensor:
+        """(..., D) -> (..., dim) coordinates `(x - mean) R[:, :dim]`, computed in fp32, in the tokens' dtype."""
+        mean, rotation = (self.patch_mean, self.patch_rotation) if patches else (self.cls_mean, self.cls_rotation)
+        return ((tokens.float() - mean) @ rotation[:, :dim]).to(tokens.dtype)
 
 
 class FrancaPatchEmbeddings(nn.Module):
@@ -206,7 +276,7 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention. query/key/value: (B, heads, T, head_dim) -> ((B, T, heads, head_dim), probs)."""
     weights = torch.matmul(query * scaling, key.transpose(-2, -1))
@@ -219,7 +289,11 @@ def eager_attention_forward(
 
 
 class FrancaAttention(nn.Module):
-    """Multi-head self-attention with a fused `qkv` projection (rows ordered q | k | v) and an output `proj`."""
+    """Multi-head self-attention with a fused `qkv` projection (rows ordered q | k | v) and an output `proj`.
+
+    Attention probabilities exist only in the eager computation: when they are requested (`output_attentions`)
+    from a model running another implementation, this call falls back to eager, with a one-time warning.
+    """
 
     def __init__(self, config: FrancaConfig):
         super().__init__()
@@ -231,14 +305,22 @@ class FrancaAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, tokens, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        if implementation != "eager" and kwargs.get("output_attentions", self.config.output_attentions):
+            logger.warning_once(
+                f"Attention probabilities were requested (output_attentions=True) from a model using {implementation!r} "
+                "attention, which does not compute them: falling back to 'eager' attention for these calls. Load "
+                "the model with attn_implementation='eager' to avoid this message."
+            )
+            implementation = "eager"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention_interface(
             self, query, key, value, None, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
         )
@@ -281,19 +363,35 @@ class FrancaMLP(nn.Module):
 
 
 class FrancaDropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample while training, rescaling the kept ones."""
+    """Stochastic depth of a residual branch while training (`config.drop_path_mode`).
 
-    def __init__(self, drop_prob: float):
+    `"subset"`: the branch runs on exactly max(1, floor(B(1 - p))) randomly chosen samples and is added back scaled
+    by B / kept (the official Franca/DINOv2 training form; the dropped samples cost nothing). `"sample"`: the branch
+    runs on every sample and is kept with an independent probability 1 - p, scaled by 1 / (1 - p).
+    """
+
+    def __init__(self, drop_prob: float, mode: str = "subset"):
         super().__init__()
-        self.drop_prob = drop_prob
+        self.drop_prob, self.mode = drop_prob, mode
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`hidden_states + branch(hidden_states)`, with the branch dropped per sample while training."""
         if not self.training or self.drop_prob == 0.0:
-            return hidden_states
+            return hidden_states + branch(hidden_states)
+        batch = hidden_states.shape[0]
+        if self.mode == "subset":
+            kept = max(int(batch * (1 - self.drop_prob)), 1)
+            chosen = torch.randperm(batch, device=hidden_states.device)[:kept]
+            residual = branch(hidden_states[chosen]).to(hidden_states.dtype)
+            summed = torch.index_add(hidden_states.flatten(1), 0, chosen, residual.flatten(1), alpha=batch / kept)
+            return summed.view_as(hidden_states)
         keep = 1.0 - self.drop_prob
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        shape = (batch,) + (1,) * (hidden_states.ndim - 1)
         mask = hidden_states.new_empty(shape).bernoulli_(keep)
-        return hidden_states * mask / keep
+        return hidden_states + branch(hidden_states) * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}, mode={self.mode}"
 
 
 class FrancaLayer(GradientCheckpointingLayer):
@@ -307,19 +405,17 @@ class FrancaLayer(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = FrancaSwiGLUFFN(config) if config.ffn_type == "swiglu" else FrancaMLP(config)
         self.layer_scale2 = FrancaLayerScale(config) if config.use_layerscale else nn.Identity()
-        self.drop_path = FrancaDropPath(config.drop_path_rate)
+        self.drop_path = FrancaDropPath(config.drop_path_rate, config.drop_path_mode)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(self.norm1(hidden_states), **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
-        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
-        return hidden_states, weights
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        def attention_branch(x: torch.Tensor) -> torch.Tensor:
+            return self.layer_scale1(self.attention(self.norm1(x), **kwargs)[0])
 
+        def ffn_branch(x: torch.Tensor) -> torch.Tensor:
+            return self.layer_scale2(self.mlp(self.norm2(x)))
 
-class FrancaEncoder(nn.Module):
-    def __init__(self, config: FrancaConfig):
-        super().__init__()
-        self.layer = nn.ModuleList([FrancaLayer(config) for _ in range(config.num_hidden_layers)])
+        hidden_states = self.drop_path(hidden_states, attention_branch)
+        return self.drop_path(hidden_states, ffn_branch)
 
 
 class FrancaPreTrainedModel(PreTrainedModel):
@@ -334,7 +430,14 @@ class FrancaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["rasa"]  # bf16 or fp16 would round the RASA directions
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": FrancaLayer, "attentions": FrancaAttention}
+    _input_embed_layer = "patch_embeddings"
+
+    def _keep_fp32(self, *modules: str) -> None:
+        """Keep these existing sub-modules fp32 when loaded in bf16/fp16 (RASA directions and the Matryoshka basis
+        would lose their orthogonality). Set per instance: the optional modules exist only for some configs."""
+        self._keep_in_fp32_modules_strict = [name for name in modules if getattr(self, name, None) is not None]
 
     def _init_weights(self, module: nn.Module) -> None:
         """The official DINOv2/Franca init: trunc-normal(0.02) linears with zero bias, default conv init,
@@ -362,6 +465,10 @@ class FrancaPreTrainedModel(PreTrainedModel):
             init.constant_(module.lambda1, self.config.layerscale_value)
         elif isinstance(module, FrancaRASA):
             init.zeros_(module.position_weights)
+        elif isinstance(module, FrancaMatryoshkaBasis):
+            for mean, rotation in ((module.cls_mean, module.cls_rotation), (module.patch_mean, module.patch_rotation)):
+                init.zeros_(mean)
+                init.copy_(rotation, torch.eye(rotation.shape[0]))
 
     def _prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Check the input and crop H and W down to multiples of the patch size (with a one-time warning)."""
@@ -385,27 +492,8 @@ class FrancaPreTrainedModel(PreTrainedModel):
             pixel_values = pixel_values[:, :, : height - height % patch, : width - width % patch]
         return pixel_values
 
-    def _check_matryoshka_dim(self, dim: int | None) -> int:
-        if dim is None:
-            return self.config.hidden_size
-        if dim not in self.config.matryoshka_dims:
-            raise ValueError(f"matryoshka_dim={dim} is not allowed; choose one of {self.config.matryoshka_dims}.")
-        return dim
-
-    def _encode(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        stop_after: int | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Run embeddings and blocks on pixels checked by `_prepare_pixels`. Returns (tokens before the final norm,
-        hidden states, attentions).
-
-        Hidden states hold the embeddings and every block output when `output_hidden_states`; `stop_after=i`
-        stops after block i (0-based) and then always returns the hidden states up to it.
-        """
+    def _embed(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + R + N, D) input tokens of the first block, for pixels checked by `_prepare_pixels`."""
         if bool_masked_pos is not None:
             rows, cols = (s // self.config.patch_size for s in pixel_values.shape[-2:])
             expected = (pixel_values.shape[0], rows * cols)
@@ -414,36 +502,7 @@ class FrancaPreTrainedModel(PreTrainedModel):
                     f"bool_masked_pos must have shape (batch, patches) = {expected}, got {tuple(bool_masked_pos.shape)}."
                 )
             bool_masked_pos = bool_masked_pos.bool()
-        hidden_states = self.embeddings(pixel_values, bool_masked_pos)
-        keep_states = output_hidden_states or stop_after is not None
-        all_states = [hidden_states] if keep_states else []
-        all_attentions = []
-        attention_kwargs = {"output_attentions": True} if output_attentions else {}
-        for index, layer in enumerate(self.encoder.layer):
-            hidden_states, weights = layer(hidden_states, **attention_kwargs)
-            if keep_states:
-                all_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(weights)
-            if stop_after is not None and index == stop_after:
-                break
-        return hidden_states, all_states, all_attentions
-
-    def _output_flags(
-        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
-    ) -> tuple[bool, bool, bool]:
-        """Resolve the per-call output flags against the config defaults."""
-        config = self.config
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        return_dict = config.return_dict if return_dict is None else return_dict
-        if output_attentions and config._attn_implementation != "eager":
-            raise ValueError(
-                f"output_attentions=True needs the 'eager' attention implementation; this model uses "
-                f"{config._attn_implementation!r}, which does not return attention probabilities. Load it with "
-                "attn_implementation='eager' or call model.set_attn_implementation('eager')."
-            )
-        return bool(output_hidden_states), bool(output_attentions), bool(return_dict)
+        return self.embeddings(pixel_values, bool_masked_pos)
 
     def _num_prefix_tokens(self) -> int:
         return 1 + self.config.num_register_tokens
@@ -455,8 +514,28 @@ class FrancaPreTrainedModel(PreTrainedModel):
         return patch_tokens.reshape(patch_tokens.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
 
 
+class FrancaEncoder(FrancaPreTrainedModel):
+    """The stack of blocks; records hidden states (the input of block 0, then every block's output, before the
+    final LayerNorm) and attention probabilities on request.
+
+    A sub-model only, initialised by the model that holds it (its `post_init`), so that weights are drawn in module
+    order: a seed gives the same initial weights as franca_hf 0.1.
+    """
+
+    def __init__(self, config: FrancaConfig):
+        super().__init__(config)
+        self.layer = nn.ModuleList([FrancaLayer(config) for _ in range(config.num_hidden_layers)])
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
 class FrancaModel(FrancaPreTrainedModel):
-    """The Franca backbone: final-normed tokens, (optionally truncated) CLS and patch embeddings, RASA-debiased patches.
+    """The Franca backbone: final-normed tokens, Matryoshka embeddings, RASA-debiased patch tokens.
 
     Example:
 
@@ -464,9 +543,11 @@ class FrancaModel(FrancaPreTrainedModel):
     >>> import franca_hf  # registers "franca" with the Auto classes
     >>> from transformers import AutoModel
     >>> model = AutoModel.from_pretrained("path/to/franca_vitb14_In21K")
-    >>> out = model(pixel_values, matryoshka_dim=192)
-    >>> out.pooler_output.shape, out.patch_embeddings.shape
-    (torch.Size([B, 192]), torch.Size([B, 256, 192]))
+    >>> model.get_image_embeddings(pixel_values, dim=48).shape  # Matryoshka embedding, L2-normalised
+    torch.Size([B, 48])
+    >>> out = model(pixel_values)
+    >>> out.pooler_output.shape, out.patch_tokens.shape
+    (torch.Size([B, 768]), torch.Size([B, 256, 768]))
     ```
     """
 
@@ -476,6 +557,8 @@ class FrancaModel(FrancaPreTrainedModel):
         self.encoder = FrancaEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rasa = FrancaRASA(config) if config.rasa_steps > 0 else None
+        self.matryoshka_basis = FrancaMatryoshkaBasis(config) if config.matryoshka_basis == "pca" else None
+        self._keep_fp32("rasa", "matryoshka_basis")
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -485,58 +568,88 @@ class FrancaModel(FrancaPreTrainedModel):
     def has_rasa(self) -> bool:
         return self.rasa is not None
 
+    def _check_matryoshka_dim(self, dim: int | None) -> int:
+        if dim is None:
+            return self.config.hidden_size
+        if dim not in self.config.matryoshka_dims:
+            raise ValueError(f"matryoshka_dim={dim} is not allowed; choose one of {self.config.matryoshka_dims}.")
+        return dim
+
+    def matryoshka_cut(self, tokens: torch.Tensor, dim: int, patches: bool = False) -> torch.Tensor:
+        """(..., D) final-normed tokens -> (..., dim) coordinates in the model's truncation basis: the first `dim`
+        channels (`config.matryoshka_basis == "prefix"`), or `((x - mean) R)[..., :dim]` with the fitted CLS or
+        patch basis ("pca"). Not normalised."""
+        if self.matryoshka_basis is None:
+            return tokens[..., :dim]
+        return self.matryoshka_basis.project(tokens, dim, patches=patches)
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         matryoshka_dim: int | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> FrancaModelOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FrancaModelOutput:
         """
         Args:
             pixel_values: (B, C, H, W) normalised images; H and W are cropped down to multiples of the patch size.
             bool_masked_pos: (B, N) True where the patch embedding is replaced by the mask token (training).
-            matryoshka_dim: cut `pooler_output`, `patch_embeddings` and `debiased_patch_embeddings` to this prefix
-                length (one of `config.matryoshka_dims`); `last_hidden_state` always keeps all D channels.
+            matryoshka_dim: return the Matryoshka embedding of this width (one of `config.matryoshka_dims`) as
+                `pooler_output` (L2-normalised) and cut `patch_tokens` / `debiased_patch_tokens` to it, in the
+                model's basis; `last_hidden_state` always keeps all D channels.
+            output_hidden_states, output_attentions, return_dict: as for every transformers model.
         """
         dim = self._check_matryoshka_dim(matryoshka_dim)
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
-
-        prenorm, states, attentions = self._encode(
-            self._prepare_pixels(pixel_values),
-            bool_masked_pos,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )
-        tokens = self.layernorm(prenorm)
-        patches = tokens[:, self._num_prefix_tokens() :]
-        debiased = self.rasa(patches)[..., :dim] if self.rasa is not None else None
-        output = FrancaModelOutput(
+        embeddings = self._embed(self._prepare_pixels(pixel_values), bool_masked_pos)
+        encoded = self.encoder(embeddings, return_dict=True, **kwargs)
+        tokens = self.layernorm(encoded.last_hidden_state)
+        cls, patches = tokens[:, 0], tokens[:, self._num_prefix_tokens() :]
+        debiased = self.rasa(patches) if self.rasa is not None else None
+        if matryoshka_dim is not None:
+            cls = F.normalize(self.matryoshka_cut(cls, dim), dim=-1)
+            patches = self.matryoshka_cut(patches, dim, patches=True)
+            debiased = self.matryoshka_cut(debiased, dim, patches=True) if debiased is not None else None
+        return FrancaModelOutput(
             last_hidden_state=tokens,
-            pooler_output=tokens[:, 0, :dim],
-            patch_embeddings=patches[..., :dim],
-            debiased_patch_embeddings=debiased,
-            hidden_states=tuple(states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
+            pooler_output=cls,
+            patch_tokens=patches,
+            debiased_patch_tokens=debiased,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
+    @can_return_tuple
     def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        dim: int | None = None,
+        normalize: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FrancaModelOutput:
+        """The model outputs with `pooler_output` = the (B, d) Matryoshka embedding: the final-normed CLS token cut
+        to `dim` channels in the model's basis (all D when None), L2-normalised unless `normalize=False`.
+
+        Follows transformers 5 (`get_image_features` returns a model output). For the tensor alone, use
+        `get_image_embeddings`.
+        """
+        dim = self._check_matryoshka_dim(dim)
+        out = self.forward(pixel_values, return_dict=True, **kwargs)
+        embedding = self.matryoshka_cut(out.pooler_output, dim)
+        out.pooler_output = F.normalize(embedding, dim=-1) if normalize else embedding
+        return out
+
+    def get_image_embeddings(
         self, pixel_values: torch.Tensor, dim: int | None = None, normalize: bool = True
     ) -> torch.Tensor:
-        """(B, d) image embeddings: the final-normed CLS token cut to its first `dim` channels, then L2-normalised."""
-        pooled = self(pixel_values, matryoshka_dim=dim).pooler_output
-        return F.normalize(pooled, dim=-1) if normalize else pooled
+        """(B, d) Matryoshka embeddings: the final-normed CLS token cut to `dim` channels in the model's basis (all
+        D when None), then L2-normalised (unless `normalize=False`). What retrieval and k-NN compare."""
+        return self.get_image_features(pixel_values, dim=dim, normalize=normalize, return_dict=True).pooler_output
 
     def get_dense_features(
         self, pixel_values: torch.Tensor, debiased: bool = False, dim: int | None = None, as_grid: bool = True
     ) -> torch.Tensor:
-        """Final-normed patch features, RASA-debiased on request, cut to `dim` channels.
+        """Final-normed patch features, RASA-debiased on request, cut to `dim` channels in the model's basis.
 
         Returns (B, d, h, w) with `as_grid`, else (B, N, d); h, w = H // patch, W // patch.
         """
@@ -545,8 +658,8 @@ class FrancaModel(FrancaPreTrainedModel):
                 "debiased=True needs RASA weights, and this model has none (config.rasa_steps == 0). "
                 "Convert with a RASA head (`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
             )
-        out = self(pixel_values, matryoshka_dim=dim)
-        patches = out.debiased_patch_embeddings if debiased else out.patch_embeddings
+        out = self.forward(pixel_values, matryoshka_dim=dim, return_dict=True)
+        patches = out.debiased_patch_tokens if debiased else out.patch_tokens
         if not as_grid:
             return patches
         height, width = (s - s % self.config.patch_size for s in pixel_values.shape[-2:])
@@ -560,7 +673,8 @@ class FrancaModel(FrancaPreTrainedModel):
         return_class_token: bool = False,
         norm: bool = True,
     ) -> tuple:
-        """Block outputs with the official `get_intermediate_layers` semantics.
+        """Block outputs with the official `get_intermediate_layers` semantics (the blocks after the last requested
+        one are not run).
 
         Args:
             n: the last `n` blocks (int) or these 0-based block indices (sequence).
@@ -575,10 +689,11 @@ class FrancaModel(FrancaPreTrainedModel):
         if not indices or indices[0] < 0 or indices[-1] >= depth:
             raise ValueError(f"Requested blocks {n!r} are out of range for a model with {depth} blocks.")
         pixel_values = self._prepare_pixels(pixel_values)
-        _, states, _ = self._encode(pixel_values, stop_after=indices[-1])
-        outputs = [states[i + 1] for i in indices]
-        if norm:
-            outputs = [self.layernorm(o) for o in outputs]
+        hidden_states, outputs = self._embed(pixel_values), []
+        for index, layer in enumerate(self.encoder.layer[: indices[-1] + 1]):
+            hidden_states = layer(hidden_states)
+            if index in indices:
+                outputs.append(self.layernorm(hidden_states) if norm else hidden_states)
         class_tokens = [o[:, 0] for o in outputs]
         patches = [o[:, self._num_prefix_tokens() :] for o in outputs]
         if reshape:
@@ -589,12 +704,16 @@ class FrancaModel(FrancaPreTrainedModel):
 
 
 class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
-    """Franca as a transformers backbone for dense heads (DPT, Mask2Former, ...).
+    """Franca as a transformers backbone for dense heads (DPT, Mask2Former, ...), with `Dinov2Backbone` semantics.
 
     Stages are `"stem"` (the embeddings) and `"stage1"` ... `"stageL"` (block outputs). Feature maps are final-normed
-    (`config.apply_layernorm`) and reshaped to (B, D, h, w) (`config.reshape_hidden_states`). With
-    `config.debias_feature_maps` (or `debiased=True`) the last stage is RASA-debiased.
+    (`config.apply_layernorm`) and reshaped to (B, D, h, w) without the CLS and register tokens
+    (`config.reshape_hidden_states`); unreshaped maps are (B, 1 + R + N, D) with them, as in `Dinov2Backbone`. With
+    `config.debias_feature_maps` (or `debiased=True`) the patch tokens of the last stage are RASA-debiased.
     """
+
+    # a Matryoshka basis applies to embeddings, not to feature maps
+    _keys_to_ignore_on_load_unexpected = [r"matryoshka_basis\."]
 
     def __init__(self, config: FrancaConfig):
         super().__init__(config)
@@ -603,20 +722,17 @@ class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
         self.encoder = FrancaEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rasa = FrancaRASA(config) if config.rasa_steps > 0 else None
+        self._keep_fp32("rasa")
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
+    @can_return_tuple
+    @filter_output_hidden_states
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        debiased: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput | tuple:
+        self, pixel_values: torch.Tensor, debiased: bool | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BackboneOutput:
         debiased = self.config.debias_feature_maps if debiased is None else debiased
         if debiased and self.rasa is None:
             raise ValueError("Debiased feature maps need RASA weights, and this backbone has none (rasa_steps == 0).")
@@ -627,36 +743,28 @@ class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
                 f"RASA debiases the last stage ({self.stage_names[-1]}), which is not among out_features "
                 f"{self.out_features}; add it or pass debiased=False."
             )
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
         pixel_values = self._prepare_pixels(pixel_values)
-        _, states, attentions = self._encode(
-            pixel_values, output_hidden_states=True, output_attentions=output_attentions
-        )
-        last_stage = len(self.stage_names) - 1
+        encoded = self.encoder(self._embed(pixel_values), return_dict=True, **kwargs)
+        prefix, last_stage = self._num_prefix_tokens(), self.stage_names[-1]
         feature_maps = []
-        for index, (stage, state) in enumerate(zip(self.stage_names, states, strict=True)):
+        for stage, state in zip(self.stage_names, encoded.hidden_states, strict=True):
             if stage not in self.out_features:
                 continue
             if self.config.apply_layernorm:
                 state = self.layernorm(state)
-            patches = state[:, self._num_prefix_tokens() :]
-            if debiased and index == last_stage:
-                patches = self.rasa(patches)
+            if debiased and stage == last_stage:
+                state = torch.cat([state[:, :prefix], self.rasa(state[:, prefix:])], dim=1)
             if self.config.reshape_hidden_states:
-                patches = self._to_grid(patches, *pixel_values.shape[-2:])
-            feature_maps.append(patches)
-        output = BackboneOutput(
-            feature_maps=tuple(feature_maps),
-            hidden_states=tuple(states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
+                state = self._to_grid(state[:, prefix:], *pixel_values.shape[-2:])
+            feature_maps.append(state)
+        return BackboneOutput(
+            feature_maps=tuple(feature_maps), hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [
     "FrancaBackbone",
+    "FrancaMatryoshkaBasis",
     "FrancaModel",
     "FrancaModelOutput",
     "FrancaPreTrainedModel",

@@ -28,6 +28,7 @@ class ModelSettings:
     num_register_tokens: int = 0
     layerscale_value: float = 1e-5
     drop_path_rate: float = 0.1
+    drop_path_mode: str = "subset"  # subset: the official per-batch form | sample: per-sample Bernoulli (timm)
     init_from: str | None = None  # an HF folder (e.g. a previous stage's teacher) to start student and teacher from
 
 
@@ -151,6 +152,7 @@ class PretrainConfig:
         """Cross-field checks with messages that say what is allowed."""
         checks = [
             (self.heads.mode in ("project", "slice", "shared"), "heads.mode must be project, slice or shared"),
+            (self.model.drop_path_mode in ("subset", "sample"), "model.drop_path_mode must be subset or sample"),
             (self.crops.blur in ("paper", "official"), "crops.blur must be 'paper' or 'official'"),
             (self.run.mixed_precision in ("no", "bf16", "fp16"), "run.mixed_precision must be no, bf16 or fp16"),
             (self.optim.total_steps > 0, "optim.total_steps must be > 0"),

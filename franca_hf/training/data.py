@@ -1,148 +1,33 @@
-"""Image sources for pretraining and evaluation: the embedded demo set, image folders, Hugging Face datasets.
+"""Training data: per-sample seeded augmentation over image sources, map-style or streamed, and resumable sharded
+sampling. Unreadable images are skipped and counted, never fatal: a training sample that cannot be decoded is
+replaced by the next readable one, so every process keeps the same batch size.
 
-A source spec is a string: `"demo"` (procedural, no download), a folder path (images found recursively; labels
-from the first-level subfolder names when every image sits in one), or `"hf:<name or saved path>"` (any `datasets`
-image dataset, map-style or streamed). Unreadable images are skipped and counted, never fatal: a training sample
-that cannot be decoded is replaced by the next readable one, so every process keeps the same batch size.
+The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) live in `franca_hf.data`
+and are re-exported here.
 """
 
-import logging
-import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..features import DECODE_ERRORS, collect_image_paths
+from ..data.sources import (  # noqa: F401  (re-exported: the sources used to live here)
+    DECODE_ERRORS,
+    ImageSource,
+    SkipCounter,
+    _image_column,
+    collect_image_paths,
+    folder_source,
+    hf_source,
+    load_hf_dataset,
+    open_source,
+    split_off,
+    subsample,
+    subset,
+)
 
-logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 100
-
-
-@dataclass
-class ImageSource:
-    """An indexable set of images with optional integer labels (-1 when unlabelled).
-
-    Attributes:
-        name: the spec it came from.
-        load: index -> PIL image (may raise a decoding error).
-        size: number of images.
-        labels: per-image class index, or None.
-        class_names: names of the classes, or None.
-        describe: index -> a human-readable location (path or row), for error reports.
-    """
-
-    name: str
-    load: Callable[[int], Image.Image]
-    size: int
-    labels: list[int] | None = None
-    class_names: list[str] | None = None
-    describe: Callable[[int], str] = str
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def _open_path(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def folder_source(root: str | Path) -> ImageSource:
-    """Every image under `root`; labelled by first-level subfolder when all images are inside subfolders."""
-    root = Path(root)
-    paths = collect_image_paths([root])
-    parents = [p.relative_to(root).parts for p in paths]
-    labels = class_names = None
-    if all(len(parts) > 1 for parts in parents):
-        class_names = sorted({parts[0] for parts in parents})
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = [index[parts[0]] for parts in parents]
-    return ImageSource(
-        str(root), lambda i: _open_path(paths[i]), len(paths), labels, class_names, lambda i: str(paths[i])
-    )
-
-
-def _image_column(dataset, requested: str | None) -> str:
-    from datasets import Image as ImageFeature
-
-    features = dataset.features or {}
-    if requested is not None:
-        if features and requested not in features:
-            raise ValueError(f"Column {requested!r} not found; the dataset has {sorted(features)}.")
-        return requested
-    for name, feature in features.items():
-        if isinstance(feature, ImageFeature):
-            return name
-    raise ValueError(f"No Image column found among {sorted(features)}; set data.image_column.")
-
-
-def _label_column(dataset) -> tuple[str | None, list[str] | None]:
-    from datasets import ClassLabel
-
-    for name, feature in (dataset.features or {}).items():
-        if isinstance(feature, ClassLabel):
-            return name, list(feature.names)
-    return None, None
-
-
-def load_hf_dataset(spec: str, split: str, streaming: bool = False):
-    """`datasets.load_from_disk` for a saved folder, `datasets.load_dataset(name, split=...)` otherwise."""
-    import datasets
-
-    target = spec.removeprefix("hf:")
-    if Path(target).is_dir() and any(Path(target).glob("*.json")):
-        loaded = datasets.load_from_disk(target)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{target} has splits {sorted(loaded)}, not {split!r}.")
-            loaded = loaded[split]
-        return loaded.to_iterable_dataset() if streaming else loaded
-    return datasets.load_dataset(target, split=split, streaming=streaming)
-
-
-def hf_source(dataset, name: str, image_column: str | None = None) -> ImageSource:
-    """A map-style `datasets.Dataset` as an ImageSource (images decoded lazily, row by row)."""
-    column = _image_column(dataset, image_column)
-    label_column, class_names = _label_column(dataset)
-    labels = list(dataset[label_column]) if label_column else None
-
-    def load(index: int) -> Image.Image:
-        return dataset[index][column].convert("RGB")
-
-    return ImageSource(name, load, len(dataset), labels, class_names, lambda i: f"{name} row {i}")
-
-
-def open_source(
-    spec: str, split: str = "train", image_column: str | None = None, demo_num_images: int = 5000, seed: int = 0
-) -> ImageSource:
-    """Resolve a source spec (see the module docstring) to a map-style ImageSource."""
-    if spec == "demo":
-        from .demo_data import load_demo_dataset
-
-        return hf_source(load_demo_dataset(split=split, num_images=demo_num_images, seed=seed), "demo", "image")
-    if spec.startswith("hf:"):
-        return hf_source(load_hf_dataset(spec, split), spec, image_column)
-    if Path(spec).is_dir():
-        return folder_source(spec)
-    raise ValueError(f"Data source {spec!r} is not 'demo', 'hf:<dataset>' or an existing image folder.")
-
-
-class SkipCounter:
-    """Counts the images that could not be decoded and reports each one once."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.reported: set[str] = set()
-
-    def record(self, where: str, error: Exception) -> None:
-        self.count += 1
-        if where not in self.reported:
-            self.reported.add(where)
-            logger.warning("Skipping unreadable image %s: %s: %s", where, type(error).__name__, error)
 
 
 def sample_seed(*parts: int) -> int:
@@ -293,32 +178,3 @@ class EpochBatchSampler:
         mine = order[:usable][self.rank :: self.world_size].tolist()
         for batch in range(self.first_batch, self.batches_per_epoch):
             yield [(index, self.epoch) for index in mine[batch * self.batch_size : (batch + 1) * self.batch_size]]
-
-
-def subset(source: ImageSource, indices: list[int]) -> ImageSource:
-    """The images of `source` at `indices`, labels kept aligned."""
-    labels = [source.labels[i] for i in indices] if source.labels is not None else None
-    return ImageSource(
-        source.name,
-        lambda i: source.load(indices[i]),
-        len(indices),
-        labels,
-        source.class_names,
-        lambda i: source.describe(indices[i]),
-    )
-
-
-def subsample(source: ImageSource, max_images: int | None, seed: int = 0) -> ImageSource:
-    """At most `max_images` images of `source`, a fixed random subset."""
-    if max_images is None or max_images >= len(source):
-        return source
-    return subset(source, sorted(random.Random(seed).sample(range(len(source)), max_images)))
-
-
-def split_off(source: ImageSource, count: int, seed: int = 0) -> tuple[ImageSource, ImageSource]:
-    """(rest, held_out): `count` random images held out, disjoint from the rest."""
-    if not 0 < count < len(source):
-        raise ValueError(f"Cannot hold out {count} of the {len(source)} images of {source.name}.")
-    held = set(random.Random(seed).sample(range(len(source)), count))
-    rest = [i for i in range(len(source)) if i not in held]
-    return subset(source, rest), subset(source, sorted(held))

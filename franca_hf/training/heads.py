@@ -20,12 +20,13 @@ Defaults are the official ones: hidden 2048, bottleneck 384 (`DINO_BOTTLENECK_DI
 """
 
 from collections.abc import Mapping, Sequence
-from itertools import pairwise
 from os import PathLike
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..modeling import check_nested_dims, default_matryoshka_dims
 
 HEAD_MODES = ("project", "slice", "shared")
 DEFAULT_HIDDEN_DIM = 2048
@@ -34,9 +35,8 @@ IBOT_BOTTLENECK_DIM = 256
 DEFAULT_NUM_PROTOTYPES = 131072
 
 
-def default_nesting_dims(in_dim: int) -> list[int]:
-    """The official nesting list [D/16, D/8, D/4, D/2, D]."""
-    return [in_dim // 16, in_dim // 8, in_dim // 4, in_dim // 2, in_dim]
+# The official nesting list [D // 16, D // 8, D // 4, D // 2, D]: the model's Matryoshka dims (kept under its old name).
+default_nesting_dims = default_matryoshka_dims
 
 
 class WeightNormPrototypes(nn.Module):
@@ -85,7 +85,7 @@ class MatryoshkaHead(nn.Module):
 
     Args:
         in_dim: backbone width D.
-        nesting_dims: strictly increasing dims m_l <= D (default [D/16, D/8, D/4, D/2, D]).
+        nesting_dims: strictly increasing dims m_l <= D (default: the model's, [D // 16, D // 8, D // 4, D // 2, D]).
         num_prototypes: K, the prototype count of the largest level; level l has K * m_l / m_max (must divide).
         hidden_dim, bottleneck_dim: MLP sizes.
         mode: "project" (official), "slice" (paper) or "shared" (standard MRL); see the module docstring.
@@ -104,13 +104,10 @@ class MatryoshkaHead(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
-        nesting_dims = list(default_nesting_dims(in_dim) if nesting_dims is None else nesting_dims)
+        nesting_dims = default_matryoshka_dims(in_dim) if nesting_dims is None else nesting_dims
         if mode not in HEAD_MODES:
             raise ValueError(f"mode must be one of {HEAD_MODES}, got {mode!r}.")
-        if not nesting_dims or nesting_dims[0] < 1 or any(a >= b for a, b in pairwise(nesting_dims)):
-            raise ValueError(f"nesting_dims must be positive and strictly increasing, got {nesting_dims}.")
-        if nesting_dims[-1] > in_dim:
-            raise ValueError(f"nesting_dims must not exceed in_dim={in_dim}, got {nesting_dims}.")
+        nesting_dims = check_nested_dims(nesting_dims, in_dim, "nesting_dims", end_at_width=False)
         if any(num_prototypes * dim % nesting_dims[-1] for dim in nesting_dims):
             raise ValueError(
                 f"num_prototypes * m / {nesting_dims[-1]} must be an integer for every nesting dim m, got "

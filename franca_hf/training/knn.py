@@ -1,18 +1,17 @@
 """k-NN evaluation (DINO protocol) of CLS features at every Matryoshka dim.
 
-Features are the final-normed CLS tokens, truncated to each nested dim and then L2-normalised; a query's k nearest
+Features are the models' full-width CLS embeddings, truncated to each nested dim and then L2-normalised; a query's k nearest
 training features (cosine similarity) vote for their class with weight exp(similarity / T). Defaults: k = 20,
 T = 0.07.
 """
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .data import DECODE_ERRORS, ImageSource, SkipCounter
+from ..data.sources import ImageSource
+from ..features.loop import embed_batch, run_model
 
 
-@torch.no_grad()
 def embed_source(
     model,
     source: ImageSource,
@@ -20,38 +19,33 @@ def embed_source(
     batch_size: int = 64,
     indices: list[int] | None = None,
     progress: bool = False,
+    num_workers: int | None = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-width final-normed CLS features (n, D) and labels (n,) of the readable images of `source`.
+    """Full-width CLS embeddings (n, D) (`franca_hf.features.embed_batch`: the model's Matryoshka embedding, unit
+    norm) and labels (n,) of the readable images of `source`.
 
     `indices` restricts the work to those images (e.g. one process's share); unreadable images are skipped.
+    `num_workers` DataLoader workers decode (0: in this process, as the trainer's periodic evaluation does).
     """
     if source.labels is None:
         raise ValueError(f"k-NN needs labels, and {source.name} has none.")
-    indices = list(range(len(source))) if indices is None else indices
-    skips = SkipCounter()
     features, labels = [], []
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(indices), batch_size), desc=f"embed {source.name}", disable=not progress):
-        images, batch_labels = [], []
-        for index in indices[start : start + batch_size]:
-            try:
-                images.append(source.load(index))
-            except DECODE_ERRORS as error:
-                skips.record(source.describe(index), error)
-                continue
-            batch_labels.append(source.labels[index])
-        if not images:
-            continue
-        pixels = image_processor(images, return_tensors="pt")["pixel_values"]
-        parameter = next(model.parameters())
-        output = model(pixels.to(parameter.device, parameter.dtype))
-        features.append(output.pooler_output.float().cpu())
-        labels.append(torch.tensor(batch_labels))
-    model.train(was_training)
-    width = model.config.hidden_size
+    batches = run_model(
+        model,
+        source,
+        image_processor,
+        lambda model, pixels: embed_batch(model, pixels),
+        positions=indices,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"embed {source.name}",
+    )
+    for positions, batch in batches:
+        features.append(batch.float().cpu())
+        labels.append(torch.tensor([source.labels[p] for p in positions], dtype=torch.long))
     if not features:
-        return torch.empty(0, width), torch.empty(0, dtype=torch.long)
+        return torch.empty(0, model.config.hidden_size), torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
 
 

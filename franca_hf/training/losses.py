@@ -193,9 +193,10 @@ def ibot_loss(
 def koleo_loss(embeddings: torch.Tensor, num_crops: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Kozachenko-Leonenko entropy regulariser, computed within each crop and summed over crops.
 
-    The embeddings are L2-normalised; the loss is the mean of -log(distance to the nearest other embedding + eps).
-    Always fp32, with autocast disabled inside (an autocast-disabled region alone does not upcast bf16/fp16 inputs,
-    and fp16 turns eps into 0 and coinciding embeddings into an infinite loss).
+    The embeddings are L2-normalised; the loss is the mean of -log(d + eps), d = ||x - nearest other + eps|| (the
+    official distance, eps added to every coordinate). Always fp32, with autocast disabled inside (an
+    autocast-disabled region alone does not upcast bf16/fp16 inputs, and fp16 turns eps into 0 and coinciding
+    embeddings into an infinite loss).
 
     Args:
         embeddings: (num_crops * B, D) backbone CLS tokens, crop-major; B >= 2.
@@ -214,6 +215,8 @@ def koleo_loss(embeddings: torch.Tensor, num_crops: int = 1, eps: float = 1e-8) 
             similarity = crop @ crop.T
             similarity.fill_diagonal_(-1.0)
             nearest = similarity.argmax(dim=1)
-            distances = torch.linalg.vector_norm(crop - crop[nearest], dim=-1)
+            # ||x - y + eps|| (torch's pairwise distance, as the official nn.PairwiseDistance): coinciding embeddings
+            # are eps * sqrt(D) apart, a finite loss with finite gradients
+            distances = F.pairwise_distance(crop, crop[nearest], p=2, eps=eps)
             total = total - torch.log(distances + eps).mean()
     return total

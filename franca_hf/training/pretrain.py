@@ -86,7 +86,7 @@ class Teacher(FrancaNetworks):
         """Sinkhorn targets per level for a collated batch (`collate_masked_crops`): DINO (2B, K_l) in the teacher's
         crop order, iBOT (M, K_l) of the masked tokens."""
         out = self.backbone(batch["global_crops"])
-        masked_patches = out.patch_embeddings.flatten(0, 1)[batch["mask_indices"]]
+        masked_patches = out.patch_tokens.flatten(0, 1)[batch["mask_indices"]]
         # the heads in fp32: the targets divide their logits by a temperature as low as 0.04
         with torch.autocast(batch["global_crops"].device.type, enabled=False):
             dino = sinkhorn_knopp(self.dino_head(out.pooler_output.float()), temperature, iterations)
@@ -114,7 +114,7 @@ class Student(FrancaNetworks):
         dino = dino_loss(
             [x[:num_global] for x in dino_logits], [x[num_global:] for x in dino_logits], dino_targets, self.temperature
         )
-        masked_patches = global_out.patch_embeddings.flatten(0, 1)[batch["mask_indices"]]
+        masked_patches = global_out.patch_tokens.flatten(0, 1)[batch["mask_indices"]]
         ibot = ibot_loss(
             self.ibot_head(masked_patches), ibot_targets, batch["mask_weights"], num_global, self.temperature
         )
@@ -155,6 +155,7 @@ def backbone_config(config: PretrainConfig) -> FrancaConfig:
         num_register_tokens=m.num_register_tokens,
         layerscale_value=m.layerscale_value,
         drop_path_rate=m.drop_path_rate,
+        drop_path_mode=m.drop_path_mode,
         position_grid_size=crops.global_size // m.patch_size,
         image_size=crops.global_size,
     )
@@ -181,18 +182,51 @@ def resize_position_table(model: FrancaModel, grid: int) -> None:
     model.config.image_size = grid * model.config.patch_size
 
 
+def load_initial_backbone(folder: str, drop_path_rate: float, drop_path_mode: str = "subset") -> FrancaModel:
+    """The backbone of `model.init_from`, in fp32 whatever dtype the folder stores, without RASA directions.
+
+    fp32 master weights: at the high-resolution stages' learning rates (~1e-5), most AdamW updates of bf16 weights are
+    below bf16's resolution and are lost (mixed precision is autocast's job, `run.mixed_precision`). RASA directions
+    are fitted to one frozen backbone: once it trains they no longer remove its position information, so they are
+    dropped (and `dropped_rasa_steps` in `config.source_checkpoint` puts a note on the exported teacher's card).
+    """
+    stored = str(FrancaConfig.from_pretrained(folder).dtype or "float32").removeprefix("torch.")
+    backbone = FrancaModel.from_pretrained(
+        folder, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode, dtype=torch.float32
+    )
+    logger.info(
+        "model.init_from %s stores %s weights; student and teacher train float32 master weights (mixed precision is "
+        "run.mixed_precision's autocast).",
+        folder,
+        stored,
+    )
+    if backbone.rasa is not None:
+        steps = backbone.config.rasa_steps
+        logger.warning(
+            "model.init_from %s holds %d RASA steps fitted to its backbone as it is now; training changes the "
+            "backbone, so they are dropped. Refit them on the exported teacher: franca-hf rasa --model "
+            "<output_dir>/teacher --data <images> --out <folder>.",
+            folder,
+            steps,
+        )
+        backbone.rasa = None
+        backbone.config.rasa_steps = 0
+        backbone.config.source_checkpoint = {**(backbone.config.source_checkpoint or {}), "dropped_rasa_steps": steps}
+    return backbone
+
+
 def build_networks(config: PretrainConfig) -> tuple[Student, Teacher]:
-    """Student and teacher with identical initial weights (from `model.init_from` when given)."""
+    """Student and teacher with identical initial fp32 weights (from `model.init_from` when given)."""
     if config.model.init_from:
-        backbone = FrancaModel.from_pretrained(config.model.init_from, drop_path_rate=config.model.drop_path_rate)
+        backbone = load_initial_backbone(
+            config.model.init_from, config.model.drop_path_rate, config.model.drop_path_mode
+        )
         if backbone.config.patch_size != config.model.patch_size:  # the crops and masks are sized by the config
             raise ValueError(
                 f"model.init_from ({config.model.init_from}) has patch size {backbone.config.patch_size}, but "
                 f"model.patch_size is {config.model.patch_size}: set model.patch_size={backbone.config.patch_size}."
             )
         resize_position_table(backbone, config.crops.global_size // backbone.config.patch_size)
-        if backbone.rasa is not None:
-            backbone.rasa.requires_grad_(False)  # post-training directions, not trained by this objective
     else:
         backbone = FrancaModel(backbone_config(config))
     backbone.train()
@@ -415,10 +449,9 @@ def export_teacher(
             "steps": state.step,
             "heads": config.heads.mode,
             **({"init_from": str(config.model.init_from)} if config.model.init_from else {}),
-            **{key: base[key] for key in ("release", "tag", "dataset") if key in base},
+            **{key: base[key] for key in ("release", "tag", "dataset", "dropped_rasa_steps") if key in base},
         }
-        crop = config.crops.global_size
-        processor = make_image_processor(crop, crop if crop < 64 else None)
+        processor = make_image_processor(config.crops.global_size)
         save_model_folder(
             backbone, folder, overwrite=True, image_processor=processor, card_text=render_model_card(backbone.config)
         )
@@ -441,8 +474,7 @@ class KnnEvaluator:
             )
             for spec, split in ((settings.knn_train, "train"), (settings.knn_test, "test"))
         ]
-        crop = config.crops.global_size
-        self.processor = make_image_processor(crop, crop if crop < 64 else None)
+        self.processor = make_image_processor(config.crops.global_size)
 
     @torch.no_grad()
     def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float] | None:

@@ -65,7 +65,7 @@ class ScheduleValues:
 
 
 class FrancaSchedules:
-    """The five Franca schedules; defaults are the released recipe (SPEC §5: 625K steps, 100K warmup).
+    """The five Franca schedules; defaults are the released recipe (paper Table 6: 625K steps, 100K warmup; docs/pretraining.md).
 
     Args:
         lr: peak learning rate, already scaled (see `scaled_learning_rate`).

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel
 
 from franca_hf.cli import main
+from franca_hf.conversion.checkpoint import CheckpointError
 from franca_hf.conversion.convert import convert_release
 from franca_hf.conversion.releases import DownloadError, download_file, fetch_release_file, sha256_of
 
@@ -71,7 +72,7 @@ def _split_tar_parts(stem: str, payload: bytes) -> dict[str, bytes]:
 
 
 @pytest.fixture()
-def server():
+def server(tiny_releases):
     teacher, rasa = TEACHER_CHECKPOINT.read_bytes(), RASA_CHECKPOINT.read_bytes()
     files = {"/v1.0.0/franca_vitb14_In21K.pth": teacher, "/v1.0.0/franca_vitb14_In21K_rasa.pth": rasa}
     for suffix, part in _split_tar_parts("franca_vitg14_Laion600M", teacher).items():
@@ -87,7 +88,7 @@ def test_release_converts_once_then_comes_from_the_cache(server, tmp_path, refer
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model(reference["98x98.pixel_values"])
-    assert (out.debiased_patch_embeddings - reference["98x98.patch_rasa"]).abs().max() <= 1e-5
+    assert (out.debiased_patch_tokens - reference["98x98.patch_rasa"]).abs().max() <= 1e-5
     source = model.config.source_checkpoint
     assert source["release"] == "franca_vitb14_In21K" and source["sha256"] == sha256_of(TEACHER_CHECKPOINT)
     assert "franca-research-only-rail-ams" in (folder / "README.md").read_text()
@@ -108,7 +109,7 @@ def test_split_vit_g_archive_is_joined_unpacked_and_converted(server, tmp_path, 
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model(reference["98x98.pixel_values"])
-    assert (out.patch_embeddings - reference["98x98.patch"]).abs().max() <= 1e-5
+    assert (out.patch_tokens - reference["98x98.patch"]).abs().max() <= 1e-5
     source = model.config.source_checkpoint
     assert source["release"] == "franca_vitg14_Laion600M" and source["url"].endswith("_chunked.tar.gz.part_*")
     assert "laion/laion-coco" in (folder / "README.md").read_text()
@@ -188,7 +189,7 @@ def test_cli_convert_release_and_errors(server, tmp_path, capsys):
     assert AutoModel.from_pretrained(folder).config.source_checkpoint.get("parity") is None  # not verified
 
 
-def test_a_release_file_downloaded_by_hand_converts_as_that_release(tmp_path):
+def test_a_release_file_downloaded_by_hand_converts_as_that_release(tmp_path, tiny_releases):
     by_hand = tmp_path / "franca_vitl14_Laion600M.pth"
     by_hand.write_bytes(TEACHER_CHECKPOINT.read_bytes())
     assert main(["convert", str(by_hand), "--out", str(tmp_path / "out")]) == 0
@@ -196,3 +197,30 @@ def test_a_release_file_downloaded_by_hand_converts_as_that_release(tmp_path):
     assert source["release"] == "franca_vitl14_Laion600M" and source["dataset"] == "LAION-600M (LAION-COCO)"
     card = (tmp_path / "out" / "README.md").read_text()
     assert "license: other" in card and "franca-research-only-rail-ams" in card
+
+
+def test_a_file_named_like_a_release_is_that_release_only_if_its_architecture_is(tmp_path, caplog):
+    """Provenance from what the weights are: a 128-wide 4-block checkpoint saved as the ViT-L release's file name
+    converts, but as an ordinary checkpoint (no release name, data or research-only licence), with a warning."""
+    by_hand = tmp_path / "franca_vitl14_Laion600M.pth"
+    by_hand.write_bytes(TEACHER_CHECKPOINT.read_bytes())
+    with caplog.at_level("WARNING", logger="franca_hf"):
+        assert main(["convert", str(by_hand), "--out", str(tmp_path / "out")]) == 0
+    assert "named like the official release franca_vitl14_Laion600M" in caplog.text
+    assert "hidden_size 128 (expected 1024), num_hidden_layers 4 (expected 24)" in caplog.text
+    source = AutoModel.from_pretrained(tmp_path / "out").config.source_checkpoint
+    assert "release" not in source and "dataset" not in source and source["file"] == by_hand.name
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "license: apache-2.0" in card and "franca-research-only-rail-ams" not in card
+
+
+def test_a_downloaded_release_of_the_wrong_architecture_is_an_error(tmp_path):
+    served = ReleaseServer({"/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes()})
+    try:
+        with pytest.raises(
+            CheckpointError, match=r"does not hold franca_vitb14_In21K: hidden_size 128 \(expected 768\)"
+        ):
+            convert_release("franca_vitb14_In21K", base_url=served.url, cache=tmp_path, progress=False)
+    finally:
+        served.close()
+    assert not (tmp_path / "converted" / "franca_vitb14_In21K" / "float32").exists()

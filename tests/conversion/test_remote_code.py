@@ -32,7 +32,7 @@ pixels = torch.load(pixels_file)
 with torch.no_grad():
     out = model(pixels, matryoshka_dim=config.matryoshka_dims[2])
 torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls": out.pooler_output,
-            "patch": out.patch_embeddings, "debiased": out.debiased_patch_embeddings}, out_file)
+            "patch": out.patch_tokens, "debiased": out.debiased_patch_tokens}, out_file)
 """
 
 
@@ -61,5 +61,5 @@ def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path
     with torch.no_grad():
         out = model(pixels, matryoshka_dim=32)
     torch.testing.assert_close(remote["cls"], out.pooler_output, rtol=0, atol=1e-6)
-    torch.testing.assert_close(remote["patch"], out.patch_embeddings, rtol=0, atol=1e-6)
-    torch.testing.assert_close(remote["debiased"], out.debiased_patch_embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["patch"], out.patch_tokens, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["debiased"], out.debiased_patch_tokens, rtol=0, atol=1e-6)

@@ -34,7 +34,7 @@ def test_backbone_maps_equal_model_outputs(tiny_folder, reference):
         debiased = backbone(pixels, debiased=True).feature_maps[1]
     assert torch.allclose(stage4, model.get_dense_features(pixels), atol=1e-6)
     assert torch.allclose(stage2, intermediate, atol=1e-6)
-    expected = out.debiased_patch_embeddings.reshape(2, 5, 9, 128).permute(0, 3, 1, 2)
+    expected = out.debiased_patch_tokens.reshape(2, 5, 9, 128).permute(0, 3, 1, 2)
     assert torch.allclose(debiased, expected, atol=1e-6)
 
 
@@ -42,8 +42,9 @@ def test_backbone_options_and_errors():
     backbone = FrancaBackbone(tiny_config(reshape_hidden_states=False, apply_layernorm=False)).eval()
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, 56, 56), output_hidden_states=True)
-    assert out.feature_maps[0].shape == (1, 16, 64) and len(out.hidden_states) == 3
-    assert torch.equal(out.feature_maps[0], out.hidden_states[-1][:, 1:])
+    # as Dinov2Backbone: unreshaped maps keep the CLS token
+    assert out.feature_maps[0].shape == (1, 17, 64) and len(out.hidden_states) == 3
+    assert torch.equal(out.feature_maps[0], out.hidden_states[-1])
     with pytest.raises(ValueError, match="need RASA weights"):
         backbone(torch.randn(1, 3, 56, 56), debiased=True)
     with pytest.raises(ValueError, match="out_features must be a subset"):

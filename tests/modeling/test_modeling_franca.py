@@ -1,11 +1,14 @@
 """FrancaModel against the official outputs, and its transformers behaviour."""
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from franca_hf import FrancaConfig, FrancaModel
 from franca_hf.modeling import interpolate_position_table
+from franca_hf.modeling.modeling_franca import FrancaDropPath
 
 from ..conftest import REFERENCE_SIZES, tiny_config
 
@@ -31,9 +34,9 @@ def test_outputs_match_official(converted, reference, size):
     pixels = reference[f"{size}.pixel_values"]
     out = converted(pixels, output_hidden_states=True)
     assert _max_error(out.pooler_output, reference[f"{size}.cls"]) <= TOLERANCE
-    assert _max_error(out.patch_embeddings, reference[f"{size}.patch"]) <= TOLERANCE
+    assert _max_error(out.patch_tokens, reference[f"{size}.patch"]) <= TOLERANCE
     assert _max_error(out.hidden_states[-1], reference[f"{size}.prenorm"]) <= TOLERANCE
-    assert _max_error(out.debiased_patch_embeddings, reference[f"{size}.patch_rasa"]) <= TOLERANCE
+    assert _max_error(out.debiased_patch_tokens, reference[f"{size}.patch_rasa"]) <= TOLERANCE
     assert _max_error(out.last_hidden_state[:, 0], reference[f"{size}.cls"]) <= TOLERANCE
 
 
@@ -59,7 +62,7 @@ def test_intermediate_layers_match_official(converted, reference, size):
 def test_masked_forward_matches_official(converted, reference):
     out = converted(reference["masked.pixel_values"], bool_masked_pos=reference["masked.masks"])
     assert _max_error(out.pooler_output, reference["masked.cls"]) <= TOLERANCE
-    assert _max_error(out.patch_embeddings, reference["masked.patch"]) <= TOLERANCE
+    assert _max_error(out.patch_tokens, reference["masked.patch"]) <= TOLERANCE
     unmasked = converted(reference["masked.pixel_values"])
     assert _max_error(unmasked.pooler_output, reference["masked.cls"]) > 1e-3  # the mask really changes the output
 
@@ -70,15 +73,44 @@ def test_matryoshka_truncation_is_a_prefix(converted, reference):
     full = converted(pixels)
     for dim in converted.config.matryoshka_dims:
         out = converted(pixels, matryoshka_dim=dim)
+        expected = torch.nn.functional.normalize(full.pooler_output[:, :dim], dim=-1)  # truncate, then normalise
         assert out.pooler_output.shape == (2, dim)
-        assert torch.equal(out.pooler_output, full.pooler_output[:, :dim])
-        assert torch.equal(out.patch_embeddings, full.patch_embeddings[..., :dim])
-        assert torch.equal(out.debiased_patch_embeddings, full.debiased_patch_embeddings[..., :dim])
+        torch.testing.assert_close(out.pooler_output, expected, rtol=0, atol=1e-6)
+        assert torch.equal(out.patch_tokens, full.patch_tokens[..., :dim])
+        assert torch.equal(out.debiased_patch_tokens, full.debiased_patch_tokens[..., :dim])
         assert torch.equal(out.last_hidden_state, full.last_hidden_state)  # never truncated
+        assert torch.equal(converted.get_image_embeddings(pixels, dim=dim), out.pooler_output)
         features = converted.get_image_features(pixels, dim=dim)
-        expected = full.pooler_output[:, :dim] / full.pooler_output[:, :dim].norm(dim=-1, keepdim=True)
-        assert torch.allclose(features, expected, atol=1e-6)  # truncate, then normalise
-        assert torch.allclose(features.norm(dim=-1), torch.ones(2))
+        assert torch.equal(features.pooler_output, out.pooler_output)
+        assert torch.equal(features.last_hidden_state, full.last_hidden_state)
+        raw = converted.get_image_embeddings(pixels, dim=dim, normalize=False)
+        assert torch.equal(raw, full.pooler_output[:, :dim])
+
+
+def test_image_features_follow_transformers_5():
+    """`get_image_features` returns a model output (hidden states and attentions on request, a tuple with
+    return_dict=False), and nothing crashes when the config asks for tuples."""
+    model = FrancaModel(tiny_config(rasa_steps=1)).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = model.get_image_features(pixels, dim=16, output_hidden_states=True, output_attentions=True)
+        assert out.pooler_output.shape == (2, 16) and len(out.hidden_states) == 3 and len(out.attentions) == 2
+        as_tuple = model.get_image_features(pixels, dim=16, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], out.pooler_output)
+        model.config.return_dict = False
+        assert isinstance(model(pixels), tuple) and isinstance(model.get_image_features(pixels), tuple)
+        assert torch.equal(model.get_image_embeddings(pixels, dim=16), out.pooler_output)
+        assert model.get_dense_features(pixels, debiased=True).shape == (2, 64, 4, 4)
+
+
+def test_old_output_names_still_work_with_a_warning():
+    model = FrancaModel(tiny_config(rasa_steps=1)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 56, 56))
+    with pytest.warns(FutureWarning, match="now `patch_tokens`"):
+        assert out.patch_embeddings is out.patch_tokens
+    with pytest.warns(FutureWarning, match="now `debiased_patch_tokens`"):
+        assert out.debiased_patch_embeddings is out.debiased_patch_tokens
 
 
 @torch.no_grad()
@@ -87,10 +119,10 @@ def test_dense_features(converted, reference):
     out = converted(pixels)
     grid = converted.get_dense_features(pixels, debiased=True, dim=32)
     assert grid.shape == (2, 32, 5, 9)
-    expected = out.debiased_patch_embeddings[..., :32].reshape(2, 5, 9, 32).permute(0, 3, 1, 2)
+    expected = out.debiased_patch_tokens[..., :32].reshape(2, 5, 9, 32).permute(0, 3, 1, 2)
     assert torch.equal(grid, expected)
     flat = converted.get_dense_features(pixels, as_grid=False)
-    assert torch.equal(flat, out.patch_embeddings)
+    assert torch.equal(flat, out.patch_tokens)
 
 
 def test_save_load_round_trip_is_exact(converted, tmp_path, reference):
@@ -100,7 +132,7 @@ def test_save_load_round_trip_is_exact(converted, tmp_path, reference):
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
     pixels = reference["112x112.pixel_values"]
     with torch.no_grad():
-        assert torch.equal(converted(pixels).debiased_patch_embeddings, reloaded(pixels).debiased_patch_embeddings)
+        assert torch.equal(converted(pixels).debiased_patch_tokens, reloaded(pixels).debiased_patch_tokens)
 
 
 def test_folder_has_image_processor_and_config(tiny_folder):
@@ -124,8 +156,6 @@ def test_bad_inputs_raise_clear_errors():
         model.get_dense_features(torch.randn(1, 3, 56, 56), debiased=True)
     with pytest.raises(ValueError, match=r"bool_masked_pos must have shape \(batch, patches\) = \(1, 16\)"):
         model(torch.randn(1, 3, 56, 56), bool_masked_pos=torch.zeros(1, 9, dtype=torch.bool))
-    with pytest.raises(ValueError, match="'eager' attention"):
-        model(torch.randn(1, 3, 56, 56), output_attentions=True)
     with pytest.raises(ValueError, match="out of range"):
         model.get_intermediate_layers(torch.randn(1, 3, 56, 56), n=[5])
 
@@ -135,7 +165,7 @@ def test_bad_configs_raise_clear_errors():
         FrancaConfig(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="ffn_type must be one of"):
         FrancaConfig(ffn_type="moe")
-    with pytest.raises(ValueError, match="ending at hidden_size"):
+    with pytest.raises(ValueError, match=r"matryoshka_dims must be strictly increasing positive integers ending at 64"):
         FrancaConfig(hidden_size=64, num_attention_heads=2, matryoshka_dims=[8, 32])
     with pytest.raises(ValueError, match="Unknown preset"):
         FrancaConfig.from_preset("vit_huge")
@@ -171,7 +201,7 @@ def test_sizes_not_multiple_of_patch_are_cropped_with_one_warning(caplog):
         "as the official Franca model does."
     ]
     assert torch.equal(cropped.last_hidden_state, expected.last_hidden_state)
-    assert cropped.patch_embeddings.shape == (2, 4 * 5, 64)
+    assert cropped.patch_tokens.shape == (2, 4 * 5, 64)
 
 
 def test_position_interpolation_uses_the_offset_kludge():
@@ -206,6 +236,22 @@ def test_hidden_states_attentions_and_tuple_output():
     assert torch.equal(as_tuple[0], out.last_hidden_state) and torch.equal(as_tuple[1], out.pooler_output)
 
 
+def test_attentions_under_sdpa_fall_back_to_eager_with_a_warning(caplog):
+    model = FrancaModel(tiny_config()).eval()
+    assert model.config._attn_implementation == "sdpa"
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        sdpa = model(pixels, output_attentions=True)
+        model.set_attn_implementation("eager")
+        eager = model(pixels, output_attentions=True)
+    assert any("falling back to 'eager'" in record.getMessage() for record in caplog.records)
+    assert len(sdpa.attentions) == 2
+    for a, b in zip(sdpa.attentions, eager.attentions, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(sdpa.last_hidden_state, eager.last_hidden_state)
+
+
 def test_sdpa_and_eager_agree_and_registers_are_supported():
     config = tiny_config(num_register_tokens=4, rasa_steps=2)
     model = FrancaModel(config).eval()
@@ -215,7 +261,7 @@ def test_sdpa_and_eager_agree_and_registers_are_supported():
         model.set_attn_implementation("eager")
         eager = model(pixels)
     assert sdpa.last_hidden_state.shape == (2, 1 + 4 + 15, 64)
-    assert sdpa.patch_embeddings.shape == (2, 15, 64)
+    assert sdpa.patch_tokens.shape == (2, 15, 64)
     assert torch.allclose(sdpa.last_hidden_state, eager.last_hidden_state, atol=1e-5)
 
 
@@ -264,3 +310,47 @@ def test_drop_path_only_in_training():
         torch.manual_seed(2)
         second = model(pixels).last_hidden_state
     assert not torch.equal(first, second)
+
+
+def test_subset_drop_path_runs_the_branch_on_exactly_the_kept_samples():
+    """The official form: floor(B(1 - p)) samples through the branch, added back scaled by B / kept."""
+    drop = FrancaDropPath(0.3, "subset").train()
+    seen = []
+
+    def branch(x):
+        seen.append(x.shape[0])
+        return torch.ones_like(x)
+
+    torch.manual_seed(0)
+    out = drop(torch.zeros(10, 5, 3), branch)
+    assert seen == [7]
+    per_sample = out[:, 0, 0]
+    assert torch.count_nonzero(per_sample) == 7
+    torch.testing.assert_close(per_sample[per_sample != 0], torch.full((7,), 10 / 7))
+    assert torch.all(out == out[:, :1, :1])  # whole samples, never single tokens
+    assert torch.equal(drop.eval()(torch.zeros(10, 5, 3), branch), torch.ones(10, 5, 3))
+
+
+def test_sample_drop_path_keeps_each_sample_independently():
+    drop = FrancaDropPath(0.5, "sample").train()
+    torch.manual_seed(0)
+    per_sample = drop(torch.zeros(4000, 1, 1), torch.ones_like).flatten()
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}
+    assert 0.47 < (per_sample > 0).float().mean() < 0.53  # Bernoulli(0.5): 4000 draws, 4 sigma
+    with pytest.raises(ValueError, match="drop_path_mode must be one of"):
+        tiny_config(drop_path_mode="batch")
+
+
+def test_one_default_nesting_for_model_heads_and_indexes():
+    """The model's Matryoshka dims, the heads' nesting and an index's dims are one list: the official integer
+    division [D // 16, D // 8, D // 4, D // 2, D], without zeros or repeats."""
+    from franca_hf.modeling import default_matryoshka_dims
+    from franca_hf.retrieval import EmbeddingIndex
+    from franca_hf.training.heads import MatryoshkaHead
+
+    assert default_matryoshka_dims(100) == [6, 12, 25, 50, 100]
+    assert default_matryoshka_dims(8) == [1, 2, 4, 8]
+    config = FrancaConfig(hidden_size=100, num_attention_heads=4)
+    head = MatryoshkaHead(100, num_prototypes=400, hidden_dim=16, bottleneck_dim=8)
+    index = EmbeddingIndex(torch.randn(3, 100))
+    assert config.matryoshka_dims == head.nesting_dims == index.dims == [6, 12, 25, 50, 100]

@@ -105,7 +105,7 @@ def test_init_and_weight_norm(mode):
     [
         (dict(mode="nested"), "mode"),
         (dict(nesting_dims=[16, 8]), "strictly increasing"),
-        (dict(nesting_dims=[8, 256]), "in_dim"),
+        (dict(nesting_dims=[8, 256]), r"nesting_dims must be strictly increasing positive integers at most 128"),
         (dict(nesting_dims=[24, 128], num_prototypes=100), "integer"),
     ],
 )

@@ -89,6 +89,31 @@ def test_koleo_matches_official(reference):
     torch.testing.assert_close(koleo_loss(reference["koleo.input"]), reference["koleo.loss"], rtol=1e-5, atol=0)
 
 
+def _official_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The official KoLeoLoss arithmetic (franca/loss/koleo_loss.py), fp32: nn.PairwiseDistance(2, eps) is
+    ||x - y + eps||, then -log(d + eps)."""
+    x = torch.nn.functional.normalize(x, eps=eps, p=2, dim=-1)
+    dots = x @ x.T
+    dots.view(-1)[:: x.shape[0] + 1].fill_(-1)
+    distances = torch.nn.PairwiseDistance(2, eps=eps)(x, x[dots.max(dim=1).indices])
+    return -torch.log(distances + eps).mean()
+
+
+def test_koleo_matches_the_official_values_and_gradients_with_and_without_coinciding_embeddings():
+    torch.manual_seed(0)
+    duplicated = torch.randn(8, 128)
+    duplicated[1] = duplicated[0]  # a repeated image, or early collapse: distance 0 before the eps
+    distinct = torch.randn(8, 128)
+    # the official KoLeoLoss values of these inputs (franca/loss/koleo_loss.py at 24f8c60, fp32 CPU)
+    for x, official in ((duplicated, 3.75643), (distinct, -0.27401)):
+        assert koleo_loss(x).item() == pytest.approx(official, abs=1e-5)
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        koleo_loss(ours).backward()
+        _official_koleo(theirs).backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+        assert ours.grad[:2].abs().max() > 0  # the coinciding pair has gradients too
+
+
 def test_koleo_per_crop(reference):
     x = reference["koleo.input"]
     torch.testing.assert_close(koleo_loss(x, num_crops=2), koleo_loss(x[:8]) + koleo_loss(x[8:]))

@@ -68,7 +68,8 @@ def test_aspect_ratio_range():
 
 
 def test_generator_errors():
-    with pytest.raises(ValueError, match="num_masked"):
+    assert int((~CyclicMaskGenerator(4)(16, random.Random(0))).sum()) == 1  # all asked for: one patch stays visible
+    with pytest.raises(ValueError, match=r"num_masked must be in \[0, 16\], got 17"):
         CyclicMaskGenerator(4)(17, random.Random(0))
     with pytest.raises(ValueError, match="min_aspect"):
         CyclicMaskGenerator(4, min_aspect=2.0, max_aspect=1.0)

@@ -168,7 +168,7 @@ def test_two_process_streamed_run_resumes_each_process_at_its_own_place(tiny_rec
         assert losses[step] == pytest.approx(expected[step], rel=1e-5), (step, losses, expected)
 
 
-def test_training_on_from_a_converted_release(tiny_recipe, tmp_path):
+def test_training_on_from_a_converted_release(tiny_recipe, tmp_path, tiny_releases):
     """`model.init_from` (the high-resolution stages): the official tiny reference, converted from a file named like
     a release, trained on at another resolution. The position table is resized to the new grid, and the exported
     teacher keeps the release's provenance and license on its model card."""

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from franca_hf.training import FrancaSchedules, WarmupCosineSchedule, scaled_learning_rate
+from franca_hf.training.config import load_config
 
 
 def test_sqrt_batch_scaling():
@@ -45,3 +46,36 @@ def test_franca_schedules():
     assert schedules(50).last_layer_lr == schedules(50).lr
     with pytest.raises(ValueError, match="freeze_last_layer_steps"):
         FrancaSchedules(lr=1e-3, freeze_last_layer_steps=-1)
+
+
+# valeoai/Franca configs/finetune/vit{b,l}14_finetune.yaml over ssl_default_config.yaml, in optimizer steps
+# (OFFICIAL_EPOCH_LENGTH 200): the teacher temperature warms up over 30 epochs, the prototypes stay frozen 1 epoch.
+OFFICIAL_FINETUNE_STEPS = {"total": 100 * 200, "warmup": 50 * 200, "temperature_warmup": 30 * 200, "frozen": 1 * 200}
+
+
+def test_high_resolution_recipes_follow_the_official_fine_tune_schedules():
+    """highres_518_official is the official fine-tune; the paper's two stages (highres_364, highres_518) freeze the
+    prototypes as long as it does (their temperature warmups are the paper's, see the recipes' comments)."""
+    official = load_config("highres_518_official")
+    assert (official.crops.global_size, official.crops.local_size, official.optim.base_lr) == (518, 98, 7.05e-5)
+    steps = official.optim
+    assert (steps.total_steps, steps.warmup_steps, steps.teacher_temperature_warmup_steps) == (
+        OFFICIAL_FINETUNE_STEPS["total"],
+        OFFICIAL_FINETUNE_STEPS["warmup"],
+        OFFICIAL_FINETUNE_STEPS["temperature_warmup"],
+    )
+    frozen = OFFICIAL_FINETUNE_STEPS["frozen"]
+    for name in ("highres_518_official", "highres_364", "highres_518"):
+        optim = load_config(name).optim
+        schedules = FrancaSchedules(
+            1e-5,
+            optim.total_steps,
+            optim.warmup_steps,
+            teacher_temperature_start=optim.teacher_temperature_start,
+            teacher_temperature=optim.teacher_temperature,
+            teacher_temperature_warmup_steps=optim.teacher_temperature_warmup_steps,
+            freeze_last_layer_steps=optim.freeze_last_layer_steps,
+        )
+        assert schedules(frozen - 1).last_layer_lr == 0 < schedules(frozen).last_layer_lr, name
+        assert schedules(0).teacher_temperature == 0.04, name
+        assert schedules(optim.teacher_temperature_warmup_steps).teacher_temperature == 0.07, name

@@ -1,6 +1,6 @@
 """RASA directions for any ViT: read final-normed patch tokens, store and apply learned position directions.
 
-FrancaModel keeps its directions as model weights (`debiased_patch_embeddings`). For other backbones
+FrancaModel keeps its directions as model weights (`debiased_patch_tokens`). For other backbones
 (transformers' `Dinov2Model`, `Dinov2WithRegistersModel`), `franca-hf rasa` writes `rasa_directions.safetensors`,
 and `RasaDirections` applies it:
 
@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .io import write_file_atomically
-from .modeling import FrancaModel, orthonormalize_rasa_weights, remove_position_directions
+from ..io import write_file_atomically
+from ..modeling import FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 
 DIRECTIONS_FILE = "rasa_directions.safetensors"
 
@@ -40,7 +40,7 @@ def patch_tokens(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple
     patch = model.config.patch_size
     grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
     if isinstance(model, FrancaModel):
-        return model(pixel_values).patch_embeddings, grid
+        return model(pixel_values).patch_tokens, grid
     prefix = 1 + getattr(model.config, "num_register_tokens", 0)
     return model(pixel_values=pixel_values).last_hidden_state[:, prefix:], grid
 

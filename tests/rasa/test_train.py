@@ -7,22 +7,12 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf import FrancaModel
-from franca_hf.rasa import RasaDirections, patch_tokens
+from franca_hf.data.sources import open_source, split_off, subsample
+from franca_hf.rasa import RasaDirections, evaluate_chain, grid_coordinates, official_rasa_chain, patch_tokens, probe_r2
+from franca_hf.rasa.train import RasaReport, RasaSettings, fit_position_predictor, train_rasa, write_rasa_output
 from franca_hf.training.augment import IMAGENET_MEAN, IMAGENET_STD
-from franca_hf.training.data import open_source, split_off, subsample
-from franca_hf.training.rasa import (
-    RasaReport,
-    RasaSettings,
-    evaluate_chain,
-    fit_position_predictor,
-    grid_coordinates,
-    probe_r2,
-    train_rasa,
-    write_rasa_output,
-)
 
 from ..conftest import assert_publishable_folder, tiny_config
-from ..modeling.test_rasa import official_chain
 
 WIDTH, ROWS, COLS = 24, 6, 6
 
@@ -81,14 +71,14 @@ def test_probe_r2_is_one_for_exact_codes_and_low_for_noise():
     assert probe_r2(torch.randn(6, ROWS * COLS, WIDTH, generator=generator), coords) < 0.2
 
 
-def test_directions_round_trip_and_the_model_applies_the_official_chain(tmp_path):
+def test_directions_round_trip_and_the_model_applies_the_official_rasa_chain(tmp_path):
     torch.manual_seed(0)
     weights = torch.randn(3, 2, 64)
     directions = RasaDirections(weights, {"note": "x"})
     loaded = RasaDirections.load(directions.save(tmp_path / "d.safetensors"))
     assert torch.equal(loaded.weights, weights) and loaded.metadata == {"note": "x"}
     tokens = torch.randn(2, 16, 64)
-    torch.testing.assert_close(loaded(tokens), official_chain(tokens, weights), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded(tokens), official_rasa_chain(tokens, weights), rtol=1e-5, atol=1e-5)
 
     model = FrancaModel(tiny_config()).eval()
     write_rasa_output(model, weights, RasaReport(), tmp_path / "franca", overwrite=False)
@@ -98,7 +88,7 @@ def test_directions_round_trip_and_the_model_applies_the_official_chain(tmp_path
     with torch.no_grad():
         out = debiased(pixels)
     torch.testing.assert_close(
-        out.debiased_patch_embeddings, official_chain(out.patch_embeddings, weights), rtol=1e-5, atol=1e-5
+        out.debiased_patch_tokens, official_rasa_chain(out.patch_tokens, weights), rtol=1e-5, atol=1e-5
     )
     assert json.loads((tmp_path / "franca" / "rasa_report.json").read_text())["backbone"] == "FrancaModel"
 
@@ -137,6 +127,8 @@ def test_short_real_run_lowers_the_position_probe(kind, tmp_path):
     assert weights.shape == (8, 2, 64)
     assert report.probe_r2[0] > 0.9 and report.probe_r2[-1] < report.probe_r2[0] - 0.05
     assert report.cosine_to_raw[-1] > 0.3  # tokens keep most of what is not position
+    written = json.loads((tmp_path / kind / "rasa_report.json").read_text())["report"]  # for every backbone
+    assert written["probe_r2"] == report.probe_r2 and written["cosine_to_raw"] == report.cosine_to_raw
     if kind == "dinov2":
         directions = RasaDirections.load(tmp_path / kind)
         assert torch.equal(directions.weights, weights)
@@ -152,7 +144,7 @@ def test_a_rerun_resumes_after_the_last_finished_step(tmp_path, monkeypatch):
     source = subsample(open_source("demo", "train", demo_num_images=200), 96)
     train, held_out = split_off(source, 16)
     settings = RasaSettings(steps=2, epochs=1, lr=0.01, batch_size=32, resolution=32, held_out_images=16, num_workers=0)
-    import franca_hf.training.rasa as rasa_module
+    import franca_hf.rasa.train as rasa_module
 
     real_write = rasa_module.write_rasa_output
 
@@ -217,7 +209,7 @@ def test_cli_trains_directions_for_a_converted_model(tiny_folder, tmp_path, caps
 def test_augmentation_probabilities_are_settings():
     from PIL import Image
 
-    from franca_hf.training.rasa import augmentation
+    from franca_hf.rasa.train import augmentation
 
     red = Image.new("RGB", (40, 40), (200, 20, 20))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel
 
-from franca_hf.training.demo_data import DEMO_CLASSES, DEMO_IMAGE_SIZE, generate_demo_images, load_demo_dataset
+from franca_hf.data.demo import DEMO_CLASSES, DEMO_IMAGE_SIZE, generate_demo_images, load_demo_dataset
 from franca_hf.training.knn import knn_predict
 
 

@@ -1,0 +1,3 @@
+"""Official Franca checkpoints to Hugging Face folders: the official key map (`checkpoint`), release downloads
+(`releases`), verified conversion (`convert`), folder export and model cards (`export`, `model_card`) and publishing
+(`hub`)."""

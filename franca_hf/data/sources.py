@@ -1,0 +1,219 @@
+"""Image sources for extraction, evaluation and training: image files and folders, Hugging Face datasets, the demo.
+
+A source spec is a string: `"demo"` (procedural, no download), a folder path (images found recursively; labels
+from the first-level subfolder names when every image sits in one), or `"hf:<name or saved path>"` (any `datasets`
+image dataset). Every image has an id that says where it came from: its file path, or `<spec>[<split>][<row>]` for
+a dataset row. Unreadable images are skipped, reported once each (`SkipCounter`), never fatal.
+
+Nothing here imports the trainer, so inference code can use it without loading `franca_hf.training`.
+"""
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+# What opening a damaged, truncated, unsupported or absurdly large (decompression bomb) image file raises.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+
+
+@dataclass
+class ImageSource:
+    """An indexable set of images with optional integer labels.
+
+    Attributes:
+        name: the spec it came from.
+        load: index -> PIL RGB image (may raise one of `DECODE_ERRORS`).
+        size: number of images.
+        labels: per-image class index, or None.
+        class_names: names of the classes, or None.
+        describe: index -> the image's id: its file path, or `<spec>[<split>][<row>]` for a dataset row.
+
+    The sources built here use module-level functions (not closures), so they pickle: DataLoader workers get them
+    under any multiprocessing start method.
+    """
+
+    name: str
+    load: Callable[[int], Image.Image]
+    size: int
+    labels: list[int] | None = None
+    class_names: list[str] | None = None
+    describe: Callable[[int], str] = str
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded recursively to their image files (sorted); a path given twice (or inside two
+    given folders) is kept once, at its first place. Errors on missing inputs and on finding no image."""
+    paths: dict[Path, None] = {}
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.update(dict.fromkeys(sorted(p for p in item.rglob("*") if p.is_file() and _is_image(p))))
+        elif item.is_file():
+            paths[item] = None
+        else:
+            raise FileNotFoundError(f"{item} is neither an image file nor a folder.")
+    if not paths:
+        raise ValueError(f"No image files found in {[str(i) for i in inputs]} (suffixes: {sorted(IMAGE_SUFFIXES)}).")
+    return list(paths)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The RGB image of a file (fully decoded, file closed)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _open_listed(paths: list[str], index: int) -> Image.Image:
+    return open_image(paths[index])
+
+
+def files_source(paths: Sequence[str | Path], name: str | None = None) -> ImageSource:
+    """Image files as an unlabelled source; their paths are the ids."""
+    paths = [str(p) for p in paths]
+    return ImageSource(name or "files", partial(_open_listed, paths), len(paths), describe=paths.__getitem__)
+
+
+def folder_source(root: str | Path) -> ImageSource:
+    """Every image under `root`; labelled by first-level subfolder when all images are inside subfolders."""
+    root = Path(root)
+    paths = collect_image_paths([root])
+    parents = [p.relative_to(root).parts for p in paths]
+    labels = class_names = None
+    if all(len(parts) > 1 for parts in parents):
+        class_names = sorted({parts[0] for parts in parents})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[parts[0]] for parts in parents]
+    source = files_source(paths, str(root))
+    source.labels, source.class_names = labels, class_names
+    return source
+
+
+def _image_column(dataset, requested: str | None) -> str:
+    from datasets import Image as ImageFeature
+
+    features = dataset.features or {}
+    if requested is not None:
+        if features and requested not in features:
+            raise ValueError(f"Column {requested!r} not found; the dataset has {sorted(features)}.")
+        return requested
+    for name, feature in features.items():
+        if isinstance(feature, ImageFeature):
+            return name
+    raise ValueError(f"No Image column found among {sorted(features)}; set data.image_column.")
+
+
+def _label_column(dataset) -> tuple[str | None, list[str] | None]:
+    from datasets import ClassLabel
+
+    for name, feature in (dataset.features or {}).items():
+        if isinstance(feature, ClassLabel):
+            return name, list(feature.names)
+    return None, None
+
+
+def load_hf_dataset(spec: str, split: str, streaming: bool = False):
+    """`datasets.load_from_disk` for a saved folder, `datasets.load_dataset(name, split=...)` otherwise."""
+    import datasets
+
+    target = spec.removeprefix("hf:")
+    if Path(target).is_dir() and any(Path(target).glob("*.json")):
+        loaded = datasets.load_from_disk(target)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{target} has splits {sorted(loaded)}, not {split!r}.")
+            loaded = loaded[split]
+        return loaded.to_iterable_dataset() if streaming else loaded
+    return datasets.load_dataset(target, split=split, streaming=streaming)
+
+
+def hf_source(dataset, name: str, image_column: str | None = None) -> ImageSource:
+    """A map-style `datasets.Dataset` as an ImageSource (images decoded lazily, row by row); row ids are
+    `<name>[<split>][<row>]`."""
+    column = _image_column(dataset, image_column)
+    label_column, class_names = _label_column(dataset)
+    labels = list(dataset[label_column]) if label_column else None
+    describe = f"{name}[{dataset.split or 'train'}][{{}}]".format
+    return ImageSource(name, partial(_load_row, dataset, column), len(dataset), labels, class_names, describe)
+
+
+def _load_row(dataset, column: str, index: int) -> Image.Image:
+    return dataset[index][column].convert("RGB")
+
+
+def open_source(
+    spec: str, split: str = "train", image_column: str | None = None, demo_num_images: int = 5000, seed: int = 0
+) -> ImageSource:
+    """Resolve a source spec (see the module docstring) to a map-style ImageSource."""
+    if spec == "demo":
+        from .demo import load_demo_dataset
+
+        return hf_source(load_demo_dataset(split=split, num_images=demo_num_images, seed=seed), "demo", "image")
+    if spec.startswith("hf:"):
+        return hf_source(load_hf_dataset(spec, split), spec, image_column)
+    if Path(spec).is_dir():
+        return folder_source(spec)
+    raise ValueError(f"Data source {spec!r} is not 'demo', 'hf:<dataset>' or an existing image folder.")
+
+
+class SkipCounter:
+    """Counts the images that could not be decoded, keeps (id, reason) of each, and logs each one once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.failed: list[tuple[str, str]] = []
+        self.reported: set[str] = set()
+
+    def record(self, where: str, error: Exception | str) -> None:
+        """Note that image `where` could not be read, because of `error` (an exception, or its description)."""
+        self.count += 1
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if where not in self.reported:
+            self.reported.add(where)
+            self.failed.append((where, reason))
+            logger.warning("Skipping unreadable image %s: %s", where, reason)
+
+
+def subset(source: ImageSource, indices: list[int]) -> ImageSource:
+    """The images of `source` at `indices`, labels and ids kept aligned."""
+    labels = [source.labels[i] for i in indices] if source.labels is not None else None
+    return ImageSource(
+        source.name,
+        partial(_through, source.load, indices),
+        len(indices),
+        labels,
+        source.class_names,
+        partial(_through, source.describe, indices),
+    )
+
+
+def _through(function: Callable, indices: list[int], index: int):
+    return function(indices[index])
+
+
+def subsample(source: ImageSource, max_images: int | None, seed: int = 0) -> ImageSource:
+    """At most `max_images` images of `source`, a fixed random subset."""
+    if max_images is None or max_images >= len(source):
+        return source
+    return subset(source, sorted(random.Random(seed).sample(range(len(source)), max_images)))
+
+
+def split_off(source: ImageSource, count: int, seed: int = 0) -> tuple[ImageSource, ImageSource]:
+    """(rest, held_out): `count` random images held out, disjoint from the rest."""
+    if not 0 < count < len(source):
+        raise ValueError(f"Cannot hold out {count} of the {len(source)} images of {source.name}.")
+    held = set(random.Random(seed).sample(range(len(source)), count))
+    rest = [i for i in range(len(source)) if i not in held]
+    return subset(source, rest), subset(source, sorted(held))

@@ -1,0 +1,354 @@
+"""Feature extraction: streamed to resumable Parquet shards (`extract_to_folder`), or in memory (`extract_features`).
+
+`extract_to_folder` runs in one process or under `accelerate launch` (each process embeds every n-th pending image
+into its own shards; the first one merges the index at the end). Rerunning it with the same settings resumes: the
+images of committed shards are not embedded again, none is lost. Memory stays flat in the number of images: rows
+are written shard by shard; only the ids of the done images are kept.
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+from ..conversion.convert import resolve_model
+from ..data.sources import (
+    ImageSource,
+    SkipCounter,
+    collect_image_paths,
+    files_source,
+    folder_source,
+    hf_source,
+    load_hf_dataset,
+)
+from .loop import embed_batch, run_model
+from .store import (
+    DATA_DIR,
+    INDEX_FILE,
+    PROGRESS_DIR,
+    ExtractionIndex,
+    ExtractionSettings,
+    ProgressLog,
+    read_shard_ids,
+    write_card,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
+SHARD_BYTES = 256 * 2**20  # default shard size bound: rows x row bytes <= 256 MiB
+MAX_SHARD_ROWS = 1024
+
+
+@dataclass
+class ExtractedFeatures:
+    """Features of the images that could be read, in input order, and the ones that could not.
+
+    Attributes:
+        features: (n, d) embeddings, or (n, d, h, w) dense maps.
+        paths: the n image ids (file paths, or `<spec>[<split>][<row>]`), aligned with `features`.
+        failed: (id, reason) for every skipped image.
+    """
+
+    features: torch.Tensor
+    paths: list[str]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def open_inputs(
+    inputs: Sequence[str | os.PathLike], split: str = "train", image_column: str | None = None
+) -> ImageSource:
+    """The images to extract: one `hf:<dataset>` spec (a saved folder or a Hub name, with `split`), one folder
+    (labelled by subfolder when every image sits in one), or any list of image files and folders."""
+    inputs = [str(item) for item in inputs]
+    datasets_specs = [item for item in inputs if item.startswith("hf:")]
+    if datasets_specs:
+        if len(inputs) > 1:
+            raise ValueError(f"Give one hf:<dataset> source alone, not together with other inputs; got {inputs}.")
+        return hf_source(load_hf_dataset(inputs[0], split), inputs[0], image_column)
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        return folder_source(inputs[0])
+    return files_source(collect_image_paths(inputs), ", ".join(inputs))
+
+
+def nested_dims(model) -> list[int]:
+    """The CLS widths a model serves: its Matryoshka dims, or its full width alone (a model without them)."""
+    return list(getattr(model.config, "matryoshka_dims", None) or [model.config.hidden_size])
+
+
+def check_feature_flags(dense: bool, debiased: bool) -> None:
+    """The errors (naming the CLI flags) that need no model: checked before one loads."""
+    if debiased and not dense:
+        raise ValueError("--debiased applies to dense patch features; pass --dense as well.")
+
+
+def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
+    """Errors (naming the CLI flags) for a request the model cannot serve, before any image is read."""
+    check_feature_flags(dense, debiased)
+    if debiased and not getattr(model, "has_rasa", False):
+        raise ValueError(
+            "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
+            "(`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
+        )
+    allowed = nested_dims(model)
+    if dim is not None and dim not in allowed:
+        raise ValueError(f"--dim {dim} is not one of this model's Matryoshka dims {allowed}.")
+
+
+def feature_kind(dense: bool, debiased: bool) -> str:
+    return ("dense_debiased" if debiased else "dense") if dense else "cls"
+
+
+def extract_features(
+    model,
+    image_processor,
+    inputs: Sequence[str | os.PathLike] | ImageSource,
+    dim: int | None = None,
+    dense: bool = False,
+    debiased: bool = False,
+    normalize: bool = True,
+    batch_size: int = 32,
+    num_workers: int | None = 0,
+    progress: bool = True,
+    desc: str = "extract",
+) -> ExtractedFeatures:
+    """Embed images in memory (for a few images: queries, tests; use `extract_to_folder` for collections).
+
+    Args:
+        inputs: image files and folders (searched recursively), or an `ImageSource`.
+        dim: Matryoshka prefix length (one of `model.config.matryoshka_dims`); full width when None.
+        dense: (n, d, h, w) patch feature maps instead of (n, d) CLS embeddings.
+        debiased: with `dense`, remove the RASA position directions (the model needs RASA weights).
+        normalize: L2-normalise CLS embeddings after truncation (ignored for dense maps).
+    """
+    check_feature_request(model, dim, dense, debiased)
+    source = inputs if isinstance(inputs, ImageSource) else files_source(collect_image_paths(inputs))
+    skips = SkipCounter()
+    outputs, ids = [], []
+    batches = run_model(
+        model,
+        source,
+        image_processor,
+        lambda model, pixels: embed_batch(model, pixels, dim, dense, debiased, normalize),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skips=skips,
+        progress=progress,
+        desc=desc,
+    )
+    for positions, features in batches:
+        outputs.append(features.float().cpu())
+        ids.extend(source.describe(p) for p in positions)
+    if not outputs:
+        raise ValueError(f"None of the {len(source)} images could be read: {skips.failed[:3]}...")
+    return ExtractedFeatures(features=torch.cat(outputs), paths=ids, failed=skips.failed)
+
+
+def process_state(device: str | None = None):
+    """Accelerate's view of this process (rank, count, device): one process, or one of `accelerate launch`'s.
+
+    Without an accelerator (or with `device="cpu"`), `accelerate launch --multi_gpu` processes join a gloo MULTI_CPU
+    group only when the state is created with `cpu=True`. The first call fixes the state for the whole process.
+    """
+    from accelerate import PartialState
+
+    cpu = not torch.accelerator.is_available() or (device is not None and torch.device(device).type == "cpu")
+    return PartialState(cpu=cpu)
+
+
+def default_shard_rows(row_bytes: int) -> int:
+    """Rows per shard: at most MAX_SHARD_ROWS and at most SHARD_BYTES of features."""
+    return max(1, min(MAX_SHARD_ROWS, SHARD_BYTES // row_bytes))
+
+
+@dataclass
+class ExtractionResult:
+    """What `extract_to_folder` did: the merged index, the images this process embedded, those done before."""
+
+    index: ExtractionIndex
+    embedded: int
+    already_done: int
+
+
+class ShardWriter:
+    """Buffers one process's rows and writes them as shards of about `shard_rows` rows, each committed with the
+    unreadable images met since the previous one."""
+
+    def __init__(
+        self,
+        folder: Path,
+        run_name: str,
+        settings: ExtractionSettings,
+        source: ImageSource,
+        skips: SkipCounter,
+        shard_rows: int | None,
+    ):
+        self.folder, self.run_name, self.settings, self.source, self.skips = folder, run_name, settings, source, skips
+        self.shard_rows, self.log = shard_rows, ProgressLog(folder, run_name)
+        self.positions: list[int] = []
+        self.features: list[np.ndarray] = []
+        self.shards = self.reported_failures = 0
+
+    def add(self, positions: list[int], features: np.ndarray) -> None:
+        self.positions.extend(positions)
+        self.features.append(features)
+        if self.shard_rows is None:
+            self.shard_rows = default_shard_rows(features[0].nbytes)
+        if len(self.positions) >= self.shard_rows:
+            self.commit()
+
+    def commit(self) -> None:
+        failed = self.skips.failed[self.reported_failures :]
+        self.reported_failures = len(self.skips.failed)
+        if not self.positions and not failed:
+            return
+        name = None
+        if self.positions:
+            name = f"{DATA_DIR}/shard-{self.run_name}-{self.shards:05d}.parquet"
+            labels = self.source.labels
+            write_shard(
+                self.folder / name,
+                self.settings,
+                [self.source.describe(p) for p in self.positions],
+                np.concatenate(self.features),
+                None if labels is None else [labels[p] for p in self.positions],
+                self.source.class_names,
+            )
+            self.shards += 1
+        self.log.commit(name, len(self.positions), [list(f) for f in failed])
+        self.positions, self.features = [], []
+
+
+def extract_to_folder(
+    model,
+    image_processor,
+    source: ImageSource,
+    out_dir: str | os.PathLike,
+    settings: ExtractionSettings,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    shard_rows: int | None = None,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Embed every image of `source` not already done into Parquet shards under `out_dir` (see `store`).
+
+    Under `accelerate launch`, each process takes every n-th pending image and writes its own shards; all
+    processes return the merged index. `settings` must match those of a partial extraction already in `out_dir`.
+    `shard_rows` defaults to `default_shard_rows` of the feature size.
+    """
+    state = process_state()
+    folder = Path(out_dir)
+    index = _existing_index(folder, settings)
+    done = {image_id for image_id, _ in index.failed}
+    for shard in index.shards:
+        done.update(read_shard_ids(folder / shard["file"]))
+    pending = [position for position in range(len(source)) if source.describe(position) not in done]
+    state.wait_for_everyone()  # every process has read the same state; now the first one tidies up
+    if state.is_main_process:
+        _remove_uncommitted(folder, index.shards)
+        _consolidate(folder, index)
+    state.wait_for_everyone()
+
+    run_name = f"{len(index.shards):06d}-{state.process_index:03d}"  # unique: see docs/extraction.md
+    skips = SkipCounter()
+    writer = ShardWriter(folder, run_name, settings, source, skips, shard_rows)
+    storage_dtype = getattr(torch, settings.dtype)
+    dense, debiased = settings.kind != "cls", settings.kind == "dense_debiased"
+    batches = run_model(
+        model,
+        source,
+        image_processor,
+        lambda model, pixels: embed_batch(model, pixels, settings.dim, dense, debiased, settings.normalized),
+        positions=pending[state.process_index :: state.num_processes],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skips=skips,
+        progress=progress and state.is_local_main_process,
+        desc="extract",
+    )
+    embedded = 0
+    for positions, features in batches:
+        writer.add(positions, features.to("cpu", storage_dtype).numpy())
+        embedded += len(positions)
+    writer.commit()
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = ExtractionIndex.load(folder).with_progress(folder)
+        merged.complete = True
+        _consolidate(folder, merged)
+        write_card(folder, merged)
+    state.wait_for_everyone()
+    return ExtractionResult(ExtractionIndex.load(folder), embedded, len(done))
+
+
+def _existing_index(folder: Path, settings: ExtractionSettings) -> ExtractionIndex:
+    """The committed state of `folder` (a fresh index when there is none); errors when the settings differ."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--out {folder} is a file; extract writes a folder of Parquet shards there.")
+    if not (folder / INDEX_FILE).is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"--out {folder} exists and is not a franca-hf extraction folder; choose a new or empty folder."
+            )
+        return ExtractionIndex(settings)
+    index = ExtractionIndex.load(folder).with_progress(folder)
+    differences = settings.differences(index.settings)
+    if differences:
+        raise ValueError(
+            f"--out {folder} holds features made with other settings, so this run cannot resume it ("
+            + "; ".join(differences)
+            + " [this run vs the folder]). Use the same flags, or a new --out folder."
+        )
+    index.complete = False
+    return index
+
+
+def _consolidate(folder: Path, index: ExtractionIndex) -> None:
+    """Write `index` (which includes the progress lines) as the folder's index, then drop the progress files.
+    A kill in between is harmless: `with_progress` skips lines the index already holds."""
+    index.save(folder)
+    for path in (folder / PROGRESS_DIR).glob("*.jsonl"):
+        path.unlink()
+    if (folder / PROGRESS_DIR).is_dir():
+        (folder / PROGRESS_DIR).rmdir()
+
+
+def _remove_uncommitted(folder: Path, committed: list[dict]) -> None:
+    """Delete the shard files that no committed line names (a kill between writing and committing one) and the
+    temporary files of interrupted writes."""
+    keep = {shard["file"] for shard in committed}
+    for path in (folder / DATA_DIR).glob("*"):
+        if f"{DATA_DIR}/{path.name}" not in keep:
+            logger.info("Removing %s, written by an interrupted run but never committed.", path)
+            path.unlink()
+
+
+def load_model_and_processor(
+    name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, int8: bool = False
+):
+    """A model and its image processor from a folder, a Hub id, or an official release name.
+
+    `device` defaults to this process's accelerator (`cuda:<local rank>` under `accelerate launch`) or the CPU;
+    `int8` quantises the Linear layers dynamically (CPU only, see `quantize_int8`).
+    """
+    state = process_state(device)
+    device = torch.device(device) if device else state.device
+    if int8 and dtype not in (None, torch.float32):
+        raise ValueError(f"--int8 quantises a float32 model; drop --dtype {str(dtype).removeprefix('torch.')}.")
+    if int8 and device.type != "cpu":
+        raise ValueError(
+            f"--int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got --device {device}."
+        )
+    with state.main_process_first():  # a release name is downloaded and converted once, by the first process
+        path = resolve_model(name_or_path)
+    model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+    if int8:
+        from .quantize import quantize_int8
+
+        model = quantize_int8(model)
+    return model, AutoImageProcessor.from_pretrained(path)

@@ -1,0 +1,267 @@
+"""The on-disk layout of an extraction: Parquet shards that `datasets.load_dataset(folder)` opens, and an index.
+
+    OUT/
+      README.md            dataset card
+      extraction.json      the merged index: settings, committed shards (file, rows), unreadable images
+      data/*.parquet       shards: columns `id` (where the row came from), `label` (labelled sources only),
+                           `features` (D floats for CLS, or a (D, h, w) Array3D for dense maps)
+      .progress/*.jsonl    while a run is going on: one line per shard committed, per process and run (hidden,
+                           so that `datasets` never takes these lines for data)
+
+`datasets.load_dataset(OUT)` infers the Parquet builder from the shards (it prefers Parquet on a tie with the one
+JSON file). The card deliberately has no YAML `configs:` block: with one, `datasets` 5.2 caches every such folder
+under the same fingerprint and serves one folder's rows for another, or stale rows after a resumed run.
+
+A shard is written to a temporary name and renamed (complete or absent), then committed by appending a line to its
+process's progress file and fsyncing. An image is done once its shard is committed (or it is recorded as
+unreadable); a shard file that no line names is left over from a kill and is deleted before a run resumes. At the
+end the first process merges the progress lines into `extraction.json` and removes them.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import write_file_atomically
+
+FORMAT = "franca_hf.features"
+FORMAT_VERSION = 1
+INDEX_FILE = "extraction.json"
+DATA_DIR = "data"
+PROGRESS_DIR = ".progress"
+CARD_FILE = "README.md"
+
+
+@dataclass
+class ExtractionSettings:
+    """What a folder of features holds; a resumed run must ask for the same.
+
+    Attributes:
+        model: the model as given (folder, Hub id or release name).
+        sources: the image inputs as given (files, folders, `hf:` specs) and `split` for datasets.
+        kind: "cls", "dense" or "dense_debiased".
+        dim: channels per row (the Matryoshka prefix; the model's width when not cut).
+        normalized: CLS rows have unit L2 norm.
+        dtype: stored float type, "float32" or "float16".
+        matryoshka_dims: the model's nested dims (an index built from CLS rows uses those up to `dim`).
+        quantized: "int8" when the Linear layers ran dynamically quantised, else None.
+    """
+
+    model: str
+    sources: list[str]
+    split: str
+    kind: str
+    dim: int
+    normalized: bool
+    dtype: str
+    matryoshka_dims: list[int]
+    quantized: str | None = None
+
+    # what a different value of each setting is called on the command line
+    FLAGS = {
+        "model": "--model",
+        "sources": "IMAGES",
+        "split": "--split",
+        "kind": "--dense/--debiased",
+        "dim": "--dim",
+        "normalized": "--no-normalize",
+        "dtype": "--features-dtype",
+        "quantized": "--int8",
+    }
+
+    def differences(self, other: "ExtractionSettings") -> list[str]:
+        """Human-readable `flag: this vs other` for every setting that differs (matryoshka_dims follows model)."""
+        mine, theirs = asdict(self), asdict(other)
+        return [
+            f"{flag} ({key}): {mine[key]!r} vs {theirs[key]!r}"
+            for key, flag in self.FLAGS.items()
+            if mine[key] != theirs[key]
+        ]
+
+
+@dataclass
+class ExtractionIndex:
+    """`extraction.json`: settings, committed shards [{"file", "rows"}], unreadable images [(id, reason)]."""
+
+    settings: ExtractionSettings
+    shards: list[dict] = field(default_factory=list)
+    failed: list[list[str]] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(shard["rows"] for shard in self.shards)
+
+    def save(self, folder: Path) -> None:
+        document = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "settings": asdict(self.settings),
+            "complete": self.complete,
+            "rows": self.rows,
+            "shards": self.shards,
+            "failed": self.failed,
+        }
+        write_file_atomically(folder / INDEX_FILE, lambda staging: staging.write_text(json.dumps(document, indent=1)))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "ExtractionIndex":
+        path = Path(folder) / INDEX_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no {INDEX_FILE}: it is not a folder written by `franca-hf extract`."
+            )
+        document = json.loads(path.read_text())
+        if document.get("format") != FORMAT or document.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is not a franca_hf features index of version {FORMAT_VERSION} "
+                f"(format {document.get('format')!r}, version {document.get('version')!r})."
+            )
+        return cls(
+            ExtractionSettings(**document["settings"]), document["shards"], document["failed"], document["complete"]
+        )
+
+    def with_progress(self, folder: Path) -> "ExtractionIndex":
+        """This index plus the shards and failures committed in `progress/` by runs not yet merged."""
+        merged = ExtractionIndex(self.settings, list(self.shards), list(self.failed), self.complete)
+        files, failed = {shard["file"] for shard in self.shards}, {image_id for image_id, _ in self.failed}
+        for line in progress_lines(folder):  # lines already merged (a kill while merging) are skipped
+            if line["shard"] is not None and line["shard"] not in files:
+                files.add(line["shard"])
+                merged.shards.append({"file": line["shard"], "rows": line["rows"]})
+            merged.failed.extend(entry for entry in line["failed"] if entry[0] not in failed)
+            failed.update(image_id for image_id, _ in line["failed"])
+        merged.shards.sort(key=lambda shard: shard["file"])
+        return merged
+
+
+def progress_lines(folder: Path) -> Iterator[dict]:
+    """The committed lines of every progress file; a torn last line (a kill mid-append) is not committed."""
+    for path in sorted((folder / PROGRESS_DIR).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                break
+
+
+class ProgressLog:
+    """Appends one fsynced JSON line per committed shard to `progress/<name>.jsonl`."""
+
+    def __init__(self, folder: Path, name: str):
+        self.path = folder / PROGRESS_DIR / f"{name}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def commit(self, shard: str | None, rows: int, failed: list[tuple[str, str]]) -> None:
+        with open(self.path, "a") as log:
+            log.write(json.dumps({"shard": shard, "rows": rows, "failed": failed}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+
+
+def shard_features(settings: ExtractionSettings, row_shape: tuple[int, ...], class_names: list[str] | None):
+    """The `datasets.Features` of a shard: id, label (when labelled), features."""
+    from datasets import Array3D, ClassLabel, Features, List, Value
+
+    columns = {"id": Value("string")}
+    if class_names is not None:
+        columns["label"] = ClassLabel(names=class_names)
+    if len(row_shape) == 1:
+        columns["features"] = List(Value(settings.dtype), length=row_shape[0])
+    else:
+        columns["features"] = Array3D(row_shape, settings.dtype)
+    return Features(columns)
+
+
+def write_shard(
+    path: Path,
+    settings: ExtractionSettings,
+    ids: list[str],
+    features: np.ndarray,
+    labels: list[int] | None,
+    class_names: list[str] | None,
+) -> None:
+    """Write rows (ids, (n, D) or (n, D, h, w) features, labels) as one Parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = shard_features(settings, features.shape[1:], class_names if labels is not None else None).arrow_schema
+    values = pa.array(np.ascontiguousarray(features, dtype=settings.dtype).reshape(-1))
+    for size in reversed(features.shape[2:]):  # dense maps: nested lists, the storage of datasets' Array3D
+        values = pa.ListArray.from_arrays(pa.array(np.arange(len(values) // size + 1, dtype=np.int32) * size), values)
+    if features.ndim == 2:
+        column = pa.FixedSizeListArray.from_arrays(values, features.shape[1])
+    else:
+        storage = pa.ListArray.from_arrays(
+            pa.array(np.arange(len(ids) + 1, dtype=np.int32) * features.shape[1]), values
+        )
+        column = pa.ExtensionArray.from_storage(schema.field("features").type, storage)
+    columns = [pa.array(ids, pa.string())] + ([pa.array(labels, pa.int64())] if labels is not None else []) + [column]
+    table = pa.Table.from_arrays(columns, schema=schema)
+    write_file_atomically(path, lambda staging: pq.write_table(table, staging))
+
+
+def read_shard_ids(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:
+    """(ids, features) of one shard; features (n, D) or (n, D, h, w) float32."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["id", "features"])
+    column = table.column("features").combine_chunks()
+    shape = (len(table), *_row_shape(column.type))
+    if hasattr(column, "storage"):  # Array3D
+        column = column.storage
+    while hasattr(column, "flatten"):
+        column = column.flatten()
+    values = torch.from_numpy(np.require(column.to_numpy(zero_copy_only=False), requirements="W").reshape(shape))
+    return table.column("id").to_pylist(), values.float()
+
+
+def _row_shape(arrow_type) -> tuple[int, ...]:
+    if hasattr(arrow_type, "shape"):  # datasets' Array3D extension type
+        return tuple(arrow_type.shape)
+    return (arrow_type.list_size,)
+
+
+def iter_shards(folder: str | os.PathLike) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(ids, features) of each committed shard of a finished or interrupted extraction, in file order."""
+    folder = Path(folder)
+    for shard in ExtractionIndex.load(folder).with_progress(folder).shards:
+        yield read_shard(folder / shard["file"])
+
+
+def write_card(folder: Path, index: ExtractionIndex) -> None:
+    """A dataset card: what the features are and how to load them."""
+    settings = index.settings
+    what = (
+        f"{settings.dim}-dim {'L2-normalised ' if settings.normalized else ''}CLS embeddings"
+        if settings.kind == "cls"
+        else f"{settings.dim}-channel {'RASA-debiased ' if settings.kind == 'dense_debiased' else ''}patch feature maps"
+    )
+    text = f"""---
+tags:
+- franca
+- image-feature-extraction
+---
+# Features of {", ".join(settings.sources)}
+
+{what} ({settings.dtype}{", int8 model" if settings.quantized else ""}) of {index.rows} images by `{settings.model}`,
+written by `franca-hf extract`; {len(index.failed)} unreadable images are listed in `{INDEX_FILE}`.
+
+```python
+import datasets
+
+features = datasets.load_dataset("path/to/this/folder", split="train").with_format("torch")
+```
+"""
+    write_file_atomically(folder / CARD_FILE, lambda staging: staging.write_text(text))

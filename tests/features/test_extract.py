@@ -1,0 +1,233 @@
+"""`franca-hf extract`: streamed Parquet shards that `datasets` opens, resume after SIGKILL, flat memory,
+two processes, `hf:` sources, float16 dense maps, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import pyarrow.parquet
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from franca_hf import FrancaModel
+from franca_hf.cli import main
+from franca_hf.data import collect_image_paths, files_source
+from franca_hf.features import ExtractionIndex, extract_features, iter_shards
+from franca_hf.retrieval import index_from_features
+
+from ..conftest import EXAMPLE_IMAGES
+from .conftest import extract_command, load_rows, make_images
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _expected(tiny_folder, ids: list[str], **kwargs) -> torch.Tensor:
+    model = FrancaModel.from_pretrained(tiny_folder).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_folder)
+    return extract_features(model, processor, files_source(ids), progress=False, **kwargs).features
+
+
+def test_extract_cli_writes_shards_that_datasets_opens(tiny_folder, photos, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert (
+        main([*extract_command(photos, tiny_folder, out, "--dim", "32", "--batch-size", "2"), "--shard-size", "3"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "of 4 images in 2 shards" in captured.out and "skipped 2 unreadable images" in captured.err
+    rows = load_rows(out).with_format("torch")
+    ids = list(rows["id"])
+    assert [p.split("/")[-1] for p in ids] == ["astronaut.jpg", "chelsea_cat.jpg", "coffee.jpg", "rocket.jpg"]
+    assert rows.features["features"] == datasets.List(datasets.Value("float32"), length=32)
+    features = rows[:]["features"]
+    torch.testing.assert_close(features, _expected(tiny_folder, ids, dim=32), atol=1e-5, rtol=1e-5)
+
+    index = json.loads((out / "extraction.json").read_text())
+    assert index["complete"] and index["rows"] == 4 and not (out / ".progress").exists()
+    assert sorted(image_id.split("/")[-1] for image_id, _ in index["failed"]) == ["broken.jpg", "huge.png"]
+    assert index["settings"]["kind"] == "cls" and index["settings"]["dim"] == 32
+    assert "load_dataset" in (out / "README.md").read_text()
+
+
+def test_dense_float16_maps_and_hf_sources_with_row_ids_and_labels(tiny_folder, tmp_path, capsys):
+    images = [Image.open(p).convert("RGB") for p in collect_image_paths([EXAMPLE_IMAGES])]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 1, 0]}, features=features).save_to_disk(saved)
+    out = tmp_path / "dense"
+    extra = ["--dense", "--debiased", "--dim", "64", "--features-dtype", "float16", "--batch-size", "3"]
+    assert main(extract_command(f"hf:{saved}", tiny_folder, out, *extra)) == 0
+
+    rows = load_rows(out)
+    assert rows.features["features"] == datasets.Array3D((64, 16, 16), "float16")
+    assert rows.features["label"].names == ["a", "b"] and list(rows["label"]) == [0, 1, 1, 0]
+    assert list(rows["id"]) == [f"hf:{saved}[train][{i}]" for i in range(4)]
+    stored = rows.with_format("numpy")[:]["features"]  # datasets' formatter hands float16 out as float32
+    [shard] = (out / "data").glob("*.parquet")
+    assert "halffloat" in str(pyarrow.parquet.read_schema(shard).field("features").type.storage_type)  # float16
+    assert stored.shape == (4, 64, 16, 16)
+    model = FrancaModel.from_pretrained(tiny_folder).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_folder)
+    with torch.no_grad():
+        expected = model.get_dense_features(processor(images, return_tensors="pt")["pixel_values"], True, 64)
+    torch.testing.assert_close(torch.from_numpy(stored).float(), expected, atol=2e-3, rtol=2e-3)
+    [(ids, tensor)] = list(iter_shards(out))  # the package's own reader
+    assert ids == list(rows["id"]) and tensor.shape == (4, 64, 16, 16)
+
+    with pytest.raises(ValueError, match="holds dense_debiased patch features; an index needs CLS embeddings"):
+        index_from_features(out)
+
+
+def test_killed_extraction_resumes_with_no_image_missing_or_repeated(tiny_folder, tmp_path):
+    paths = make_images(tmp_path / "images", 150, broken=2)
+    out = tmp_path / "features"
+    command = [sys.executable, "-m", "franca_hf.cli", *extract_command(tmp_path / "images", tiny_folder, out)]
+    command += ["--batch-size", "2", "--shard-size", "4"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        logs = list((out / ".progress").glob("*.jsonl")) if (out / ".progress").is_dir() else []
+        if logs and len(logs[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    partial = ExtractionIndex.load(out).with_progress(out)
+    assert not partial.complete and 0 < partial.rows < 150  # it really died half-way
+
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{partial.rows + len(partial.failed)} were done before this run" in resumed.stdout
+    rows = load_rows(out).with_format("torch")
+    assert sorted(rows["id"]) == paths  # every readable image exactly once
+    failed = json.loads((out / "extraction.json").read_text())["failed"]
+    assert sorted(image_id.split("/")[-1] for image_id, _ in failed) == ["broken_0.png", "broken_1.png"]
+    order = {image_id: i for i, image_id in enumerate(rows["id"])}
+    expected = _expected(tiny_folder, paths)
+    torch.testing.assert_close(rows[:]["features"][[order[p] for p in paths]], expected, atol=1e-5, rtol=1e-5)
+    assert not list((out / "data").glob(".*"))  # no temporary file left behind
+
+
+def test_uncommitted_shards_and_torn_progress_lines_are_redone(tiny_folder, tmp_path):
+    """What a kill can leave: a shard written but not committed, and a half-written progress line."""
+    paths = make_images(tmp_path / "images", 12)
+    out = tmp_path / "features"
+    assert main([*extract_command(tmp_path / "images", tiny_folder, out), "--shard-size", "4"]) == 0
+    index = json.loads((out / "extraction.json").read_text())
+    last = index["shards"].pop()
+    index["complete"] = False
+    (out / "extraction.json").write_text(json.dumps(index))
+    (out / ".progress").mkdir()
+    (out / ".progress" / "000002-000.jsonl").write_text('{"shard": "' + last["file"] + '", "rows": 4, "fai')
+    (out / "data" / ".shard-x.parquet.tmp").write_bytes(b"half")
+    assert main([*extract_command(tmp_path / "images", tiny_folder, out), "--shard-size", "4"]) == 0
+    assert sorted(load_rows(out)["id"]) == paths
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(
+        s["file"][5:] for s in json.loads((out / "extraction.json").read_text())["shards"]
+    )
+
+
+PEAK_RSS = """
+import resource, sys
+from franca_hf.cli import main
+assert main(sys.argv[1:]) == 0
+print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_images(tiny_folder, tmp_path):
+    """Dense float32 maps of 128 x 16 x 16 are 128 KiB per image: holding 360 more images would add 45 MiB."""
+    peaks = {}
+    for count in (40, 400):
+        make_images(tmp_path / f"images_{count}", count)
+        command = extract_command(tmp_path / f"images_{count}", tiny_folder, tmp_path / f"out_{count}", "--dense")
+        run = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, *command, "--shard-size", "16", "--batch-size", "8"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        peaks[count] = int(run.stdout.split("peak_rss_kib")[1]) / 1024
+        assert len(load_rows(tmp_path / f"out_{count}")) == count
+    growth = peaks[400] - peaks[40]
+    assert growth < 15, f"peak RSS grew by {growth:.1f} MiB from 40 to 400 images ({peaks})"
+
+
+def test_two_processes_split_the_work_and_merge_one_index(tiny_folder, tmp_path):
+    paths = make_images(tmp_path / "images", 21, broken=1)
+    out = tmp_path / "features"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", str(29500 + os.getpid() % 1000), "-m", "franca_hf.cli"]
+    command = extract_command(tmp_path / "images", tiny_folder, out, "--shard-size", "4", "--batch-size", "2")
+    run = subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote cls features") == 1  # reported once, by the first process
+    index = json.loads((out / "extraction.json").read_text())
+    writers = {shard["file"].split("-")[2] for shard in index["shards"]}
+    assert writers == {"000", "001"} and index["complete"] and not (out / ".progress").exists()
+    assert [image_id.split("/")[-1] for image_id, _ in index["failed"]] == ["broken_0.png"]
+    rows = load_rows(out).with_format("torch")
+    assert sorted(rows["id"]) == paths
+    order = {image_id: i for i, image_id in enumerate(rows["id"])}
+    torch.testing.assert_close(
+        rows[:]["features"][[order[p] for p in paths]], _expected(tiny_folder, paths), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
+    def error(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        return capsys.readouterr().err
+
+    assert "is neither an image file nor a folder" in error(*extract_command(tmp_path / "nope", tiny_folder, "x"))
+    (tmp_path / "empty").mkdir()
+    assert "No image files found" in error(*extract_command(tmp_path / "empty", tiny_folder, tmp_path / "x"))
+    assert "--debiased applies to dense" in error(*extract_command(photos, tiny_folder, tmp_path / "x", "--debiased"))
+    assert "--dim 48 is not one of this model's Matryoshka dims [8, 16, 32, 64, 128]" in error(
+        *extract_command(photos, tiny_folder, tmp_path / "x", "--dim", "48")
+    )
+    assert "--out names a folder" in error(*extract_command(photos, tiny_folder, tmp_path / "f.safetensors"))
+    assert "--shard-size must be at least 1; got 0" in error(
+        *extract_command(photos, tiny_folder, tmp_path / "x", "--shard-size", "0")
+    )
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert "is not a franca-hf extraction folder" in error(*extract_command(photos, tiny_folder, tmp_path / "taken"))
+    out = tmp_path / "done"
+    assert main(extract_command(photos, tiny_folder, out)) == 0
+    capsys.readouterr()
+    message = error(*extract_command(photos, tiny_folder, out, "--dim", "16"))
+    assert "holds features made with other settings" in message and "--dim (dim): 16 vs 128" in message
+
+
+def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch, tiny_releases):
+    from ..conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
+    from ..conversion.test_releases import ReleaseServer
+
+    server = ReleaseServer(
+        {
+            "/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes(),
+            "/v1.0.0/franca_vitb14_In21K_rasa.pth": RASA_CHECKPOINT.read_bytes(),
+        }
+    )
+    monkeypatch.setenv("FRANCA_HF_RELEASE_URL", server.url)
+    monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
+    try:
+        out = tmp_path / "dense"
+        command = extract_command(EXAMPLE_IMAGES / "coffee.jpg", "franca_vitb14_In21K", out, "--dense", "--debiased")
+        assert main(command) == 0
+    finally:
+        server.close()
+    assert (tmp_path / "cache" / "converted" / "franca_vitb14_In21K_rasa" / "float32" / "config.json").is_file()
+    rows = load_rows(out)
+    assert rows.features["features"].shape == (128, 16, 16)
+    assert json.loads((out / "extraction.json").read_text())["settings"]["kind"] == "dense_debiased"
