@@ -58,7 +58,7 @@ from .data import (
 from .heads import MatryoshkaHead
 from .knn import embed_source, format_knn_table, knn_accuracy_by_dim
 from .losses import dino_loss, ibot_loss, koleo_loss
-from .masking import CyclicMaskGenerator, _stack_crop_major, collate_masked_crops
+from .masking import CyclicMaskGenerator, stack_crop_major, collate_masked_crops
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 from .schedules import FrancaSchedules, scaled_learning_rate
@@ -296,7 +296,7 @@ class BatchCollator:
         crops = [sample for sample, _, _ in samples]
         if "global_photometric" in crops[0]:  # data.augment_on_device: uint8 crops and their parameter rows
             for key in ("global_photometric", "local_photometric"):
-                rows = _stack_crop_major(crops, key)
+                rows = stack_crop_major(crops, key)
                 batch[key] = rows if rows is not None else torch.empty(0, len(PHOTOMETRIC_FIELDS))
         batch["skipped_images"] = sum(skipped for _, skipped, _ in samples)
         batch["worker"] = worker_index()  # (collated in the worker) what a streamed run's resume position counts
