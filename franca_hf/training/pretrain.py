@@ -58,7 +58,7 @@ from .data import (
 from .heads import MatryoshkaHead
 from .knn import embed_source, format_knn_table, knn_accuracy_by_dim
 from .losses import dino_loss, ibot_loss, koleo_loss
-from .masking import CyclicMaskGenerator, stack_crop_major, collate_masked_crops
+from .masking import CyclicMaskGenerator, collate_masked_crops, stack_crop_major
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 from .schedules import FrancaSchedules, scaled_learning_rate
