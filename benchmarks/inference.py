@@ -2,14 +2,17 @@
 
 Times both models in ONE process, interleaved (these machines are noisy), and reports images/s, the median ratio
 and the extra memory of one forward (each model measured in a fresh child process: growth of the peak resident set
-on CPU, of `max_memory_allocated` on CUDA). Run: `python benchmarks/inference.py [--batch 8] [--size 224] [--rounds 7]`.
+on CPU, of `max_memory_allocated` on CUDA). Run: `python benchmarks/inference.py [--batch 8] [--size 224] [--rounds 7]`;
+`--preset vit_large --dtype bfloat16 --device cuda` for other sizes and precisions.
 """
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import Dinov2Config, Dinov2Model
@@ -88,10 +91,11 @@ def forward_memory_mib(model, pixels) -> float:
 def build(args):
     """The two models with identical weights, and the input batch."""
     torch.manual_seed(0)
-    franca = FrancaModel(FrancaConfig.from_preset("vit_base", position_grid_size=args.size // 14)).eval()
+    franca = FrancaModel(FrancaConfig.from_preset(args.preset, position_grid_size=args.size // 14)).eval()
     dinov2 = dinov2_twin(franca)
-    pixels = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-    return {"FrancaModel": franca.to(args.device), "Dinov2Model": dinov2.to(args.device)}, pixels
+    dtype = getattr(torch, args.dtype)
+    pixels = torch.randn(args.batch, 3, args.size, args.size, device=args.device, dtype=dtype)
+    return {"FrancaModel": franca.to(args.device, dtype), "Dinov2Model": dinov2.to(args.device, dtype)}, pixels
 
 
 def main() -> None:
@@ -101,6 +105,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--preset", default="vit_base", help="vit_small | vit_base | vit_large | vit_giant2")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the forward-memory measurements")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory-of", choices=["FrancaModel", "Dinov2Model"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,7 +120,8 @@ def main() -> None:
     with torch.inference_mode():
         gap = (franca(pixels).last_hidden_state - dinov2(pixels).last_hidden_state).abs().max().item()
     print(
-        f"ViT-B/14 SwiGLU, batch {args.batch}, {args.size}px, fp32, {args.device}, {args.threads} threads, "
+        f"{args.preset} (patch 14, SwiGLU), batch {args.batch}, {args.size}px, {args.dtype}, {args.device}, "
+        f"{args.threads} threads, "
         f"torch {torch.__version__}; max |Franca - Dinov2| = {gap:.1e}"
     )
 
@@ -140,19 +149,23 @@ def main() -> None:
                 check=True,
             ).stdout.split()[-1]
         )
-        for name in times
+        for name in ([] if args.no_memory else times)
     }
     for name, values in times.items():
         median = statistics.median(values)
-        print(
-            f"{name:12s} median {median:.3f} s  ({args.batch / median:.2f} img/s)  forward memory {memory[name]:.0f} MiB"
-        )
+        used = f"  forward memory {memory[name]:.0f} MiB" if name in memory else ""
+        print(f"{name:12s} median {median:.3f} s  ({args.batch / median:.2f} img/s){used}")
     ratios = [d / f for f, d in zip(times["FrancaModel"], times["Dinov2Model"], strict=True)]
     print(
         f"speed ratio Franca/Dinov2 (>1 = Franca faster): median {statistics.median(ratios):.3f} "
         f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
     )
-    print(f"memory ratio Franca/Dinov2: {memory['FrancaModel'] / memory['Dinov2Model']:.2f}")
+    if memory:
+        print(f"memory ratio Franca/Dinov2: {memory['FrancaModel'] / memory['Dinov2Model']:.2f}")
+    if args.json:
+        rates = {name: args.batch / statistics.median(values) for name, values in times.items()}
+        summary = {"images_per_second": rates, "speed_ratio": statistics.median(ratios), "forward_mib": memory}
+        Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

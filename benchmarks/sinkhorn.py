@@ -5,12 +5,17 @@ median wall time of each and their ratio (project / plain). The plain version ho
 the project's holds all levels (one all-reduce per iteration for all of them).
 
     python benchmarks/sinkhorn.py                                          # CPU: B=1024, K=65536
-    python benchmarks/sinkhorn.py --device cuda --batch 4096 --prototypes 131072
+    python benchmarks/sinkhorn.py --device cuda --batch 4096 --prototypes 131072 --per-level
+
+`--per-level` also times each nesting level alone (the project's version) with its peak memory (CUDA: peak
+allocated during the call, beyond its input).
 """
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +35,18 @@ def _median_seconds(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _peak_memory_mib(fn, device: torch.device) -> float | None:
+    """CUDA: the memory allocated at the peak of one call, beyond what was allocated before it. None elsewhere."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -38,6 +55,8 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=5, help="nesting levels K/2^(levels-1) ... K")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-level", action="store_true", help="also time each level alone, with its peak memory")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -62,6 +81,15 @@ def main() -> None:
     print(f"plain   (baseline): {plain_s * 1e3:9.1f} ms")
     print(f"project           : {project_s * 1e3:9.1f} ms")
     print(f"ratio project/plain: {project_s / plain_s:.2f}  (max relative difference {max_error:.1e})")
+    results = {"batch": args.batch, "project_ms": project_s * 1e3, "plain_ms": plain_s * 1e3, "levels": []}
+    for level in logits if args.per_level else []:
+        seconds = _median_seconds(lambda level=level: sinkhorn_knopp([level], args.temperature), device, args.repeats)
+        peak = _peak_memory_mib(lambda level=level: sinkhorn_knopp([level], args.temperature), device)
+        results["levels"].append({"prototypes": level.shape[1], "ms": seconds * 1e3, "peak_mib": peak})
+        memory = f"{peak:8.0f} MiB peak" if peak is not None else "(peak memory: CUDA only)"
+        print(f"level K={level.shape[1]:7d}: {seconds * 1e3:9.1f} ms  {memory}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,21 @@ so the ratio shows what the heads, the teacher and the losses cost on top of the
 
     python benchmarks/training.py                                   # the demo config on CPU
     python benchmarks/training.py --config vitb14_in21k --device cuda --dtype bfloat16 --batch 64
+
+The FLOPs of one step are counted by torch's FlopCounterMode (matrix products, convolutions and attention, forward
+and backward); with the accelerator's peak (`--peak-tflops`, known for a few GPUs) that gives the model FLOPs
+utilisation (MFU) of the step.
 """
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from franca_hf.training.config import load_config
 from franca_hf.training.data import AugmentedImages, EpochBatchSampler, ImageSource, open_source
@@ -49,6 +56,17 @@ def peak_memory_mib(device: torch.device) -> float:
     return float("nan")
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets (SXM parts).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo")
@@ -57,6 +75,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for --dtype (for the MFU)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     config = load_config(args.config)
     batch_size = args.batch or config.optim.batch_size_per_device
@@ -95,6 +115,9 @@ def main() -> None:
         return (time.perf_counter() - start) / args.steps_per_round
 
     franca_step(), backbone_step()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        franca_step()
+    step_flops = counter.get_total_flops()
     results = {"franca step": [], "backbone fwd+bwd": []}
     memory = {}
     for _ in range(args.rounds):
@@ -117,6 +140,23 @@ def main() -> None:
         )
     ratio = statistics.median(f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True))
     print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
+    step_seconds = statistics.median(results["franca step"])
+    achieved = step_flops / step_seconds / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    mfu = achieved / peak if peak else None
+    utilisation = f", MFU {100 * mfu:.1f} % of {peak:.0f} TFLOP/s" if mfu is not None else ""
+    print(f"franca step: {step_flops / 1e9:.1f} GFLOP per step, {achieved:.3f} TFLOP/s{utilisation}")
+    if args.json:
+        summary = {
+            "batch": batch_size,
+            "step_ms": step_seconds * 1e3,
+            "images_per_second": batch_size / step_seconds,
+            "peak_mib": memory["franca step"],
+            "peak_kind": "allocated" if device.type == "cuda" else "process RSS",
+            "tflop_per_step": step_flops / 1e12,
+            "mfu": mfu,
+        }
+        Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class DataSettings:
     image_column: str | None = None  # Hugging Face datasets: default the first Image column
     streaming: bool = False  # Hugging Face datasets: stream and split by process
     num_workers: int = 2
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
+    augment_on_device: bool = False  # workers decode and crop (uint8); colour, blur, normalisation batched on device
     demo_num_images: int = 5000  # per split of the demo source (training and k-NN)
 
 
@@ -164,6 +166,16 @@ class PretrainConfig:
             ),
             (self.run.checkpoint_every > 0, "run.checkpoint_every must be > 0"),
             (self.run.log_every > 0, "run.log_every must be > 0"),
+            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+            (
+                self.crops.blur_kernel_size % 2 == 1
+                and self.crops.blur_kernel_size // 2
+                < min(
+                    self.crops.global_size, self.crops.local_size if self.crops.local_number else self.crops.global_size
+                ),
+                "crops.blur_kernel_size must be odd, with half of it below the smallest crop size",
+            ),
             (self.run.export_every is None or self.run.export_every > 0, "run.export_every must be > 0 or null"),
             (self.eval.knn_every is None or self.eval.knn_every > 0, "eval.knn_every must be > 0 or null"),
             (0.0 <= self.objective.mask_probability <= 1.0, "objective.mask_probability must be in [0, 1]"),

@@ -74,7 +74,7 @@ def _crops(sample: Mapping | Sequence) -> Mapping:
     return sample if isinstance(sample, Mapping) else sample[0]
 
 
-def _stack_crop_major(crops: Sequence[Mapping], key: str) -> torch.Tensor | None:
+def stack_crop_major(crops: Sequence[Mapping], key: str) -> torch.Tensor | None:
     """Crop i of every sample, for i = 0, 1, ...; None when the samples have no such crop."""
     num_crops = len(crops[0][key])
     return torch.stack([sample[key][i] for i in range(num_crops) for sample in crops]) if num_crops else None
@@ -112,8 +112,8 @@ def collate_masked_crops(
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"mask_ratio_range must satisfy 0 <= low <= high <= 1, got {mask_ratio_range}.")
     crops = [_crops(sample) for sample in samples]
-    global_crops = _stack_crop_major(crops, "global_crops")
-    local_crops = _stack_crop_major(crops, "local_crops")
+    global_crops = stack_crop_major(crops, "global_crops")
+    local_crops = stack_crop_major(crops, "local_crops")
     if global_crops is None:
         raise ValueError("Every sample needs at least one global crop.")
     if local_crops is None:

@@ -8,7 +8,8 @@ One optimizer step, read top to bottom in `train()`:
 1. the schedules give this step's lr, weight decay, teacher momentum and temperature;
 2. the teacher (EMA, outside `accelerator.prepare`, no grad) turns its global crops into Sinkhorn targets;
 3. the student (backbone on every crop, heads and losses, all inside the prepared module so DDP/FSDP sync it)
-   returns the loss, which is checked for NaN/inf on every process, then back-propagated;
+   returns the loss, which is back-propagated; its parts stay on the device (`LossWindow`) and are averaged over
+   processes and checked for NaN/inf only at logging, k-NN, checkpoint and export steps (no host sync per step);
 4. gradients are clipped per sub-module, the optimizer steps, the teacher takes an EMA step (foreach ops);
 5. logging, k-NN, resumable checkpoints (`save_state` + step, RNG and data position) and HF exports of the teacher.
 """
@@ -36,7 +37,13 @@ from tqdm.auto import tqdm
 from ..conversion.export import make_image_processor, save_model_folder
 from ..conversion.model_card import render_model_card
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
-from .augment import OFFICIAL_BLUR_PROBABILITIES, PAPER_BLUR_PROBABILITIES, MultiCropAugmentation
+from .augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OFFICIAL_BLUR_PROBABILITIES,
+    PAPER_BLUR_PROBABILITIES,
+    MultiCropAugmentation,
+)
 from .config import ObjectiveSettings, PretrainConfig, load_config
 from .data import (
     AugmentedImages,
@@ -51,8 +58,9 @@ from .data import (
 from .heads import MatryoshkaHead
 from .knn import embed_source, format_knn_table, knn_accuracy_by_dim
 from .losses import dino_loss, ibot_loss, koleo_loss
-from .masking import CyclicMaskGenerator, collate_masked_crops
+from .masking import CyclicMaskGenerator, collate_masked_crops, stack_crop_major
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
+from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 from .schedules import FrancaSchedules, scaled_learning_rate
 from .sinkhorn import sinkhorn_knopp
 
@@ -268,12 +276,15 @@ def make_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
         color_jitter=tuple(crops.color_jitter),
         blur_kernel_size=crops.blur_kernel_size,
         blur_sigma=tuple(crops.blur_sigma),
+        photometric_on_device=config.data.augment_on_device,
     )
 
 
 class BatchCollator:
     """Stacks the crops crop-major, draws the CyclicMask iBOT masks with an RNG seeded by the batch's samples (so a
-    resumed or re-sharded run masks the same way), and counts the images skipped to build the batch."""
+    resumed or re-sharded run masks the same way), and counts the images skipped to build the batch. With
+    `data.augment_on_device` it also stacks the crops' photometric parameter rows ("global_photometric",
+    "local_photometric"), crop-major like the crops."""
 
     def __init__(self, config: PretrainConfig):
         self.generator = CyclicMaskGenerator(config.crops.global_size // config.model.patch_size)
@@ -282,9 +293,28 @@ class BatchCollator:
     def __call__(self, samples):
         rng = random.Random(sample_seed(*(seed for _, _, seed in samples)))
         batch = collate_masked_crops(samples, self.generator, rng, self.probability, self.ratio)
+        crops = [sample for sample, _, _ in samples]
+        if "global_photometric" in crops[0]:  # data.augment_on_device: uint8 crops and their parameter rows
+            for key in ("global_photometric", "local_photometric"):
+                rows = stack_crop_major(crops, key)
+                batch[key] = rows if rows is not None else torch.empty(0, len(PHOTOMETRIC_FIELDS))
         batch["skipped_images"] = sum(skipped for _, skipped, _ in samples)
         batch["worker"] = worker_index()  # (collated in the worker) what a streamed run's resume position counts
         return batch
+
+
+def batch_to_device(batch: dict, config: PretrainConfig, device: torch.device) -> dict:
+    """The collated batch on `device` (asynchronous copies from pinned memory). With `data.augment_on_device` the
+    uint8 crops are finished there: colour jitter, grayscale, blur, solarisation and normalisation, batched, with the
+    parameter rows drawn by the workers (which stay on CPU)."""
+    rows = {key: batch.pop(key) for key in ("global_photometric", "local_photometric") if key in batch}
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key, parameters in rows.items():
+        crops = key.replace("photometric", "crops")
+        batch[crops] = finish_on_device(
+            batch[crops], parameters, config.crops.blur_kernel_size, IMAGENET_MEAN, IMAGENET_STD
+        )
+    return batch
 
 
 def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: TrainState) -> tuple[DataLoader, object]:
@@ -293,7 +323,10 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
     rank, world = accelerator.process_index, accelerator.num_processes
     transform = make_augmentation(config)
     loader_args = dict(
-        collate_fn=BatchCollator(config), num_workers=data.num_workers, pin_memory=accelerator.device.type == "cuda"
+        collate_fn=BatchCollator(config),
+        num_workers=data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        prefetch_factor=data.prefetch_factor if data.num_workers else None,
     )
     if data.streaming:
         if not data.source.startswith("hf:"):
@@ -303,12 +336,14 @@ def build_dataloader(config: PretrainConfig, accelerator: Accelerator, state: Tr
         dataset = StreamedAugmentedImages(
             stream, transform, data.image_column, rank, world, config.run.seed, batch_size
         )
+        # not persistent: each pass's starting position (`start`) must reach the workers' copies of the dataset
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, **loader_args), None
     source = open_source(data.source, data.split, data.image_column, data.demo_num_images, config.run.seed)
     sampler = EpochBatchSampler(len(source), batch_size, rank, world, config.run.seed)
-    return DataLoader(
-        AugmentedImages(source, transform, config.run.seed), batch_sampler=sampler, **loader_args
-    ), sampler
+    images = AugmentedImages(source, transform, config.run.seed)
+    # persistent workers: no new worker processes (and dataset copies) at every epoch; the sampler stays here
+    loader = DataLoader(images, batch_sampler=sampler, persistent_workers=data.num_workers > 0, **loader_args)
+    return loader, sampler
 
 
 def restore_stream_position(state: TrainState, rank: int, world_size: int, workers: int) -> None:
@@ -472,6 +507,61 @@ class KnnEvaluator:
         )
 
 
+class LossWindow:
+    """The loss parts and skipped images of every micro-batch, kept where they are (the device) and reduced over
+    processes only when `settle` is called (at logging, k-NN, checkpoint and export steps): one collective and one
+    device-to-host copy per settle instead of one per step, so the host never waits for the device in between.
+
+    A non-finite loss is therefore found at the next settle, not before its own backward: the run stops there
+    (`NonFiniteLossError`, naming the first non-finite step) before anything is evaluated or saved, so the last
+    checkpoint is one from before the non-finite loss."""
+
+    def __init__(self, accelerator: Accelerator, checkpoints: Path):
+        self.accelerator, self.checkpoints = accelerator, checkpoints
+        self.keys: list[str] = []
+        self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss parts, skipped images)
+        self.settled: list[list[float]] = []  # this logging window's rows, averaged over processes
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, step: int, parts: dict, skipped_images: int, images: int) -> None:
+        self.keys = list(parts)
+        self.pending.append((step, torch.stack([v.detach().float() for v in parts.values()]), skipped_images))
+        self.images += images
+
+    def settle(self) -> int:
+        """Reduce the pending rows over processes; returns the images all processes skipped for them."""
+        if not self.pending:
+            return 0
+        steps, rows, skipped = zip(*self.pending, strict=True)
+        self.pending = []
+        rows = torch.stack(rows)
+        skipped = torch.tensor(skipped, device=rows.device, dtype=rows.dtype)[:, None]
+        table = self.accelerator.reduce(torch.cat([rows, skipped], dim=1), "mean").tolist()  # the one sync
+        skipped_images = 0
+        for step, row in zip(steps, table, strict=True):
+            row, skipped_here = row[:-1], row[-1]
+            if not math.isfinite(row[0]):
+                values = dict(zip(self.keys, row, strict=True))
+                raise NonFiniteLossError(
+                    f"Non-finite loss at step {step}: {json.dumps({k: values[k] for k in ('loss', 'dino', 'ibot', 'koleo')})}. "
+                    f"Stopping; the last good checkpoint is kept in {self.checkpoints}. Lower optim.base_lr, check "
+                    "the data, or use run.mixed_precision=bf16 instead of fp16."
+                )
+            self.settled.append(row)
+            skipped_images += round(skipped_here * self.accelerator.num_processes)
+        return skipped_images
+
+    def averages(self) -> dict[str, float]:
+        """Mean loss parts over the window's micro-batches and its images/s (all processes); starts a new window."""
+        averages = {
+            key: sum(column) / len(column)
+            for key, column in zip(self.keys, zip(*self.settled, strict=True), strict=True)
+        }
+        averages["images_per_second"] = self.images / (time.perf_counter() - self.start)
+        self.settled, self.start, self.images = [], time.perf_counter(), 0
+        return averages
+
+
 class MetricsLog:
     """Appends JSON lines to `<output_dir>/metrics.jsonl` (main process) and forwards to Accelerate trackers."""
 
@@ -571,14 +661,11 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     progress = tqdm(
         total=optim.total_steps, initial=state.step, desc="pretrain", disable=not accelerator.is_main_process
     )
-    window_start, window_images, window_batches, running = time.perf_counter(), 0, 0, {}
+    window = LossWindow(accelerator, checkpoints)
     while state.step < optim.total_steps:
         values = schedules(state.step)
         apply_schedule(optimizer, values.lr, values.weight_decay, values.last_layer_lr)
-        batch = {
-            k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in next(batches).items()
-        }
+        batch = batch_to_device(next(batches), config, accelerator.device)
         state.batches_seen += 1
         with accelerator.accumulate(student):
             with accelerator.autocast():
@@ -586,38 +673,29 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
                     batch, values.teacher_temperature, config.objective.sinkhorn_iterations
                 )
             parts = student(batch, dino_targets, ibot_targets)
-            # one collective for the logged values: loss parts (averaged over processes) and skipped images
-            reduced = {k: v.detach().float() for k, v in parts.items()}
-            reduced["skipped_images"] = torch.tensor(float(batch["skipped_images"]), device=accelerator.device)
-            reduced = dict(
-                zip(reduced, accelerator.reduce(torch.stack(list(reduced.values())), "mean").tolist(), strict=True)
-            )
-            skipped = round(reduced.pop("skipped_images") * accelerator.num_processes)
-            if not math.isfinite(reduced["loss"]):
-                raise NonFiniteLossError(
-                    f"Non-finite loss at step {state.step}: {json.dumps({k: reduced[k] for k in ('loss', 'dino', 'ibot', 'koleo')})}. "
-                    f"Stopping; the last good checkpoint is kept in {checkpoints}. Lower optim.base_lr, check the data, "
-                    "or use run.mixed_precision=bf16 instead of fp16."
-                )
+            images = batch["global_crops"].shape[0] // 2 * accelerator.num_processes
+            window.add(state.step, parts, batch["skipped_images"], images)
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
                 clip_grad_norm_per_module(modules, optim.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        state.skipped_images += skipped
-        window_images += batch["global_crops"].shape[0] // 2 * accelerator.num_processes
-        window_batches += 1
-        for key, value in reduced.items():
-            running[key] = running.get(key, 0.0) + value
         if not accelerator.sync_gradients:
             continue
         ema_update(teacher, unwrapped, values.teacher_momentum)
         state.step += 1
         progress.update(1)
-        if state.step % config.run.log_every == 0 or state.step == optim.total_steps:
-            averages = {k: v / window_batches for k, v in running.items()}
-            elapsed = time.perf_counter() - window_start
+        final_step = state.step == optim.total_steps  # evaluated and exported once more after the loop
+        log_now = state.step % config.run.log_every == 0 or final_step
+        knn_every = config.eval.knn_every if evaluator is not None else None
+        knn_now = bool(knn_every and state.step % knn_every == 0) and not final_step
+        checkpoint_now = state.step % config.run.checkpoint_every == 0 or final_step
+        export_now = bool(config.run.export_every and state.step % config.run.export_every == 0) and not final_step
+        if log_now or knn_now or checkpoint_now or export_now:
+            state.skipped_images += window.settle()  # raises NonFiniteLossError before anything is evaluated or saved
+        if log_now:
+            averages = window.averages()
             log(
                 state.step,
                 {
@@ -626,23 +704,15 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
                     "weight_decay": values.weight_decay,
                     "teacher_momentum": values.teacher_momentum,
                     "teacher_temperature": values.teacher_temperature,
-                    "images_per_second": window_images / elapsed,
                     "skipped_images": state.skipped_images,
                 },
             )
             progress.set_postfix(loss=f"{averages['loss']:.3f}", lr=f"{values.lr:.2e}")
-            window_start, window_images, window_batches, running = time.perf_counter(), 0, 0, {}
-        final_step = state.step == optim.total_steps  # evaluated and exported once more after the loop
-        if (
-            evaluator is not None
-            and config.eval.knn_every
-            and state.step % config.eval.knn_every == 0
-            and not final_step
-        ):
+        if knn_now:
             evaluate_knn()
-        if state.step % config.run.checkpoint_every == 0 or final_step:
+        if checkpoint_now:
             save_checkpoint(accelerator, state, checkpoints, config.run.keep_checkpoints)
-        if config.run.export_every and state.step % config.run.export_every == 0 and not final_step:
+        if export_now:
             export_teacher(accelerator, teacher, config, state, config_name)
     progress.close()
 

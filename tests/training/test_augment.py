@@ -4,20 +4,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from franca_hf.training import OFFICIAL_BLUR_PROBABILITIES, PAPER_BLUR_PROBABILITIES, MultiCropAugmentation
+from franca_hf.training.augment import CropKind
 
 
-def _blur_probability(pipeline: v2.Compose) -> float:
-    (apply,) = [
-        t for t in pipeline.transforms if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.GaussianBlur)
-    ]
-    return apply.p
+def _blur_probability(kind: CropKind) -> float:
+    return kind.blur_probability
 
 
-def _solarizes(pipeline: v2.Compose) -> bool:
-    return any(isinstance(t, v2.RandomSolarize) for t in pipeline.transforms)
+def _solarizes(kind: CropKind) -> bool:
+    return kind.solarize_probability is not None
 
 
 def test_crops_from_pil_tensor_and_grayscale():
@@ -63,6 +60,9 @@ def test_deterministic_given_the_torch_seed():
         (dict(local_crop_scale=(0.0, 0.3)), "local_crop_scale"),
         (dict(num_local_crops=-1), "num_local_crops"),
         (dict(blur_probabilities=(1.0, 1.5, 0.5)), "Probabilities"),
+        (dict(blur_kernel_size=4), "blur_kernel_size must be odd"),
+        (dict(blur_sigma=(0.0, 1.0)), "blur_sigma"),
+        (dict(global_crop_size=32, local_crop_size=8, blur_kernel_size=17), "too large for 8-px crops"),
     ],
 )
 def test_bad_settings(kwargs, message):

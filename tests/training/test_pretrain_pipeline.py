@@ -1,0 +1,97 @@
+"""The trainer's data pipeline and per-step host syncs: the device augmentation path, persistent DataLoader workers,
+and non-finite losses found at the next settle rather than at every step."""
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from franca_hf.training.config import load_config
+from franca_hf.training.pretrain import LossWindow, NonFiniteLossError
+
+from .test_pretrain import _command, _losses, _run, tiny_recipe  # noqa: F401  (tiny_recipe is a fixture)
+
+
+def test_augment_on_device_trains_exactly_as_the_cpu_path(tiny_recipe, tmp_path):  # noqa: F811
+    """With data.augment_on_device the workers send uint8 crops and the trainer finishes them in the loop; the
+    finished crops are bit-identical to the CPU path's, so the losses are too. The device run also uses 2 persistent
+    workers over more than one epoch (6 batches of 8 per epoch, 8 steps), which must not change the batches."""
+    settings = ["optim.total_steps=8", "run.log_every=2", "run.checkpoint_every=100", "run.log_with=null"]
+    cpu = _run(_command(tiny_recipe, tmp_path / "cpu", *settings))
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    device = _run(
+        _command(
+            tiny_recipe,
+            tmp_path / "device",
+            *settings,
+            "data.augment_on_device=true",
+            "data.num_workers=2",
+            "data.prefetch_factor=3",
+        )
+    )
+    assert device.returncode == 0, device.stderr[-3000:]
+    expected, losses = _losses(tmp_path / "cpu"), _losses(tmp_path / "device")
+    assert sorted(losses) == [2, 4, 6, 8]
+    assert abs(expected[8] - expected[2]) > 1e-3  # the losses move, so equal losses mean equal batches
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), (step, losses, expected)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("cpu", "device")]
+    assert summaries[0]["skipped_images"] == summaries[1]["skipped_images"] >= 1  # the corrupt file, every epoch
+
+
+def test_non_finite_loss_found_at_the_next_settle_names_its_step(tiny_recipe, tmp_path):  # noqa: F811
+    """Losses are reduced (and checked) every run.log_every steps, not every step: a run that turns non-finite at
+    step 2 and logs every 4 steps still stops with "step 2", before its step-4 checkpoint."""
+    first = _run(_command(tiny_recipe, tmp_path, "optim.total_steps=2", "run.log_every=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    settings = ["optim.total_steps=8", "run.log_every=4", "run.checkpoint_every=4", "objective.dino_weight=.nan"]
+    broken = _run(_command(tiny_recipe, tmp_path, *settings))
+    assert broken.returncode == 3, broken.stderr[-3000:]
+    assert "Non-finite loss at step 2" in broken.stderr and "last good checkpoint" in broken.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2]  # the first run's final step; nothing from the broken run
+
+
+def test_loss_window_reduces_once_per_settle(tmp_path):
+    """Adding a micro-batch's values neither reduces nor reads them; a settle reduces all pending ones in one
+    collective, counts the skipped images, and reports the first non-finite loss by its step."""
+    accelerator = Accelerator(cpu=True)
+    reduced = []
+    reduce = accelerator.reduce
+    accelerator.reduce = lambda tensor, reduction: reduced.append(tuple(tensor.shape)) or reduce(tensor, reduction)
+    window = LossWindow(accelerator, tmp_path)
+
+    def parts(loss: float) -> dict[str, torch.Tensor]:
+        return {
+            "loss": torch.tensor(loss),
+            "dino": torch.tensor(0.5),
+            "ibot": torch.tensor(0.25),
+            "koleo": torch.zeros(()),
+        }
+
+    for step in range(3):
+        window.add(step, parts(1.0 + step), skipped_images=step, images=8)
+    assert reduced == []
+    assert window.settle() == 0 + 1 + 2 and reduced == [(3, 5)]  # 4 loss parts + the skipped images, 3 rows
+    averages = window.averages()
+    assert averages["loss"] == 2.0 and averages["dino"] == 0.5 and averages["images_per_second"] > 0
+    window.add(3, parts(math.nan), 0, 8)
+    window.add(4, parts(math.inf), 0, 8)
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at step 3"):
+        window.settle()
+
+
+def test_data_pipeline_settings_are_checked():
+    config = load_config("vitb14_in21k", ["data.augment_on_device=true", "data.prefetch_factor=4"])
+    assert config.data.augment_on_device and config.data.prefetch_factor == 4
+    for override, message in (
+        ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("crops.blur_kernel_size=8", "crops.blur_kernel_size must be odd"),
+        ("data.augment_on_device=maybe", "data.augment_on_device must be bool"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config("vitb14_in21k", [override])
