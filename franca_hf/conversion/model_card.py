@@ -84,7 +84,7 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
             "information. Refit them on this folder (the backbone stays frozen):",
             "",
             "```bash",
-            f"franca-hf rasa --model {where} --data <images> --out <folder with RASA>",
+            f"franca-hf rasa model={where} data=<images> out=<folder with RASA>",
             "```",
         ]
     parity = source.get("parity")

@@ -1,7 +1,7 @@
 """RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
 
-    franca-hf rasa --model runs/demo/teacher --data demo --steps 8 --out runs/demo/teacher_rasa
-    accelerate launch -m franca_hf.rasa.train --model facebook/dinov2-base --data /voc --steps 8 --out dinov2_rasa
+    franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=8
+    accelerate launch -m franca_hf.rasa.train model=facebook/dinov2-base data=/voc out=dinov2_rasa
 
 Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
 the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
@@ -14,9 +14,11 @@ Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the wh
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from omegaconf import MISSING
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
@@ -45,15 +48,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RasaSettings:
-    """Defaults follow the paper (Franca §2.3, see docs/rasa.md): 8 steps of 5 epochs, lr 2e-3 (the official config says 2e-4),
-    batch 128, 518-px random resized crops (scale 0.25-1) with colour jitter, grayscale and blur."""
+    """Defaults follow the paper (Franca §2.3, see docs/rasa.md): 8 steps of 5 epochs, lr 2e-3 (the official config
+    says 2e-4), batch 128, random resized crops (scale 0.25-1) with colour jitter, grayscale and blur, at the model's
+    native resolution (`resolution=None`: its position table's, 518 px for the 518-px releases and DINOv2)."""
 
     steps: int = 8
     epochs: int = 5
     lr: float = 2e-3
     batch_size: int = 128
-    resolution: int = 518
-    crop_scale: tuple[float, float] = (0.25, 1.0)
+    resolution: int | None = None
+    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
     jitter_probability: float = 0.8  # colour jitter (0.32, 0.32, 0.32, 0.08)
     grayscale_probability: float = 0.2
     blur_probability: float = 0.5  # Gaussian blur, kernel 9, sigma 0.1-2
@@ -63,18 +67,48 @@ class RasaSettings:
     num_workers: int = 2
     seed: int = 0
 
-    def validate(self, patch_size: int) -> None:
-        if self.steps < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("steps, epochs and batch_size must be >= 1.")
-        if self.resolution % patch_size or self.resolution < 2 * patch_size:
-            raise ValueError(f"resolution must be a multiple of the patch size ({patch_size}) covering >= 2 patches.")
-        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
+    def validate(self, patch_size: int | None = None) -> None:
+        """Checks with messages that name the setting, its value and what is allowed; the resolution against the
+        model's `patch_size` when given."""
+        for name in ("steps", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if patch_size is not None and self.resolution is not None:
+            if self.resolution % patch_size or self.resolution < 2 * patch_size:
+                suggestion = max(2, round(self.resolution / patch_size)) * patch_size
+                raise ValueError(
+                    f"resolution={self.resolution} must be a multiple of the model's patch size ({patch_size}) of at "
+                    f"least 2 patches, e.g. resolution={suggestion}."
+                )
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.")
         for name in ("jitter_probability", "grayscale_probability", "blur_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.held_out_images < 4:
-            raise ValueError("held_out_images must be >= 4 (two halves for the position probe).")
+            raise ValueError(
+                f"held_out_images must be >= 4 (two halves for the position probe), got {self.held_out_images}."
+            )
+
+    def for_model(self, config) -> "RasaSettings":
+        """These settings with the resolution resolved for a model config and checked against its patch size: the
+        native size of a FrancaConfig's position table, or the config's `image_size` (DINOv2: 518)."""
+        native = getattr(config, "position_grid_size", None)
+        resolution = self.resolution or (native * config.patch_size if native else config.image_size)
+        resolved = dataclasses.replace(self, resolution=resolution)
+        resolved.validate(config.patch_size)
+        return resolved
+
+
+@dataclass
+class RasaRunSettings(RasaSettings):
+    """`franca-hf rasa key=value ...`: the model, the images and the output folder, with the training settings."""
+
+    model: str = MISSING  # a Franca folder, Hub id or release name, or a DINOv2 model
+    data: str = MISSING  # "demo", an image folder, or hf:<dataset>
+    out: str = MISSING  # the output folder
+    split: str = "train"
+    overwrite: bool = False
 
 
 @dataclass
@@ -232,8 +266,8 @@ def train_rasa(
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    settings.validate(model.config.patch_size)
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
+    settings = settings.for_model(model.config)
     model.eval().requires_grad_(False).to(accelerator.device)
     width = model.config.hidden_size
     existing = model.rasa.position_weights.detach().float().cpu() if getattr(model, "rasa", None) is not None else None
@@ -249,9 +283,8 @@ def train_rasa(
         "images": len(train_source),
         "held_out": len(held_out_source),
     }
-    fingerprint = json.dumps(
-        {**identity, **{k: v for k, v in asdict(settings).items() if k != "num_workers"}}, sort_keys=True
-    )
+    training = {f.name: getattr(settings, f.name) for f in dataclasses.fields(RasaSettings) if f.name != "num_workers"}
+    fingerprint = json.dumps({**identity, **training}, sort_keys=True)
     if progress_file.is_file():
         saved = RasaDirections.load(progress_file)
         if saved.metadata.get("settings") == fingerprint:
@@ -318,81 +351,117 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
     return write_folder_atomically(out_dir, fill, overwrite=overwrite)
 
 
+# The flags of franca_hf 0.1, deprecated: each becomes its key=value setting.
+LEGACY_FLAGS = {
+    "--model": "model",
+    "--data": "data",
+    "--split": "split",
+    "--out": "out",
+    "--steps": "steps",
+    "--epochs": "epochs",
+    "--lr": "lr",
+    "--batch-size": "batch_size",
+    "--resolution": "resolution",
+    "--jitter-prob": "jitter_probability",
+    "--grayscale-prob": "grayscale_probability",
+    "--blur-prob": "blur_probability",
+    "--held-out-images": "held_out_images",
+    "--max-images": "max_images",
+    "--num-workers": "num_workers",
+    "--seed": "seed",
+}
+LEGACY_SWITCHES = {"--official-steps": "orthogonal=false", "--overwrite": "overwrite=true"}
+
+
+def translate_legacy_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(arguments with the 0.1 flags turned into key=value settings, the flags that were turned)."""
+    arguments, legacy, rest = [], [], list(argv)
+    while rest:
+        word = rest.pop(0)
+        flag, _, inline = word.partition("=") if word.startswith("--") else (word, "", "")
+        if flag in LEGACY_SWITCHES:
+            arguments.append(LEGACY_SWITCHES[flag])
+        elif flag == "--crop-scale":
+            low, high = rest.pop(0), rest.pop(0)
+            arguments.append(f"crop_scale=[{low},{high}]")
+        elif flag in LEGACY_FLAGS:
+            if not inline and not rest:
+                raise ValueError(f"{flag} needs a value.")
+            arguments.append(f"{LEGACY_FLAGS[flag]}={inline or rest.pop(0)}")
+        else:
+            arguments.append(word)
+            continue
+        legacy.append(flag)
+    return arguments, legacy
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="franca-hf rasa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="franca-hf rasa",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings (key=value): "
+        + ", ".join(f.name for f in dataclasses.fields(RasaRunSettings))
+        + ". model, data and out are required.",
     )
-    defaults = RasaSettings()
-    parser.add_argument("--model", required=True, help="FrancaModel folder/Hub id/release, or a DINOv2 model")
-    parser.add_argument("--data", required=True, help="'demo', an image folder, or hf:<dataset>")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="RASA steps K (paper 8, code 9)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--resolution", type=int, default=defaults.resolution)
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=defaults.crop_scale, metavar=("LOW", "HIGH"))
-    parser.add_argument("--jitter-prob", type=float, default=defaults.jitter_probability, help="colour jitter")
-    parser.add_argument("--grayscale-prob", type=float, default=defaults.grayscale_probability)
-    parser.add_argument("--blur-prob", type=float, default=defaults.blur_probability)
-    parser.add_argument("--held-out-images", type=int, default=defaults.held_out_images)
-    parser.add_argument("--max-images", type=int, help="train on at most this many images")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--official-steps",
-        action="store_true",
-        help="keep each step's weight as trained (official); default: made orthogonal to earlier steps",
-    )
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--config", help="a YAML file of settings (key: value), applied before the key=value ones")
+    parser.add_argument("settings", nargs="*", help="key=value, e.g. model=runs/demo/teacher data=demo out=rasa")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModel
+def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
+    """(the model, the settings resolved for it), its config checked before the weights load."""
+    from transformers import AutoConfig, AutoModel
 
     from ..conversion.convert import resolve_model
 
-    args = build_parser().parse_args(argv)
+    with accelerator.main_process_first():  # one process downloads and converts a release, the others wait
+        path = resolve_model(settings.model)
+    resolved = settings.for_model(AutoConfig.from_pretrained(path))
+    return AutoModel.from_pretrained(path), resolved
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..training.config import load_settings
+
+    first_process = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    settings = RasaSettings(
-        steps=args.steps,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        resolution=args.resolution,
-        crop_scale=tuple(args.crop_scale),
-        jitter_probability=args.jitter_prob,
-        grayscale_probability=args.grayscale_prob,
-        blur_probability=args.blur_prob,
-        held_out_images=args.held_out_images,
-        max_images=args.max_images,
-        orthogonal=not args.official_steps,
-        num_workers=args.num_workers,
-        seed=args.seed,
-    )
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     try:
-        with accelerator.main_process_first():  # one process downloads and converts a release, the others wait
-            model = AutoModel.from_pretrained(resolve_model(args.model))
-        source = open_source(args.data, args.split, seed=args.seed)
-        train, held_out = split_off(source, settings.held_out_images, seed=args.seed)
-        train = subsample(train, settings.max_images, seed=args.seed)
-        _, report = train_rasa(model, train, held_out, settings, args.out, accelerator, overwrite=args.overwrite)
+        arguments, legacy = translate_legacy_flags(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(arguments)
+        if legacy and first_process:
+            print(
+                f"franca-hf rasa: {', '.join(legacy)} are deprecated; write settings as key=value "
+                "(e.g. model=... data=... out=... steps=8).",
+                file=sys.stderr,
+            )
+        settings = load_settings(RasaRunSettings, args.config, args.settings, bundled=None)
+        if Path(settings.out).exists() and not settings.overwrite:
+            raise FileExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
+        accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+        model, settings = load_model_for_rasa(settings, accelerator)
+        source = open_source(settings.data, settings.split, seed=settings.seed)
+        train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
+        train = subsample(train, settings.max_images, seed=settings.seed)
+        _, report = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"franca-hf rasa: error: {error}", file=sys.stderr)
+        if first_process:
+            print(f"franca-hf rasa: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
+    if accelerator.is_main_process:
+        print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
     return 0
 
 
 __all__ = [
     "FrozenTokens",
     "RasaReport",
+    "RasaRunSettings",
     "RasaSettings",
     "augmentation",
     "build_parser",
+    "load_model_for_rasa",
+    "translate_legacy_flags",
     "fit_position_predictor",
     "held_out_tokens",
     "main",

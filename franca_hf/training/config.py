@@ -1,35 +1,61 @@
-"""Pretraining configuration: nested dataclasses, bundled YAML recipes and `section.key=value` overrides.
+"""Settings of the training-like commands, one system for all: typed dataclasses, filled from a YAML file (a bundled
+recipe by name, or a path) and `key=value` overrides by OmegaConf structured configs (unknown keys and wrong types
+are refused, naming the key), then cross-checked by the dataclass's own `validate()`.
 
-`load_config("demo", ["optim.total_steps=100"])` reads `franca_hf/training/configs/demo.yaml` (or any YAML path),
-applies the overrides (values parsed as YAML: `1e-3`, `[0.32, 1.0]`, `true`, `null`), and validates everything.
+    load_config("demo", ["optim.total_steps=100"])               # franca-hf pretrain: PretrainConfig
+    load_settings(RasaRunSettings, None, ["model=...", "steps=8"])  # franca-hf rasa
+
+Override values are parsed as YAML: `1e-3`, `[0.32, 1.0]`, `true`, `null`. Pretraining's `model` section takes any
+architecture field of `FrancaConfig` (`ModelSettings` is derived from it, not repeated).
 """
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar
 
-import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from ..modeling import FRANCA_PRESETS, FrancaConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+Settings = TypeVar("Settings")
 
 
-@dataclass
-class ModelSettings:
-    """The backbone. `preset` (vit_small / vit_base / vit_large / vit_giant2) fills width, depth and heads."""
-
-    preset: str | None = None
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    patch_size: int = 14
-    ffn_type: str = "swiglu"
-    num_register_tokens: int = 0
-    layerscale_value: float = 1e-5
-    drop_path_rate: float = 0.1
-    drop_path_mode: str = "subset"  # subset: the official per-batch form | sample: per-sample Bernoulli (timm)
-    init_from: str | None = None  # an HF folder (e.g. a previous stage's teacher) to start student and teacher from
+# FrancaConfig fields a recipe does not set: the grid and image size follow the global crops, the nesting follows the
+# heads, RASA and a Matryoshka basis are fitted after pretraining, the rest is provenance or backbone-only output.
+_NOT_FROM_RECIPES = {
+    "position_grid_size",
+    "image_size",
+    "matryoshka_dims",
+    "matryoshka_basis",
+    "rasa_steps",
+    "source_checkpoint",
+    "apply_layernorm",
+    "reshape_hidden_states",
+    "debias_feature_maps",
+}
+# Fields a recipe may set when it starts from a folder: stochastic depth, and initial values that loaded weights replace.
+_FREE_WITH_INIT_FROM = {"drop_path_rate", "drop_path_mode", "layerscale_value", "initializer_range"}
+ARCHITECTURE_FIELDS = [
+    name for name in FrancaConfig.__annotations__ if not name.startswith("_") and name not in _NOT_FROM_RECIPES
+]
+ModelSettings = dataclasses.make_dataclass(
+    "ModelSettings",
+    [
+        ("preset", str | None, field(default=None)),
+        ("init_from", str | None, field(default=None)),
+        *[(name, FrancaConfig.__annotations__[name] | None, field(default=None)) for name in ARCHITECTURE_FIELDS],
+    ],
+)
+ModelSettings.__module__ = __name__  # as if written here (pickling, OmegaConf's error messages)
+ModelSettings.__doc__ = """The backbone: `preset` (vit_small / vit_base / vit_large / vit_giant2) for width, depth and heads, and any
+architecture field of `FrancaConfig` (`ARCHITECTURE_FIELDS`: hidden_size, patch_size, drop_path_rate,
+drop_path_mode, ...; None keeps the preset's or FrancaConfig's default). `init_from`: an HF folder (a previous
+stage's teacher) to start student and teacher from; it fixes the architecture, so set fields must agree with it
+(stochastic depth and initial values excepted)."""
 
 
 @dataclass
@@ -148,128 +174,226 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    @property
+    def patch_size(self) -> int:
+        """The backbone's patch size, which sizes crops and masks: the `model.init_from` folder's, else the recipe's
+        (FrancaConfig's 14 when unset)."""
+        if self.model.init_from is not None:
+            return FrancaConfig.from_pretrained(self.model.init_from).patch_size
+        return self.model.patch_size or FrancaConfig.patch_size
+
+    def backbone_settings(self) -> dict[str, Any]:
+        """`FrancaConfig` keyword arguments of a new backbone: the preset's width, depth and heads, the `model` fields
+        that are set, and the position grid and image size of the global crops."""
+        values = {name: getattr(self.model, name) for name in ARCHITECTURE_FIELDS}
+        values = {name: value for name, value in values.items() if value is not None}
+        if self.model.preset is not None:
+            if self.model.preset not in FRANCA_PRESETS:
+                raise ValueError(f"model.preset {self.model.preset!r} is not one of {sorted(FRANCA_PRESETS)}.")
+            sizes = zip(
+                ("hidden_size", "num_hidden_layers", "num_attention_heads"),
+                FRANCA_PRESETS[self.model.preset],
+                strict=True,
+            )
+            for name, size in sizes:
+                if values.setdefault(name, size) != size:
+                    raise ValueError(
+                        f"model.{name}={values[name]} contradicts model.preset={self.model.preset} ({name} {size}); "
+                        "set one or the other."
+                    )
+        patch = values.get("patch_size", FrancaConfig.patch_size)
+        values.update(position_grid_size=self.crops.global_size // patch, image_size=self.crops.global_size)
+        return values
+
+    def _disagreements_with(self, folder: FrancaConfig) -> list[str]:
+        """What the `model` section sets differently from the `model.init_from` folder's architecture (which fixes it;
+        only the stochastic depth may change)."""
+        expected = {name: getattr(self.model, name) for name in ARCHITECTURE_FIELDS}
+        if self.model.preset in FRANCA_PRESETS:
+            expected.update(
+                zip(
+                    ("hidden_size", "num_hidden_layers", "num_attention_heads"),
+                    FRANCA_PRESETS[self.model.preset],
+                    strict=True,
+                )
+            )
+        return [
+            f"model.{name}={value}, but the model.init_from folder has {name}={getattr(folder, name)} (the folder fixes "
+            "the architecture: remove the setting or start from a matching folder)"
+            for name, value in expected.items()
+            if value is not None and name not in _FREE_WITH_INIT_FROM and value != getattr(folder, name)
+        ]
+
     def validate(self) -> None:
-        """Cross-field checks with messages that say what is allowed."""
+        """Cross-field checks with messages that name the keys, their values and what is allowed."""
+        problems = []
+        model, crops, optim, run = self.model, self.crops, self.optim, self.run
+        patch = None
+        if model.init_from is not None:
+            try:
+                folder = FrancaConfig.from_pretrained(model.init_from)
+            except OSError as error:
+                problems.append(
+                    f"model.init_from ({model.init_from}) is neither a model folder nor a Hub model: {error}"
+                )
+            else:
+                patch = folder.patch_size
+                problems += self._disagreements_with(folder)
+        else:
+            try:
+                settings = self.backbone_settings()
+            except ValueError as error:
+                problems.append(str(error).rstrip("."))
+            else:
+                try:
+                    patch = FrancaConfig(**settings).patch_size
+                except ValueError as error:  # FrancaConfig's own checks, which name the field without its section
+                    problems.append(f"model: {str(error).rstrip('.')}")
         checks = [
-            (self.heads.mode in ("project", "slice", "shared"), "heads.mode must be project, slice or shared"),
-            (self.model.drop_path_mode in ("subset", "sample"), "model.drop_path_mode must be subset or sample"),
-            (self.crops.blur in ("paper", "official"), "crops.blur must be 'paper' or 'official'"),
-            (self.run.mixed_precision in ("no", "bf16", "fp16"), "run.mixed_precision must be no, bf16 or fp16"),
-            (self.optim.total_steps > 0, "optim.total_steps must be > 0"),
-            (0 <= self.optim.warmup_steps <= self.optim.total_steps, "need 0 <= optim.warmup_steps <= total_steps"),
-            (self.optim.batch_size_per_device >= 2, "optim.batch_size_per_device must be >= 2 (KoLeo needs pairs)"),
-            (self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps must be >= 1"),
-            (self.crops.global_size % self.model.patch_size == 0, "crops.global_size must be a multiple of the patch"),
             (
-                self.crops.local_number == 0 or self.crops.local_size % self.model.patch_size == 0,
-                "crops.local_size must be a multiple of the patch size",
+                self.heads.mode in ("project", "slice", "shared"),
+                f"heads.mode must be project, slice or shared, got {self.heads.mode!r}",
             ),
-            (self.run.checkpoint_every > 0, "run.checkpoint_every must be > 0"),
-            (self.run.log_every > 0, "run.log_every must be > 0"),
-            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
-            (self.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+            (crops.blur in ("paper", "official"), f"crops.blur must be 'paper' or 'official', got {crops.blur!r}"),
             (
-                self.crops.blur_kernel_size % 2 == 1
-                and self.crops.blur_kernel_size // 2
-                < min(
-                    self.crops.global_size, self.crops.local_size if self.crops.local_number else self.crops.global_size
-                ),
-                "crops.blur_kernel_size must be odd, with half of it below the smallest crop size",
+                run.mixed_precision in ("no", "bf16", "fp16"),
+                f"run.mixed_precision must be no, bf16 or fp16, got {run.mixed_precision!r}",
             ),
-            (self.run.export_every is None or self.run.export_every > 0, "run.export_every must be > 0 or null"),
-            (self.eval.knn_every is None or self.eval.knn_every > 0, "eval.knn_every must be > 0 or null"),
-            (0.0 <= self.objective.mask_probability <= 1.0, "objective.mask_probability must be in [0, 1]"),
+            (optim.total_steps > 0, f"optim.total_steps must be > 0, got {optim.total_steps}"),
+            (
+                0 <= optim.warmup_steps <= optim.total_steps,
+                f"optim.warmup_steps ({optim.warmup_steps}) must be between 0 and optim.total_steps "
+                f"({optim.total_steps})",
+            ),
+            (
+                optim.batch_size_per_device >= 2,
+                f"optim.batch_size_per_device must be >= 2 (KoLeo needs pairs), got {optim.batch_size_per_device}",
+            ),
+            (
+                optim.gradient_accumulation_steps >= 1,
+                f"optim.gradient_accumulation_steps must be >= 1, got {optim.gradient_accumulation_steps}",
+            ),
+            (
+                patch is None or crops.global_size % patch == 0,
+                f"crops.global_size ({crops.global_size}) must be a multiple of the patch size ({patch})",
+            ),
+            (
+                patch is None or crops.local_number == 0 or crops.local_size % patch == 0,
+                f"crops.local_size ({crops.local_size}) must be a multiple of the patch size ({patch})",
+            ),
+            (run.checkpoint_every > 0, f"run.checkpoint_every must be > 0, got {run.checkpoint_every}"),
+            (run.log_every > 0, f"run.log_every must be > 0, got {run.log_every}"),
+            (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
+            (self.data.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.data.prefetch_factor}"),
+            (
+                crops.blur_kernel_size % 2 == 1
+                and crops.blur_kernel_size // 2
+                < min(crops.global_size, crops.local_size if crops.local_number else crops.global_size),
+                f"crops.blur_kernel_size ({crops.blur_kernel_size}) must be odd, with half of it below the smallest "
+                "crop size",
+            ),
+            (
+                run.export_every is None or run.export_every > 0,
+                f"run.export_every must be > 0 or null, got {run.export_every}",
+            ),
+            (
+                self.eval.knn_every is None or self.eval.knn_every > 0,
+                f"eval.knn_every must be > 0 or null, got {self.eval.knn_every}",
+            ),
+            (
+                0.0 <= self.objective.mask_probability <= 1.0,
+                f"objective.mask_probability must be in [0, 1], got {self.objective.mask_probability}",
+            ),
             (
                 len(self.objective.mask_ratio) == 2
                 and 0.0 <= self.objective.mask_ratio[0] <= self.objective.mask_ratio[1] <= 1.0,
-                "objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1",
+                f"objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1, got {self.objective.mask_ratio}",
             ),
             (
                 all(
                     len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
-                    for scale in (self.crops.global_scale, self.crops.local_scale)
+                    for scale in (crops.global_scale, crops.local_scale)
                 ),
-                "crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1",
+                f"crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1, got "
+                f"{crops.global_scale} and {crops.local_scale}",
             ),
-            (self.objective.student_temperature > 0, "objective.student_temperature must be > 0"),
-            (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
+            (
+                self.objective.student_temperature > 0,
+                f"objective.student_temperature must be > 0, got {self.objective.student_temperature}",
+            ),
+            (run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {run.keep_checkpoints}"),
             (
                 (self.eval.knn_train is None) == (self.eval.knn_test is None),
                 "set both eval.knn_train and eval.knn_test, or neither",
             ),
         ]
-        problems = [message for ok, message in checks if not ok]
+        problems += [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("Invalid pretraining config: " + "; ".join(problems) + ".")
 
 
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Check a YAML value against a field annotation (int -> float is allowed)."""
-    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ValueError(f"{name} cannot be null.")
-    for option in options:
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option in (str, bool) and isinstance(value, option):
-            return value
-        if get_origin(option) is list and isinstance(value, list):
-            (item,) = get_args(option)
-            return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ValueError(f"{name} must be {expected}, got {value!r}.")
-
-
-def _apply(config: PretrainConfig, values: dict[str, Any], source: str) -> None:
-    sections = {f.name: f for f in fields(config)}
-    for section_name, section_values in values.items():
-        if section_name not in sections:
-            raise ValueError(f"{source}: unknown section {section_name!r}; sections are {sorted(sections)}.")
-        if not isinstance(section_values, dict):
-            raise ValueError(f"{source}: section {section_name!r} must be a mapping.")
-        section = getattr(config, section_name)
-        hints = get_type_hints(type(section))
-        for key, value in section_values.items():
-            if key not in hints:
-                raise ValueError(f"{source}: unknown key {section_name}.{key}; {section_name} has {sorted(hints)}.")
-            setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
-
-
-def resolve_config_path(name_or_path: str) -> Path:
+def resolve_config_path(name_or_path: str | Path, bundled: Path = CONFIG_DIR) -> Path:
     """A bundled recipe name (see `list_configs()`) or a YAML file path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
-    if bundled.is_file():
-        return bundled
-    raise ValueError(f"No config {name_or_path!r}: give a YAML file or one of {list_configs()}.")
+    recipe = bundled / f"{name_or_path}.yaml"
+    if recipe.is_file():
+        return recipe
+    raise ValueError(f"No config {str(name_or_path)!r}: give a YAML file or one of {list_configs(bundled)}.")
 
 
-def list_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def list_configs(bundled: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in bundled.glob("*.yaml"))
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """`section.key=value` -> (section, key, YAML-parsed value)."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ValueError(f"Override {text!r} must look like section.key=value (e.g. optim.total_steps=100).")
-    dotted, raw = text.split("=", 1)
-    section, key = dotted.split(".", 1)
-    return section, key, yaml.safe_load(raw)
+def _explain(error: OmegaConfBaseException, source: str) -> ValueError:
+    """OmegaConf's error as one line that names the key, what was wrong and where it came from."""
+    key = getattr(error, "full_key", None) or getattr(error, "key", None)
+    message = str(error).splitlines()[0]
+    if isinstance(error, MissingMandatoryValue) and key:
+        message = f"{key} must be set ({key}=...)"
+    elif isinstance(error, ConfigKeyError) and key:
+        parent = getattr(error, "parent_node", None)
+        allowed = sorted(parent.keys()) if parent is not None else []
+        message = f"unknown key {key}" + (f"; allowed here: {allowed}" if allowed else "")
+    elif key:
+        message = f"{key}: {message}"
+    return ValueError(f"{source}: {message}.")
 
 
-def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
-    """Read a recipe, apply `section.key=value` overrides, validate."""
-    path = resolve_config_path(name_or_path)
-    config = PretrainConfig()
-    _apply(config, yaml.safe_load(path.read_text()) or {}, str(path))
+def load_settings(
+    schema: type[Settings],
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    bundled: Path = CONFIG_DIR,
+) -> Settings:
+    """An instance of the dataclass `schema`: its defaults, then the YAML `config` (a bundled recipe name or a
+    path), then each `key=value` override, checked for keys and types, then `validate()` if the schema has one."""
+    merged = OmegaConf.structured(schema)
+    layers = []
+    if config is not None:
+        path = resolve_config_path(config, bundled)
+        layers.append((OmegaConf.load(path), str(path)))
     for text in overrides:
-        section, key, value = parse_override(text)
-        _apply(config, {section: {key: value}}, f"override {text!r}")
-    config.validate()
-    return config
+        key = text.split("=", 1)[0]
+        if "=" not in text or not key or key.startswith("-"):
+            raise ValueError(f"Override {text!r} must look like key=value (e.g. optim.total_steps=100).")
+        layers.append((OmegaConf.from_dotlist([text]), f"override {text!r}"))
+    for values, source in layers:
+        try:
+            merged = OmegaConf.merge(merged, values)
+        except OmegaConfBaseException as error:
+            raise _explain(error, source) from None
+    try:
+        settings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:  # a required value left unset
+        raise _explain(error, "settings") from None
+    if hasattr(settings, "validate"):
+        settings.validate()
+    return settings
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> "PretrainConfig":
+    """A pretraining recipe with `section.key=value` overrides, validated."""
+    return load_settings(PretrainConfig, name_or_path, overrides)

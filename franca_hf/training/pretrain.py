@@ -147,26 +147,9 @@ class TrainState:
 
 
 def backbone_config(config: PretrainConfig) -> FrancaConfig:
-    """The FrancaConfig of a new backbone; its position table matches the global crops."""
-    m, crops = config.model, config.crops
-    settings = dict(
-        patch_size=m.patch_size,
-        ffn_type=m.ffn_type,
-        num_register_tokens=m.num_register_tokens,
-        layerscale_value=m.layerscale_value,
-        drop_path_rate=m.drop_path_rate,
-        drop_path_mode=m.drop_path_mode,
-        position_grid_size=crops.global_size // m.patch_size,
-        image_size=crops.global_size,
-    )
-    if m.preset:
-        return FrancaConfig.from_preset(m.preset, **settings)
-    return FrancaConfig(
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        **settings,
-    )
+    """The FrancaConfig of a new backbone (`PretrainConfig.backbone_settings`); its position table matches the
+    global crops."""
+    return FrancaConfig(**config.backbone_settings())
 
 
 @torch.no_grad()
@@ -182,7 +165,9 @@ def resize_position_table(model: FrancaModel, grid: int) -> None:
     model.config.image_size = grid * model.config.patch_size
 
 
-def load_initial_backbone(folder: str, drop_path_rate: float, drop_path_mode: str = "subset") -> FrancaModel:
+def load_initial_backbone(
+    folder: str, drop_path_rate: float | None = None, drop_path_mode: str | None = None
+) -> FrancaModel:
     """The backbone of `model.init_from`, in fp32 whatever dtype the folder stores, without RASA directions.
 
     fp32 master weights: at the high-resolution stages' learning rates (~1e-5), most AdamW updates of bf16 weights are
@@ -191,9 +176,9 @@ def load_initial_backbone(folder: str, drop_path_rate: float, drop_path_mode: st
     dropped (and `dropped_rasa_steps` in `config.source_checkpoint` puts a note on the exported teacher's card).
     """
     stored = str(FrancaConfig.from_pretrained(folder).dtype or "float32").removeprefix("torch.")
-    backbone = FrancaModel.from_pretrained(
-        folder, drop_path_rate=drop_path_rate, drop_path_mode=drop_path_mode, dtype=torch.float32
-    )
+    stochastic_depth = {"drop_path_rate": drop_path_rate, "drop_path_mode": drop_path_mode}
+    overrides = {key: value for key, value in stochastic_depth.items() if value is not None}
+    backbone = FrancaModel.from_pretrained(folder, dtype=torch.float32, **overrides)
     logger.info(
         "model.init_from %s stores %s weights; student and teacher train float32 master weights (mixed precision is "
         "run.mixed_precision's autocast).",
@@ -204,8 +189,8 @@ def load_initial_backbone(folder: str, drop_path_rate: float, drop_path_mode: st
         steps = backbone.config.rasa_steps
         logger.warning(
             "model.init_from %s holds %d RASA steps fitted to its backbone as it is now; training changes the "
-            "backbone, so they are dropped. Refit them on the exported teacher: franca-hf rasa --model "
-            "<output_dir>/teacher --data <images> --out <folder>.",
+            "backbone, so they are dropped. Refit them on the exported teacher: franca-hf rasa "
+            "model=<output_dir>/teacher data=<images> out=<folder>.",
             folder,
             steps,
         )
@@ -221,11 +206,6 @@ def build_networks(config: PretrainConfig) -> tuple[Student, Teacher]:
         backbone = load_initial_backbone(
             config.model.init_from, config.model.drop_path_rate, config.model.drop_path_mode
         )
-        if backbone.config.patch_size != config.model.patch_size:  # the crops and masks are sized by the config
-            raise ValueError(
-                f"model.init_from ({config.model.init_from}) has patch size {backbone.config.patch_size}, but "
-                f"model.patch_size is {config.model.patch_size}: set model.patch_size={backbone.config.patch_size}."
-            )
         resize_position_table(backbone, config.crops.global_size // backbone.config.patch_size)
     else:
         backbone = FrancaModel(backbone_config(config))
@@ -287,7 +267,7 @@ class BatchCollator:
     "local_photometric"), crop-major like the crops."""
 
     def __init__(self, config: PretrainConfig):
-        self.generator = CyclicMaskGenerator(config.crops.global_size // config.model.patch_size)
+        self.generator = CyclicMaskGenerator(config.crops.global_size // config.patch_size)
         self.probability, self.ratio = config.objective.mask_probability, tuple(config.objective.mask_ratio)
 
     def __call__(self, samples):
@@ -736,7 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="franca-hf pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="demo", help="a bundled recipe (demo, vitb14_in21k, ...) or a YAML file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.total_steps=200")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)",
+    )
     return parser
 
 
@@ -744,14 +728,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("franca_hf").setLevel(logging.INFO)
+    first_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher, say it once
     try:
         config = load_config(args.config, args.overrides)
         train(config, Path(args.config).stem)
     except (ValueError, FileNotFoundError) as error:
-        print(f"franca-hf pretrain: error: {error}", file=sys.stderr)
+        if first_process:
+            print(f"franca-hf pretrain: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
-        print(f"franca-hf pretrain: stopped: {error}", file=sys.stderr)
+        if first_process:
+            print(f"franca-hf pretrain: stopped: {error}", file=sys.stderr)
         return 3
     return 0
 

@@ -169,41 +169,55 @@ def test_cli_trains_directions_for_a_converted_model(tiny_folder, tmp_path, caps
     from franca_hf.cli import main
 
     out = tmp_path / "rasa"
-    assert (
-        main(
-            [
-                "rasa",
-                "--model",
-                str(tiny_folder),
-                "--data",
-                "demo",
-                "--steps",
-                "1",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "16",
-                "--resolution",
-                "28",
-                "--held-out-images",
-                "8",
-                "--max-images",
-                "32",
-                "--num-workers",
-                "0",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    small = ["steps=1", "epochs=1", "batch_size=16", "held_out_images=8", "max_images=32", "num_workers=0"]
+    assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", *small]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["probe_r2"]) == 2 and report["cosine_to_raw"][0] == 1.0
     # the converted model had 10 official steps; the new one is appended to its chain
     assert FrancaModel.from_pretrained(out).config.rasa_steps == 11
     assert_publishable_folder(out)
-    assert main(["rasa", "--model", str(tiny_folder), "--data", "demo", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    # the resolution defaults to the model's native size: the tiny reference's 7 x 7 table, 98 px
+    assert json.loads((out / "rasa_report.json").read_text())["report"]["probe_r2"] == report["probe_r2"]
+    assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}"]) == 2
+    assert f"out={out} already exists; add overwrite=true to replace it" in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModel
+
+    from franca_hf.cli import main
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    out = tmp_path / "out"
+    assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "resolution=100"]) == 2
+    assert "resolution=100 must be a multiple of the model's patch size (14) of at least 2 patches, e.g. " in (
+        capsys.readouterr().err
+    )
+    assert main(["rasa", f"model={tiny_folder}", "data=demo"]) == 2
+    assert "out must be set (out=...)" in capsys.readouterr().err
+    assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "stepz=3"]) == 2
+    assert "unknown key stepz" in capsys.readouterr().err
+
+
+def test_the_flags_of_0_1_still_work_with_a_deprecation_note(tiny_folder, tmp_path, capsys):
+    from franca_hf.rasa.train import translate_legacy_flags
+
+    arguments, legacy = translate_legacy_flags(
+        [
+            "--model",
+            "m",
+            "--data=demo",
+            "--official-steps",
+            "--crop-scale",
+            "0.3",
+            "0.9",
+            "steps=2",
+            "--batch-size",
+            "8",
+        ]
+    )
+    assert arguments == ["model=m", "data=demo", "orthogonal=false", "crop_scale=[0.3,0.9]", "steps=2", "batch_size=8"]
+    assert legacy == ["--model", "--data", "--official-steps", "--crop-scale", "--batch-size"]
 
 
 def test_augmentation_probabilities_are_settings():
@@ -224,8 +238,8 @@ def test_augmentation_probabilities_are_settings():
     assert torch.allclose(gray[0], gray[1], atol=1e-5) and torch.allclose(gray[1], gray[2], atol=1e-5)
     with pytest.raises(ValueError, match=r"blur_probability must be in \[0, 1\], got 1.5"):
         RasaSettings(blur_probability=1.5).validate(patch_size=14)
-    with pytest.raises(ValueError, match="crop_scale must satisfy 0 < low <= high <= 1"):
-        RasaSettings(crop_scale=(0.5, 0.2)).validate(patch_size=14)
+    with pytest.raises(ValueError, match=r"crop_scale must be \[low, high\] with 0 < low <= high <= 1"):
+        RasaSettings(crop_scale=[0.5, 0.2]).validate(patch_size=14)
 
 
 def test_patch_tokens_of_dinov2_with_registers_skip_cls_and_registers():

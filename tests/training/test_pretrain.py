@@ -180,13 +180,17 @@ def test_training_on_from_a_converted_release(tiny_recipe, tmp_path, tiny_releas
     convert_checkpoint(tmp_path / "franca_vitb14_In21K.pth", tmp_path / "release")
     mismatch = _run(_command(tiny_recipe, tmp_path / "bad", f"model.init_from={tmp_path / 'release'}"))
     assert mismatch.returncode == 2
-    assert "has patch size 14, but model.patch_size is 4: set model.patch_size=14" in mismatch.stderr
+    assert "model.patch_size=4, but the model.init_from folder has patch_size=14" in mismatch.stderr
+    assert "crops.global_size (32) must be a multiple of the patch size (14)" in mismatch.stderr
+    assert mismatch.stderr.count("franca-hf pretrain: error") == 1 and "Traceback" not in mismatch.stderr
+    # the recipe of a stage that trains on: no architecture of its own (the folder has it)
+    on_from = tmp_path / "on_from.yaml"
+    on_from.write_text(tiny_recipe.read_text().replace(TINY_CONFIG.splitlines()[1], "model: {drop_path_rate: 0.0}"))
     result = _run(
         _command(
-            tiny_recipe,
+            on_from,
             tmp_path / "run",
             f"model.init_from={tmp_path / 'release'}",
-            "model.patch_size=14",
             "crops.global_size=42",
             "crops.local_size=14",
             "optim.total_steps=2",
@@ -265,12 +269,24 @@ def test_recipes_load_and_bad_configs_are_explained():
     assert load_config("vitl14_laion").crops.global_scale == [0.48, 1.0]
     with pytest.raises(ValueError, match="unknown key optim.lr_max"):
         load_config("vitb14_in21k", ["optim.lr_max=1"])
-    with pytest.raises(ValueError, match="optim.total_steps must be int"):
+    with pytest.raises(ValueError, match="optim.total_steps: Value 'many' of type 'str' could not be converted"):
         load_config("vitb14_in21k", ["optim.total_steps=many"])
     with pytest.raises(ValueError, match="heads.mode must be project, slice or shared"):
         load_config("vitb14_in21k", ["heads.mode=nested"])
-    with pytest.raises(ValueError, match="must look like section.key=value"):
+    with pytest.raises(ValueError, match="must look like key=value"):
+        load_config("vitb14_in21k", ["total_steps"])
+    with pytest.raises(ValueError, match=r"unknown key total_steps; allowed here: \['crops', 'data'"):
         load_config("vitb14_in21k", ["total_steps=5"])
+    with pytest.raises(
+        ValueError, match=r"optim.warmup_steps \(100000\) must be between 0 and optim.total_steps \(10\)"
+    ):
+        load_config("vitb14_in21k", ["optim.total_steps=10"])
+    with pytest.raises(ValueError, match="model.hidden_size=128 contradicts model.preset=vit_base"):
+        load_config("vitb14_in21k", ["model.hidden_size=128"])
+    with pytest.raises(ValueError, match=r"model: ffn_type must be one of \('swiglu', 'mlp'\), got 'moe'"):
+        load_config("demo", ["model.ffn_type=moe"])
+    # every architecture field of FrancaConfig is a recipe setting (derived, not repeated)
+    assert load_config("demo", ["model.mlp_ratio=2.0", "model.qkv_bias=false"]).backbone_settings()["mlp_ratio"] == 2.0
     with pytest.raises(ValueError, match="No config 'nope'"):
         load_config("nope")
 

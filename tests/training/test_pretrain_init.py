@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from transformers import AutoModel
 
 from franca_hf.conversion.convert import convert_checkpoint
+from franca_hf.modeling import FrancaConfig
 from franca_hf.training.config import PretrainConfig
 from franca_hf.training.pretrain import TrainState, build_networks, export_teacher
 
@@ -25,7 +26,7 @@ def bf16_folder_with_rasa(tmp_path_factory):
 
 def _config(folder, output_dir) -> PretrainConfig:
     config = PretrainConfig()
-    config.model.init_from, config.model.patch_size, config.crops.global_size = str(folder), 14, 42
+    config.model.init_from, config.crops.global_size = str(folder), 42
     config.heads.num_prototypes, config.heads.hidden_dim = 32, 32
     config.heads.dino_bottleneck_dim = config.heads.ibot_bottleneck_dim = 16
     config.run.output_dir = str(output_dir)
@@ -63,7 +64,7 @@ def test_rasa_of_the_starting_folder_is_dropped_and_the_card_says_how_to_refit(b
     with caplog.at_level(logging.INFO, logger="franca_hf"):
         student, teacher = build_networks(config)
     assert "holds 10 RASA steps fitted to its backbone as it is now" in caplog.text
-    assert "franca-hf rasa --model" in caplog.text
+    assert "franca-hf rasa model=" in caplog.text
     for network in (student, teacher):
         assert network.backbone.rasa is None and network.backbone.config.rasa_steps == 0
         assert not any("rasa" in name for name in network.state_dict())
@@ -74,10 +75,10 @@ def test_rasa_of_the_starting_folder_is_dropped_and_the_card_says_how_to_refit(b
     assert exported.config.rasa_steps == 0 and exported.config.source_checkpoint["dropped_rasa_steps"] == 10
     assert exported.dtype == torch.float32
     output = exported(torch.randn(1, 3, 42, 42))
-    assert output.debiased_patch_embeddings is None  # no stale debiasing
+    assert output.debiased_patch_tokens is None  # no stale debiasing
     card = (folder / "README.md").read_text()
     assert "held 10 RASA steps" in card and "they were dropped" in card
-    assert "franca-hf rasa --model path/to/this/folder --data <images>" in card
+    assert "franca-hf rasa model=path/to/this/folder data=<images>" in card
     assert "| RASA | no (debiased features unavailable) |" in card
 
 
@@ -88,9 +89,9 @@ def test_drop_path_mode_reaches_new_and_loaded_backbones(bf16_folder_with_rasa, 
     fresh.model.hidden_size, fresh.model.num_hidden_layers, fresh.model.num_attention_heads = 32, 1, 2
     fresh.heads.num_prototypes = fresh.heads.hidden_dim = 32
     fresh.heads.dino_bottleneck_dim = fresh.heads.ibot_bottleneck_dim = 16
-    assert fresh.model.drop_path_mode == "subset"
+    assert FrancaConfig(**fresh.backbone_settings()).drop_path_mode == "subset"  # unset: FrancaConfig's default
     for config in (fresh, _config(bf16_folder_with_rasa, tmp_path)):
-        config.model.drop_path_mode = mode
+        config.model.drop_path_mode, config.model.drop_path_rate = mode, 0.1
         student, teacher = build_networks(config)
         drop = student.backbone.encoder.layer[0].drop_path
-        assert (drop.mode, drop.drop_prob) == (mode, config.model.drop_path_rate) == (mode, 0.1)
+        assert (drop.mode, drop.drop_prob) == (mode, 0.1)
