@@ -71,7 +71,6 @@ def _extract(args: argparse.Namespace) -> None:
         check_feature_request,
         extract_to_folder,
         feature_kind,
-        load_model_and_processor,
         nested_dims,
         open_inputs,
         process_state,
@@ -83,9 +82,7 @@ def _extract(args: argparse.Namespace) -> None:
     _require_at_least(1, shard_size=args.shard_size)
     check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
-    model, processor = load_model_and_processor(
-        args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8
-    )
+    model, processor = _load_model(args)
     check_feature_request(model, args.dim, args.dense, args.debiased)
     settings = ExtractionSettings(
         model=args.model,
@@ -124,6 +121,13 @@ def _extract(args: argparse.Namespace) -> None:
                 print(f"  {image_id}: {reason}", file=sys.stderr)
 
 
+def _load_model(args: argparse.Namespace):
+    """The model and image processor the model flags (`_add_model_flags`) ask for."""
+    from .features import load_model_and_processor
+
+    return load_model_and_processor(args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8)
+
+
 def _check_runtime_flags(args: argparse.Namespace) -> None:
     """The flags of `_add_runtime_flags`."""
     _require_at_least(1, batch_size=args.batch_size)
@@ -140,11 +144,10 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 def _knn(args: argparse.Namespace) -> None:
     from .conversion.export import make_image_processor
     from .data import open_source, subsample
-    from .features import load_model_and_processor
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
     _check_runtime_flags(args)
-    model, processor = load_model_and_processor(args.model, device=args.device, int8=args.int8)
+    model, processor = _load_model(args)
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
     # not trained for them are a baseline for the Matryoshka ones
@@ -186,7 +189,6 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    from .features import load_model_and_processor
     from .features.store import INDEX_FILE
     from .retrieval import index_from_features, index_images
 
@@ -197,7 +199,7 @@ def _index(args: argparse.Namespace) -> None:
     else:
         if args.model is None:
             raise ValueError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
-        model, processor = load_model_and_processor(args.model, device=args.device)
+        model, processor = _load_model(args)
         index = index_images(model, processor, args.images, batch_size=args.batch_size, num_workers=args.num_workers)
         how = f"with {args.model}"
     index.save(args.out)
@@ -205,14 +207,14 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from .features import extract_features, load_model_and_processor
+    from .features import extract_features
     from .retrieval import default_funnel, load_index
 
     _require_at_least(1, k=args.k)
     index = load_index(args.index)
     if args.dim is not None and args.dim not in index.dims:
         raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
-    model, processor = load_model_and_processor(args.model, device=args.device)
+    model, processor = _load_model(args)
     if model.config.hidden_size < index.width:
         raise ValueError(
             f"The index holds {index.width}-dim embeddings; --model {args.model} makes "
@@ -241,10 +243,9 @@ def _search(args: argparse.Namespace) -> None:
 
 def _visualize(args: argparse.Namespace) -> None:
     from .conversion.export import make_image_processor
-    from .features import load_model_and_processor
     from .visualize import visualize
 
-    model, processor = load_model_and_processor(args.model, device=args.device)
+    model, processor = _load_model(args)
     if args.size:
         processor = make_image_processor(args.size)
     r2 = visualize(model, processor, args.image, args.out)
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "accelerate launch --multi_gpu --num_processes N -m franca_hf.cli extract ... (see docs/extraction.md).",
     )
     extract.add_argument("images", nargs="+", help="image files or folders (searched recursively), or one hf:<dataset>")
-    extract.add_argument("--model", required=True, help="HF folder, Hub id, or release name (converted on first use)")
+    _add_model_flags(extract)
     extract.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
     extract.add_argument("--dim", type=int, help="Matryoshka prefix length (default: full width)")
     extract.add_argument("--dense", action="store_true", help="patch feature maps (d, h, w) instead of CLS")
@@ -310,8 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--image-column", help="with hf:<dataset>: the image column (default: the first Image one)")
     extract.add_argument("--shard-size", type=int, help="rows per shard (default: up to 1024, at most 256 MiB)")
     _add_runtime_flags(extract, batch_size=32)
-    extract.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="model dtype")
-    extract.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers (faster)")
     extract.set_defaults(run=_extract)
 
     push = commands.add_parser("push", help="upload a Franca folder (with a fresh model card) to the Hub")
@@ -326,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="a Matryoshka retrieval index of images or of an extract folder")
     index.add_argument("images", nargs="+", help="image files or folders, or one folder written by `franca-hf extract`")
-    index.add_argument("--model", help="HF folder, Hub id, or release name (not needed for an extract folder)")
+    _add_model_flags(
+        index, required=False, help="HF folder, Hub id, or release name (not needed for an extract folder)"
+    )
     index.add_argument("--out", required=True, help="index file (.safetensors)")
     _add_runtime_flags(index, batch_size=32)
     index.set_defaults(run=_index)
@@ -336,36 +337,32 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--index", required=True, help="index file of `franca-hf index`, or a `franca-hf extract` folder"
     )
-    search.add_argument("--model", required=True, help="the model that built the index")
+    _add_model_flags(search, help="the model that built the index")
     search.add_argument("--k", type=int, default=10, help="results per query (at most the index size)")
     search.add_argument("--dim", type=int, help="search on this Matryoshka prefix (default: full width)")
     search.add_argument(
         "--funnel", action="store_true", help="shortlist with a small prefix, rerank up to --dim (default: full width)"
     )
-    search.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     search.set_defaults(run=_search)
 
     visualize = commands.add_parser(
         "visualize", help="the image and PCA maps of its patch features (raw, and RASA-debiased when available)"
     )
     visualize.add_argument("image", help="an image file")
-    visualize.add_argument("--model", required=True, help="a Franca folder, Hub id or release")
+    _add_model_flags(visualize, help="a Franca folder, Hub id or release")
     visualize.add_argument("--out", required=True, help="output PNG")
     visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
-    visualize.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     visualize.set_defaults(run=_visualize)
 
-    # These two have their own parsers (they also run as `accelerate launch -m franca_hf.training.<module>`).
-    commands.add_parser(
-        "pretrain",
-        add_help=False,
-        help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
-    )
-    commands.add_parser(
-        "rasa", add_help=False, help="learn RASA position directions on a frozen Franca or DINOv2 backbone"
-    )
+    # Their arguments are defined by their modules, which also run as `accelerate launch -m <module>`.
+    for name, module, help_text in TRAINING_COMMANDS:
+        command = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        trainer = importlib.import_module(module)
+        command.description = trainer.__doc__
+        trainer.add_arguments(command)
+        command.set_defaults(run=trainer.run)
     knn = commands.add_parser("knn", help="k-NN accuracy of any model's CLS features at every Matryoshka dim")
-    knn.add_argument("--model", required=True, help="HF folder, Hub id, or release name")
+    _add_model_flags(knn)
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
     knn.add_argument("--test", required=True, help="same syntax as --train")
     knn.add_argument("--train-split", default="train")
@@ -378,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--max-images", type=int, help="evaluate on at most this many images per split")
     knn.add_argument("--crop-size", type=int, help="override the model's preprocessing crop (resize + center crop)")
     _add_runtime_flags(knn, batch_size=64)
-    knn.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers")
     knn.set_defaults(run=_knn)
 
     releases = commands.add_parser("releases", help="list the official Franca releases")
@@ -386,28 +382,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_flags(
+    parser: argparse.ArgumentParser,
+    required: bool = True,
+    help: str = "HF folder, Hub id, or release name (converted on first use)",  # noqa: A002 (argparse's name)
+) -> None:
+    """How every command that runs a model loads it: --model, --device, --dtype, --int8."""
+    parser.add_argument("--model", required=required, help=help)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
+    parser.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="the model's dtype")
+    parser.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers (faster)")
+
+
 def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument(
         "--num-workers", type=int, help="DataLoader workers decoding images (default: CPU cores - 1, at most 8)"
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
 
 
-DELEGATED = {"pretrain": "franca_hf.training.pretrain", "rasa": "franca_hf.rasa.train"}
+# (command, module, help): commands whose arguments and run() live in their module
+TRAINING_COMMANDS = (
+    (
+        "pretrain",
+        "franca_hf.training.pretrain",
+        "pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
+    ),
+    ("rasa", "franca_hf.rasa.train", "learn RASA position directions on a frozen Franca or DINOv2 backbone"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except USER_ERRORS as error:
         print(f"franca-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

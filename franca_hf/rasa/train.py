@@ -351,7 +351,7 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
     return write_folder_atomically(out_dir, fill, overwrite=overwrite)
 
 
-# The flags of franca_hf 0.1, deprecated: each becomes its key=value setting.
+# The flags of franca_hf 0.1, deprecated: each becomes its key=value setting (a note says so).
 LEGACY_FLAGS = {
     "--model": "model",
     "--data": "data",
@@ -373,40 +373,35 @@ LEGACY_FLAGS = {
 LEGACY_SWITCHES = {"--official-steps": "orthogonal=false", "--overwrite": "overwrite=true"}
 
 
-def translate_legacy_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(arguments with the 0.1 flags turned into key=value settings, the flags that were turned)."""
-    arguments, legacy, rest = [], [], list(argv)
-    while rest:
-        word = rest.pop(0)
-        flag, _, inline = word.partition("=") if word.startswith("--") else (word, "", "")
-        if flag in LEGACY_SWITCHES:
-            arguments.append(LEGACY_SWITCHES[flag])
-        elif flag == "--crop-scale":
-            low, high = rest.pop(0), rest.pop(0)
-            arguments.append(f"crop_scale=[{low},{high}]")
-        elif flag in LEGACY_FLAGS:
-            if not inline and not rest:
-                raise ValueError(f"{flag} needs a value.")
-            arguments.append(f"{LEGACY_FLAGS[flag]}={inline or rest.pop(0)}")
+class LegacySetting(argparse.Action):
+    """A 0.1 flag: appends its key=value setting to `legacy_settings` and its name to `legacy_flags`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in LEGACY_SWITCHES:
+            setting = LEGACY_SWITCHES[option_string]
+        elif option_string == "--crop-scale":
+            setting = f"crop_scale=[{values[0]},{values[1]}]"
         else:
-            arguments.append(word)
-            continue
-        legacy.append(flag)
-    return arguments, legacy
+            setting = f"{LEGACY_FLAGS[option_string]}={values}"
+        namespace.legacy_settings = [*(namespace.legacy_settings or []), setting]
+        namespace.legacy_flags = [*(namespace.legacy_flags or []), option_string]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="franca-hf rasa",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Settings (key=value): "
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `franca-hf rasa` (and `python -m franca_hf.rasa.train`)."""
+    parser.epilog = (
+        "Settings (key=value): "
         + ", ".join(f.name for f in dataclasses.fields(RasaRunSettings))
-        + ". model, data and out are required.",
+        + ". model, data and out are required."
     )
     parser.add_argument("--config", help="a YAML file of settings (key: value), applied before the key=value ones")
     parser.add_argument("settings", nargs="*", help="key=value, e.g. model=runs/demo/teacher data=demo out=rasa")
-    return parser
+    for flag in LEGACY_FLAGS:
+        parser.add_argument(flag, action=LegacySetting, help=argparse.SUPPRESS)
+    parser.add_argument("--crop-scale", nargs=2, action=LegacySetting, help=argparse.SUPPRESS)
+    for flag in LEGACY_SWITCHES:
+        parser.add_argument(flag, nargs=0, action=LegacySetting, help=argparse.SUPPRESS)
+    parser.set_defaults(legacy_settings=None, legacy_flags=None)
 
 
 def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
@@ -421,21 +416,21 @@ def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
     return AutoModel.from_pretrained(path), resolved
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Train RASA directions with the parsed arguments; errors are printed once across processes, as one line."""
     from ..training.config import load_settings
 
     first_process = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        arguments, legacy = translate_legacy_flags(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(arguments)
-        if legacy and first_process:
+        if args.legacy_flags and first_process:
             print(
-                f"franca-hf rasa: {', '.join(legacy)} are deprecated; write settings as key=value "
+                f"franca-hf rasa: {', '.join(args.legacy_flags)} are deprecated; write settings as key=value "
                 "(e.g. model=... data=... out=... steps=8).",
                 file=sys.stderr,
             )
-        settings = load_settings(RasaRunSettings, args.config, args.settings, bundled=None)
+        overrides = [*(args.legacy_settings or []), *args.settings]
+        settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
         if Path(settings.out).exists() and not settings.overwrite:
             raise FileExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())
@@ -453,15 +448,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="franca-hf rasa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
 __all__ = [
     "FrozenTokens",
     "RasaReport",
     "RasaRunSettings",
     "RasaSettings",
     "augmentation",
+    "add_arguments",
     "build_parser",
     "load_model_for_rasa",
-    "translate_legacy_flags",
+    "run",
     "fit_position_predictor",
     "held_out_tokens",
     "main",

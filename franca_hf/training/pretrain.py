@@ -711,21 +711,18 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="franca-hf pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `franca-hf pretrain` (and `python -m franca_hf.training.pretrain`)."""
     parser.add_argument("--config", default="demo", help="a bundled recipe (demo, vitb14_in21k, ...) or a YAML file")
     parser.add_argument(
         "overrides",
         nargs="*",
         help="section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)",
     )
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Train with the parsed arguments; errors are printed once across processes, as one line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("franca_hf").setLevel(logging.INFO)
     first_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher, say it once
@@ -741,6 +738,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"franca-hf pretrain: stopped: {error}", file=sys.stderr)
         return 3
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="franca-hf pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -200,9 +200,10 @@ def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_pat
 
 
 def test_the_flags_of_0_1_still_work_with_a_deprecation_note(tiny_folder, tmp_path, capsys):
-    from franca_hf.rasa.train import translate_legacy_flags
+    from franca_hf.cli import main
+    from franca_hf.rasa.train import build_parser
 
-    arguments, legacy = translate_legacy_flags(
+    args = build_parser().parse_args(
         [
             "--model",
             "m",
@@ -216,8 +217,14 @@ def test_the_flags_of_0_1_still_work_with_a_deprecation_note(tiny_folder, tmp_pa
             "8",
         ]
     )
-    assert arguments == ["model=m", "data=demo", "orthogonal=false", "crop_scale=[0.3,0.9]", "steps=2", "batch_size=8"]
-    assert legacy == ["--model", "--data", "--official-steps", "--crop-scale", "--batch-size"]
+    assert args.legacy_settings == ["model=m", "data=demo", "orthogonal=false", "crop_scale=[0.3,0.9]", "batch_size=8"]
+    assert args.settings == ["steps=2"]
+    out = tmp_path / "old"
+    flags = ["--model", str(tiny_folder), "--data", "demo", "--out", str(out), "--steps", "1", "--epochs", "1"]
+    small = ["--batch-size", "16", "--held-out-images", "8", "--max-images", "32", "--num-workers", "0"]
+    assert main(["rasa", *flags, *small]) == 0
+    assert "--model, --data, --out, --steps, --epochs, --batch-size" in capsys.readouterr().err
+    assert FrancaModel.from_pretrained(out).config.rasa_steps == 11
 
 
 def test_augmentation_probabilities_are_settings():
