@@ -88,10 +88,10 @@ def test_data_pipeline_settings_are_checked():
     config = load_config("vitb14_in21k", ["data.augment_on_device=true", "data.prefetch_factor=4"])
     assert config.data.augment_on_device and config.data.prefetch_factor == 4
     for override, message in (
-        ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),
-        ("data.num_workers=-1", "data.num_workers must be >= 0"),
-        ("crops.blur_kernel_size=8", "crops.blur_kernel_size must be odd"),
-        ("data.augment_on_device=maybe", "data.augment_on_device must be bool"),
+        ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("crops.blur_kernel_size=8", r"crops.blur_kernel_size \(8\) must be odd"),
+        ("data.augment_on_device=maybe", "data.augment_on_device: Value 'maybe' is not a valid bool"),
     ):
         with pytest.raises(ValueError, match=message):
             load_config("vitb14_in21k", [override])
