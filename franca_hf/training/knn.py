@@ -7,9 +7,16 @@ T = 0.07.
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import gather_object
 
-from ..data.sources import ImageSource
+from ..conversion.export import make_image_processor
+from ..data.sources import ImageSource, open_source, subsample
 from ..features.loop import embed_batch, run_model
+from ..modeling import FrancaModel
+from .config import PretrainConfig
+from .export import teacher_backbone_copy
+from .networks import Teacher
 
 
 def embed_source(
@@ -99,3 +106,50 @@ def format_knn_table(accuracy: dict[int, float], title: str = "k-NN accuracy") -
         "| top-1 (%) | " + " | ".join(f"{a:.1f}" for a in accuracy.values()) + " |",
     ]
     return "\n".join(lines)
+
+
+class KnnEvaluator:
+    """Teacher k-NN at every Matryoshka dim on fixed labelled splits; each process embeds its share."""
+
+    def __init__(self, config: PretrainConfig):
+        settings = config.eval
+        self.settings = settings
+        self.sources = [
+            subsample(
+                open_source(spec, split, demo_num_images=config.data.demo_num_images, seed=config.run.seed),
+                settings.knn_max_images,
+                config.run.seed,
+            )
+            for spec, split in ((settings.knn_train, "train"), (settings.knn_test, "test"))
+        ]
+        self.processor = make_image_processor(config.crops.global_size)
+
+    @torch.no_grad()
+    def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float] | None:
+        """Accuracy per dim on the main process (None on the others under FSDP, where the main process evaluates a
+        gathered full copy alone)."""
+        if accelerator.distributed_type == DistributedType.FSDP:
+            model = teacher_backbone_copy(accelerator, teacher)
+            result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1)
+            accelerator.wait_for_everyone()
+            return result
+        return self._evaluate(
+            accelerator.unwrap_model(teacher).backbone, accelerator.process_index, accelerator.num_processes
+        )
+
+    def _evaluate(self, model: FrancaModel, rank: int, world: int) -> dict[int, float]:
+        features = []
+        for source in self.sources:
+            mine = embed_source(model, source, self.processor, indices=list(range(rank, len(source), world)))
+            gathered = gather_object([mine]) if world > 1 else [mine]
+            features.append((torch.cat([f for f, _ in gathered]), torch.cat([label for _, label in gathered])))
+        (train_x, train_y), (test_x, test_y) = features
+        return knn_accuracy_by_dim(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            model.config.matryoshka_dims,
+            self.settings.knn_k,
+            self.settings.knn_temperature,
+        )

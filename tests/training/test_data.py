@@ -19,7 +19,7 @@ from franca_hf.training.data import (
     subsample,
     worker_index,
 )
-from franca_hf.training.pretrain import TrainState, iterate_batches, restore_stream_position
+from franca_hf.training.pipeline import StreamPosition
 
 
 def _image(value: int) -> Image.Image:
@@ -122,21 +122,20 @@ def test_streamed_passes_reshuffle_and_resume_anywhere(workers):
         pixels = tuple(pixel for pixel, _, _ in samples)
         return {"pixels": pixels, "skipped": sum(s for _, s, _ in samples), "worker": worker_index()}
 
-    def run(state: TrainState, num_batches: int) -> list[tuple[int, tuple, int]]:
-        restore_stream_position(state, rank=0, world_size=1, workers=max(1, workers))
+    def run(position: StreamPosition, num_batches: int) -> list[tuple[int, tuple, int]]:
+        position.restore(rank=0, world_size=1, workers=max(1, workers))
         dataset = StreamedAugmentedImages(stream, lambda im: im.getpixel((0, 0))[0], None, 0, 1, seed=0, batch_size=2)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=2, drop_last=True, num_workers=workers, collate_fn=collate
         )
-        batches = iterate_batches(loader, None, state)
+        batches = position.passes(loader)
         seen = []
         for _ in range(num_batches):
             batch = next(batches)
-            seen.append((state.stream_epoch, batch["pixels"], batch["skipped"]))
-            state.batches_seen += 1
+            seen.append((position.epoch, batch["pixels"], batch["skipped"]))
         return seen
 
-    full = run(TrainState(), 18)
+    full = run(StreamPosition(), 18)
     passes = [sorted(v for epoch, batch, _ in full if epoch == e for v in batch) for e in range(3)]
     assert all(len(p) == len(passes[0]) >= 10 for p in passes)  # the same images each pass (minus drop_last)
     orders = [[v for epoch, batch, _ in full if epoch == e for v in batch] for e in range(3)]
@@ -144,12 +143,10 @@ def test_streamed_passes_reshuffle_and_resume_anywhere(workers):
     # the corrupt row is counted with the next image its worker yields (none when it ends a worker's part)
     assert sum(s for _, _, s in full) >= 1
     for stop in range(1, 18):
-        state = TrainState()
-        first = run(state, stop)
-        state.stream_positions = [[state.stream_epoch, list(state.stream_worker_batches)]]  # as save_checkpoint
-        saved = TrainState()
-        saved.load_state_dict(json.loads(json.dumps(state.state_dict())))
-        resumed = first + run(saved, 18 - stop)
+        position = StreamPosition()
+        first = run(position, stop)
+        saved = [[position.epoch, list(position.worker_batches)]]  # as a checkpoint holds it (TrainingBatches)
+        resumed = first + run(StreamPosition(json.loads(json.dumps(saved))), 18 - stop)
         if workers == 0:
             assert resumed == full, stop
         else:
@@ -158,10 +155,11 @@ def test_streamed_passes_reshuffle_and_resume_anywhere(workers):
 
 
 def test_streamed_resume_needs_the_same_process_and_worker_counts():
-    state = TrainState(stream_positions=[[1, [2, 3]], [1, [4, 1]]])
+    saved = [[1, [2, 3]], [1, [4, 1]]]
     with pytest.raises(ValueError, match="checkpointed by 2 processes: resume it with 2"):
-        restore_stream_position(state, rank=0, world_size=4, workers=2)
+        StreamPosition(saved).restore(rank=0, world_size=4, workers=2)
     with pytest.raises(ValueError, match=r"checkpointed with 2 DataLoader worker\(s\) per process: resume it with "):
-        restore_stream_position(state, rank=1, world_size=2, workers=3)
-    restore_stream_position(state, rank=1, world_size=2, workers=2)
-    assert (state.stream_epoch, state.stream_worker_batches) == (1, [4, 1])  # this process's own position
+        StreamPosition(saved).restore(rank=1, world_size=2, workers=3)
+    position = StreamPosition(saved)
+    position.restore(rank=1, world_size=2, workers=2)
+    assert (position.epoch, position.worker_batches) == (1, [4, 1])  # this process's own position

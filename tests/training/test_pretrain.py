@@ -129,7 +129,7 @@ def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
     assert [m["step"] for m in metrics if "knn_top1_dim_32" in m] == [0, 2, 4]
     assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
     state = json.loads((tmp_path / "checkpoints" / "step_00000004" / "train_state.json").read_text())
-    assert state["step"] == 4 and state["batches_seen"] == 8  # two micro-batches per optimizer step
+    assert state["step"] == 4 and state["data"]["batches_seen"] == 8  # two micro-batches per optimizer step
     teacher = AutoModel.from_pretrained(tmp_path / "teacher")
     assert teacher.config.source_checkpoint["steps"] == 4
 
@@ -154,7 +154,7 @@ def test_two_process_streamed_run_resumes_each_process_at_its_own_place(tiny_rec
     full = _run(_command(tiny_recipe, tmp_path / "full", *settings, processes=2))
     assert full.returncode == 0, full.stderr[-3000:]
     saved = json.loads((tmp_path / "full" / "checkpoints" / "step_00000003" / "train_state.json").read_text())
-    assert saved["stream_positions"] == [[0, [3]], [1, [1]]]
+    assert saved["data"]["stream_positions"] == [[0, [3]], [1, [1]]]
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
