@@ -91,11 +91,17 @@ def knn_accuracy_by_dim(
     return accuracy
 
 
-def format_knn_table(accuracy: dict[int, float], title: str = "k-NN accuracy") -> str:
-    """A Markdown table of accuracy per Matryoshka dim."""
-    lines = [
-        f"| {title} | " + " | ".join(f"dim {d}" for d in accuracy) + " |",
-        "|---|" + "---|" * len(accuracy),
-        "| top-1 (%) | " + " | ".join(f"{a:.1f}" for a in accuracy.values()) + " |",
+def format_knn_table(accuracy: dict[int, float], title: str = "k-NN accuracy", label: str = "top-1 (%)") -> str:
+    """A Markdown table of accuracy per Matryoshka dim, in one row named `label`."""
+    return format_knn_rows({label: accuracy}, title)
+
+
+def format_knn_rows(rows: dict[str, dict[int, float]], title: str = "k-NN accuracy") -> str:
+    """A Markdown table with one row of accuracy per Matryoshka dim for each entry of `rows` (label -> accuracy),
+    e.g. the same model cut as prefixes and in a fitted PCA basis. The dims are those of the first row."""
+    dims = list(next(iter(rows.values())))
+    lines = [f"| {title} | " + " | ".join(f"dim {d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+    lines += [
+        f"| {label} | " + " | ".join(f"{accuracy[d]:.1f}" for d in dims) + " |" for label, accuracy in rows.items()
     ]
     return "\n".join(lines)

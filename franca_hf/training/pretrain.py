@@ -28,13 +28,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..conversion.export import make_image_processor, save_model_folder
 from ..conversion.model_card import render_model_card
+from ..matryoshka import (
+    PROVENANCE_KEY,
+    MatryoshkaFit,
+    accumulate_token_statistics,
+    describe_data,
+    minimum_images,
+    with_matryoshka_basis,
+)
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from .augment import OFFICIAL_BLUR_PROBABILITIES, PAPER_BLUR_PROBABILITIES, MultiCropAugmentation
 from .config import ObjectiveSettings, PretrainConfig, load_config
@@ -49,7 +57,7 @@ from .data import (
     worker_index,
 )
 from .heads import MatryoshkaHead
-from .knn import embed_source, format_knn_table, knn_accuracy_by_dim
+from .knn import embed_source, format_knn_rows, knn_accuracy_by_dim
 from .losses import dino_loss, ibot_loss, koleo_loss
 from .masking import CyclicMaskGenerator, collate_masked_crops
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
@@ -204,6 +212,18 @@ def load_initial_backbone(folder: str, drop_path_rate: float, drop_path_mode: st
         backbone.rasa = None
         backbone.config.rasa_steps = 0
         backbone.config.source_checkpoint = {**(backbone.config.source_checkpoint or {}), "dropped_rasa_steps": steps}
+    if backbone.matryoshka_basis is not None:
+        logger.warning(
+            "model.init_from %s holds a Matryoshka PCA basis fitted to its backbone as it is now; training changes "
+            "the backbone, so it is dropped. Refit it on the exported teacher (eval.fit_pca_on_export, or franca-hf "
+            "fit-pca --model <output_dir>/teacher --data <images> --out <folder>).",
+            folder,
+        )
+        backbone.matryoshka_basis = None
+        backbone.config.matryoshka_basis = "prefix"
+        backbone.config.source_checkpoint = {
+            k: v for k, v in (backbone.config.source_checkpoint or {}).items() if k != PROVENANCE_KEY
+        }
     return backbone
 
 
@@ -400,9 +420,15 @@ def teacher_backbone_copy(accelerator: Accelerator, teacher: Teacher) -> FrancaM
 
 
 def export_teacher(
-    accelerator: Accelerator, teacher: Teacher, config: PretrainConfig, state: TrainState, config_name: str
+    accelerator: Accelerator,
+    teacher: Teacher,
+    config: PretrainConfig,
+    state: TrainState,
+    config_name: str,
+    basis: MatryoshkaFit | None = None,
 ) -> Path:
-    """Write the teacher backbone as an HF folder (`<output_dir>/teacher`), atomically."""
+    """Write the teacher backbone as an HF folder (`<output_dir>/teacher`), atomically; with `basis`, the folder
+    holds that Matryoshka PCA basis (`KnnEvaluator.fit_basis`)."""
     backbone = teacher_backbone_copy(accelerator, teacher)
     folder = Path(config.run.output_dir) / "teacher"
     if backbone is not None:
@@ -416,6 +442,8 @@ def export_teacher(
             **({"init_from": str(config.model.init_from)} if config.model.init_from else {}),
             **{key: base[key] for key in ("release", "tag", "dataset", "dropped_rasa_steps") if key in base},
         }
+        if basis is not None:
+            backbone = with_matryoshka_basis(backbone, basis)
         crop = config.crops.global_size
         processor = make_image_processor(crop, crop if crop < 64 else None)
         save_model_folder(
@@ -427,9 +455,10 @@ def export_teacher(
 
 
 class KnnEvaluator:
-    """Teacher k-NN at every Matryoshka dim on fixed labelled splits; each process embeds its share."""
+    """Teacher k-NN at every Matryoshka dim on fixed labelled splits, and the PCA truncation basis of the teacher on
+    the train split; each process embeds its share."""
 
-    def __init__(self, config: PretrainConfig):
+    def __init__(self, config: PretrainConfig, width: int):
         settings = config.eval
         self.settings = settings
         self.sources = [
@@ -442,19 +471,58 @@ class KnnEvaluator:
         ]
         crop = config.crops.global_size
         self.processor = make_image_processor(crop, crop if crop < 64 else None)
+        train, needed = self.sources[0], minimum_images(width)
+        if settings.fit_pca_on_export and len(train) < needed:
+            raise ValueError(
+                f"eval.fit_pca_on_export: a PCA basis of this {width}-dim model needs at least {needed} images, and "
+                f"the k-NN train split ({settings.knn_train}, eval.knn_max_images={settings.knn_max_images}) holds "
+                f"{len(train)}."
+            )
 
     @torch.no_grad()
-    def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float] | None:
+    def __call__(
+        self, accelerator: Accelerator, teacher: Teacher, basis: MatryoshkaFit | None = None
+    ) -> dict[int, float] | None:
         """Accuracy per dim on the main process (None on the others under FSDP, where the main process evaluates a
-        gathered full copy alone)."""
+        gathered full copy alone), with the teacher's dims cut in `basis` when given, as prefixes otherwise."""
         if accelerator.distributed_type == DistributedType.FSDP:
             model = teacher_backbone_copy(accelerator, teacher)
+            if model is not None and basis is not None:
+                model = with_matryoshka_basis(model, basis)
             result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1)
             accelerator.wait_for_everyone()
             return result
-        return self._evaluate(
-            accelerator.unwrap_model(teacher).backbone, accelerator.process_index, accelerator.num_processes
-        )
+        model = accelerator.unwrap_model(teacher).backbone
+        if basis is not None:
+            model = with_matryoshka_basis(model, basis)
+        return self._evaluate(model, accelerator.process_index, accelerator.num_processes)
+
+    @torch.no_grad()
+    def fit_basis(self, accelerator: Accelerator, teacher: Teacher) -> MatryoshkaFit:
+        """The teacher's PCA truncation basis on the k-NN train split, on every process: each process accumulates
+        the statistics of its share and the shares merge (under FSDP the main process fits a gathered copy alone and
+        sends the fit to the others)."""
+        train, world = self.sources[0], accelerator.num_processes
+        described = f"the k-NN train set, {describe_data(self.settings.knn_train, 'train')}"
+        if accelerator.distributed_type == DistributedType.FSDP:
+            model = teacher_backbone_copy(accelerator, teacher)
+            fit = None
+            if model is not None:
+                statistics = self._statistics(model.to(accelerator.device), range(len(train)))
+                fit = MatryoshkaFit.from_statistics(statistics, described)
+            return broadcast_object_list([fit])[0] if world > 1 else fit
+        rank = accelerator.process_index
+        mine = self._statistics(accelerator.unwrap_model(teacher).backbone, range(rank, len(train), world))
+        shares = gather_object([mine]) if world > 1 else [mine]
+        statistics = shares[0]
+        for share in shares[1:]:
+            statistics.merge(share)
+        return MatryoshkaFit.from_statistics(statistics, described)
+
+    def _statistics(self, model: FrancaModel, positions: range):
+        return accumulate_token_statistics(
+            model, self.sources[0], self.processor, positions=list(positions), num_workers=0, progress=False
+        ).cpu()
 
     def _evaluate(self, model: FrancaModel, rank: int, world: int) -> dict[int, float]:
         features = []
@@ -553,20 +621,29 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         accelerator.print(f"resumed from {latest} at step {state.step}")
     loader, sampler = build_dataloader(config, accelerator, state)
     batches = iterate_batches(loader, sampler, state)
-    evaluator = KnnEvaluator(config) if config.eval.knn_train else None
+    width = accelerator.unwrap_model(teacher).backbone.config.hidden_size
+    evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
     log = MetricsLog(accelerator, output_dir)
 
-    def evaluate_knn(title: str | None = None) -> dict[int, float] | None:
-        """Teacher k-NN, logged (and printed with a title) where a result exists, i.e. on the main process."""
-        accuracy = evaluator(accelerator, teacher)
-        if accuracy is not None:
-            log(state.step, {f"knn_top1_dim_{dim}": value for dim, value in accuracy.items()})
+    def evaluate_knn(title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict | None]:
+        """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
+        title) where a result exists, i.e. on the main process."""
+        accuracy = {"prefix": evaluator(accelerator, teacher)}
+        if basis is not None:
+            accuracy["pca"] = evaluator(accelerator, teacher, basis)
+        if accuracy["prefix"] is not None:
+            names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
+            log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
             if title:
-                accelerator.print(format_knn_table(accuracy, title))
+                labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
+                accelerator.print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
         return accuracy
 
+    def fitted_basis() -> MatryoshkaFit | None:
+        return evaluator.fit_basis(accelerator, teacher) if config.eval.fit_pca_on_export else None
+
     if evaluator is not None and state.step == 0:
-        state.knn_at_init = evaluate_knn("teacher k-NN at init")
+        state.knn_at_init = evaluate_knn("teacher k-NN at init")["prefix"]
 
     unwrapped = accelerator.unwrap_model(student)
     modules = {"backbone": unwrapped.backbone, "dino_head": unwrapped.dino_head, "ibot_head": unwrapped.ibot_head}
@@ -645,10 +722,11 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         if state.step % config.run.checkpoint_every == 0 or final_step:
             save_checkpoint(accelerator, state, checkpoints, config.run.keep_checkpoints)
         if config.run.export_every and state.step % config.run.export_every == 0 and not final_step:
-            export_teacher(accelerator, teacher, config, state, config_name)
+            export_teacher(accelerator, teacher, config, state, config_name, fitted_basis())
     progress.close()
 
-    folder = export_teacher(accelerator, teacher, config, state, config_name)
+    basis = fitted_basis()
+    folder = export_teacher(accelerator, teacher, config, state, config_name, basis)
     summary = {
         "knn_at_init": state.knn_at_init,
         "steps": state.step,
@@ -656,7 +734,10 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         "teacher_folder": str(folder),
     }
     if evaluator is not None:
-        summary["knn_final"] = evaluate_knn(f"teacher k-NN after {state.step} steps")
+        final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis)
+        summary["knn_final"] = final["prefix"]
+        if "pca" in final:
+            summary["knn_final_pca"] = final["pca"]
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
