@@ -91,7 +91,10 @@ def _losses(output: Path) -> dict[int, float]:
 def test_two_processes_agree_with_one_process(tiny_recipe, tmp_path):
     # KoLeo compares each process's own samples and CyclicMask strata are drawn per process batch, so both are off
     # here: the rest of the objective (DINO with Sinkhorn over the global batch) must not depend on the split.
-    settings = ["optim.total_steps=3", "objective.koleo_weight=0", "objective.mask_probability=0"]
+    # The exported teacher's PCA basis is fitted on the k-NN train split: each process accumulates its share.
+    images = str(tiny_recipe.parent / "images")
+    knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "eval.fit_pca_on_export=true"]
+    settings = ["optim.total_steps=3", "objective.koleo_weight=0", "objective.mask_probability=0", *knn]
     single = _run(_command(tiny_recipe, tmp_path / "one", "optim.batch_size_per_device=16", *settings))
     assert single.returncode == 0, single.stderr[-3000:]
     double = _run(_command(tiny_recipe, tmp_path / "two", "optim.batch_size_per_device=8", *settings, processes=2))
@@ -102,7 +105,19 @@ def test_two_processes_agree_with_one_process(tiny_recipe, tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and list(summary["knn_final_pca"]) == ["2", "4", "8", "16", "32"]
+
+    from franca_hf.cli import main
+
+    merged = tmp_path / "two" / "teacher"
+    refit = tmp_path / "refit"
+    assert main(["fit-pca", "--model", str(merged), "--data", images, "--out", str(refit), "--overwrite-basis"]) == 0
+    two_processes, one_process = AutoModel.from_pretrained(merged), AutoModel.from_pretrained(refit)
+    assert two_processes.config.source_checkpoint["matryoshka_pca"]["images"] == 48
+    for name, expected in one_process.matryoshka_basis.named_parameters():
+        torch.testing.assert_close(
+            dict(two_processes.matryoshka_basis.named_parameters())[name], expected, atol=1e-4, rtol=0
+        )
 
 
 def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
