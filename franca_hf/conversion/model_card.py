@@ -36,9 +36,10 @@ def _basis_section(fit: dict, where: str) -> list[str]:
     shares = fit["explained_variance"]
     patches = f" ({fit['patch_tokens']:,} patch tokens)" if fit.get("patch_tokens") else ""
     return [
-        "Matryoshka embeddings of this model are cut in a basis fitted by `franca-hf fit-pca`: "
-        "normalise(((z - mean) R)[:m]), with the mean and the rotation R (principal directions by decreasing "
-        f"variance) stored as fp32 weights. Fitted on {fit['images']:,} images of {fit['data']}{patches}.",
+        "Matryoshka embeddings of this model are cut in a fitted PCA basis (`franca-hf fit-pca`, or the trainer's "
+        "`eval.fit_pca_on_export`): normalise(((z - mean) R)[:m]), with the mean and the rotation R (principal "
+        "directions by decreasing variance) stored as fp32 weights; patch tokens cut to m channels use a basis of "
+        f"their own. Fitted on {fit['images']:,} images of {fit['data']}{patches}.",
         "",
         format_explained_variance(
             {
