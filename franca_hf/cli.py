@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("images", nargs="+", help="image files or folders (searched recursively), or one hf:<dataset>")
     extract.add_argument("--model", required=True, help="HF folder, Hub id, or release name (converted on first use)")
     extract.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
-    extract.add_argument("--dim", type=int, help="Matryoshka prefix length (default: full width)")
+    extract.add_argument(
+        "--dim", type=int, help="Matryoshka dim, cut in the model's basis (prefix or fitted PCA; default: full width)"
+    )
     extract.add_argument("--dense", action="store_true", help="patch feature maps (d, h, w) instead of CLS")
     extract.add_argument("--debiased", action="store_true", help="with --dense: remove RASA position directions")
     extract.add_argument("--no-normalize", action="store_true", help="keep CLS embeddings un-normalised")
@@ -433,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--train-split", default="train")
     knn.add_argument("--test-split", default="test")
     knn.add_argument(
-        "--dims", type=int, nargs="+", help="CLS prefix widths to evaluate (default: the Matryoshka dims, else full)"
+        "--dims",
+        type=int,
+        nargs="+",
+        help="CLS widths to evaluate, cut in the model's basis (default: the Matryoshka dims, else full)",
     )
     knn.add_argument("--k", type=int, default=20)
     knn.add_argument("--temperature", type=float, default=0.07)
