@@ -1,15 +1,19 @@
 """Nested heads ablation: dedicated heads on backbone prefixes (paper) vs one shared MRL head vs learned projections
-(official code) vs a single un-nested head, same data, steps and seeds.
+(official code) vs a single un-nested head, same data, steps and seeds, each cut as prefixes and in a fitted PCA basis.
 
-    python benchmarks/ablation_heads.py                    # the default CPU scale (about an hour on 2 cores)
-    python benchmarks/ablation_heads.py --scale smoke      # a few steps, to check the pipeline
-    python benchmarks/ablation_heads.py --scale gpu        # a larger model and budget for one GPU
+    python benchmarks/ablation_heads.py                    # the default CPU scale: writes docs/ablation_heads.md
+    python benchmarks/ablation_heads.py --scale smoke      # a few steps, to check the pipeline (writes no docs)
+    python benchmarks/ablation_heads.py --scale gpu        # a larger model and budget for one GPU (writes no docs)
 
-Every run is `franca_hf.training.pretrain` with the demo recipe and `heads.mode` changed; runs go two at a time on
-one thread each (what uses 2 cores best). The script first runs the pilot (a supervised run of the same backbone and
-budget, next to the DINO runs' initial and final k-NN), then the ablation, and writes the table, the plot and the
-measured facts to `docs/ablation_heads.md` (`--docs`). Teacher k-NN (k = 20, T = 0.07) is measured on every CLS
-prefix D/16 ... D (truncate, then L2-normalise).
+The default scale took 83 minutes on this project's 2-core VM while other jobs shared its cores (the time of the
+last run is in docs/ablation_heads.md). Every run is `franca_hf.training.pretrain` with the demo recipe and
+`heads.mode` changed; runs go two at a time on one thread each (what uses 2 cores best). The script first runs the
+pilot (a supervised run of the same backbone and budget, next to the DINO runs' initial and final k-NN), then the
+ablation, and writes the tables, the plot and the measured facts to `docs/ablation_heads.md` (only at the default
+scale, or wherever `--docs PATH` says). Teacher k-NN (k = 20, T = 0.07) is measured at every Matryoshka dim D/16 ... D
+with two truncations of the same teacher: the CLS prefix z[:m], and the first m coordinates in the PCA basis the
+trainer fits on the k-NN train split when it exports the teacher (`eval.fit_pca_on_export`, `franca_hf.matryoshka`),
+each L2-normalised after the cut.
 """
 
 import argparse
@@ -49,7 +53,7 @@ def modes(width: int) -> dict[str, list[str]]:
 SCALES = {
     # steps, seeds, images in the k-NN memory bank, extra overrides
     "default": (600, 3, 2000, []),
-    "smoke": (4, 1, 100, ["data.demo_num_images=200", "optim.warmup_steps=1"]),
+    "smoke": (4, 1, 200, ["data.demo_num_images=200", "optim.warmup_steps=1"]),  # a PCA basis needs D + 1 images
     # A ViT-S-width model, 4 runs at a time on one GPU with 3 augmentation workers each (16 cores); sized by estimate
     # for about 15 minutes, never run (no GPU was lent to this project's sessions so far).
     "gpu": (
@@ -74,8 +78,12 @@ def scale_config(scale: str):
     return load_config("demo", SCALES[scale][3])
 
 
+TRUNCATIONS = {"prefix": "knn_final", "PCA": "knn_final_pca"}  # truncation -> summary key of its final k-NN
+
+
 def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) -> dict:
-    """One `franca_hf.training.pretrain` run in a subprocess; returns its summary plus seconds per step."""
+    """One `franca_hf.training.pretrain` run in a subprocess (the teacher's PCA basis fitted at export); returns its
+    summary plus seconds per step."""
     folder = out / name
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [
@@ -88,6 +96,7 @@ def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) ->
         "run.log_with=null",
         "run.log_every=10",
         "eval.knn_every=null",
+        "eval.fit_pca_on_export=true",
         *overrides,
     ]
     started = time.time()
@@ -198,8 +207,9 @@ def write_report(
     model, batch = backbone_config(config), config.optim.batch_size_per_device
     width = model.hidden_size
     backbone_parameters = sum(p.numel() for p in FrancaModel(model).parameters())
+    bank = SCALES[scale][2]
     lines = [
-        "# Nested heads: dedicated vs shared vs learned projections",
+        "# Nested heads: dedicated vs shared vs learned projections, cut as prefixes or in a fitted PCA basis",
         "",
         "Produced by `" + command + "` (" + machine + "). Do not edit the numbers by hand: rerun the command.",
         "",
@@ -209,7 +219,10 @@ def write_report(
         "own head and prototypes, standard MRL would share one head across prefixes, and the official code feeds "
         "every level a learned projection of the full vector (so its backbone prefixes are never trained as such). "
         "Here the same small model is pretrained with each layout on the same data, steps and seeds, and its "
-        "teacher's CLS prefixes are evaluated by k-NN at every nested dim.",
+        "teacher's CLS embedding is evaluated by k-NN at every nested dim, cut in two ways: as the prefix z[:m], and "
+        "as the first m coordinates in a PCA basis fitted on the k-NN train split (what `franca-hf fit-pca` and "
+        "`eval.fit_pca_on_export` store in a model, see docs/matryoshka.md). The second question: do nested heads "
+        "buy anything at small dims over PCA of an un-nested model (`single` + PCA)?",
         "",
         "| mode | what each nesting level sees | head parameters (DINO + iBOT) |",
         "|---|---|---|",
@@ -222,7 +235,8 @@ def write_report(
         f"Scale `{scale}`: the demo recipe (`franca_hf/training/configs/demo.yaml`) with a ViT of patch "
         f"{model.patch_size}, D = {width}, {model.num_hidden_layers} blocks ({backbone_parameters / 1e6:.1f} M "
         f"parameters), {config.crops.global_size}-px demo shapes ({config.data.demo_num_images} training images), "
-        f"batch {batch}, DINO + iBOT + KoLeo, for {steps} steps, {seeds} seed(s) per mode.",
+        f"batch {batch}, DINO + iBOT + KoLeo, for {steps} steps, {seeds} seed(s) per mode. k-NN: {bank} demo train "
+        f"images as the memory bank (and the PCA fit), {bank} demo test images as queries.",
         "",
         "## Pilot: does this scale learn?",
         "",
@@ -242,43 +256,57 @@ def write_report(
         else "At least one run gains less than 10 points: this scale does not show learning, and the comparison "
         "below is not evidence either way.",
     ]
+    stats = {
+        (mode, truncation, dim): mean_std([run[key][dim] for run in runs])
+        for mode, runs in results.items()
+        for truncation, key in TRUNCATIONS.items()
+        for dim in dims
+    }
     lines += [
         "",
-        "## Teacher k-NN top-1 (%) per CLS prefix, mean ± std over seeds",
+        "## Teacher k-NN top-1 (%) per Matryoshka dim, mean ± std over seeds",
         "",
-        "| mode | " + " | ".join(f"dim {d}" for d in dims) + " | s / step | images / s |",
-        "|---|" + "---|" * (len(dims) + 2),
+        "| mode | truncation | " + " | ".join(f"dim {d}" for d in dims) + " | s / step | images / s |",
+        "|---|---|" + "---|" * (len(dims) + 2),
     ]
-    stats = {}
     for mode, runs in results.items():
-        cells = []
-        for dim in dims:
-            stats[mode, dim] = mean_std([run["knn_final"][dim] for run in runs])
-            cells.append("{:.1f} ± {:.1f}".format(*stats[mode, dim]))
         speed = statistics.mean(run["images_per_second"] for run in runs)
-        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {batch / speed:.2f} | {speed:.0f} |")
+        for truncation in TRUNCATIONS:
+            cells = ["{:.1f} ± {:.1f}".format(*stats[mode, truncation, dim]) for dim in dims]
+            timing = f" {batch / speed:.2f} | {speed:.0f} |" if truncation == "prefix" else " | |"
+            lines.append(f"| {mode} | {truncation} | " + " | ".join(cells) + " |" + timing)
     lines += [
         "",
-        "Differences against `project` (the official layout), in points, with the seed noise: a difference "
-        "counts as real when it exceeds twice its standard error sqrt(s1²/n + s2²/n).",
+        "Differences in points, with the seed noise: a difference counts as real when it exceeds twice its standard "
+        "error sqrt(s1²/n + s2²/n).",
+        "",
+        "Against `project` (the official layout), prefixes:",
         "",
         "| mode | " + " | ".join(f"dim {d}" for d in dims) + " |",
         "|---|" + "---|" * len(dims),
     ]
     for mode in results:
-        if mode == "project":
-            continue
-        cells = []
-        for dim in dims:
-            difference, real = compare(stats, mode, "project", dim, seeds)
-            cells.append(f"{difference:+.1f} ({'real' if real else 'noise'})")
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        if mode != "project":
+            cells = [said(stats, (mode, "prefix"), ("project", "prefix"), dim, seeds, short=True) for dim in dims]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Against `single` + PCA (an un-nested model cut in a fitted basis):",
+        "",
+        "| mode | truncation | " + " | ".join(f"dim {d}" for d in dims) + " |",
+        "|---|---|" + "---|" * len(dims),
+    ]
+    for mode in results:
+        for truncation in TRUNCATIONS:
+            if (mode, truncation) != ("single", "PCA"):
+                cells = [said(stats, (mode, truncation), ("single", "PCA"), dim, seeds, short=True) for dim in dims]
+                lines.append(f"| {mode} | {truncation} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Training speed (s / step, images / s) is measured by the trainer over its logging windows, one thread "
-        "per run with two runs side by side.",
+        "per run with two runs side by side; the PCA rows are the same runs.",
         "",
-        "![k-NN accuracy per prefix and head layout](ablation_heads.png)",
+        "![k-NN accuracy per Matryoshka dim, head layout and truncation](ablation_heads.png)",
         "",
         "## Answer",
         "",
@@ -290,16 +318,27 @@ def write_report(
         f"shapes with 10 classes, {steps} steps; "
         "the real question is about ViT-B/L/g on ImageNet-21K or LAION over 625K steps with 131K prototypes. "
         "The demo recipe itself departs from Franca's at this scale (see docs/pretraining.md). k-NN on "
-        "10 balanced classes saturates near the top, which compresses differences at large dims.",
+        "10 balanced classes saturates near the top, which compresses differences at large dims. The PCA basis is "
+        "fitted on the same images that form the k-NN memory bank (as a user fits it on their own collection); the "
+        "queries are other images.",
         "",
     ]
     write_file_atomically(path, lambda staging: staging.write_text("\n".join(lines)))
 
 
-def compare(stats: dict, first: str, second: str, dim: str, seeds: int) -> tuple[float, bool]:
-    """(mean difference first - second, whether it exceeds twice its standard error)."""
-    (m1, s1), (m2, s2) = stats[first, dim], stats[second, dim]
+def compare(stats: dict, first: tuple[str, str], second: tuple[str, str], dim: str, seeds: int) -> tuple[float, bool]:
+    """(mean difference first - second, whether it exceeds twice its standard error); first and second are
+    (mode, truncation) pairs."""
+    (m1, s1), (m2, s2) = stats[(*first, dim)], stats[(*second, dim)]
     return m1 - m2, seeds > 1 and abs(m1 - m2) > 2 * math.sqrt((s1**2 + s2**2) / seeds)
+
+
+def said(stats: dict, first: tuple[str, str], second: tuple[str, str], dim: str, seeds: int, short=False) -> str:
+    """A difference in words: "+1.2 points (beyond seed noise)", or "+1.2 (real)" for tables."""
+    difference, real = compare(stats, first, second, dim, seeds)
+    if short:
+        return f"{difference:+.1f} ({'real' if real else 'noise'})"
+    return f"{difference:+.1f} points ({'beyond' if real else 'within'} seed noise)"
 
 
 def answer(stats: dict, dims: list[str], seeds: int, parameters: dict) -> str:
@@ -307,29 +346,27 @@ def answer(stats: dict, dims: list[str], seeds: int, parameters: dict) -> str:
     if seeds < 2:
         return "One seed only: no conclusion (rerun with --seeds 3 or more)."
 
-    def said(first: str, second: str, dim: str) -> str:
-        difference, real = compare(stats, first, second, dim, seeds)
-        return f"{difference:+.1f} points ({'beyond' if real else 'within'} seed noise)"
+    def cut(mode: str, dim: str, truncation: str = "prefix") -> str:
+        return said(stats, (mode, truncation), ("project", truncation), dim, seeds)
 
     small, full = dims[0], dims[-1]
     lines = [
         f"*Small prefixes.* At dim {small}, dedicated heads on prefixes (`slice`) differ from the official projections "
-        f"(`project`) by {said('slice', 'project', small)} and one shared MRL head by {said('shared', 'project', small)}."
+        f"(`project`) by {cut('slice', small)} and one shared MRL head by {cut('shared', small)}."
         " Only the prefix-fed layouts train the backbone's first channels as an embedding of their own.",
-        f"*Full width.* The un-nested single head differs from `project` by {said('single', 'project', full)} at dim "
-        f"{full}: "
+        f"*Full width.* The un-nested single head differs from `project` by {cut('single', full)} at dim {full}: "
         + (
             "at this scale nesting costs full-width accuracy."
-            if compare(stats, "single", "project", full, seeds)[1]
-            and compare(stats, "single", "project", full, seeds)[0] > 0
+            if compare(stats, ("single", "prefix"), ("project", "prefix"), full, seeds)[1]
+            and compare(stats, ("single", "prefix"), ("project", "prefix"), full, seeds)[0] > 0
             else "at this scale nesting costs no measurable full-width accuracy."
         ),
-        "*The question: dedicated vs shared heads on nested prefixes.* `shared` minus `slice`: "
-        + ", ".join(f"dim {d}: {said('shared', 'slice', d)}" for d in dims)
+        "*Dedicated vs shared heads on nested prefixes.* `shared` minus `slice`: "
+        + ", ".join(f"dim {d}: {said(stats, ('shared', 'prefix'), ('slice', 'prefix'), d, seeds)}" for d in dims)
         + f". `shared` has {parameters['shared']:,} head parameters against {parameters['slice']:,} for `slice` "
         f"({parameters['slice'] / parameters['shared']:.1f}x).",
     ]
-    versus_slice = {d: compare(stats, "shared", "slice", d, seeds) for d in dims}
+    versus_slice = {d: compare(stats, ("shared", "prefix"), ("slice", "prefix"), d, seeds) for d in dims}
     worse = [d for d, (difference, real) in versus_slice.items() if real and difference < 0]
     better = [d for d, (difference, real) in versus_slice.items() if real and difference > 0]
     if not worse and not better:
@@ -344,7 +381,44 @@ def answer(stats: dict, dims: list[str], seeds: int, parameters: dict) -> str:
         lines.append(
             f"So here one shared head is {' and '.join(found)} than dedicated heads, within seed noise elsewhere."
         )
+    lines.append(pca_answer(stats, dims, seeds))
     return "\n\n".join(lines)
+
+
+def pca_answer(stats: dict, dims: list[str], seeds: int) -> str:
+    """Do nested heads buy anything at small dims (D/16, D/8) over `single` + PCA? Each nested layout is taken with
+    its better truncation at each dim."""
+    baseline = ("single", "PCA")
+    small = dims[:2]
+    text = ["*Nested heads vs PCA of an un-nested model.*"]
+    gains, losses = [], []
+    for mode in ("slice", "shared", "project"):
+        parts = []
+        for dim in small:
+            best = max(TRUNCATIONS, key=lambda truncation: stats[mode, truncation, dim][0])
+            difference, real = compare(stats, (mode, best), baseline, dim, seeds)
+            parts.append(f"dim {dim} ({best}): {said(stats, (mode, best), baseline, dim, seeds)}")
+            if real:
+                (gains if difference > 0 else losses).append(f"`{mode}` at dim {dim}")
+        text.append(f"`{mode}` minus `single` + PCA, " + ", ".join(parts) + ".")
+    pca_gain = [f"dim {d}: {said(stats, ('single', 'PCA'), ('single', 'prefix'), d, seeds)}" for d in dims[:-1]]
+    text.append("For `single`, PCA minus prefix: " + ", ".join(pca_gain) + ".")
+    if gains:
+        verdict = (
+            f"So yes, here nested heads buy something at small dims over `single` + PCA: {', '.join(gains)} beat it "
+            "beyond seed noise" + (f" (while {', '.join(losses)} fall below it)" if losses else "") + "."
+        )
+    elif losses:
+        verdict = (
+            f"So no: here nested heads buy nothing at small dims over `single` + PCA; {', '.join(losses)} are worse "
+            "beyond seed noise, and the rest are within it."
+        )
+    else:
+        verdict = (
+            "So no: here nested heads buy nothing measurable at small dims over `single` + PCA; every difference is "
+            "within seed noise."
+        )
+    return " ".join(text) + "\n\n" + verdict
 
 
 def plot(path: Path, results: dict) -> None:
@@ -353,16 +427,27 @@ def plot(path: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axis = plt.subplots(figsize=(6, 4))
-    for mode, runs in results.items():
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for index, (mode, runs) in enumerate(results.items()):
         dims = [int(d) for d in runs[0]["knn_final"]]
-        means = [statistics.mean(run["knn_final"][str(d)] for run in runs) for d in dims]
-        spread = [statistics.stdev(run["knn_final"][str(d)] for run in runs) if len(runs) > 1 else 0 for d in dims]
-        axis.errorbar(dims, means, yerr=spread, marker="o", capsize=3, label=mode)
+        for truncation, key in TRUNCATIONS.items():
+            values = [[run[key][str(d)] for run in runs] for d in dims]
+            means = [statistics.mean(v) for v in values]
+            spread = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
+            axis.errorbar(
+                dims,
+                means,
+                yerr=spread,
+                marker="o" if truncation == "prefix" else "s",
+                linestyle="-" if truncation == "prefix" else "--",
+                color=f"C{index}",
+                capsize=3,
+                label=f"{mode}, {truncation}",
+            )
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("CLS prefix dim")
+    axis.set_xlabel("Matryoshka dim m")
     axis.set_ylabel("teacher k-NN top-1 (%)")
-    axis.legend()
+    axis.legend(fontsize=8, ncol=2)
     axis.grid(alpha=0.3)
     fig.tight_layout()
     write_file_atomically(path, lambda staging: fig.savefig(staging, dpi=120, format="png"))
@@ -374,12 +459,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="seeds per mode (default: the scale's)")
     parser.add_argument("--steps", type=int, help="steps per run (default: the scale's)")
     parser.add_argument("--out", default="runs/ablation_heads", help="where the runs go")
-    parser.add_argument("--docs", default="docs/ablation_heads.md", help="report to write ('' to skip)")
+    parser.add_argument(
+        "--docs", help="report to write (default: docs/ablation_heads.md at the default scale, none at the others)"
+    )
     parser.add_argument("--parallel", type=int, help="runs at a time (default: 2, or 4 at the gpu scale)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from <out>/ablation.json")
     args = parser.parse_args()
+    if args.docs is None and args.scale == "default":
+        args.docs = "docs/ablation_heads.md"
     if args.report_only:
         summary = json.loads((Path(args.out) / "ablation.json").read_text())
+        if not args.docs:
+            raise SystemExit("--report-only writes a report: give --docs PATH (or use the default scale).")
         write_outputs(
             Path(args.docs),
             summary,
@@ -395,7 +486,7 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
     compared = modes(scale_config(args.scale).model.hidden_size)
     jobs = [(mode, seed) for seed in range(seeds) for mode in compared]
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()[0]
     with ThreadPoolExecutor(args.parallel) as pool:
         pilot_future = pool.submit(supervised_pilot, common, steps, bank, threads)
         futures = {
@@ -417,7 +508,8 @@ def main() -> None:
     command = " ".join(["python benchmarks/ablation_heads.py", *sys.argv[1:]])
     minutes = (time.time() - started) / 60
     machine = (
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} minutes, {args.parallel} runs at a time"
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} minutes, {args.parallel} runs at a time; "
+        f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs share the cores)"
     )
     summary = {
         "scale": args.scale,
@@ -432,15 +524,12 @@ def main() -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     write_file_atomically(out / "ablation.json", lambda staging: staging.write_text(json.dumps(summary, indent=2)))
-    print(
-        json.dumps(
-            {
-                mode: {d: round(statistics.mean(r["knn_final"][d] for r in runs), 1) for d in runs[0]["knn_final"]}
-                for mode, runs in results.items()
-            },
-            indent=1,
-        )
-    )
+    means = {
+        f"{mode}, {truncation}": {d: round(statistics.mean(r[key][d] for r in runs), 1) for d in runs[0][key]}
+        for mode, runs in results.items()
+        for truncation, key in TRUNCATIONS.items()
+    }
+    print(json.dumps(means, indent=1))
     if args.docs:
         write_outputs(Path(args.docs), summary, command, machine)
 

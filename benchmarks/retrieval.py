@@ -2,15 +2,19 @@
 
 Every method runs in ONE process, round-robin over `--rounds` rounds (these machines are noisy); a method's speed-up
 is the median over rounds of (full-D exact time / its time) in the same round. Recall@10 is measured against
-full-D exact search. Without `--embeddings` the data are SYNTHETIC (see `synthetic_embeddings`); with it, real
-embeddings are read from a `franca-hf extract` folder or a safetensors file and `--queries` rows (at most a quarter)
-are held out of the database as queries.
+full-D exact search. Without `--embeddings` or `--model` the data are SYNTHETIC (see `synthetic_embeddings`); with
+`--embeddings`, real embeddings are read from a `franca-hf extract` folder or a safetensors file; with `--model M
+[M ...]`, each model embeds `--images` images of `--data` (its Matryoshka embeddings: prefixes, or cut in its fitted
+PCA basis) and is benchmarked in turn. Real embeddings hold `--queries` rows (at most a quarter) out of the database
+as queries.
 
 torch runs on `--threads` threads (default 1): on a CPU shared with other jobs, a second OpenMP thread that is not
 scheduled stalls every parallel op, which distorts the many small ops of a funnel far more than one big matmul.
 
-Run (about 2-3 minutes on 2 CPU cores):
+Run (about 2-3 minutes on 2 CPU cores each):
     python benchmarks/retrieval.py --plot docs/retrieval_benchmark.png --docs docs/retrieval.md
+    python benchmarks/retrieval.py --model runs/demo_prefix/teacher runs/matryoshka_pca/pca --data demo \
+        --images 50000 --docs docs/retrieval.md --docs-block retrieval-benchmark-demo
 """
 
 import argparse
@@ -24,11 +28,11 @@ import torch
 from safetensors import safe_open
 
 from franca_hf.io import write_file_atomically
+from franca_hf.matryoshka import describe_data
 from franca_hf.modeling.configuration_franca import default_matryoshka_dims
 from franca_hf.retrieval import EmbeddingIndex, index_from_features
 
 K = 10
-DOCS_START, DOCS_END = "<!-- retrieval-benchmark:start -->", "<!-- retrieval-benchmark:end -->"
 
 
 def synthetic_embeddings(
@@ -55,7 +59,7 @@ def synthetic_embeddings(
 
 def real_embeddings(path: str, key: str | None, queries: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Real embeddings: the CLS rows of a `franca-hf extract` folder, or the 2-D tensor `key` of a safetensors file
-    (its only 2-D tensor when None). `queries` random rows are held out, at most a quarter of them (with a note)."""
+    (its only 2-D tensor when None), with `queries` rows held out (`hold_out`)."""
     if Path(path).is_dir():
         vectors = index_from_features(path).vectors
     else:
@@ -64,8 +68,28 @@ def real_embeddings(path: str, key: str | None, queries: int, seed: int) -> tupl
             if len(names) != 1:
                 raise SystemExit(f"{path}: pass --key, one of the 2-D tensors {names}.")
             vectors = handle.get_tensor(names[0]).float()
+    return hold_out(vectors, queries, seed, path)
+
+
+def model_embeddings(
+    model_name: str, data: str, split: str, images: int, queries: int, seed: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width Matryoshka embeddings (`franca_hf.features.extract_features`) of `images` images of `data` by a
+    model, with `queries` rows held out (`hold_out`). The demo source is generated with `images` images."""
+    from franca_hf.data import open_source, subsample
+    from franca_hf.features import extract_features, load_model_and_processor
+
+    model, processor = load_model_and_processor(model_name, device=device)
+    source = open_source(data, split, demo_num_images=images)
+    source = subsample(source, images)
+    vectors = extract_features(model, processor, source, batch_size=256, num_workers=None, desc="embed").features
+    return hold_out(vectors, queries, seed, model_name)
+
+
+def hold_out(vectors: torch.Tensor, queries: int, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(database, queries): `queries` random rows held out of `vectors`, at most a quarter of them (with a note)."""
     if vectors.shape[0] < 2 * K:
-        raise SystemExit(f"{path} holds {vectors.shape[0]} embeddings; the benchmark (top-{K}) needs at least {2 * K}.")
+        raise SystemExit(f"{name} holds {vectors.shape[0]} embeddings; the benchmark (top-{K}) needs at least {2 * K}.")
     if queries > vectors.shape[0] // 4:
         print(
             f"note: {vectors.shape[0]} embeddings cannot spare {queries} queries; holding out "
@@ -124,13 +148,14 @@ def machine() -> str:
     )
 
 
-def write_docs(path: Path, block: str) -> None:
-    """Replace the text between the benchmark markers of a markdown page."""
+def write_docs(path: Path, block: str, name: str) -> None:
+    """Replace the text between the markers `<!-- NAME:start -->` and `<!-- NAME:end -->` of a markdown page."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text()
-    if DOCS_START not in text or DOCS_END not in text:
-        raise SystemExit(f"{path} lacks the markers {DOCS_START} ... {DOCS_END}.")
-    head, rest = text.split(DOCS_START, 1)
-    text = f"{head}{DOCS_START}\n{block}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} lacks the markers {start} ... {end}.")
+    head, rest = text.split(start, 1)
+    text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
     write_file_atomically(path, lambda staging: staging.write_text(text))
 
 
@@ -174,38 +199,8 @@ def plot(rows: list[dict], batches: list[int], path: Path) -> None:
     write_file_atomically(path, lambda staging: fig.savefig(staging, dpi=120, format="png"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=100_000, help="synthetic database size")
-    parser.add_argument("--width", type=int, default=768, help="synthetic embedding width D")
-    parser.add_argument("--clusters", type=int, default=1000, help="synthetic cluster count")
-    parser.add_argument("--queries", type=int, default=1024, help="queries timed at the largest batch size")
-    parser.add_argument("--single-queries", type=int, default=64, help="queries timed one at a time (batch 1)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="query batch sizes to time")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--embeddings",
-        help="real embeddings instead of synthetic ones: a `franca-hf extract` folder or a safetensors file",
-    )
-    parser.add_argument("--key", help="tensor name in --embeddings (default: its only 2-D tensor)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see above)")
-    parser.add_argument("--plot", type=Path, help="write the speed-up vs recall plot here (PNG)")
-    parser.add_argument("--docs", type=Path, help="replace the results block of this markdown page")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-
-    if args.embeddings:
-        database, queries = real_embeddings(args.embeddings, args.key, args.queries, args.seed)
-        source = f"REAL embeddings from {args.embeddings}: {len(queries)} random rows held out as queries"
-    else:
-        database, queries = synthetic_embeddings(args.size, args.queries, args.width, args.clusters, args.seed)
-        source = (
-            f"SYNTHETIC embeddings (seed {args.seed}): channel i has std (i+1)^-0.5, {args.clusters} Zipf-sized "
-            "clusters, points = centre + 0.5x-spread noise, queries = a random database point + 0.25x noise"
-        )
+def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args, device: torch.device):
+    """Time and score every method on one database; returns the results block (Markdown) and the methods."""
     dims = default_matryoshka_dims(database.shape[1])
     started = time.perf_counter()
     index = EmbeddingIndex(database.to(device), dims=dims)
@@ -275,12 +270,98 @@ def main() -> None:
         *verdicts,
     ]
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(footer))
+    block = "\n\n".join(["\n".join(header), "\n".join(lines), "\n".join(footer)])
+    return block, methods
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=100_000, help="synthetic database size")
+    parser.add_argument("--width", type=int, default=768, help="synthetic embedding width D")
+    parser.add_argument("--clusters", type=int, default=1000, help="synthetic cluster count")
+    parser.add_argument("--queries", type=int, default=1024, help="queries timed at the largest batch size")
+    parser.add_argument("--single-queries", type=int, default=64, help="queries timed one at a time (batch 1)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="query batch sizes to time")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--embeddings",
+        help="real embeddings instead of synthetic ones: a `franca-hf extract` folder or a safetensors file",
+    )
+    parser.add_argument("--key", help="tensor name in --embeddings (default: its only 2-D tensor)")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        help="benchmark the embeddings of these models (folders, Hub ids or release names) of --data, one by one",
+    )
+    parser.add_argument("--data", default="demo", help="with --model: 'demo', an image folder or hf:<dataset>")
+    parser.add_argument("--split", default="train", help="with --model: the split of --data")
+    parser.add_argument("--images", type=int, default=50_000, help="with --model: images embedded (queries included)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see above)")
+    parser.add_argument("--plot", type=Path, help="write the speed-up vs recall plot here (PNG; one data source)")
+    parser.add_argument("--docs", type=Path, help="replace the results block of this markdown page")
+    parser.add_argument(
+        "--docs-block", default="retrieval-benchmark", help="with --docs: the block's marker name in the page"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.plot and args.model and len(args.model) > 1:
+        raise SystemExit("--plot draws one data source; give one --model.")
+
+    if args.model:
+        sources = []
+        for name in args.model:
+            torch.set_num_threads(os.cpu_count() or 1)  # embedding is not timed
+            database, queries = model_embeddings(
+                name, args.data, args.split, args.images, args.queries, args.seed, args.device
+            )
+            described = describe_data(args.data, args.split)
+            sources.append(
+                (
+                    database,
+                    queries,
+                    f"REAL embeddings of {len(database) + len(queries)} images of {described} by {name} "
+                    f"(Matryoshka truncation: {truncation_of(name)}): {len(queries)} random rows held out as queries",
+                )
+            )
+    elif args.embeddings:
+        database, queries = real_embeddings(args.embeddings, args.key, args.queries, args.seed)
+        sources = [
+            (
+                database,
+                queries,
+                f"REAL embeddings from {args.embeddings}: {len(queries)} random rows held out as queries",
+            )
+        ]
+    else:
+        database, queries = synthetic_embeddings(args.size, args.queries, args.width, args.clusters, args.seed)
+        source = (
+            f"SYNTHETIC embeddings (seed {args.seed}): channel i has std (i+1)^-0.5, {args.clusters} Zipf-sized "
+            "clusters, points = centre + 0.5x-spread noise, queries = a random database point + 0.25x noise"
+        )
+        sources = [(database, queries, source)]
+    torch.set_num_threads(args.threads)
+    blocks = []
+    for database, queries, source in sources:
+        block, methods = benchmark(database, queries, source, args, device)
+        blocks.append(block)
     if args.plot:
         plot(methods[1:], args.batches, args.plot)
         print(f"wrote {args.plot}")
     if args.docs:
-        write_docs(args.docs, "\n\n".join(["\n".join(header), "\n".join(lines), "\n".join(footer)]))
+        write_docs(args.docs, "\n\n".join(blocks), args.docs_block)
         print(f"wrote {args.docs}")
+
+
+def truncation_of(name: str) -> str:
+    """How a model cuts its Matryoshka embeddings: "prefix" or "fitted PCA basis"."""
+    from transformers import AutoConfig
+
+    from franca_hf.conversion.convert import resolve_model
+
+    basis = getattr(AutoConfig.from_pretrained(resolve_model(name)), "matryoshka_basis", "prefix")
+    return "fitted PCA basis" if basis == "pca" else "prefix"
 
 
 if __name__ == "__main__":

@@ -121,11 +121,13 @@ def _extract(args: argparse.Namespace) -> None:
                 print(f"  {image_id}: {reason}", file=sys.stderr)
 
 
-def _load_model(args: argparse.Namespace):
-    """The model and image processor the model flags (`_add_model_flags`) ask for."""
+def _load_model(args: argparse.Namespace, path: str | None = None):
+    """The model and image processor the model flags (`_add_model_flags`) ask for (from `path` once resolved)."""
     from .features import load_model_and_processor
 
-    return load_model_and_processor(args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8)
+    return load_model_and_processor(
+        path or args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8
+    )
 
 
 def _check_runtime_flags(args: argparse.Namespace) -> None:
@@ -170,7 +172,66 @@ def _knn(args: argparse.Namespace) -> None:
         f"k-NN (k={args.k}, T={args.temperature}) of {args.model}{int8}: "
         f"{len(train_x)} train / {len(test_x)} test images"
     )
-    print(format_knn_table(accuracy))
+    truncation = "PCA basis" if getattr(model.config, "matryoshka_basis", "prefix") == "pca" else "prefix"
+    print(format_knn_table(accuracy, label=f"top-1 (%), {truncation}"))
+
+
+def _fit_pca(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from .conversion.convert import resolve_model
+    from .conversion.model_card import format_explained_variance
+    from .data import SkipCounter, open_source, subsample
+    from .matryoshka import describe_data, fit_matryoshka_basis, minimum_images, write_fitted_folder
+
+    _check_runtime_flags(args)
+    _require_at_least(1, max_images=args.max_images)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
+    path = resolve_model(args.model)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "franca":
+        raise ValueError(
+            f"--model {args.model} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca "
+            "model (model_type 'franca')."
+        )
+    if config.matryoshka_basis == "pca" and not args.overwrite_basis:
+        fitted_on = (config.source_checkpoint or {}).get("matryoshka_pca", {}).get("data", "unknown data")
+        raise ValueError(
+            f"--model {args.model} already has a fitted Matryoshka basis (fitted on {fitted_on}); pass "
+            "--overwrite-basis to fit a new one in its place."
+        )
+    needed = minimum_images(config.hidden_size)
+    if args.max_images is not None and args.max_images < needed:
+        raise ValueError(
+            f"--max-images {args.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs at "
+            f"least {needed} images."
+        )
+    source = subsample(open_source(args.data, args.split, args.image_column), args.max_images)
+    if len(source) < needed:
+        raise ValueError(
+            f"--data {args.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
+            f"needs at least {needed}."
+        )
+    model, processor = _load_model(args, path)
+    described = describe_data(args.data, args.split)
+    skips = SkipCounter()
+    fit = fit_matryoshka_basis(
+        model,
+        source,
+        processor,
+        data=described,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        skips=skips,
+    )
+    del model  # the folder is written from the stored weights, in their stored dtype
+    folder = write_fitted_folder(path, fit, args.out, processor, overwrite=args.overwrite)
+    shares = fit.explained_variance(config.matryoshka_dims)
+    print(f"fitted a PCA basis on {fit.images} images of {described} -> {folder}")
+    if skips.count:
+        print(f"skipped {skips.count} unreadable images", file=sys.stderr)
+    print(format_explained_variance(shares))
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -297,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("images", nargs="+", help="image files or folders (searched recursively), or one hf:<dataset>")
     _add_model_flags(extract)
     extract.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
-    extract.add_argument("--dim", type=int, help="Matryoshka prefix length (default: full width)")
+    extract.add_argument(
+        "--dim", type=int, help="Matryoshka dim, cut in the model's basis (prefix or fitted PCA; default: full width)"
+    )
     extract.add_argument("--dense", action="store_true", help="patch feature maps (d, h, w) instead of CLS")
     extract.add_argument("--debiased", action="store_true", help="with --dense: remove RASA position directions")
     extract.add_argument("--no-normalize", action="store_true", help="keep CLS embeddings un-normalised")
@@ -368,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--train-split", default="train")
     knn.add_argument("--test-split", default="test")
     knn.add_argument(
-        "--dims", type=int, nargs="+", help="CLS prefix widths to evaluate (default: the Matryoshka dims, else full)"
+        "--dims",
+        type=int,
+        nargs="+",
+        help="CLS widths to evaluate, cut in the model's basis (default: the Matryoshka dims, else full)",
     )
     knn.add_argument("--k", type=int, default=20)
     knn.add_argument("--temperature", type=float, default=0.07)
@@ -376,6 +442,28 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--crop-size", type=int, help="override the model's preprocessing crop (resize + center crop)")
     _add_runtime_flags(knn, batch_size=64)
     knn.set_defaults(run=_knn)
+
+    fit_pca = commands.add_parser(
+        "fit-pca",
+        help="fit a PCA truncation basis for Matryoshka embeddings, written with the model as a new folder",
+        description="Stream images through a Franca model, fit the principal directions of its CLS embeddings and "
+        "patch tokens (float64 mean and covariance, memory independent of the number of images), and write a new "
+        "folder whose Matryoshka embeddings are cut in that basis: normalise(((z - mean) R)[:m]). For checkpoints "
+        "whose prefixes were not trained as embeddings (the released weights; `project`-layout teachers); see "
+        "docs/matryoshka.md.",
+    )
+    _add_model_flags(fit_pca, help="Franca folder, Hub id, or release name (converted on first use)")
+    fit_pca.add_argument(
+        "--data", required=True, help="'demo', an image folder (searched recursively), or hf:<dataset>"
+    )
+    fit_pca.add_argument("--out", required=True, help="output folder (a complete model folder)")
+    fit_pca.add_argument("--max-images", type=int, help="fit on at most this many images (a fixed random subset)")
+    fit_pca.add_argument("--split", default="train", help="with demo or hf:<dataset>: the split to read")
+    fit_pca.add_argument("--image-column", help="with hf:<dataset>: the image column (default: the first Image one)")
+    fit_pca.add_argument("--overwrite-basis", action="store_true", help="refit a model that already has a basis")
+    fit_pca.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_runtime_flags(fit_pca, batch_size=32)
+    fit_pca.set_defaults(run=_fit_pca)
 
     releases = commands.add_parser("releases", help="list the official Franca releases")
     releases.set_defaults(run=_releases)

@@ -318,3 +318,20 @@ def test_retrieval_benchmark_on_a_small_embeddings_file_holds_out_what_it_can(tm
     assert run.returncode == 0, run.stderr[-2000:]
     assert "note: 40 embeddings cannot spare 1024 queries; holding out 10 (a quarter)" in run.stdout
     assert "30 x 128 float32, 10 queries" in run.stdout
+
+
+def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_folder, tmp_path):
+    from .features.conftest import make_images
+
+    make_images(tmp_path / "images", 48)
+    page = tmp_path / "page.md"
+    page.write_text("before\n<!-- demo-block:start -->\nold\n<!-- demo-block:end -->\nafter\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
+    command = [sys.executable, str(script), "--model", str(tiny_folder), "--data", str(tmp_path / "images")]
+    command += ["--images", "48", "--rounds", "1", "--single-queries", "2", "--docs", str(page)]
+    run = subprocess.run([*command, "--docs-block", "demo-block"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = page.read_text()
+    assert text.startswith("before\n<!-- demo-block:start -->\nData: REAL embeddings of 48 images of ")
+    assert f"by {tiny_folder} (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
+    assert "| funnel F1: 8:200 > 128:10 |" in text and text.endswith("<!-- demo-block:end -->\nafter\n")

@@ -7,6 +7,7 @@ from ..modeling import FrancaConfig
 OFFICIAL_LICENSE_LINK = "https://github.com/valeoai/Franca/blob/main/LICENSE_MODEL"
 _HUB_DATASETS = {"ImageNet-21K": "ILSVRC/imagenet-21k", "LAION-600M (LAION-COCO)": "laion/laion-coco"}
 _SIZE_NAMES = {384: "S", 768: "B", 1024: "L", 1536: "g"}
+_TRUNCATIONS = {"prefix": "prefix: the first m channels", "pca": "a fitted PCA basis: ((z - mean) R)[:m]"}
 
 CITATION = """@article{venkataramanan2025franca,
   title   = {Franca: Nested Matryoshka Clustering for Scalable Visual Representation Learning},
@@ -15,6 +16,42 @@ CITATION = """@article{venkataramanan2025franca,
   journal = {arXiv preprint arXiv:2507.14137},
   year    = {2025}
 }"""
+
+
+def format_explained_variance(shares: dict[str, dict]) -> str:
+    """A Markdown table of the variance (%) held by the first m directions of a basis: `shares` maps "cls" (and
+    "patches") to {m: share in 0..1}."""
+    dims = list(shares["cls"])
+    names = {"cls": "CLS embedding", "patches": "patch tokens"}
+    lines = ["| explained variance | " + " | ".join(f"dim {d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+    lines += [
+        f"| {names[kind]} | " + " | ".join(f"{100 * share:.1f} %" for share in values.values()) + " |"
+        for kind, values in shares.items()
+    ]
+    return "\n".join(lines)
+
+
+def _basis_section(fit: dict, where: str) -> list[str]:
+    """What a fitted PCA basis was fitted on and how much variance each Matryoshka dim keeps."""
+    shares = fit["explained_variance"]
+    patches = f" ({fit['patch_tokens']:,} patch tokens)" if fit.get("patch_tokens") else ""
+    return [
+        "Matryoshka embeddings of this model are cut in a fitted PCA basis (`franca-hf fit-pca`, or the trainer's "
+        "`eval.fit_pca_on_export`): normalise(((z - mean) R)[:m]), with the mean and the rotation R (principal "
+        "directions by decreasing variance) stored as fp32 weights; patch tokens cut to m channels use a basis of "
+        f"their own. Fitted on {fit['images']:,} images of {fit['data']}{patches}.",
+        "",
+        format_explained_variance(
+            {
+                kind: dict(zip(shares["dims"], shares[kind], strict=True))
+                for kind in ("cls", "patches")
+                if kind in shares
+            }
+        ),
+        "",
+        f"Refit on your own images: `franca-hf fit-pca --model {where} --data <images> --out <folder> "
+        "--overwrite-basis`.",
+    ]
 
 
 def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_model: str | None = None) -> str:
@@ -62,6 +99,7 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         f"| position table | {grid}x{grid} ({grid * config.patch_size} px native); other sizes are interpolated |",
         f"| register tokens | {config.num_register_tokens} |",
         f"| Matryoshka dims | {config.matryoshka_dims} |",
+        f"| Matryoshka truncation | {_TRUNCATIONS[config.matryoshka_basis]} |",
         f"| RASA | {f'{config.rasa_steps} steps' if config.rasa_steps else 'no (debiased features unavailable)'} |",
     ]
     provenance = [
@@ -87,6 +125,11 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
             f"franca-hf rasa model={where} data=<images> out=<folder with RASA>",
             "```",
         ]
+    fit = source.get("matryoshka_pca")
+    if config.matryoshka_basis == "pca":
+        lines += ["", "## Matryoshka truncation basis", ""] + (
+            _basis_section(fit, where) if fit else ["The basis is not fitted yet (identity): embeddings are prefixes."]
+        )
     parity = source.get("parity")
     if parity:
         lines += [

@@ -145,6 +145,9 @@ class EvalSettings:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_max_images: int | None = None  # cap per split, for quick evaluations
+    # with every teacher export, fit a PCA truncation basis on the k-NN train split (franca_hf.matryoshka) and store
+    # it in the exported folder; the final k-NN table then shows prefix and PCA rows
+    fit_pca_on_export: bool = False
 
 
 @dataclass
@@ -325,6 +328,10 @@ class PretrainConfig:
             (
                 (self.eval.knn_train is None) == (self.eval.knn_test is None),
                 "set both eval.knn_train and eval.knn_test, or neither",
+            ),
+            (
+                not self.eval.fit_pca_on_export or self.eval.knn_train is not None,
+                "eval.fit_pca_on_export fits on the k-NN train split: set eval.knn_train and eval.knn_test",
             ),
         ]
         problems += [message for ok, message in checks if not ok]

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 
 from ..conversion.export import make_image_processor, save_model_folder
 from ..conversion.model_card import render_model_card
+from ..matryoshka import MatryoshkaFit, with_matryoshka_basis
 from ..modeling import FrancaConfig, FrancaModel
 from .config import PretrainConfig
 from .networks import Teacher
@@ -27,8 +28,16 @@ def teacher_backbone_copy(accelerator: Accelerator, teacher: Teacher) -> FrancaM
     return copy_.eval()
 
 
-def export_teacher(accelerator: Accelerator, teacher: Teacher, config: PretrainConfig, state, config_name: str) -> Path:
-    """Write the teacher backbone as an HF folder (`<output_dir>/teacher`), atomically."""
+def export_teacher(
+    accelerator: Accelerator,
+    teacher: Teacher,
+    config: PretrainConfig,
+    state,
+    config_name: str,
+    basis: MatryoshkaFit | None = None,
+) -> Path:
+    """Write the teacher backbone as an HF folder (`<output_dir>/teacher`), atomically; with `basis`, the folder
+    holds that Matryoshka PCA basis (`KnnEvaluator.fit_basis`)."""
     backbone = teacher_backbone_copy(accelerator, teacher)
     folder = Path(config.run.output_dir) / "teacher"
     if backbone is not None:
@@ -42,6 +51,8 @@ def export_teacher(accelerator: Accelerator, teacher: Teacher, config: PretrainC
             **({"init_from": str(config.model.init_from)} if config.model.init_from else {}),
             **{key: base[key] for key in ("release", "tag", "dataset", "dropped_rasa_steps") if key in base},
         }
+        if basis is not None:
+            backbone = with_matryoshka_basis(backbone, basis)
         processor = make_image_processor(config.crops.global_size)
         save_model_folder(
             backbone, folder, overwrite=True, image_processor=processor, card_text=render_model_card(backbone.config)

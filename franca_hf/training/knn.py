@@ -8,11 +8,18 @@ T = 0.07.
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..conversion.export import make_image_processor
 from ..data.sources import ImageSource, open_source, subsample
 from ..features.loop import embed_batch, run_model
+from ..matryoshka import (
+    MatryoshkaFit,
+    accumulate_token_statistics,
+    describe_data,
+    minimum_images,
+    with_matryoshka_basis,
+)
 from ..modeling import FrancaModel
 from .config import PretrainConfig
 from .export import teacher_backbone_copy
@@ -98,20 +105,27 @@ def knn_accuracy_by_dim(
     return accuracy
 
 
-def format_knn_table(accuracy: dict[int, float], title: str = "k-NN accuracy") -> str:
-    """A Markdown table of accuracy per Matryoshka dim."""
-    lines = [
-        f"| {title} | " + " | ".join(f"dim {d}" for d in accuracy) + " |",
-        "|---|" + "---|" * len(accuracy),
-        "| top-1 (%) | " + " | ".join(f"{a:.1f}" for a in accuracy.values()) + " |",
+def format_knn_table(accuracy: dict[int, float], title: str = "k-NN accuracy", label: str = "top-1 (%)") -> str:
+    """A Markdown table of accuracy per Matryoshka dim, in one row named `label`."""
+    return format_knn_rows({label: accuracy}, title)
+
+
+def format_knn_rows(rows: dict[str, dict[int, float]], title: str = "k-NN accuracy") -> str:
+    """A Markdown table with one row of accuracy per Matryoshka dim for each entry of `rows` (label -> accuracy),
+    e.g. the same model cut as prefixes and in a fitted PCA basis. The dims are those of the first row."""
+    dims = list(next(iter(rows.values())))
+    lines = [f"| {title} | " + " | ".join(f"dim {d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+    lines += [
+        f"| {label} | " + " | ".join(f"{accuracy[d]:.1f}" for d in dims) + " |" for label, accuracy in rows.items()
     ]
     return "\n".join(lines)
 
 
 class KnnEvaluator:
-    """Teacher k-NN at every Matryoshka dim on fixed labelled splits; each process embeds its share."""
+    """Teacher k-NN at every Matryoshka dim on fixed labelled splits, and the PCA truncation basis of the teacher on
+    the train split; each process embeds its share."""
 
-    def __init__(self, config: PretrainConfig):
+    def __init__(self, config: PretrainConfig, width: int):
         settings = config.eval
         self.settings = settings
         self.sources = [
@@ -123,19 +137,58 @@ class KnnEvaluator:
             for spec, split in ((settings.knn_train, "train"), (settings.knn_test, "test"))
         ]
         self.processor = make_image_processor(config.crops.global_size)
+        train, needed = self.sources[0], minimum_images(width)
+        if settings.fit_pca_on_export and len(train) < needed:
+            raise ValueError(
+                f"eval.fit_pca_on_export: a PCA basis of this {width}-dim model needs at least {needed} images, and "
+                f"the k-NN train split ({settings.knn_train}, eval.knn_max_images={settings.knn_max_images}) holds "
+                f"{len(train)}."
+            )
 
     @torch.no_grad()
-    def __call__(self, accelerator: Accelerator, teacher: Teacher) -> dict[int, float] | None:
+    def __call__(
+        self, accelerator: Accelerator, teacher: Teacher, basis: MatryoshkaFit | None = None
+    ) -> dict[int, float] | None:
         """Accuracy per dim on the main process (None on the others under FSDP, where the main process evaluates a
-        gathered full copy alone)."""
+        gathered full copy alone), with the teacher's dims cut in `basis` when given, as prefixes otherwise."""
         if accelerator.distributed_type == DistributedType.FSDP:
             model = teacher_backbone_copy(accelerator, teacher)
+            if model is not None and basis is not None:
+                model = with_matryoshka_basis(model, basis)
             result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1)
             accelerator.wait_for_everyone()
             return result
-        return self._evaluate(
-            accelerator.unwrap_model(teacher).backbone, accelerator.process_index, accelerator.num_processes
-        )
+        model = accelerator.unwrap_model(teacher).backbone
+        if basis is not None:
+            model = with_matryoshka_basis(model, basis)
+        return self._evaluate(model, accelerator.process_index, accelerator.num_processes)
+
+    @torch.no_grad()
+    def fit_basis(self, accelerator: Accelerator, teacher: Teacher) -> MatryoshkaFit:
+        """The teacher's PCA truncation basis on the k-NN train split, on every process: each process accumulates
+        the statistics of its share and the shares merge (under FSDP the main process fits a gathered copy alone and
+        sends the fit to the others)."""
+        train, world = self.sources[0], accelerator.num_processes
+        described = f"the k-NN train set, {describe_data(self.settings.knn_train, 'train')}"
+        if accelerator.distributed_type == DistributedType.FSDP:
+            model = teacher_backbone_copy(accelerator, teacher)
+            fit = None
+            if model is not None:
+                statistics = self._statistics(model.to(accelerator.device), range(len(train)))
+                fit = MatryoshkaFit.from_statistics(statistics, described)
+            return broadcast_object_list([fit])[0] if world > 1 else fit
+        rank = accelerator.process_index
+        mine = self._statistics(accelerator.unwrap_model(teacher).backbone, range(rank, len(train), world))
+        shares = gather_object([mine]) if world > 1 else [mine]
+        statistics = shares[0]
+        for share in shares[1:]:
+            statistics.merge(share)
+        return MatryoshkaFit.from_statistics(statistics, described)
+
+    def _statistics(self, model: FrancaModel, positions: range):
+        return accumulate_token_statistics(
+            model, self.sources[0], self.processor, positions=list(positions), num_workers=0, progress=False
+        ).cpu()
 
     def _evaluate(self, model: FrancaModel, rank: int, world: int) -> dict[int, float]:
         features = []

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from ..matryoshka import PROVENANCE_KEY
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from .config import ObjectiveSettings, PretrainConfig
 from .heads import MatryoshkaHead
@@ -122,6 +123,18 @@ def load_initial_backbone(
         backbone.rasa = None
         backbone.config.rasa_steps = 0
         backbone.config.source_checkpoint = {**(backbone.config.source_checkpoint or {}), "dropped_rasa_steps": steps}
+    if backbone.matryoshka_basis is not None:
+        logger.warning(
+            "model.init_from %s holds a Matryoshka PCA basis fitted to its backbone as it is now; training changes "
+            "the backbone, so it is dropped. Refit it on the exported teacher (eval.fit_pca_on_export, or franca-hf "
+            "fit-pca --model <output_dir>/teacher --data <images> --out <folder>).",
+            folder,
+        )
+        backbone.matryoshka_basis = None
+        backbone.config.matryoshka_basis = "prefix"
+        backbone.config.source_checkpoint = {
+            k: v for k, v in (backbone.config.source_checkpoint or {}).items() if k != PROVENANCE_KEY
+        }
     return backbone
 
 

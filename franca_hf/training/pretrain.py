@@ -24,10 +24,11 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config
 from .export import export_teacher, teacher_backbone_copy
-from .knn import KnnEvaluator, format_knn_table
+from .knn import KnnEvaluator, format_knn_rows
 from .metrics import LossWindow, MetricsLog, NonFiniteLossError
 from .networks import (
     FrancaNetworks,
@@ -185,20 +186,29 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     if latest is not None:
         accelerator.load_state(str(latest))
         accelerator.print(f"resumed from {latest} at step {state.step}")
-    evaluator = KnnEvaluator(config) if config.eval.knn_train else None
+    width = accelerator.unwrap_model(teacher).backbone.config.hidden_size
+    evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
     log = MetricsLog(accelerator, output_dir)
 
-    def evaluate_knn(title: str | None = None) -> dict[int, float] | None:
-        """Teacher k-NN, logged (and printed with a title) where a result exists, i.e. on the main process."""
-        accuracy = evaluator(accelerator, teacher)
-        if accuracy is not None:
-            log(state.step, {f"knn_top1_dim_{dim}": value for dim, value in accuracy.items()})
+    def evaluate_knn(title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict | None]:
+        """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
+        title) where a result exists, i.e. on the main process."""
+        accuracy = {"prefix": evaluator(accelerator, teacher)}
+        if basis is not None:
+            accuracy["pca"] = evaluator(accelerator, teacher, basis)
+        if accuracy["prefix"] is not None:
+            names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
+            log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
             if title:
-                accelerator.print(format_knn_table(accuracy, title))
+                labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
+                accelerator.print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
         return accuracy
 
+    def fitted_basis() -> MatryoshkaFit | None:
+        return evaluator.fit_basis(accelerator, teacher) if config.eval.fit_pca_on_export else None
+
     if evaluator is not None and state.step == 0:
-        state.knn_at_init = evaluate_knn("teacher k-NN at init")
+        state.knn_at_init = evaluate_knn("teacher k-NN at init")["prefix"]
 
     training_step = TrainingStep(
         accelerator, student, teacher, optimizer, make_schedules(config, accelerator.num_processes), config
@@ -232,10 +242,11 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         if due.checkpoint:
             save_checkpoint(accelerator, state, batches, checkpoints, config.run.keep_checkpoints)
         if due.export:
-            export_teacher(accelerator, teacher, config, state, config_name)
+            export_teacher(accelerator, teacher, config, state, config_name, fitted_basis())
     progress.close()
 
-    folder = export_teacher(accelerator, teacher, config, state, config_name)
+    basis = fitted_basis()
+    folder = export_teacher(accelerator, teacher, config, state, config_name, basis)
     summary = {
         "knn_at_init": state.knn_at_init,
         "steps": state.step,
@@ -243,7 +254,10 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         "teacher_folder": str(folder),
     }
     if evaluator is not None:
-        summary["knn_final"] = evaluate_knn(f"teacher k-NN after {state.step} steps")
+        final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis)
+        summary["knn_final"] = final["prefix"]
+        if "pca" in final:
+            summary["knn_final_pca"] = final["pca"]
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()

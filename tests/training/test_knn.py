@@ -57,7 +57,7 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     model = Dinov2Model.from_pretrained(tmp_path / "dinov2").eval()
     features, labels = embed_source(model, open_source(images), make_image_processor(32))
     expected = knn_accuracy_by_dim(features, labels, features, labels, dims=[32], k=3)
-    assert format_knn_table(expected) in printed and "dim 32 |" in printed
+    assert format_knn_table(expected, label="top-1 (%), prefix") in printed and "dim 32 |" in printed
 
     assert knn("--dims", "8", "32") == 0
     assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out

@@ -91,7 +91,10 @@ def _losses(output: Path) -> dict[int, float]:
 def test_two_processes_agree_with_one_process(tiny_recipe, tmp_path):
     # KoLeo compares each process's own samples and CyclicMask strata are drawn per process batch, so both are off
     # here: the rest of the objective (DINO with Sinkhorn over the global batch) must not depend on the split.
-    settings = ["optim.total_steps=3", "objective.koleo_weight=0", "objective.mask_probability=0"]
+    # The exported teacher's PCA basis is fitted on the k-NN train split: each process accumulates its share.
+    images = str(tiny_recipe.parent / "images")
+    knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "eval.fit_pca_on_export=true"]
+    settings = ["optim.total_steps=3", "objective.koleo_weight=0", "objective.mask_probability=0", *knn]
     single = _run(_command(tiny_recipe, tmp_path / "one", "optim.batch_size_per_device=16", *settings))
     assert single.returncode == 0, single.stderr[-3000:]
     double = _run(_command(tiny_recipe, tmp_path / "two", "optim.batch_size_per_device=8", *settings, processes=2))
@@ -102,7 +105,19 @@ def test_two_processes_agree_with_one_process(tiny_recipe, tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and list(summary["knn_final_pca"]) == ["2", "4", "8", "16", "32"]
+
+    from franca_hf.cli import main
+
+    merged = tmp_path / "two" / "teacher"
+    refit = tmp_path / "refit"
+    assert main(["fit-pca", "--model", str(merged), "--data", images, "--out", str(refit), "--overwrite-basis"]) == 0
+    two_processes, one_process = AutoModel.from_pretrained(merged), AutoModel.from_pretrained(refit)
+    assert two_processes.config.source_checkpoint["matryoshka_pca"]["images"] == 48
+    for name, expected in one_process.matryoshka_basis.named_parameters():
+        torch.testing.assert_close(
+            dict(two_processes.matryoshka_basis.named_parameters())[name], expected, atol=1e-4, rtol=0
+        )
 
 
 def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
@@ -132,6 +147,51 @@ def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
     assert state["step"] == 4 and state["data"]["batches_seen"] == 8  # two micro-batches per optimizer step
     teacher = AutoModel.from_pretrained(tmp_path / "teacher")
     assert teacher.config.source_checkpoint["steps"] == 4
+
+
+def test_exported_teacher_holds_a_pca_basis_fitted_on_the_knn_train_split(tiny_recipe, tmp_path, capsys):
+    """eval.fit_pca_on_export: every export fits the basis on the k-NN train split; the final table has a prefix and a
+    PCA row; the exported folder's basis is what `franca-hf fit-pca` fits on the same images, and `franca-hf knn` on
+    the folder reproduces the trainer's PCA row."""
+    images = str(tiny_recipe.parent / "images")
+    knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "eval.fit_pca_on_export=true"]
+    result = _run(_command(tiny_recipe, tmp_path / "run", "optim.total_steps=4", "run.export_every=2", *knn))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| teacher k-NN after 4 steps | dim 2 | dim 4 | dim 8 | dim 16 | dim 32 |" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| top-1 (%), ")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "top-1 (%), prefix",
+        "top-1 (%), prefix",
+        "top-1 (%), PCA basis",
+    ]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (
+        rows[-1]
+        == "| top-1 (%), PCA basis | " + " | ".join(f"{v:.1f}" for v in summary["knn_final_pca"].values()) + " |"
+    )
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "knn_pca_top1_dim_2" in m] == [4]
+
+    teacher = tmp_path / "run" / "teacher"
+    assert_publishable_folder(teacher)
+    model = AutoModel.from_pretrained(teacher)
+    fit = model.config.source_checkpoint["matryoshka_pca"]
+    assert model.config.matryoshka_basis == "pca" and model.config.source_checkpoint["steps"] == 4
+    assert fit["images"] == 48 and fit["data"] == f"the k-NN train set, {images}"  # corrupt.png skipped
+    assert f"Fitted on 48 images of the k-NN train set, {images}" in (teacher / "README.md").read_text()
+
+    from franca_hf.cli import main
+
+    refit = tmp_path / "refit"
+    assert main(["fit-pca", "--model", str(teacher), "--data", images, "--out", str(refit), "--overwrite-basis"]) == 0
+    again = AutoModel.from_pretrained(refit)
+    for name in ("cls_mean", "cls_rotation", "patch_mean", "patch_rotation"):
+        expected = getattr(again.matryoshka_basis, name)
+        torch.testing.assert_close(getattr(model.matryoshka_basis, name), expected, rtol=0, atol=1e-4)
+    capsys.readouterr()
+    assert main(["knn", "--model", str(teacher), "--train", images, "--test", images, "--num-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| top-1 (%), PCA basis | " + " | ".join(f"{v:.1f}" for v in summary["knn_final_pca"].values()) in printed
 
 
 def test_two_process_streamed_run_resumes_each_process_at_its_own_place(tiny_recipe, tmp_path):

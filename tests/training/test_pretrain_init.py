@@ -95,3 +95,40 @@ def test_drop_path_mode_reaches_new_and_loaded_backbones(bf16_folder_with_rasa, 
         student, teacher = build_networks(config)
         drop = student.backbone.encoder.layer[0].drop_path
         assert (drop.mode, drop.drop_prob) == (mode, 0.1)
+
+
+def test_a_basis_of_the_starting_folder_is_dropped_and_an_export_can_hold_a_new_one(
+    bf16_folder_with_rasa, tmp_path, caplog
+):
+    from franca_hf.conversion.export import save_model_folder
+    from franca_hf.matryoshka import CovarianceAccumulator, MatryoshkaFit, TokenStatistics, with_matryoshka_basis
+
+    def fit(seed: int, data: str) -> MatryoshkaFit:
+        generator = torch.Generator().manual_seed(seed)
+        statistics = TokenStatistics(CovarianceAccumulator(128), CovarianceAccumulator(128), images=200)
+        statistics.cls.update(torch.randn(200, 128, generator=generator))
+        statistics.patches.update(torch.randn(800, 128, generator=generator))
+        return MatryoshkaFit.from_statistics(statistics, data)
+
+    start = with_matryoshka_basis(AutoModel.from_pretrained(bf16_folder_with_rasa), fit(0, "old images"))
+    folder = save_model_folder(start, tmp_path / "with_basis")
+    config = _config(folder, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="franca_hf"):
+        student, teacher = build_networks(config)
+    assert "holds a Matryoshka PCA basis fitted to its backbone as it is now" in caplog.text
+    for network in (student, teacher):
+        backbone = network.backbone
+        assert backbone.matryoshka_basis is None and backbone.config.matryoshka_basis == "prefix"
+        assert "matryoshka_pca" not in backbone.config.source_checkpoint
+        assert not any("matryoshka_basis" in name for name in network.state_dict())
+
+    exported = AutoModel.from_pretrained(
+        export_teacher(Accelerator(cpu=True), teacher, config, TrainState(step=1), "x")
+    )
+    assert exported.config.matryoshka_basis == "prefix" and "matryoshka_pca" not in exported.config.source_checkpoint
+    new = fit(1, "new images")
+    folder = export_teacher(Accelerator(cpu=True), teacher, config, TrainState(step=2), "x", new)
+    exported = AutoModel.from_pretrained(folder)
+    assert exported.config.source_checkpoint["matryoshka_pca"]["data"] == "new images"
+    torch.testing.assert_close(exported.matryoshka_basis.cls_rotation, new.cls.rotation.float())
+    torch.testing.assert_close(exported.matryoshka_basis.patch_mean, new.patches.mean.float())

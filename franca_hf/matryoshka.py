@@ -1,0 +1,340 @@
+"""A fitted Matryoshka truncation basis (PCA) for a FrancaModel: what `franca-hf fit-pca` runs.
+
+Cutting an embedding to its first m channels only works where training made those prefixes meaningful. A checkpoint
+trained with projection heads (the released Franca weights, any `project`-layout teacher) cuts better in a basis
+fitted to its own features: the principal directions of its final-normed CLS tokens (and, separately, of its patch
+tokens), by decreasing variance. The model then stores the mean and the rotation (`config.matryoshka_basis="pca"`,
+`FrancaMatryoshkaBasis`) and every Matryoshka output becomes normalise(((z - mean) R)[:, :m]) (see docs/matryoshka.md).
+
+* `CovarianceAccumulator`: streaming mean and covariance in float64; memory D² whatever the number of rows, and
+  accumulators of disjoint shares merge exactly (several processes, several passes).
+* `PrincipalBasis.from_statistics`: the eigen-decomposition, columns by decreasing variance, signs fixed.
+* `accumulate_token_statistics`: one pass over an image source (`franca_hf.features.run_model`), CLS and patch tokens.
+* `fit_matryoshka_basis`: that pass and the decomposition, as a `MatryoshkaFit`.
+* `with_matryoshka_basis`: a new FrancaModel holding a fit; `write_fitted_folder`: a complete folder with it.
+
+Imports nothing from `franca_hf.training`.
+"""
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .conversion.export import fill_model_folder
+from .data.sources import ImageSource, SkipCounter
+from .features.loop import input_device_and_dtype, run_model
+from .io import write_folder_atomically
+from .modeling import FrancaConfig, FrancaModel
+
+BASIS_PREFIX = "matryoshka_basis."
+PROVENANCE_KEY = "matryoshka_pca"  # in config.source_checkpoint: what the basis was fitted on
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".index.json")
+
+
+def describe_data(spec: str, split: str) -> str:
+    """How a card names the images of a source spec: the folder, or the dataset (demo, hf:...) and its split."""
+    return spec if Path(spec).is_dir() else f"{spec} (split {split})"
+
+
+def minimum_images(width: int) -> int:
+    """Images needed to fit a basis of a D-wide model: D + 1 (the covariance of n rows has rank at most n - 1, and
+    every direction of a D x D rotation must come from the data)."""
+    return width + 1
+
+
+class CovarianceAccumulator:
+    """Running count, mean (D,) and scatter matrix (D, D) sum (x - mean)(x - mean)^T of rows, in float64.
+
+    Each batch is centred on its own mean and combined with the running sums by the pairwise update of Chan et al.
+    (1979), which stays accurate where the textbook sum of x x^T loses digits to a large mean. Memory is two D x D
+    float64 matrices' worth at most, independent of the number of rows.
+    """
+
+    def __init__(self, width: int, device: torch.device | str | None = None):
+        self.width = width
+        self.count = 0
+        self.mean = torch.zeros(width, dtype=torch.float64, device=device)
+        self.scatter = torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add rows (..., D), any float dtype and device (moved to the accumulator's)."""
+        rows = rows.reshape(-1, self.width).to(self.mean.device, torch.float64)
+        if len(rows) == 0:
+            return
+        mean = rows.mean(dim=0)
+        centred = rows - mean
+        self._combine(len(rows), mean, centred.T @ centred)
+
+    def merge(self, other: "CovarianceAccumulator") -> None:
+        """Add the rows another accumulator has seen."""
+        if other.width != self.width:
+            raise ValueError(f"Cannot merge a {other.width}-wide accumulator into a {self.width}-wide one.")
+        if other.count:
+            self._combine(other.count, other.mean.to(self.mean.device), other.scatter.to(self.mean.device))
+
+    def _combine(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.scatter += scatter + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def covariance(self) -> torch.Tensor:
+        """(D, D) unbiased sample covariance, float64."""
+        if self.count < 2:
+            raise ValueError(f"A covariance needs at least 2 rows; got {self.count}.")
+        return self.scatter / (self.count - 1)
+
+    def cpu(self) -> "CovarianceAccumulator":
+        """This accumulator with its tensors on the CPU (to send it to other processes)."""
+        self.mean, self.scatter = self.mean.cpu(), self.scatter.cpu()
+        return self
+
+
+@dataclass
+class PrincipalBasis:
+    """Principal directions of a set of D-dim rows.
+
+    Attributes:
+        mean: (D,) float64 mean of the rows.
+        rotation: (D, D) float64 orthogonal matrix; column j is the direction of the j-th largest variance, signed
+            so that its entry of largest magnitude is positive (the first such entry on ties).
+        variances: (D,) float64 variance along each column, decreasing (eigenvalues of the covariance, >= 0).
+        count: number of rows fitted.
+    """
+
+    mean: torch.Tensor
+    rotation: torch.Tensor
+    variances: torch.Tensor
+    count: int
+
+    @classmethod
+    def from_statistics(cls, statistics: CovarianceAccumulator) -> "PrincipalBasis":
+        eigenvalues, eigenvectors = torch.linalg.eigh(statistics.covariance())  # ascending
+        eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+        largest = eigenvectors.abs().argmax(dim=0)
+        signs = eigenvectors.gather(0, largest[None]).sign()
+        return cls(statistics.mean.clone(), eigenvectors * signs, eigenvalues, statistics.count)
+
+    def explained_variance(self, dims: list[int]) -> dict[int, float]:
+        """Share (0..1) of the total variance held by the first m directions, for each m in `dims`."""
+        cumulative = self.variances.cumsum(0)
+        total = cumulative[-1].item()
+        return {m: (cumulative[m - 1].item() / total if total > 0 else math.nan) for m in dims}
+
+
+@dataclass
+class TokenStatistics:
+    """What one pass over images accumulates: the final-normed CLS tokens and the final-normed patch tokens."""
+
+    cls: CovarianceAccumulator
+    patches: CovarianceAccumulator
+    images: int = 0
+
+    def merge(self, other: "TokenStatistics") -> None:
+        self.cls.merge(other.cls)
+        self.patches.merge(other.patches)
+        self.images += other.images
+
+    def cpu(self) -> "TokenStatistics":
+        self.cls.cpu(), self.patches.cpu()
+        return self
+
+
+@dataclass
+class MatryoshkaFit:
+    """A fitted truncation basis: CLS and patch-token bases and a description of the data they came from."""
+
+    cls: PrincipalBasis
+    patches: PrincipalBasis | None
+    images: int
+    data: str
+
+    @classmethod
+    def from_statistics(cls, statistics: TokenStatistics, data: str, patches: bool = True) -> "MatryoshkaFit":
+        """The bases of accumulated statistics; errors when there are too few images for a full-width basis."""
+        needed = minimum_images(statistics.cls.width)
+        if statistics.images < needed:
+            raise ValueError(
+                f"A PCA basis of this {statistics.cls.width}-dim model needs at least {needed} readable images (the "
+                f"covariance of n images has rank at most n - 1); {data} gave {statistics.images}."
+            )
+        return cls(
+            PrincipalBasis.from_statistics(statistics.cls),
+            PrincipalBasis.from_statistics(statistics.patches) if patches else None,
+            statistics.images,
+            data,
+        )
+
+    def explained_variance(self, dims: list[int]) -> dict[str, dict[int, float]]:
+        """{"cls": {m: share}, "patches": {m: share}} (no "patches" when no patch basis was fitted)."""
+        shares = {"cls": self.cls.explained_variance(dims)}
+        if self.patches is not None:
+            shares["patches"] = self.patches.explained_variance(dims)
+        return shares
+
+    def provenance(self, dims: list[int]) -> dict[str, Any]:
+        """JSON-ready record for `config.source_checkpoint["matryoshka_pca"]` (shown on the model card)."""
+        return {
+            "data": self.data,
+            "images": self.images,
+            "patch_tokens": self.patches.count if self.patches is not None else 0,
+            # lists aligned with "dims": config.json is written with sorted keys, which would reorder "8" < "16"
+            "explained_variance": {
+                "dims": list(dims),
+                **{
+                    kind: [round(s, 6) for s in shares.values()]
+                    for kind, shares in self.explained_variance(dims).items()
+                },
+            },
+        }
+
+
+def _raw_tokens(model: FrancaModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) final-normed CLS and (B, N, D) final-normed patch tokens, in no basis (full width, never rotated)."""
+    out = model(pixel_values, return_dict=True)
+    return out.pooler_output, out.patch_tokens
+
+
+def accumulate_token_statistics(
+    model: FrancaModel,
+    source: ImageSource,
+    image_processor,
+    positions: list[int] | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    skips: SkipCounter | None = None,
+    progress: bool = True,
+) -> TokenStatistics:
+    """Mean and covariance of the model's raw CLS and patch tokens over the readable images of `source` (those at
+    `positions` when given), accumulated on the model's device in float64 while `run_model` streams the images."""
+    if not isinstance(model, FrancaModel):
+        raise ValueError(f"A Matryoshka basis is fitted for a FrancaModel; got a {type(model).__name__}.")
+    width, (device, _) = model.config.hidden_size, input_device_and_dtype(model)
+    statistics = TokenStatistics(CovarianceAccumulator(width, device), CovarianceAccumulator(width, device))
+    batches = run_model(
+        model,
+        source,
+        image_processor,
+        _raw_tokens,
+        positions=positions,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skips=skips,
+        progress=progress,
+        desc="fit-pca",
+    )
+    for batch_positions, (cls, patches) in batches:
+        statistics.cls.update(cls)
+        statistics.patches.update(patches)
+        statistics.images += len(batch_positions)
+    return statistics
+
+
+def fit_matryoshka_basis(
+    model: FrancaModel,
+    source: ImageSource,
+    image_processor,
+    data: str | None = None,
+    patches: bool = True,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    skips: SkipCounter | None = None,
+    progress: bool = True,
+) -> MatryoshkaFit:
+    """Fit the CLS (and, with `patches`, the patch-token) basis of `model` on the images of `source`.
+
+    Args:
+        data: how the card describes the images (default: the source's name).
+        image_processor: the model's preprocessing (`AutoImageProcessor.from_pretrained(folder)`).
+    Raises ValueError when fewer than `minimum_images(D)` images could be read.
+    """
+    skips = SkipCounter() if skips is None else skips
+    statistics = accumulate_token_statistics(
+        model, source, image_processor, batch_size=batch_size, num_workers=num_workers, skips=skips, progress=progress
+    )
+    if statistics.images == 0:
+        raise ValueError(f"None of the {len(source)} images of {source.name} could be read: {skips.failed[:3]}")
+    return MatryoshkaFit.from_statistics(statistics, data or source.name, patches=patches)
+
+
+def with_matryoshka_basis(model: FrancaModel, fit: MatryoshkaFit) -> FrancaModel:
+    """A new FrancaModel with `config.matryoshka_basis="pca"` holding `fit` (fp32), and the fit's provenance in
+    `config.source_checkpoint["matryoshka_pca"]`. Any basis `model` had is replaced; without a patch fit the patch
+    basis is the identity (patch tokens are cut as prefixes).
+
+    The new model shares its other weights with `model` (no copy: an 8-GB model stays 8 GB); it is on the same
+    device, in the same dtype and training mode.
+    """
+    config = model.config
+    dims = config.matryoshka_dims
+    source = {**(config.source_checkpoint or {}), PROVENANCE_KEY: fit.provenance(dims)}
+    new_config = FrancaConfig.from_dict({**config.to_dict(), "matryoshka_basis": "pca", "source_checkpoint": source})
+    with torch.device("meta"):
+        fitted = FrancaModel(new_config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(BASIS_PREFIX)}
+    device, width = input_device_and_dtype(model)[0], config.hidden_size
+    patches = fit.patches
+    basis = {
+        "cls_mean": fit.cls.mean,
+        "cls_rotation": fit.cls.rotation,
+        "patch_mean": patches.mean if patches is not None else torch.zeros(width),
+        "patch_rotation": patches.rotation if patches is not None else torch.eye(width),
+    }
+    state.update({BASIS_PREFIX + name: value.to(device, torch.float32) for name, value in basis.items()})
+    fitted.load_state_dict(state, assign=True)
+    return fitted.train(model.training)
+
+
+def write_fitted_folder(
+    model_path: str | os.PathLike,
+    fit: MatryoshkaFit,
+    out_dir: str | os.PathLike,
+    image_processor=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model at `model_path` (a folder or Hub id) with `fit` as its basis to `out_dir`, atomically.
+
+    The weights are the stored ones in their stored dtype (whatever dtype the fit ran in); the folder gets the image
+    processor (`image_processor`, else the one of `model_path`'s config size), the remote code and a model card that
+    records the fit and keeps the input's provenance and license (`config.source_checkpoint`). Other files of a local
+    input folder (e.g. `rasa_report.json`) are copied, weights excepted. `out_dir` may be `model_path` itself
+    (with `overwrite`).
+    """
+    fitted = with_matryoshka_basis(FrancaModel.from_pretrained(model_path, dtype="auto"), fit).eval()
+    source = Path(model_path)
+
+    def fill(folder: Path) -> None:
+        fill_model_folder(folder, fitted, image_processor)
+        if not source.is_dir():
+            return
+        for path in source.iterdir():
+            written = (folder / path.name).exists()
+            if (
+                path.is_file()
+                and not written
+                and not path.name.startswith(".")
+                and not path.name.endswith(WEIGHT_SUFFIXES)
+            ):
+                shutil.copy2(path, folder / path.name)
+
+    return write_folder_atomically(out_dir, fill, overwrite=overwrite)
+
+
+__all__ = [
+    "CovarianceAccumulator",
+    "MatryoshkaFit",
+    "PrincipalBasis",
+    "TokenStatistics",
+    "accumulate_token_statistics",
+    "describe_data",
+    "fit_matryoshka_basis",
+    "minimum_images",
+    "with_matryoshka_basis",
+    "write_fitted_folder",
+]
