@@ -50,6 +50,7 @@ def modes(width: int) -> dict[str, list[str]]:
     }
 
 
+DOCS_PAGE = "docs/ablation_heads.md"  # the report of the default scale
 SCALES = {
     # steps, seeds, images in the k-NN memory bank, extra overrides
     "default": (600, 3, 2000, []),
@@ -460,19 +461,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per run (default: the scale's)")
     parser.add_argument("--out", default="runs/ablation_heads", help="where the runs go")
     parser.add_argument(
-        "--docs", help="report to write (default: docs/ablation_heads.md at the default scale, none at the others)"
+        "--docs", help=f"report to write (default: {DOCS_PAGE} at the default scale, none at the others; '' for none)"
     )
     parser.add_argument("--parallel", type=int, help="runs at a time (default: 2, or 4 at the gpu scale)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from <out>/ablation.json")
     args = parser.parse_args()
-    if args.docs is None and args.scale == "default":
-        args.docs = "docs/ablation_heads.md"
     if args.report_only:
         summary = json.loads((Path(args.out) / "ablation.json").read_text())
-        if not args.docs:
-            raise SystemExit("--report-only writes a report: give --docs PATH (or use the default scale).")
+        docs = report_path(args.docs, summary["scale"])
+        if docs is None:
+            parser.error(f"--report-only of a {summary['scale']!r} run needs --docs PATH")
         write_outputs(
-            Path(args.docs),
+            docs,
             summary,
             summary.get("command", "python benchmarks/ablation_heads.py"),
             summary.get("machine", ""),
@@ -530,8 +530,17 @@ def main() -> None:
         for truncation, key in TRUNCATIONS.items()
     }
     print(json.dumps(means, indent=1))
-    if args.docs:
-        write_outputs(Path(args.docs), summary, command, machine)
+    docs = report_path(args.docs, args.scale)
+    if docs is not None:
+        write_outputs(docs, summary, command, machine)
+
+
+def report_path(docs: str | None, scale: str) -> Path | None:
+    """Where the report goes: `--docs` when given ('' for nowhere), else the docs page for the default scale only
+    (a smoke or GPU run must not replace its numbers)."""
+    if docs is None:
+        return Path(DOCS_PAGE) if scale == "default" else None
+    return Path(docs) if docs else None
 
 
 def write_outputs(docs: Path, summary: dict, command: str, machine: str) -> None:

@@ -37,7 +37,7 @@ from transformers import AutoImageProcessor, AutoModel
 import franca_hf  # noqa: F401  (registers the Auto classes)
 from franca_hf.conversion.export import save_model_folder
 from franca_hf.data import open_source, subsample
-from franca_hf.io import write_file_atomically
+from franca_hf.io import replace_marked_block
 from franca_hf.matryoshka import MatryoshkaFit, PrincipalBasis, with_matryoshka_basis
 from franca_hf.training.knn import knn_predict
 
@@ -162,16 +162,6 @@ def table(title: str, rows: dict[str, dict[int, float]]) -> str:
     return "\n".join(lines)
 
 
-def replace_block(path: Path, name: str, block: str) -> None:
-    start, end = f"<!-- matryoshka-pca-{name}:start -->", f"<!-- matryoshka-pca-{name}:end -->"
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} lacks the markers {start} ... {end}.")
-    head, rest = text.split(start, 1)
-    text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
-    write_file_atomically(path, lambda staging: staging.write_text(text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="a trained demo teacher folder without a basis")
@@ -211,9 +201,9 @@ def main() -> None:
     fit_block = "```\n$ franca-hf " + " ".join(fit_command) + "\n" + printed.strip() + "\n```"
     print(cls_block + "\n\n" + patch_block)
     if args.docs:
-        replace_block(args.docs, "fit", fit_block)
-        replace_block(args.docs, "cls", cls_block)
-        replace_block(args.docs, "patches", patch_block)
+        replace_marked_block(args.docs, "matryoshka-pca-fit", fit_block)
+        replace_marked_block(args.docs, "matryoshka-pca-cls", cls_block)
+        replace_marked_block(args.docs, "matryoshka-pca-patches", patch_block)
         print(f"wrote {args.docs}")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from franca_hf.io import write_file_atomically
+from franca_hf.io import replace_marked_block, write_file_atomically
 from franca_hf.matryoshka import describe_data
 from franca_hf.modeling.configuration_franca import default_matryoshka_dims
 from franca_hf.retrieval import EmbeddingIndex, index_from_features
@@ -146,17 +146,6 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} thread(s), "
         f"Python {platform.python_version()}"
     )
-
-
-def write_docs(path: Path, block: str, name: str) -> None:
-    """Replace the text between the markers `<!-- NAME:start -->` and `<!-- NAME:end -->` of a markdown page."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} lacks the markers {start} ... {end}.")
-    head, rest = text.split(start, 1)
-    text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
-    write_file_atomically(path, lambda staging: staging.write_text(text))
 
 
 def plot(rows: list[dict], batches: list[int], path: Path) -> None:
@@ -350,7 +339,7 @@ def main() -> None:
         plot(methods[1:], args.batches, args.plot)
         print(f"wrote {args.plot}")
     if args.docs:
-        write_docs(args.docs, "\n\n".join(blocks), args.docs_block)
+        replace_marked_block(args.docs, args.docs_block, "\n\n".join(blocks))
         print(f"wrote {args.docs}")
 
 

@@ -59,3 +59,16 @@ def write_folder_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], N
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def replace_marked_block(path: str | os.PathLike, name: str, block: str) -> None:
+    """Replace, atomically, the text between the lines `<!-- NAME:start -->` and `<!-- NAME:end -->` of a Markdown
+    page (how benchmarks write their measured tables into the docs)."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{path} lacks the markers {start} ... {end}.")
+    head, rest = text.split(start, 1)
+    text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
+    write_file_atomically(path, lambda staging: staging.write_text(text))

@@ -76,3 +76,15 @@ def assert_publishable_folder(folder: Path) -> None:
     assert config["auto_map"]["AutoModel"] == "modeling_franca.FrancaModel"
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many README/docs code blocks ran and how many were skipped (tests/test_docs.py; the skip reasons are
+    in pytest's short summary, `-ra`)."""
+    counts = {
+        outcome: len({r.nodeid for r in terminalreporter.stats.get(outcome, []) if "::test_doc_block[" in r.nodeid})
+        for outcome in ("passed", "failed", "error", "skipped")
+    }
+    if any(counts.values()):
+        summary = ", ".join(f"{count} {outcome}" for outcome, count in counts.items() if count)
+        terminalreporter.write_sep("-", f"README and docs code blocks: {summary}")

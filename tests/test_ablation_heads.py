@@ -1,9 +1,11 @@
-"""benchmarks/ablation_heads.py end to end at the smoke scale: every mode runs with both truncations, the smoke scale
-leaves the docs alone, the report (written from the runs' summary) has its structure."""
+"""benchmarks/ablation_heads.py end to end at the smoke scale (every mode runs with both truncations, the report,
+written from the runs' summary, has its structure), and which scale replaces the docs page."""
 
 import json
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import REPO_ROOT
 
@@ -38,3 +40,10 @@ def test_ablation_script_runs_and_writes_its_report(tmp_path):
     assert header in text and "| single | PCA |" in text and "| project | prefix |" in text
     assert "## Pilot: does this scale learn?" in text and "supervised" in text
     assert (tmp_path / "ablation_heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_the_default_scale_replaces_the_docs_page():
+    report_path = runpy.run_path(str(REPO_ROOT / "benchmarks" / "ablation_heads.py"))["report_path"]
+    assert report_path(None, "default") == Path("docs/ablation_heads.md")
+    assert report_path(None, "smoke") is None and report_path(None, "gpu") is None  # a smoke run keeps the page
+    assert report_path("smoke.md", "smoke") == Path("smoke.md") and report_path("", "default") is None
