@@ -88,3 +88,21 @@ def pytest_terminal_summary(terminalreporter):
     if any(counts.values()):
         summary = ", ".join(f"{count} {outcome}" for outcome, count in counts.items() if count)
         terminalreporter.write_sep("-", f"README and docs code blocks: {summary}")
+
+
+@pytest.fixture()
+def tiny_release_server(tiny_releases, tmp_path, monkeypatch):
+    """The tiny reference served as the `franca_vitb14_In21K` release (with its RASA head) at
+    `FRANCA_HF_RELEASE_URL`, converted into `<tmp_path>/cache` (`FRANCA_HF_CACHE`)."""
+    from .conversion.test_releases import ReleaseServer
+
+    running = ReleaseServer(
+        {
+            "/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes(),
+            "/v1.0.0/franca_vitb14_In21K_rasa.pth": RASA_CHECKPOINT.read_bytes(),
+        }
+    )
+    monkeypatch.setenv("FRANCA_HF_RELEASE_URL", running.url)
+    monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
+    yield running
+    running.close()

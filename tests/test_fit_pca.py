@@ -2,8 +2,6 @@
 that loads with AutoModel and with remote code where franca_hf cannot be imported; errors that name the flags."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from franca_hf.cli import main
 from franca_hf.conversion.export import make_image_processor, save_model_folder
 
 from .conftest import assert_publishable_folder, tiny_config
-from .conversion.test_remote_code import REMOTE_LOAD
+from .conversion.test_remote_code import load_without_the_package
 from .features.conftest import make_images
 
 
@@ -67,17 +65,7 @@ def test_fit_pca_folder_loads_everywhere_with_identical_features(trained_folder,
 
     model = AutoModel.from_pretrained(out).eval()
     pixels = torch.randn(3, 3, 32, 40)
-    torch.save(pixels, tmp_path / "pixels.pt")
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(out), str(tmp_path / "pixels.pt"), str(tmp_path / "remote.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "remote.pt")
+    remote = load_without_the_package(out, pixels, tmp_path)
     assert remote["class"].startswith("transformers_modules.")
     with torch.no_grad():
         local = model(pixels, matryoshka_dim=8)
@@ -108,24 +96,10 @@ def test_fit_pca_folder_loads_everywhere_with_identical_features(trained_folder,
     assert "Fitted on 100 images of demo (split test)" in (out / "README.md").read_text()
 
 
-def test_fit_pca_on_a_release_name_keeps_its_license_and_rasa(tmp_path, monkeypatch, tiny_releases):
-    from .conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
-    from .conversion.test_releases import ReleaseServer
-
-    server = ReleaseServer(
-        {
-            "/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes(),
-            "/v1.0.0/franca_vitb14_In21K_rasa.pth": RASA_CHECKPOINT.read_bytes(),
-        }
-    )
-    monkeypatch.setenv("FRANCA_HF_RELEASE_URL", server.url)
-    monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
+def test_fit_pca_on_a_release_name_keeps_its_license_and_rasa(tmp_path, tiny_release_server):
     make_images(tmp_path / "photos", 130, broken=2)  # 129 readable images are what a 128-dim basis needs
     out = tmp_path / "pca"
-    try:
-        assert main(fit_pca("franca_vitb14_In21K", tmp_path / "photos", out, "--batch-size", "65")) == 0
-    finally:
-        server.close()
+    assert main(fit_pca("franca_vitb14_In21K", tmp_path / "photos", out, "--batch-size", "65")) == 0
     assert_publishable_folder(out)
     model = AutoModel.from_pretrained(out)
     assert model.config.matryoshka_basis == "pca" and model.has_rasa

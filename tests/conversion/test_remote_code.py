@@ -36,6 +36,22 @@ torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls":
 """
 
 
+def load_without_the_package(folder, pixels: torch.Tensor, work) -> dict:
+    """`REMOTE_LOAD` on `folder` in a fresh interpreter that cannot import franca_hf (nothing on the Hub: offline);
+    returns its outputs for `pixels` (the class, and CLS, patch and debiased outputs at the third Matryoshka dim)."""
+    torch.save(pixels, work / "pixels.pt")
+    env = {"HF_MODULES_CACHE": str(work / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(work / "pixels.pt"), str(work / "remote.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(work / "remote.pt")
+
+
 def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path, reference):
     assert_publishable_folder(tiny_folder)
     config = json.loads((tiny_folder / "config.json").read_text())
@@ -45,17 +61,7 @@ def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path
         "AutoModel": "modeling_franca.FrancaModel",
     }
     pixels = reference["70x126.pixel_values"]
-    torch.save(pixels, tmp_path / "pixels.pt")
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(tiny_folder), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt")
+    remote = load_without_the_package(tiny_folder, pixels, tmp_path)
     assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("FrancaModel")
     model = AutoModel.from_pretrained(tiny_folder).eval()
     with torch.no_grad():

@@ -209,24 +209,10 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert "holds features made with other settings" in message and "--dim (dim): 16 vs 128" in message
 
 
-def test_extract_with_a_release_name_converts_on_first_use(tmp_path, monkeypatch, tiny_releases):
-    from ..conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
-    from ..conversion.test_releases import ReleaseServer
-
-    server = ReleaseServer(
-        {
-            "/v1.0.0/franca_vitb14_In21K.pth": TEACHER_CHECKPOINT.read_bytes(),
-            "/v1.0.0/franca_vitb14_In21K_rasa.pth": RASA_CHECKPOINT.read_bytes(),
-        }
-    )
-    monkeypatch.setenv("FRANCA_HF_RELEASE_URL", server.url)
-    monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
-    try:
-        out = tmp_path / "dense"
-        command = extract_command(EXAMPLE_IMAGES / "coffee.jpg", "franca_vitb14_In21K", out, "--dense", "--debiased")
-        assert main(command) == 0
-    finally:
-        server.close()
+def test_extract_with_a_release_name_converts_on_first_use(tmp_path, tiny_release_server):
+    out = tmp_path / "dense"
+    command = extract_command(EXAMPLE_IMAGES / "coffee.jpg", "franca_vitb14_In21K", out, "--dense", "--debiased")
+    assert main(command) == 0
     assert (tmp_path / "cache" / "converted" / "franca_vitb14_In21K_rasa" / "float32" / "config.json").is_file()
     rows = load_rows(out)
     assert rows.features["features"].shape == (128, 16, 16)
