@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -505,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except USER_ERRORS as error:
-        print(f"franca-hf {args.command}: error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch` every process fails alike: say it once
+            print(f"franca-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

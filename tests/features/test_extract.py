@@ -183,6 +183,16 @@ def test_two_processes_split_the_work_and_merge_one_index(tiny_folder, tmp_path)
     )
 
 
+def test_two_processes_print_an_error_once(tiny_folder, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", str(29500 + os.getpid() % 1000), "-m", "franca_hf.cli"]
+    command = extract_command(tmp_path / "nope", tiny_folder, tmp_path / "features")
+    run = subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("franca-hf extract: error:") == 1 and "is neither an image file nor a folder" in run.stderr
+
+
 def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     def error(*argv: str) -> str:
         assert main(list(argv)) == 2

@@ -120,6 +120,13 @@ def test_two_processes_agree_with_one_process(tiny_recipe, tmp_path):
         )
 
 
+def test_two_processes_print_a_settings_error_once(tiny_recipe, tmp_path):
+    bad = ["optim.total_steps=10", "optim.warmup_steps=20"]
+    result = _run(_command(tiny_recipe, tmp_path, *bad, processes=2))
+    assert result.returncode != 0
+    assert result.stderr.count("franca-hf pretrain: error:") == 1 and "optim.warmup_steps" in result.stderr
+
+
 def test_accumulation_bf16_periodic_knn_and_export(tiny_recipe, tmp_path):
     """The loop's optional paths together: 2 micro-batches per optimizer step, bf16 autocast, k-NN and HF export
     every 2 steps."""
