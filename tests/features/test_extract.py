@@ -161,12 +161,17 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tiny_folder, tmp_pa
     assert growth < 15, f"peak RSS grew by {growth:.1f} MiB from 40 to 400 images ({peaks})"
 
 
+def _two_process_cli() -> list[str]:
+    """`accelerate launch` of `franca_hf.cli` on 2 CPU processes (gloo)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launcher, "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "franca_hf.cli"]
+
+
 def test_two_processes_split_the_work_and_merge_one_index(tiny_folder, tmp_path):
     paths = make_images(tmp_path / "images", 21, broken=1)
     out = tmp_path / "features"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--main_process_port", str(29500 + os.getpid() % 1000), "-m", "franca_hf.cli"]
+    launcher = _two_process_cli()
     command = extract_command(tmp_path / "images", tiny_folder, out, "--shard-size", "4", "--batch-size", "2")
     run = subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -184,9 +189,7 @@ def test_two_processes_split_the_work_and_merge_one_index(tiny_folder, tmp_path)
 
 
 def test_two_processes_print_an_error_once(tiny_folder, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--main_process_port", str(29500 + os.getpid() % 1000), "-m", "franca_hf.cli"]
+    launcher = _two_process_cli()
     command = extract_command(tmp_path / "nope", tiny_folder, tmp_path / "features")
     run = subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
