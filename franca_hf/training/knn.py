@@ -18,7 +18,6 @@ from ..matryoshka import (
     accumulate_token_statistics,
     describe_data,
     minimum_images,
-    with_matryoshka_basis,
 )
 from ..modeling import FrancaModel
 from .config import PretrainConfig
@@ -34,9 +33,10 @@ def embed_source(
     indices: list[int] | None = None,
     progress: bool = False,
     num_workers: int | None = 0,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-width CLS embeddings (n, D) (`franca_hf.features.embed_batch`: the model's Matryoshka embedding, unit
-    norm) and labels (n,) of the readable images of `source`.
+    norm unless `normalize=False`) and labels (n,) of the readable images of `source`.
 
     `indices` restricts the work to those images (e.g. one process's share); unreadable images are skipped.
     `num_workers` DataLoader workers decode (0: in this process, as the trainer's periodic evaluation does).
@@ -48,7 +48,7 @@ def embed_source(
         model,
         source,
         image_processor,
-        lambda model, pixels: embed_batch(model, pixels),
+        lambda model, pixels: embed_batch(model, pixels, normalize=normalize),
         positions=indices,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -148,20 +148,17 @@ class KnnEvaluator:
     @torch.no_grad()
     def __call__(
         self, accelerator: Accelerator, teacher: Teacher, basis: MatryoshkaFit | None = None
-    ) -> dict[int, float] | None:
-        """Accuracy per dim on the main process (None on the others under FSDP, where the main process evaluates a
-        gathered full copy alone), with the teacher's dims cut in `basis` when given, as prefixes otherwise."""
+    ) -> dict[str, dict[int, float]] | None:
+        """Accuracy per dim of the teacher's CLS cut as prefixes ("prefix") and, given `basis`, in it ("pca"), from
+        one pass over each split; on the main process (None on the others under FSDP, where the main process
+        evaluates a gathered full copy alone)."""
         if accelerator.distributed_type == DistributedType.FSDP:
             model = teacher_backbone_copy(accelerator, teacher)
-            if model is not None and basis is not None:
-                model = with_matryoshka_basis(model, basis)
-            result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1)
+            result = None if model is None else self._evaluate(model.to(accelerator.device), 0, 1, basis)
             accelerator.wait_for_everyone()
             return result
         model = accelerator.unwrap_model(teacher).backbone
-        if basis is not None:
-            model = with_matryoshka_basis(model, basis)
-        return self._evaluate(model, accelerator.process_index, accelerator.num_processes)
+        return self._evaluate(model, accelerator.process_index, accelerator.num_processes, basis)
 
     @torch.no_grad()
     def fit_basis(self, accelerator: Accelerator, teacher: Teacher) -> MatryoshkaFit:
@@ -190,19 +187,31 @@ class KnnEvaluator:
             model, self.sources[0], self.processor, positions=list(positions), num_workers=0, progress=False
         ).cpu()
 
-    def _evaluate(self, model: FrancaModel, rank: int, world: int) -> dict[int, float]:
+    def _evaluate(
+        self, model: FrancaModel, rank: int, world: int, basis: MatryoshkaFit | None
+    ) -> dict[str, dict[int, float]]:
         features = []
         for source in self.sources:
-            mine = embed_source(model, source, self.processor, indices=list(range(rank, len(source), world)))
+            mine = embed_source(
+                model, source, self.processor, indices=list(range(rank, len(source), world)), normalize=False
+            )
             gathered = gather_object([mine]) if world > 1 else [mine]
             features.append((torch.cat([f for f, _ in gathered]), torch.cat([label for _, label in gathered])))
         (train_x, train_y), (test_x, test_y) = features
-        return knn_accuracy_by_dim(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            model.config.matryoshka_dims,
-            self.settings.knn_k,
-            self.settings.knn_temperature,
-        )
+        cuts = {"prefix": lambda x: x}  # (the teacher's own cut: a training backbone holds no basis)
+        if basis is not None:  # ((z - mean) R), as `with_matryoshka_basis` would cut it
+            mean, rotation = basis.cls.mean.float(), basis.cls.rotation.float()
+            cuts["pca"] = lambda x: (x - mean) @ rotation
+        settings = self.settings
+        return {
+            name: knn_accuracy_by_dim(
+                cut(train_x),
+                train_y,
+                cut(test_x),
+                test_y,
+                model.config.matryoshka_dims,
+                settings.knn_k,
+                settings.knn_temperature,
+            )
+            for name, cut in cuts.items()
+        }

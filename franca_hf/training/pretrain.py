@@ -190,13 +190,11 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
     log = MetricsLog(accelerator, output_dir)
 
-    def evaluate_knn(title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict | None]:
+    def evaluate_knn(title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict] | None:
         """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
         title) where a result exists, i.e. on the main process."""
-        accuracy = {"prefix": evaluator(accelerator, teacher)}
-        if basis is not None:
-            accuracy["pca"] = evaluator(accelerator, teacher, basis)
-        if accuracy["prefix"] is not None:
+        accuracy = evaluator(accelerator, teacher, basis)
+        if accuracy is not None:
             names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
             log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
             if title:
@@ -208,7 +206,7 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         return evaluator.fit_basis(accelerator, teacher) if config.eval.fit_pca_on_export else None
 
     if evaluator is not None and state.step == 0:
-        state.knn_at_init = evaluate_knn("teacher k-NN at init")["prefix"]
+        state.knn_at_init = (evaluate_knn("teacher k-NN at init") or {}).get("prefix")
 
     training_step = TrainingStep(
         accelerator, student, teacher, optimizer, make_schedules(config, accelerator.num_processes), config
@@ -254,8 +252,8 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         "teacher_folder": str(folder),
     }
     if evaluator is not None:
-        final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis)
-        summary["knn_final"] = final["prefix"]
+        final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis) or {}  # {} off the main process
+        summary["knn_final"] = final.get("prefix")
         if "pca" in final:
             summary["knn_final_pca"] = final["pca"]
     if accelerator.is_main_process:
