@@ -212,10 +212,13 @@ def accumulate_token_statistics(
     progress: bool = True,
 ) -> TokenStatistics:
     """Mean and covariance of the model's raw CLS and patch tokens over the readable images of `source` (those at
-    `positions` when given), accumulated on the model's device in float64 while `run_model` streams the images."""
+    `positions` when given), accumulated on the model's device in float64 (on the CPU for Apple's MPS, which has no
+    float64) while `run_model` streams the images."""
     if not isinstance(model, FrancaModel):
         raise ValueError(f"A Matryoshka basis is fitted for a FrancaModel; got a {type(model).__name__}.")
     width, (device, _) = model.config.hidden_size, input_device_and_dtype(model)
+    if device.type == "mps":
+        device = torch.device("cpu")
     statistics = TokenStatistics(CovarianceAccumulator(width, device), CovarianceAccumulator(width, device))
     batches = run_model(
         model,
