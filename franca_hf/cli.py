@@ -147,6 +147,7 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 def _knn(args: argparse.Namespace) -> None:
     from .conversion.export import make_image_processor
     from .data import open_source, subsample
+    from .features import nested_dims
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
     _check_runtime_flags(args)
@@ -154,7 +155,7 @@ def _knn(args: argparse.Namespace) -> None:
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
     # not trained for them are a baseline for the Matryoshka ones
-    dims = args.dims or getattr(model.config, "matryoshka_dims", None) or [width]
+    dims = args.dims or nested_dims(model)
     if any(not 1 <= dim <= width for dim in dims):
         raise ValueError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
     if args.crop_size:
@@ -295,7 +296,7 @@ def _search(args: argparse.Namespace) -> None:
         how = "funnel " + " > ".join(f"{d}:{size}" for d, size in stages)
     else:
         scores, indices = index.search(queries.features, k=k, dim=dim)
-        how = f"prefix dim {dim}"
+        how = f"dim {dim}, cut in the model's basis"
     print(f"top-{k} of {len(index)} images ({how})")
     for query, row_scores, row_indices in zip(queries.paths, scores.tolist(), indices.tolist(), strict=True):
         print(query)
@@ -403,9 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(search, help="the model that built the index")
     search.add_argument("--k", type=int, default=10, help="results per query (at most the index size)")
-    search.add_argument("--dim", type=int, help="search on this Matryoshka prefix (default: full width)")
     search.add_argument(
-        "--funnel", action="store_true", help="shortlist with a small prefix, rerank up to --dim (default: full width)"
+        "--dim", type=int, help="search at this Matryoshka dim, cut in the model's basis (default: full width)"
+    )
+    search.add_argument(
+        "--funnel", action="store_true", help="shortlist at a small dim, rerank up to --dim (default: full width)"
     )
     search.set_defaults(run=_search)
 

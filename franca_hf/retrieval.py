@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .features import extract_features
+from .features import extract_features, nested_dims
 from .features.store import ExtractionIndex, read_shard
 from .io import write_file_atomically
 from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
@@ -258,13 +258,13 @@ def index_images(
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
     Stores the full-width Matryoshka CLS embeddings (`franca_hf.features.embed_batch`, unit norm) with the image
-    paths as ids and `model.config.matryoshka_dims` as allowed dims, in memory; for a large collection, extract to a
+    paths as ids and the model's Matryoshka dims (`nested_dims`) as allowed dims, in memory; for a large collection, extract to a
     folder (resumable) and use `index_from_features`. Unreadable images are logged as warnings and skipped.
     """
     result = extract_features(
         model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
-    return EmbeddingIndex(result.features, result.paths, model.config.matryoshka_dims)
+    return EmbeddingIndex(result.features, result.paths, nested_dims(model))
 
 
 def index_from_features(folder: str | os.PathLike) -> EmbeddingIndex:

@@ -247,6 +247,15 @@ def test_index_images_shows_its_progress_as_index(tmp_path, capsys):
     assert "index: 100%" in capsys.readouterr().err
 
 
+def test_index_images_of_a_model_without_matryoshka_dims_serves_its_full_width():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    dinov2 = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14))
+    index = index_images(dinov2.eval(), make_image_processor(56), [EXAMPLE_IMAGES], progress=False)
+    assert index.dims == [32] and index.vectors.shape == (4, 32)
+
+
 def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     index = tmp_path / "photos.safetensors"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index)]) == 0
