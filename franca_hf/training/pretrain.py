@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
 from ..matryoshka import MatryoshkaFit
@@ -175,7 +176,10 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     student, optimizer = accelerator.prepare(student, optimizer)
     state, batches = TrainState(), TrainingBatches(config, accelerator)
     if fsdp:  # sharded like the student so that the EMA pairs local shards; save_state then holds it as a model
-        teacher = accelerator.prepare_model(teacher)
+        # Accelerate prepares FSDP2 models only together with an optimizer (`prepare_model` refuses them): shard the
+        # optimizer-less teacher as `prepare` shards the student, and list it among the models `save_state` saves.
+        teacher = fsdp2_prepare_model(accelerator, teacher)
+        accelerator._models.append(teacher)
         accelerator.register_for_checkpointing(state, batches)
     else:
         teacher = teacher.to(accelerator.device)
