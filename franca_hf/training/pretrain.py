@@ -222,8 +222,11 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     while state.step < optim.total_steps:
         batch = batch_to_device(next(batches), config, accelerator.device)
         parts, values = training_step(batch, state.step)
-        window.add(
-            state.step, parts, batch["skipped_images"], batch["global_crops"].shape[0] // 2 * accelerator.num_processes
+        window.add(  # numbered as the optimizer step it belongs to, as logs and checkpoints count it (1-based)
+            state.step + 1,
+            parts,
+            batch["skipped_images"],
+            batch["global_crops"].shape[0] // 2 * accelerator.num_processes,
         )
         if not accelerator.sync_gradients:
             continue

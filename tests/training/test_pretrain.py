@@ -317,7 +317,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, t
     assert first.returncode == 0, first.stderr[-3000:]
     broken = _run(_command(tiny_recipe, tmp_path, "optim.total_steps=4", "objective.dino_weight=.nan"))
     assert broken.returncode == 3
-    assert "Non-finite loss at step 2" in broken.stderr and "last good checkpoint" in broken.stderr
+    assert "Non-finite loss at step 3" in broken.stderr and "last good checkpoint" in broken.stderr
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["step_00000002"]
 

@@ -43,13 +43,14 @@ def test_augment_on_device_trains_exactly_as_the_cpu_path(tiny_recipe, tmp_path)
 
 def test_non_finite_loss_found_at_the_next_settle_names_its_step(tiny_recipe, tmp_path):  # noqa: F811
     """Losses are reduced (and checked) every run.log_every steps, not every step: a run that turns non-finite at
-    step 2 and logs every 4 steps still stops with "step 2", before its step-4 checkpoint."""
+    step 3 (the first after its step-2 checkpoint) and logs every 4 steps still stops with "step 3", before its
+    step-4 checkpoint."""
     first = _run(_command(tiny_recipe, tmp_path, "optim.total_steps=2", "run.log_every=4"))
     assert first.returncode == 0, first.stderr[-3000:]
     settings = ["optim.total_steps=8", "run.log_every=4", "run.checkpoint_every=4", "objective.dino_weight=.nan"]
     broken = _run(_command(tiny_recipe, tmp_path, *settings))
     assert broken.returncode == 3, broken.stderr[-3000:]
-    assert "Non-finite loss at step 2" in broken.stderr and "last good checkpoint" in broken.stderr
+    assert "Non-finite loss at step 3" in broken.stderr and "last good checkpoint" in broken.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [2]  # the first run's final step; nothing from the broken run
