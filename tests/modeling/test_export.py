@@ -1,8 +1,8 @@
 """Deployment: `torch.export` and ONNX (`torch.onnx.export(..., dynamo=True)`, run with onnxruntime) of FrancaModel
 with and without RASA, batch and image size dynamic, match eager; `torch.compile(fullgraph=True)` has no graph break.
 
-transformers' own export tests are not part of its source distribution (see transformers_suite.py); these take
-their place for Franca.
+transformers' own export test file is not part of its source distribution (see transformers_suite.py); these take
+its place for Franca, with transformers' own exporter (`transformers.exporters.DynamoExporter`) among them.
 """
 
 import pytest
@@ -45,6 +45,21 @@ def test_torch_export_matches_eager(rasa_steps):
         got = program.module()(pixels)
         for name in OUTPUTS[: 4 if rasa_steps else 3]:
             torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("rasa_steps", [0, 2])
+def test_transformers_dynamo_exporter_matches_eager(rasa_steps):
+    from transformers.exporters.configs import DynamoConfig
+    from transformers.exporters.exporter_dynamo import DynamoExporter
+
+    model = random_model(rasa_steps)
+    pixels = torch.randn(2, 3, 42, 70)
+    exported = DynamoExporter().export(model, {"pixel_values": pixels}, config=DynamoConfig(dynamic=False))
+    got = exported(pixel_values=pixels)
+    with torch.no_grad():
+        expected = model(pixels)
+    for name in OUTPUTS[: 4 if rasa_steps else 3]:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("rasa_steps", [0, 2])

@@ -10,8 +10,10 @@ The source distribution ships the common test files but not three sibling module
 provided here, and nothing else is changed:
 
 * `exporters.test_export.ExportTesterMixin`: a base class of `ModelTesterMixin` that carries transformers' export
-  tests, which need the unreleased `transformers.exporters` package; franca_hf's own export tests
-  (`tests/modeling/test_export.py`) take their place. Here it is an empty base class.
+  tests. Their file (`tests/exporters/test_export.py`) is not in the source distribution and cannot be fetched here
+  (no GitHub), so those tests do not run; here it is an empty base class. franca_hf's own export tests
+  (`tests/modeling/test_export.py`: `torch.export`, ONNX with onnxruntime, `torch.compile`, and the installed
+  `transformers.exporters.DynamoExporter`) take their place.
 * `generation.test_utils.GenerationTesterMixin`: only used in `issubclass` checks for generative models.
 * `utils.test_configuration_utils.config_common_kwargs`: non-default values of the attributes every
   `PreTrainedConfig` has, for `ConfigTester.check_config_arguments_init`.
