@@ -20,3 +20,7 @@ def test_the_old_module_path_of_rasa_training_still_works():
 
     assert deprecated.train_rasa is current.train_rasa and deprecated.main is current.main
     assert deprecated.RasaSettings is current.RasaSettings
+    from franca_hf.rasa import probe
+
+    for name in ("evaluate_chain", "grid_coordinates", "linear_probe_r2", "probe_r2"):
+        assert getattr(deprecated, name) is getattr(probe, name)

@@ -264,3 +264,12 @@ def test_patch_tokens_of_dinov2_with_registers_skip_cls_and_registers():
     assert torch.equal(tokens, everything[:, 5:])
     with pytest.raises(ValueError, match="RASA works with FrancaModel, Dinov2Model and Dinov2WithRegistersModel"):
         patch_tokens(torch.nn.Linear(2, 2), pixels)
+
+
+def test_resolution_defaults_to_the_native_size_of_the_model():
+    franca = tiny_config()  # a 4 x 4 position table of 14-px patches
+    assert RasaSettings().for_model(franca).resolution == franca.position_grid_size * franca.patch_size == 56
+    assert RasaSettings().for_model(Dinov2Config(image_size=518, patch_size=14)).resolution == 518
+    assert RasaSettings(resolution=98).for_model(franca).resolution == 98  # an explicit value wins
+    with pytest.raises(ValueError, match=r"resolution=100 must be a multiple of the model's patch size \(14\)"):
+        RasaSettings(resolution=100).for_model(franca)
