@@ -5,8 +5,8 @@
     python benchmarks/ablation_heads.py --scale smoke      # a few steps, to check the pipeline (writes no docs)
     python benchmarks/ablation_heads.py --scale gpu        # a larger model and budget for one GPU (writes no docs)
 
-The default scale took 83 minutes on this project's 2-core VM while other jobs shared its cores (the time of the
-last run is in docs/ablation_heads.md). Every run is `franca_hf.training.pretrain` with the demo recipe and
+The time of the last run of the default scale is in docs/ablation_heads.md; a run that finds a run folder with
+checkpoints resumes it (the trainer resumes), and the page says which runs were resumed. Every run is `franca_hf.training.pretrain` with the demo recipe and
 `heads.mode` changed; runs go two at a time on one thread each (what uses 2 cores best). The script first runs the
 pilot (a supervised run of the same backbone and budget, next to the DINO runs' initial and final k-NN), then the
 ablation, and writes the tables, the plot and the measured facts to `docs/ablation_heads.md` (only at the default
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from franca_hf import FrancaModel
 from franca_hf.conversion.export import make_image_processor
 from franca_hf.io import write_file_atomically
+from franca_hf.training.checkpoints import find_latest_checkpoint
 from franca_hf.training.config import load_config
 from franca_hf.training.data import AugmentedImages, EpochBatchSampler, open_source, subsample
 from franca_hf.training.knn import embed_source, knn_accuracy_by_dim
@@ -100,6 +101,8 @@ def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) ->
         "eval.fit_pca_on_export=true",
         *overrides,
     ]
+    latest = find_latest_checkpoint(folder / "checkpoints")
+    resumed_from = json.loads((latest / "train_state.json").read_text())["step"] if latest else 0
     started = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -108,6 +111,7 @@ def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) ->
     speeds = [json.loads(line).get("images_per_second") for line in (folder / "metrics.jsonl").read_text().splitlines()]
     speeds = [s for s in speeds if s]
     summary["wall_seconds"] = time.time() - started
+    summary["resumed_from_step"] = resumed_from
     summary["images_per_second"] = statistics.median(speeds) if speeds else math.nan
     return summary
 
@@ -212,7 +216,12 @@ def write_report(
     lines = [
         "# Nested heads: dedicated vs shared vs learned projections, cut as prefixes or in a fitted PCA basis",
         "",
-        "Produced by `" + command + "` (" + machine + "). Do not edit the numbers by hand: rerun the command.",
+        "Produced by `"
+        + command
+        + "` ("
+        + machine
+        + "). Do not edit the numbers by hand: rerun the command."
+        + resumed_note(results, steps),
         "",
         "## The question",
         "",
@@ -325,6 +334,24 @@ def write_report(
         "",
     ]
     write_file_atomically(path, lambda staging: staging.write_text("\n".join(lines)))
+
+
+def resumed_note(results: dict, steps: int) -> str:
+    """A sentence naming the runs this invocation resumed from an interrupted one's checkpoints (none: empty)."""
+    resumed = [
+        f"{mode} seed {seed} from step {run['resumed_from_step']}"
+        for mode, runs in results.items()
+        for seed, run in enumerate(runs)
+        if run.get("resumed_from_step")
+    ]
+    if not resumed:
+        return ""
+    complete = sum(run.get("resumed_from_step") == steps for runs in results.values() for run in runs)
+    return (
+        f" It resumed {len(resumed)} runs from the checkpoints of an interrupted invocation ({', '.join(resumed)};"
+        f" {complete} of them were complete and only exported and evaluated their teachers again), so its time"
+        " counts what this invocation ran."
+    )
 
 
 def compare(stats: dict, first: tuple[str, str], second: tuple[str, str], dim: str, seeds: int) -> tuple[float, bool]:

@@ -18,7 +18,7 @@
    weights (L-BFGS, 200 iterations).
 
 Commands and tables are printed; `--docs` replaces the blocks between the `matryoshka-pca-...` markers of a page.
-About 3 minutes on 2 CPU cores for the 0.8 M-parameter demo ViT.
+About 5 minutes on 2 CPU cores for the 0.8 M-parameter demo ViT (the time of the last run is on the page).
 """
 
 import argparse
@@ -39,7 +39,7 @@ from franca_hf.conversion.export import save_model_folder
 from franca_hf.data import open_source, subsample
 from franca_hf.io import replace_marked_block
 from franca_hf.matryoshka import MatryoshkaFit, PrincipalBasis, with_matryoshka_basis
-from franca_hf.training.knn import knn_predict
+from franca_hf.training.knn import format_knn_rows, knn_predict
 
 BACKGROUND = 10  # the demo has classes 0..9
 
@@ -155,13 +155,6 @@ def patch_evaluation(teacher: Path, fitted: Path, images: int) -> tuple[dict, st
     return results, described
 
 
-def table(title: str, rows: dict[str, dict[int, float]]) -> str:
-    dims = list(next(iter(rows.values())))
-    lines = [f"| {title} | " + " | ".join(f"dim {d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
-    lines += [f"| {name} | " + " | ".join(f"{row[d]:.1f}" for d in dims) + " |" for name, row in rows.items()]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="a trained demo teacher folder without a basis")
@@ -193,9 +186,9 @@ def main() -> None:
         f"Measured by `python benchmarks/matryoshka_pca.py --teacher {teacher}` ({os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {minutes:.1f} minutes, load average {load:.1f} at the start)."
     )
-    cls_block = "\n\n".join([table("CLS k-NN top-1 (%)", cls), measured])
+    cls_block = "\n\n".join([format_knn_rows(cls, "CLS k-NN top-1 (%)"), measured])
     patch_block = "\n\n".join(
-        [table(f"patch {kind}, balanced accuracy (%)", rows) for kind, rows in patches.items()]
+        [format_knn_rows(rows, f"patch {kind}, balanced accuracy (%)") for kind, rows in patches.items()]
         + [f"{described} {measured}"]
     )
     fit_block = "```\n$ franca-hf " + " ".join(fit_command) + "\n" + printed.strip() + "\n```"

@@ -161,7 +161,7 @@ def fit_position_predictor(
             no component there, so its predictions do not change; but the official code keeps whatever the
             random init and Adam's per-coordinate updates left in those directions, and the per-step projections
             of the chain then write position back into them (on a planted signal the held-out probe R² stays at
-            0.33 instead of reaching 0; tests/training/test_rasa_training.py). False reproduces the official step.
+            0.33 instead of reaching 0; tests/rasa/test_train.py). False reproduces the official step.
     Returns:
         the (2, width) weight and the mean training loss of the last epoch.
     """
