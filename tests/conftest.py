@@ -25,16 +25,16 @@ def reference() -> dict[str, torch.Tensor]:
 
 @pytest.fixture()
 def tiny_releases(monkeypatch):
-    """Let the release names below stand for the tiny reference checkpoint (128 wide, 4 blocks, 7 x 7 table), so
-    that downloads and conversions of "releases" run on it; the converter checks a release's architecture."""
+    """Let every release name stand for the tiny reference checkpoint (128 wide, 4 blocks, 7 x 7 table), so that
+    downloads and conversions of "releases" run on it; the converter checks a release's architecture."""
     import dataclasses
 
     from franca_hf.conversion.releases import RELEASES
     from franca_hf.modeling import FRANCA_PRESETS
 
     monkeypatch.setitem(FRANCA_PRESETS, "tiny_reference", (128, 4, 2))
-    for name in ("franca_vitb14_In21K", "franca_vitl14_Laion600M", "franca_vitg14_Laion600M"):
-        monkeypatch.setitem(RELEASES, name, dataclasses.replace(RELEASES[name], preset="tiny_reference", grid=7))
+    for name, release in RELEASES.items():
+        monkeypatch.setitem(RELEASES, name, dataclasses.replace(release, preset="tiny_reference", grid=7))
 
 
 @pytest.fixture(scope="session")

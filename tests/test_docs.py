@@ -21,7 +21,8 @@ fresh machine (`python3 -m venv`, `pip install`) are not run (the suite runs in 
 `accelerate launch` as a subprocess.
 
 Stand-ins. Before each command or Python block, every name of `STANDINS` it reads that the sandbox lacks is put
-there (a command's outputs, `--out` and `*.output_dir=`, never are). Release names resolve through a pre-filled
+there (a command's outputs, `--out` and `*.output_dir=`, never are, nor anything at or under what an earlier
+command of the page wrote: a command that should have made it and did not fails the block). Release names resolve through a pre-filled
 conversion cache (`$FRANCA_HF_CACHE/converted/<name>[_rasa]/float32`, see `convert_release`): a random Franca
 folder with a release's interface (D 768, patch 14, 224-px processor, Matryoshka dims 48...768, 9 RASA steps) but
 4 narrow blocks, since the pages use the release's dims (`--dim 192`, `dim=48`) that the 128-wide tiny reference lacks.
@@ -180,6 +181,15 @@ def command_inputs(argv: list[str]) -> list[str]:
     return inputs
 
 
+def command_outputs(argv: list[str]) -> list[str]:
+    """The paths a command writes: the values of its output flags and settings."""
+    return [
+        word.split("=", 1)[1] if previous not in OUTPUT_FLAGS else word
+        for previous, word in zip(["", *argv], argv, strict=False)
+        if previous in OUTPUT_FLAGS or word.startswith(OUTPUT_SETTINGS)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------- stand-ins
 
 
@@ -247,10 +257,13 @@ class StandIns:
             self._made[name] = STANDINS[name](self.root / "made" / name, self)
         return self._made[name]
 
-    def provide(self, sandbox: Path, words: list[str] | str) -> None:
+    def provide(self, sandbox: Path, words: list[str] | str, produced: set[str] = frozenset()) -> None:
         """Copy into `sandbox` every stand-in that `words` (command inputs, or a Python block's text) name and the
-        sandbox lacks."""
+        sandbox lacks, except where an earlier command of the page wrote (`produced`): what it should have made is
+        never stood in for."""
         for name in STANDINS:
+            if any(name == out.rstrip("/") or name.startswith(out.rstrip("/") + "/") for out in produced):
+                continue
             named = (
                 re.search(rf"(?<![\w/.-]){re.escape(name)}(?![\w.-])", words)
                 if isinstance(words, str)
@@ -362,6 +375,7 @@ class PageRun:
         self.page, self.sandbox = page, sandbox
         self.namespace: dict = {"__name__": "__docs__"}
         self.done: set[int] = set()
+        self.produced: set[str] = set()  # what the page's commands wrote (`command_outputs`)
 
 
 @pytest.fixture(scope="session")
@@ -381,12 +395,11 @@ def page_runs(tmp_path_factory) -> dict[str, PageRun]:
         for block in ALL_BLOCKS
     ],
 )
-def test_doc_block(block: CodeBlock, page_runs, standins, monkeypatch):
+def test_doc_block(block: CodeBlock, page_runs, standins, monkeypatch, tiny_releases):
     run = page_runs[block.page]
     run.sandbox.mkdir(exist_ok=True)
     monkeypatch.chdir(run.sandbox)
     _isolate(monkeypatch, standins.cache, standins.hub_url)
-    _tiny_release_architectures(monkeypatch)
     for earlier in ALL_BLOCKS:
         if earlier.page == block.page and earlier.line < block.line and not earlier.skip_reason:
             if earlier.line not in run.done:
@@ -397,23 +410,13 @@ def test_doc_block(block: CodeBlock, page_runs, standins, monkeypatch):
     _run_block(block, run, standins)
 
 
-def _tiny_release_architectures(patch: pytest.MonkeyPatch) -> None:
-    """Conversions of downloaded releases read the tiny reference: give the releases its architecture."""
-    from franca_hf.conversion.releases import RELEASES
-    from franca_hf.modeling import FRANCA_PRESETS
-
-    patch.setitem(FRANCA_PRESETS, "tiny_reference", (128, 4, 2))
-    for name, release in RELEASES.items():
-        patch.setitem(RELEASES, name, dataclasses.replace(release, preset="tiny_reference", grid=7))
-
-
 def _run_block(block: CodeBlock, run: PageRun, standins: StandIns) -> None:
     run.done.add(block.line)
     if block.language == "python":
         source = block.source
         for name, local in standins.hub_datasets.items():
             source = source.replace(name, local)
-        standins.provide(run.sandbox, source)
+        standins.provide(run.sandbox, source, run.produced)
         # line numbers of the page in tracebacks
         code = compile("\n" * block.line + source, str(REPO_ROOT / block.page), "exec")
         exec(code, run.namespace)
@@ -423,8 +426,9 @@ def _run_block(block: CodeBlock, run: PageRun, standins: StandIns) -> None:
         if any(tuple(argv[: len(setup)]) == setup for setup in SETUP_COMMANDS):
             continue
         argv = [standins.hub_datasets.get(word, word) for word in scaled_down(argv)]
-        standins.provide(run.sandbox, command_inputs(argv))
+        standins.provide(run.sandbox, command_inputs(argv), run.produced)
         _run_command(argv, run.sandbox)
+        run.produced.update(command_outputs(argv))
 
 
 def _run_command(argv: list[str], sandbox: Path) -> None:
