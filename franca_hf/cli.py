@@ -3,14 +3,12 @@
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from .conversion.export import WEIGHT_DTYPES
-from .conversion.releases import RELEASES, DownloadError
-
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, DownloadError)
+from .conversion.releases import RELEASES
+from .errors import USER_ERRORS, report
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -509,8 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except USER_ERRORS as error:
-        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch` every process fails alike: say it once
-            print(f"franca-hf {args.command}: error: {error}", file=sys.stderr)
+        report(args.command, error)
         return 2
 
 

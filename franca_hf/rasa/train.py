@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..conversion.export import fill_model_folder, make_image_processor
 from ..data.sources import ImageSource, open_source, split_off, subsample
+from ..errors import USER_ERRORS, report
 from ..features.loop import run_model
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
@@ -420,14 +420,14 @@ def run(args: argparse.Namespace) -> int:
     """Train RASA directions with the parsed arguments; errors are printed once across processes, as one line."""
     from ..training.config import load_settings
 
-    first_process = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.legacy_flags and first_process:
-            print(
-                f"franca-hf rasa: {', '.join(args.legacy_flags)} are deprecated; write settings as key=value "
+        if args.legacy_flags:
+            report(
+                "rasa",
+                f"{', '.join(args.legacy_flags)} are deprecated; write settings as key=value "
                 "(e.g. model=... data=... out=... steps=8).",
-                file=sys.stderr,
+                kind="warning",
             )
         overrides = [*(args.legacy_settings or []), *args.settings]
         settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
@@ -438,13 +438,12 @@ def run(args: argparse.Namespace) -> int:
         source = open_source(settings.data, settings.split, seed=settings.seed)
         train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
         train = subsample(train, settings.max_images, seed=settings.seed)
-        _, report = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        if first_process:
-            print(f"franca-hf rasa: error: {error}", file=sys.stderr)
+        _, measured = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)
+    except USER_ERRORS as error:
+        report("rasa", error)
         return 2
     if accelerator.is_main_process:
-        print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
+        print(json.dumps({"probe_r2": measured.probe_r2, "cosine_to_raw": measured.cosine_to_raw}))
     return 0
 
 

@@ -14,7 +14,6 @@ the device (`metrics.LossWindow`) and are reduced over processes, and checked fo
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
+from ..errors import USER_ERRORS, report
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config
@@ -283,17 +283,14 @@ def run(args: argparse.Namespace) -> int:
     """Train with the parsed arguments; errors are printed once across processes, as one line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("franca_hf").setLevel(logging.INFO)
-    first_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher, say it once
     try:
         config = load_config(args.config, args.overrides)
         train(config, Path(args.config).stem)
-    except (ValueError, FileNotFoundError) as error:
-        if first_process:
-            print(f"franca-hf pretrain: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        report("pretrain", error)
         return 2
     except NonFiniteLossError as error:
-        if first_process:
-            print(f"franca-hf pretrain: stopped: {error}", file=sys.stderr)
+        report("pretrain", error, kind="stopped")
         return 3
     return 0
 
