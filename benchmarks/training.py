@@ -1,6 +1,6 @@
 """Throughput and peak memory of one Franca training step, against the backbone alone, in one process.
 
-A step is what `franca_hf.training.pretrain` does per optimizer step (data loading excluded): teacher forward + Sinkhorn targets (no grad),
+A step is `franca_hf.training.pretrain.TrainingStep`, what the trainer does per optimizer step (data loading excluded): teacher forward + Sinkhorn targets (no grad),
 student forward on all crops with the nested DINO and iBOT heads, DINO + iBOT + KoLeo losses, backward, AdamW step
 and the teacher EMA. The baseline is a forward + backward of the student backbone alone on the same global crops,
 so the ratio shows what the heads, the teacher and the losses cost on top of the ViT. Interleaved rounds, medians.
@@ -20,13 +20,21 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from franca_hf.training.config import load_config
 from franca_hf.training.data import AugmentedImages, EpochBatchSampler, ImageSource, open_source
 from franca_hf.training.optim import build_param_groups
-from franca_hf.training.pretrain import BatchCollator, build_networks, ema_update, make_augmentation
+from franca_hf.training.pretrain import (
+    BatchCollator,
+    TrainingStep,
+    batch_to_device,
+    build_networks,
+    make_augmentation,
+    make_schedules,
+)
 
 
 def synthetic_or_demo_batch(config, batch_size: int) -> dict:
@@ -71,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo")
     parser.add_argument("--batch", type=int, help="images per step (default: the config's batch_size_per_device)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the process's accelerator")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=5)
@@ -80,23 +88,24 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     batch_size = args.batch or config.optim.batch_size_per_device
-    device = torch.device(args.device)
+    # the trainer's own step (`TrainingStep`: schedule, teacher targets, student loss, backward, per-module clipping,
+    # AdamW, EMA) under the trainer's Accelerator settings
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
+    device = accelerator.device
     torch.manual_seed(0)
     student, teacher = build_networks(config)
-    student, teacher = student.to(device).train(), teacher.to(device)
-    optimizer = torch.optim.AdamW(build_param_groups(student), lr=1e-4)
-    batch = {
-        k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_or_demo_batch(config, batch_size).items()
-    }
+    optimizer = torch.optim.AdamW(
+        build_param_groups(student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
+        betas=tuple(config.optim.betas),
+    )
+    student, optimizer = accelerator.prepare(student, optimizer)
+    teacher = teacher.to(device)
+    training_step = TrainingStep(accelerator, student, teacher, optimizer, make_schedules(config, 1), config)
+    batch = batch_to_device(synthetic_or_demo_batch(config, batch_size), config, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def franca_step() -> None:
-        with autocast:
-            parts = student(batch, *teacher(batch, 0.04, 3))
-        parts["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher, student, 0.994)
+        training_step(batch, config.optim.warmup_steps)  # (a step past warm-up: a non-zero learning rate)
 
     def backbone_step() -> None:
         with autocast:
