@@ -70,5 +70,7 @@ def replace_marked_block(path: str | os.PathLike, name: str, block: str) -> None
     if start not in text or end not in text:
         raise ValueError(f"{path} lacks the markers {start} ... {end}.")
     head, rest = text.split(start, 1)
+    if end not in rest:
+        raise ValueError(f"{path}: the marker {end} must come after {start}.")
     text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
     write_file_atomically(path, lambda staging: staging.write_text(text))
