@@ -156,7 +156,7 @@ class MatryoshkaFit:
     data: str
 
     @classmethod
-    def from_statistics(cls, statistics: TokenStatistics, data: str, patches: bool = True) -> "MatryoshkaFit":
+    def from_statistics(cls, statistics: TokenStatistics, data: str) -> "MatryoshkaFit":
         """The bases of accumulated statistics; errors when there are too few images for a full-width basis."""
         needed = minimum_images(statistics.cls.width)
         if statistics.images < needed:
@@ -166,7 +166,7 @@ class MatryoshkaFit:
             )
         return cls(
             PrincipalBasis.from_statistics(statistics.cls),
-            PrincipalBasis.from_statistics(statistics.patches) if patches else None,
+            PrincipalBasis.from_statistics(statistics.patches),
             statistics.images,
             data,
         )
@@ -244,13 +244,12 @@ def fit_matryoshka_basis(
     source: ImageSource,
     image_processor,
     data: str | None = None,
-    patches: bool = True,
     batch_size: int = 32,
     num_workers: int | None = None,
     skips: SkipCounter | None = None,
     progress: bool = True,
 ) -> MatryoshkaFit:
-    """Fit the CLS (and, with `patches`, the patch-token) basis of `model` on the images of `source`.
+    """Fit the CLS and the patch-token bases of `model` on the images of `source`.
 
     Args:
         data: how the card describes the images (default: the source's name).
@@ -263,7 +262,7 @@ def fit_matryoshka_basis(
     )
     if statistics.images == 0:
         raise ValueError(f"None of the {len(source)} images of {source.name} could be read: {skips.failed[:3]}")
-    return MatryoshkaFit.from_statistics(statistics, data or source.name, patches=patches)
+    return MatryoshkaFit.from_statistics(statistics, data or source.name)
 
 
 def with_matryoshka_basis(model: FrancaModel, fit: MatryoshkaFit) -> FrancaModel:
