@@ -292,26 +292,11 @@ def write_report(
         "",
         "Against `project` (the official layout), prefixes:",
         "",
-        "| mode | " + " | ".join(f"dim {d}" for d in dims) + " |",
-        "|---|" + "---|" * len(dims),
-    ]
-    for mode in results:
-        if mode != "project":
-            cells = [said(stats, (mode, "prefix"), ("project", "prefix"), dim, seeds, short=True) for dim in dims]
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += [
+        *difference_table(stats, [(mode, "prefix") for mode in results], ("project", "prefix"), dims, seeds, False),
         "",
         "Against `single` + PCA (an un-nested model cut in a fitted basis):",
         "",
-        "| mode | truncation | " + " | ".join(f"dim {d}" for d in dims) + " |",
-        "|---|---|" + "---|" * len(dims),
-    ]
-    for mode in results:
-        for truncation in TRUNCATIONS:
-            if (mode, truncation) != ("single", "PCA"):
-                cells = [said(stats, (mode, truncation), ("single", "PCA"), dim, seeds, short=True) for dim in dims]
-                lines.append(f"| {mode} | {truncation} | " + " | ".join(cells) + " |")
-    lines += [
+        *difference_table(stats, [(m, t) for m in results for t in TRUNCATIONS], ("single", "PCA"), dims, seeds, True),
         "",
         "Training speed (s / step, images / s) is measured by the trainer over its logging windows, one thread "
         "per run with two runs side by side; the PCA rows are the same runs.",
@@ -352,6 +337,21 @@ def resumed_note(results: dict, steps: int) -> str:
         f" {complete} of them were complete and only exported and evaluated their teachers again), so its time"
         " counts what this invocation ran."
     )
+
+
+def difference_table(
+    stats: dict, rows: list[tuple[str, str]], baseline: tuple[str, str], dims: list[str], seeds: int, truncations: bool
+) -> list[str]:
+    """Markdown rows of each (mode, truncation) minus `baseline` per dim, with the seed noise; the baseline's own row
+    is left out, the truncation column only with `truncations`."""
+    head = "| mode | truncation | " if truncations else "| mode | "
+    lines = [head + " | ".join(f"dim {d}" for d in dims) + " |", "|---|" + "---|" * (len(dims) + truncations)]
+    for mode, truncation in rows:
+        if (mode, truncation) != baseline:
+            cells = [said(stats, (mode, truncation), baseline, dim, seeds, short=True) for dim in dims]
+            label = f"| {mode} | {truncation} | " if truncations else f"| {mode} | "
+            lines.append(label + " | ".join(cells) + " |")
+    return lines
 
 
 def compare(stats: dict, first: tuple[str, str], second: tuple[str, str], dim: str, seeds: int) -> tuple[float, bool]:
