@@ -255,12 +255,13 @@ def extract_to_folder(
     fingerprint = model_fingerprint(model)
     if index.model_fingerprint is None and not index.shards and not index.failed:
         index.model_fingerprint = fingerprint  # a new folder (one recorded before fingerprints keeps None)
+    same_place = settings.resolved_model == index.settings.resolved_model
     check_same_model(
         index.model_fingerprint,
         fingerprint,
         f"The extract folder {folder}",
-        index.settings.resolved_model,
-        settings.resolved_model,
+        index.settings.model,
+        index.settings.model if same_place else settings.model,
         allow_other_model,
     )
     source = _spelled_as(source, settings.sources, index.settings.sources)
