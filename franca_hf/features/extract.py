@@ -354,17 +354,14 @@ def _consolidate(folder: Path, index: ExtractionIndex) -> None:
 def _set_aside(folder: Path, shard: dict, reason: str) -> None:
     """Move a damaged committed shard out of the data (into the hidden `SET_ASIDE_DIR`, which `datasets` does not
     read) and say so in one line; its images are no longer done."""
-    target = folder / SET_ASIDE_DIR / Path(shard["file"]).name
-    target.parent.mkdir(exist_ok=True)
-    if (folder / shard["file"]).exists():
-        os.replace(folder / shard["file"], target)
-    logger.warning(
-        "%s is damaged (%s): set aside as %s; its %d images are extracted again.",
-        folder / shard["file"],
-        reason,
-        target,
-        shard["rows"],
-    )
+    path, target = folder / shard["file"], folder / SET_ASIDE_DIR / Path(shard["file"]).name
+    if path.exists():
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        what = f"is damaged ({reason}): set aside as {target}"
+    else:
+        what = "is missing"
+    logger.warning("%s %s; its %d images are extracted again.", path, what, shard["rows"])
 
 
 def _spelled_as(source: ImageSource, given: list[str], stored: list[str]) -> ImageSource:

@@ -5,6 +5,7 @@ an uninterrupted run), and paths compared by what they point to. And folders wit
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,15 +76,18 @@ def test_damaged_shards_are_set_aside_and_redone(small_folder, tmp_path, caplog)
     uninterrupted = _rows(tmp_path / "features")
     out = tmp_path / "features"
     shards = sorted((out / "data").glob("*.parquet"))
-    truncated, overwritten, missing = shards[0], shards[1], shards[3]
+    truncated, overwritten, shortened, missing = shards
     truncated.write_bytes(truncated.read_bytes()[:300])
     overwritten.write_bytes(b"PAR1" + b"\0" * 100)
+    pyarrow.parquet.write_table(pyarrow.parquet.read_table(shortened).slice(0, 1), shortened)  # 1 row of 2
     missing.unlink()
 
     assert main(command) == 0
-    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
-    assert len(warnings) == 3 and all("its 2 images are extracted again" in w for w in warnings)
-    assert sorted(p.name for p in (out / ".damaged").iterdir()) == sorted([truncated.name, overwritten.name])
+    warnings = [r.getMessage() for r in caplog.records if "images are extracted again" in r.getMessage()]
+    assert [w.split(" ", 1)[0] for w in warnings] == [str(path) for path in shards]
+    assert "is damaged (ArrowInvalid: " in warnings[0] and "(ValueError: 1 rows where 2 were committed)" in warnings[2]
+    assert warnings[3].endswith("is missing; its 2 images are extracted again.")
+    assert sorted(p.name for p in (out / ".damaged").iterdir()) == [p.name for p in shards[:3]]
     resumed = _rows(out)
     assert sorted(resumed) == sorted(uninterrupted)
     torch.testing.assert_close(torch.stack([resumed[i] for i in uninterrupted]), torch.stack([*uninterrupted.values()]))
