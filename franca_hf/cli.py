@@ -1,12 +1,14 @@
 """`franca-hf <command>`: a thin command line over the franca_hf Python API."""
 
+# Parsing imports nothing heavy: torch and transformers load inside the command that runs (benchmarks/cli_startup.py).
 import argparse
+import functools
 import importlib
 import json
 import sys
 from pathlib import Path
 
-from .conversion.export import WEIGHT_DTYPES
+from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
 from .errors import USER_ERRORS, report
 
@@ -122,6 +124,7 @@ def _extract(args: argparse.Namespace) -> None:
 
 def _load_model(args: argparse.Namespace, path: str | None = None):
     """The model and image processor the model flags (`_add_model_flags`) ask for (from `path` once resolved)."""
+    from .conversion.export import WEIGHT_DTYPES
     from .features import load_model_and_processor
 
     return load_model_and_processor(
@@ -338,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", help="output folder (default for --release: the cache)")
     convert.add_argument("--preset", help="vit_small | vit_base | vit_large | vit_giant2 (sets the head count)")
     convert.add_argument("--num-heads", type=int, help="attention heads (default: hidden size / 64)")
-    convert.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="dtype of the saved weights")
+    convert.add_argument("--dtype", choices=WEIGHT_DTYPE_NAMES, default="float32", help="dtype of the saved weights")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     convert.add_argument("--no-verify", action="store_true", help="skip the comparison with the original weights")
     convert.add_argument("--base-url", help="release mirror (default $FRANCA_HF_RELEASE_URL or GitHub)")
@@ -420,12 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.set_defaults(run=_visualize)
 
     # Their arguments are defined by their modules, which also run as `accelerate launch -m <module>`.
-    for name, module, help_text in TRAINING_COMMANDS:
+    for name, arguments_module, trainer_module, help_text in TRAINING_COMMANDS:
         command = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        trainer = importlib.import_module(module)
-        command.description = trainer.__doc__
-        trainer.add_arguments(command)
-        command.set_defaults(run=trainer.run)
+        arguments = importlib.import_module(arguments_module)
+        command.description = arguments.DESCRIPTION
+        arguments.add_arguments(command)
+        command.set_defaults(run=functools.partial(_train, trainer_module))
     knn = commands.add_parser("knn", help="k-NN accuracy of any model's CLS features at every Matryoshka dim")
     _add_model_flags(knn)
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
@@ -480,7 +483,7 @@ def _add_model_flags(
     """How every command that runs a model loads it: --model, --device, --dtype, --int8."""
     parser.add_argument("--model", required=required, help=help)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
-    parser.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="the model's dtype")
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPE_NAMES, default="float32", help="the model's dtype")
     parser.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers (faster)")
 
 
@@ -491,15 +494,26 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
     )
 
 
-# (command, module, help): commands whose arguments and run() live in their module
+# (command, arguments module, trainer module, help): commands whose DESCRIPTION and add_arguments() live in a module
+# cheap to import, and whose run() lives in the trainer module (also run as `accelerate launch -m <trainer module>`)
 TRAINING_COMMANDS = (
     (
         "pretrain",
+        "franca_hf.training.pretrain_arguments",
         "franca_hf.training.pretrain",
         "pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
     ),
-    ("rasa", "franca_hf.rasa.train", "learn RASA position directions on a frozen Franca or DINOv2 backbone"),
+    (
+        "rasa",
+        "franca_hf.rasa.settings",
+        "franca_hf.rasa.train",
+        "learn RASA position directions on a frozen Franca or DINOv2 backbone",
+    ),
 )
+
+
+def _train(trainer_module: str, args: argparse.Namespace) -> int:
+    return importlib.import_module(trainer_module).run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
