@@ -110,16 +110,21 @@ def _extract(args: argparse.Namespace) -> None:
         index = result.index
         resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
         print(
-            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {index.rows} images in "
-            f"{len(index.shards)} shard{'s' * (len(index.shards) != 1)} to {args.out}{resumed}"
+            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {_count(index.rows, 'image')} "
+            f"in {_count(len(index.shards), 'shard')} to {args.out}{resumed}"
         )
         if index.failed:
             print(
-                f"skipped {len(index.failed)} unreadable images (listed in {args.out}/extraction.json):",
+                f"skipped {_count(len(index.failed), 'unreadable image')} (listed in {args.out}/extraction.json):",
                 file=sys.stderr,
             )
             for image_id, reason in index.failed[:20]:
                 print(f"  {image_id}: {reason}", file=sys.stderr)
+
+
+def _count(number: int, noun: str) -> str:
+    """`1 image`, `2 images`."""
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def _load_model(args: argparse.Namespace, path: str | None = None):
@@ -307,12 +312,13 @@ def _search(args: argparse.Namespace) -> None:
 
 def _visualize(args: argparse.Namespace) -> None:
     from .conversion.export import make_image_processor
-    from .visualize import visualize
+    from .visualize import read_image, visualize
 
+    image = read_image(args.image)  # a bad file is refused before the model loads
     model, processor = _load_model(args)
     if args.size:
         processor = make_image_processor(args.size)
-    r2 = visualize(model, processor, args.image, args.out)
+    r2 = visualize(model, processor, image, args.out)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
     print(
         f"wrote {args.out}"
