@@ -22,6 +22,7 @@ __getattr__, __dir__ = lazy_exports(
             "grid_coordinates",
             "linear_probe_r2",
             "probe_r2",
+            "probe_sample_problem",
         ),
         "reference": ("official_rasa_chain",),
     },
@@ -36,4 +37,5 @@ __all__ = [
     "official_rasa_chain",
     "patch_tokens",
     "probe_r2",
+    "probe_sample_problem",
 ]

@@ -29,7 +29,7 @@ from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, r
 from ..training.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..training.data import AugmentedImages, EpochBatchSampler
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
-from .probe import evaluate_chain, grid_coordinates
+from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
 from .settings import DESCRIPTION, RasaRunSettings, RasaSettings, add_arguments
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,9 @@ def train_rasa(
     weights = existing if existing is not None else torch.zeros(0, 2, width)
 
     tokens, coords = held_out_tokens(model, held_out_source, settings, accelerator)
+    problem = probe_sample_problem(*tokens.shape)
+    if problem and accelerator.is_main_process:
+        logger.warning("The held-out probe R² is unreliable: %s; raise held_out_images.", problem)
     report = RasaReport()
     progress_file = _progress_path(out_dir)
     identity = {
@@ -304,9 +307,14 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
         if Path(settings.out).exists() and not settings.overwrite:
             raise FileExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
+        source = open_source(settings.data, settings.split, seed=settings.seed)
+        if settings.held_out_images >= len(source):
+            raise ValueError(
+                f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
+                f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves)."
+            )
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())
         model, settings = load_model_for_rasa(settings, accelerator)
-        source = open_source(settings.data, settings.split, seed=settings.seed)
         train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
         train = subsample(train, settings.max_images, seed=settings.seed)
         _, measured = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)
