@@ -66,6 +66,11 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
+    # checks of the flags alone come before the imports: a usage error answers without loading torch
+    if str(args.out).endswith(".safetensors"):
+        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
+    _check_runtime_flags(args)
+    _require_at_least(1, shard_size=args.shard_size)
     from .features import (
         ExtractionSettings,
         check_feature_flags,
@@ -77,10 +82,6 @@ def _extract(args: argparse.Namespace) -> None:
         process_state,
     )
 
-    if str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
-    _check_runtime_flags(args)
-    _require_at_least(1, shard_size=args.shard_size)
     check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
     model, processor = _load_model(args)
@@ -151,12 +152,12 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 
 
 def _knn(args: argparse.Namespace) -> None:
+    _check_runtime_flags(args)
     from .conversion.export import make_image_processor
     from .data import open_source, subsample
     from .features import nested_dims
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
-    _check_runtime_flags(args)
     model, processor = _load_model(args)
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
@@ -185,6 +186,10 @@ def _knn(args: argparse.Namespace) -> None:
 
 
 def _fit_pca(args: argparse.Namespace) -> None:
+    _check_runtime_flags(args)
+    _require_at_least(1, max_images=args.max_images)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     from transformers import AutoConfig
 
     from .conversion.convert import resolve_model
@@ -192,10 +197,6 @@ def _fit_pca(args: argparse.Namespace) -> None:
     from .data import SkipCounter, open_source, subsample
     from .matryoshka import describe_data, fit_matryoshka_basis, minimum_images, write_fitted_folder
 
-    _check_runtime_flags(args)
-    _require_at_least(1, max_images=args.max_images)
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     path = resolve_model(args.model)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "franca":
@@ -258,10 +259,10 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
+    _check_runtime_flags(args)
     from .features.store import INDEX_FILE
     from .retrieval import index_from_features, index_images
 
-    _check_runtime_flags(args)
     if len(args.images) == 1 and (Path(args.images[0]) / INDEX_FILE).is_file():
         index = index_from_features(args.images[0])
         how = f"from the features in {args.images[0]}"
@@ -276,10 +277,10 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
+    _require_at_least(1, k=args.k)
     from .features import extract_features
     from .retrieval import default_funnel, load_index
 
-    _require_at_least(1, k=args.k)
     index = load_index(args.index)
     if args.dim is not None and args.dim not in index.dims:
         raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")

@@ -11,14 +11,23 @@ PARSE_EVERY_COMMAND = f"""
 import contextlib, io, json, sys
 from franca_hf.cli import build_parser, main
 commands = build_parser()._subparsers._group_actions[0].choices
-for argv in [["--help"], *([name, "--help"] for name in commands), ["extract", "photos"], ["visualize", "x.jpg"]]:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+flag_errors = [
+    ["extract", "photos", "--model", "m", "--out", "features", "--batch-size", "0"],
+    ["extract", "photos", "--model", "m", "--out", "features.safetensors"],
+    ["index", "photos", "--out", "index.safetensors", "--num-workers", "-1"],
+    ["search", "q.jpg", "--index", "index.safetensors", "--model", "m", "--k", "0"],
+    ["knn", "--model", "m", "--train", "demo", "--test", "demo", "--batch-size", "0"],
+    ["fit-pca", "--model", "m", "--data", "demo", "--out", "pca", "--max-images", "0"],
+]
+parse_errors = [["--help"], *([name, "--help"] for name in commands), ["extract", "photos"], ["visualize", "x.jpg"]]
+for argv in parse_errors + flag_errors:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         try:
-            main(argv)
+            code = main(argv)
         except SystemExit as exit:
-            assert exit.code in (0, 2), (argv, exit.code)
-        else:
-            raise AssertionError(f"{{argv}} did not stop at parsing")
+            code = exit.code
+    assert code in (0, 2) and (code == 0) == (argv[-1] == "--help"), (argv, code, err.getvalue())
+    assert argv in parse_errors or "error: --" in err.getvalue(), (argv, err.getvalue())
 print(json.dumps([sorted(commands), [name for name in {HEAVY!r} if name in sys.modules]]))
 """
 
