@@ -107,9 +107,7 @@ def read_image(path: str | Path) -> Image.Image:
         raise ValueError(f"{path} cannot be read as an image ({error}).") from error
 
 
-def visualize(
-    model, image_processor, image: Image.Image | str | Path, out_file: str | Path
-) -> dict[str, float | None]:
+def visualize(model, image_processor, image: Image.Image | str | Path, out_file: str | Path) -> dict[str, float | None]:
     """Write the figure for an image or image file (`read_image`): the processed input, then its PCA maps; returns the
     probe R² of each feature panel (None where the grid is too small, with a warning)."""
     if not isinstance(image, Image.Image):
