@@ -307,14 +307,14 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
         if Path(settings.out).exists() and not settings.overwrite:
             raise FileExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
+        accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+        model, settings = load_model_for_rasa(settings, accelerator)
         source = open_source(settings.data, settings.split, seed=settings.seed)
         if settings.held_out_images >= len(source):
             raise ValueError(
                 f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
                 f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves)."
             )
-        accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-        model, settings = load_model_for_rasa(settings, accelerator)
         train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
         train = subsample(train, settings.max_images, seed=settings.seed)
         _, measured = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)

@@ -199,10 +199,16 @@ def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_pat
     assert "out must be set (out=...)" in capsys.readouterr().err
     assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "stepz=3"]) == 2
     assert "unknown key stepz" in capsys.readouterr().err
+
+
+def test_holding_out_every_image_names_held_out_images(tiny_folder, tmp_path, capsys):
+    from franca_hf.cli import main
+
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(10):
         Image.new("RGB", (40, 30), (25 * index, 0, 0)).save(photos / f"{index}.png")
+    out = tmp_path / "out"
     assert main(["rasa", f"model={tiny_folder}", f"data={photos}", f"out={out}"]) == 2
     assert f"held_out_images=64 leaves no image to train on: data={photos} holds 10 images; set held_out_images " in (
         capsys.readouterr().err
