@@ -6,6 +6,7 @@ from ..modeling import FRANCA_PRESETS, FrancaConfig
 
 OFFICIAL_LICENSE_LINK = "https://github.com/valeoai/Franca/blob/main/LICENSE_MODEL"
 _HUB_DATASETS = {"ImageNet-21K": "ILSVRC/imagenet-21k", "LAION-600M (LAION-COCO)": "laion/laion-coco"}
+# the named ViT sizes; other entries of FRANCA_PRESETS (such as a test's) are described as custom sizes
 _PRESET_LETTERS = {"vit_small": "S", "vit_base": "B", "vit_large": "L", "vit_giant2": "g"}
 _TRUNCATIONS = {"prefix": "prefix: the first m channels", "pca": "a fitted PCA basis: ((z - mean) R)[:m]"}
 
@@ -58,9 +59,9 @@ def preset_name(config: FrancaConfig) -> str | None:
     """`ViT-B/14` where width, depth and heads are those of a preset (`FRANCA_PRESETS`), with the configured patch
     size; None for other sizes."""
     sizes = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
-    for preset, preset_sizes in FRANCA_PRESETS.items():
-        if sizes == preset_sizes:
-            return f"ViT-{_PRESET_LETTERS[preset]}/{config.patch_size}"
+    for preset, letter in _PRESET_LETTERS.items():
+        if sizes == FRANCA_PRESETS[preset]:
+            return f"ViT-{letter}/{config.patch_size}"
     return None
 
 
