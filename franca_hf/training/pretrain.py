@@ -77,9 +77,11 @@ class TrainingStep:
         accelerator, values = self.accelerator, self.schedules(step)
         apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
         with accelerator.accumulate(self.student):
+            # both forwards under the step's autocast: Accelerate autocasts a prepared model's forward under DDP,
+            # not under FSDP2 (where it relies on a MixedPrecisionPolicy, which `train` clears)
             with accelerator.autocast():
                 targets = self.teacher(batch, values.teacher_temperature, self.config.objective.sinkhorn_iterations)
-            parts = self.student(batch, *targets)
+                parts = self.student(batch, *targets)
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
@@ -128,6 +130,22 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
     )
 
 
+def shard_teacher(accelerator: Accelerator, teacher: Teacher) -> Teacher:
+    """FSDP2 for the optimizer-less teacher (Accelerate prepares FSDP2 models only with an optimizer: `prepare_model`
+    refuses them), sharded on the student's mesh with the same plugin, so each parameter's local shard pairs with the
+    student's for the EMA.
+
+    Both networks are sharded without a `MixedPrecisionPolicy` (`train` clears the plugin's): fp32 parameters, the
+    step's autocast doing the bf16 compute, as under DDP. A bf16 `param_dtype` would hand the teacher's fp32 heads
+    (run with autocast off) bf16 weights, and run the student's LayerNorms and KoLeo in bf16.
+    Every teacher unit, the root included, reshards after its forward: nothing reshards a no-grad network in a
+    backward, and unsharded root parameters would neither pair with the student's shards nor free their memory.
+    """
+    teacher = fsdp2_prepare_model(accelerator, teacher)
+    teacher.set_reshard_after_forward(True)
+    return teacher
+
+
 def make_schedules(config: PretrainConfig, processes: int) -> FrancaSchedules:
     """The recipe's schedules, the learning rate scaled by the global batch (sqrt rule)."""
     optim = config.optim
@@ -173,12 +191,12 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
             "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
             "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
         )
+    if fsdp:  # fp32 parameters under autocast, the numerics of DDP (see `shard_teacher`)
+        accelerator.state.fsdp_plugin.mixed_precision_policy = None
     student, optimizer = accelerator.prepare(student, optimizer)
     state, batches = TrainState(), TrainingBatches(config, accelerator)
     if fsdp:  # sharded like the student so that the EMA pairs local shards; save_state then holds it as a model
-        # Accelerate prepares FSDP2 models only together with an optimizer (`prepare_model` refuses them): shard the
-        # optimizer-less teacher as `prepare` shards the student, and list it among the models `save_state` saves.
-        teacher = fsdp2_prepare_model(accelerator, teacher)
+        teacher = shard_teacher(accelerator, teacher)
         accelerator._models.append(teacher)
         accelerator.register_for_checkpointing(state, batches)
     else:

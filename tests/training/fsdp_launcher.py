@@ -1,0 +1,80 @@
+"""Test launcher: the trainer's own FSDP2 path on CPU processes (gloo).
+
+Accelerate 1.16 switches to `DistributedType.FSDP` only for accelerator process groups: on a CPU-only machine
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml` starts the processes with the FSDP settings in the
+environment, and the Accelerator quietly becomes a MULTI_CPU (DDP) run; its launcher refuses `--cpu` with
+`--use_fsdp`. torch's `fully_shard` itself works on a CPU mesh over gloo. So this launcher runs
+`franca_hf.training.pretrain` unchanged, except that right after the trainer builds its Accelerator, Accelerate's
+state is switched to FSDP with the plugin those settings describe, as Accelerate itself would on GPUs:
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 \
+        tests/training/fsdp_launcher.py --config demo run.output_dir=runs/fsdp
+
+`FRANCA_TEST_KILL_IN_CHECKPOINT=<step>` SIGKILLs every process halfway through writing checkpoint <step> (after the
+models, before the optimizer): a run killed mid-checkpoint, at a deterministic place.
+"""
+
+import os
+import signal
+import sys
+
+import accelerate
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import FullyShardedDataParallelPlugin
+
+from franca_hf.training import pretrain
+
+
+def force_fsdp2(accelerator: Accelerator) -> None:
+    """Switch a MULTI_CPU Accelerator to FSDP2 with the plugin of the FSDP_* environment (`accelerate launch`)."""
+    state = accelerator.state
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        raise SystemExit("fsdp_launcher: launch it with an FSDP Accelerate config (ACCELERATE_USE_FSDP is not set).")
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise SystemExit(f"fsdp_launcher: expected a MULTI_CPU run to switch to FSDP, got {state.distributed_type}.")
+    try:
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables, as Accelerator.__init__ does
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        forced = accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2
+    except (AttributeError, KeyError, TypeError) as error:
+        forced, reason = False, f"{type(error).__name__}: {error}"
+    else:
+        reason = f"distributed_type {accelerator.distributed_type}, is_fsdp2 {getattr(accelerator, 'is_fsdp2', None)}"
+    if not forced:
+        raise SystemExit(
+            f"fsdp_launcher: Accelerate {accelerate.__version__} changed the internals this test launcher uses to "
+            "force FSDP2 on CPU (AcceleratorState.distributed_type / fsdp_plugin, PartialState._shared_state, "
+            f"FullyShardedDataParallelPlugin.set_mixed_precision): {reason}. Update tests/training/fsdp_launcher.py."
+        )
+
+
+def kill_in_checkpoint(accelerator: Accelerator, step: int) -> None:
+    """SIGKILL this process once checkpoint `step`'s models are written and before its optimizer is."""
+    save_optimizer = accelerate.accelerator.save_fsdp_optimizer
+
+    def save_then_die(plugin, accel, optimizer, model, output_dir, *args, **kwargs):
+        if os.path.basename(str(output_dir)) == f".step_{step:08d}.tmp":
+            accelerator.wait_for_everyone()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_optimizer(plugin, accel, optimizer, model, output_dir, *args, **kwargs)
+
+    accelerate.accelerator.save_fsdp_optimizer = save_then_die
+
+
+def make_fsdp2_accelerator(config) -> Accelerator:
+    accelerator = build_accelerator(config)
+    force_fsdp2(accelerator)
+    if os.environ.get("FRANCA_TEST_KILL_IN_CHECKPOINT"):
+        kill_in_checkpoint(accelerator, int(os.environ["FRANCA_TEST_KILL_IN_CHECKPOINT"]))
+    return accelerator
+
+
+build_accelerator = pretrain.make_accelerator
+pretrain.make_accelerator = make_fsdp2_accelerator
+
+if __name__ == "__main__":
+    sys.exit(pretrain.main())
