@@ -14,6 +14,7 @@ the device (`metrics.LossWindow`) and are reduced over processes, and checked fo
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ from .networks import (
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .pipeline import BatchCollator, TrainingBatches, batch_to_device, make_augmentation
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -186,6 +189,12 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=tuple(optim.betas)
     )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if not fsdp and accelerator.is_main_process and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        logger.warning(
+            "FSDP was asked for (an FSDP Accelerate config or --use_fsdp), but Accelerate runs this as %s: it "
+            "switches to FSDP only on accelerators (GPUs). Every process holds the full student and teacher.",
+            accelerator.distributed_type.value,
+        )
     if fsdp and not accelerator.is_fsdp2:
         raise ValueError(
             "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "

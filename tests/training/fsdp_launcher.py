@@ -10,8 +10,9 @@ state is switched to FSDP with the plugin those settings describe, as Accelerate
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 \
         tests/training/fsdp_launcher.py --config demo run.output_dir=runs/fsdp
 
-`FRANCA_TEST_KILL_IN_CHECKPOINT=<step>` SIGKILLs every process halfway through writing checkpoint <step> (after the
-models, before the optimizer): a run killed mid-checkpoint, at a deterministic place.
+Runs killed at deterministic places: `FRANCA_TEST_KILL_IN_STEP=<n>` SIGKILLs every process in optimizer step n
+(after the update, before the EMA); `FRANCA_TEST_KILL_IN_CHECKPOINT=<n>` halfway through writing checkpoint n (after
+the models, before the optimizer).
 """
 
 import os
@@ -53,7 +54,7 @@ def force_fsdp2(accelerator: Accelerator) -> None:
 
 
 def kill_in_checkpoint(accelerator: Accelerator, step: int) -> None:
-    """SIGKILL this process once checkpoint `step`'s models are written and before its optimizer is."""
+    """SIGKILL every process once checkpoint `step`'s models are written and before its optimizer is."""
     save_optimizer = accelerate.accelerator.save_fsdp_optimizer
 
     def save_then_die(plugin, accel, optimizer, model, output_dir, *args, **kwargs):
@@ -65,16 +66,34 @@ def kill_in_checkpoint(accelerator: Accelerator, step: int) -> None:
     accelerate.accelerator.save_fsdp_optimizer = save_then_die
 
 
-def make_fsdp2_accelerator(config) -> Accelerator:
-    accelerator = build_accelerator(config)
-    force_fsdp2(accelerator)
-    if os.environ.get("FRANCA_TEST_KILL_IN_CHECKPOINT"):
-        kill_in_checkpoint(accelerator, int(os.environ["FRANCA_TEST_KILL_IN_CHECKPOINT"]))
-    return accelerator
+def kill_in_step(step: int) -> None:
+    """SIGKILL every process in optimizer step `step` (1-based), after the update and before the teacher's EMA."""
+    ema_update, calls = pretrain.ema_update, []
+
+    def update_or_die(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return ema_update(*args, **kwargs)
+
+    pretrain.ema_update = update_or_die
 
 
-build_accelerator = pretrain.make_accelerator
-pretrain.make_accelerator = make_fsdp2_accelerator
+def main() -> int:
+    build_accelerator = pretrain.make_accelerator
+
+    def make_fsdp2_accelerator(config) -> Accelerator:
+        accelerator = build_accelerator(config)
+        force_fsdp2(accelerator)
+        if os.environ.get("FRANCA_TEST_KILL_IN_CHECKPOINT"):
+            kill_in_checkpoint(accelerator, int(os.environ["FRANCA_TEST_KILL_IN_CHECKPOINT"]))
+        return accelerator
+
+    pretrain.make_accelerator = make_fsdp2_accelerator
+    if os.environ.get("FRANCA_TEST_KILL_IN_STEP"):
+        kill_in_step(int(os.environ["FRANCA_TEST_KILL_IN_STEP"]))
+    return pretrain.main()
+
 
 if __name__ == "__main__":
-    sys.exit(pretrain.main())
+    sys.exit(main())
