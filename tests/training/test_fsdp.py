@@ -55,7 +55,10 @@ def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     tiny recipe and its data in place of the ViT-L recipe and ImageNet-21K."""
     command = docs_fsdp_command()
     module = command.index("-m")
-    assert command[:3] == ["accelerate", "launch", "--config_file"] and command[module + 1] == "franca_hf.training.pretrain"
+    assert (
+        command[:3] == ["accelerate", "launch", "--config_file"]
+        and command[module + 1] == "franca_hf.training.pretrain"
+    )
     launch = command[3:module]
     launch[launch.index("--num_processes") + 1] = "2"
     settings = [a for a in command[module + 2 :] if not a.startswith(("data.source=", "run.output_dir="))]
@@ -103,7 +106,9 @@ def recipe(tmp_path_factory) -> Path:
         for i in range(24):
             image = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
             x, y = rng.randrange(2, 12), rng.randrange(2, 12)
-            getattr(ImageDraw.Draw(image), shape)([x, y, x + 18, y + 18], fill=tuple(rng.randrange(256) for _ in range(3)))
+            getattr(ImageDraw.Draw(image), shape)(
+                [x, y, x + 18, y + 18], fill=tuple(rng.randrange(256) for _ in range(3))
+            )
             image.save(root / "images" / shape / f"{i}.png")
     path = root / "tiny.yaml"
     path.write_text(RECIPE.replace("DATA", str(root / "images")))
@@ -165,7 +170,10 @@ def test_fsdp_losses_equal_ddp_losses_bf16_trained_on_with_knn_and_pca(bf16_runs
     # the same starting teacher, embedded by a gathered copy (FSDP) or in shares (DDP): batches of other sizes may
     # round a feature differently and flip a near tie, so at most one of the 48 queries differs per dim
     for dim, accuracy in ddp["knn_at_init"].items():
-        assert abs(fsdp["knn_at_init"][dim] - accuracy) <= 100 / 48 * (1 + 1e-5), (ddp["knn_at_init"], fsdp["knn_at_init"])
+        assert abs(fsdp["knn_at_init"][dim] - accuracy) <= 100 / 48 * (1 + 1e-5), (
+            ddp["knn_at_init"],
+            fsdp["knn_at_init"],
+        )
     teacher = AutoModel.from_pretrained(bf16_runs["fsdp"] / "teacher")
     assert teacher.matryoshka_basis is not None and teacher.config.source_checkpoint["steps"] == 3
     assert teacher.config.source_checkpoint["init_from"].endswith("fsdp_fp32/teacher")
