@@ -81,7 +81,7 @@ class TrainingStep:
         apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
         with accelerator.accumulate(self.student):
             # both forwards under the step's autocast: Accelerate autocasts a prepared model's forward under DDP,
-            # not under FSDP2 (where it relies on a MixedPrecisionPolicy, which `train` clears)
+            # not under FSDP2 (where it relies on a MixedPrecisionPolicy, which `prepare_networks` clears)
             with accelerator.autocast():
                 targets = self.teacher(batch, values.teacher_temperature, self.config.objective.sinkhorn_iterations)
                 parts = self.student(batch, *targets)
@@ -133,14 +133,40 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
     )
 
 
+def prepare_networks(accelerator: Accelerator, student: Student, teacher: Teacher, optimizer):
+    """The student and its optimizer prepared by Accelerate (DDP, FSDP2); the teacher on the device or, under FSDP2,
+    sharded like the student (`shard_teacher`) and listed among the models `save_state` writes."""
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if not fsdp and accelerator.is_main_process and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        logger.warning(
+            "FSDP was asked for (an FSDP Accelerate config or --use_fsdp), but Accelerate runs this as %s: it "
+            "switches to FSDP only on accelerators (GPUs). Every process holds the full student and teacher.",
+            accelerator.distributed_type.value,
+        )
+    if fsdp and not accelerator.is_fsdp2:
+        raise ValueError(
+            "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
+            "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
+        )
+    if fsdp:  # fp32 parameters under autocast, the numerics of DDP (see `shard_teacher`)
+        accelerator.state.fsdp_plugin.mixed_precision_policy = None
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if fsdp:
+        teacher = shard_teacher(accelerator, teacher)
+        accelerator._models.append(teacher)
+    else:
+        teacher = teacher.to(accelerator.device)
+    return student, teacher, optimizer
+
+
 def shard_teacher(accelerator: Accelerator, teacher: Teacher) -> Teacher:
     """FSDP2 for the optimizer-less teacher (Accelerate prepares FSDP2 models only with an optimizer: `prepare_model`
     refuses them), sharded on the student's mesh with the same plugin, so each parameter's local shard pairs with the
     student's for the EMA.
 
-    Both networks are sharded without a `MixedPrecisionPolicy` (`train` clears the plugin's): fp32 parameters, the
-    step's autocast doing the bf16 compute, as under DDP. A bf16 `param_dtype` would hand the teacher's fp32 heads
-    (run with autocast off) bf16 weights, and run the student's LayerNorms and KoLeo in bf16.
+    Both networks are sharded without a `MixedPrecisionPolicy` (`prepare_networks` clears the plugin's): fp32
+    parameters, the step's autocast doing the bf16 compute, as under DDP. A bf16 `param_dtype` would hand the
+    teacher's fp32 heads (run with autocast off) bf16 weights, and run the student's LayerNorms and KoLeo in bf16.
     Every teacher unit, the root included, reshards after its forward: nothing reshards a no-grad network in a
     backward, and unsharded root parameters would neither pair with the student's shards nor free their memory.
     """
@@ -188,29 +214,10 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     optimizer = torch.optim.AdamW(
         build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=tuple(optim.betas)
     )
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if not fsdp and accelerator.is_main_process and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        logger.warning(
-            "FSDP was asked for (an FSDP Accelerate config or --use_fsdp), but Accelerate runs this as %s: it "
-            "switches to FSDP only on accelerators (GPUs). Every process holds the full student and teacher.",
-            accelerator.distributed_type.value,
-        )
-    if fsdp and not accelerator.is_fsdp2:
-        raise ValueError(
-            "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
-            "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
-        )
-    if fsdp:  # fp32 parameters under autocast, the numerics of DDP (see `shard_teacher`)
-        accelerator.state.fsdp_plugin.mixed_precision_policy = None
-    student, optimizer = accelerator.prepare(student, optimizer)
+    student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
     state, batches = TrainState(), TrainingBatches(config, accelerator)
-    if fsdp:  # sharded like the student so that the EMA pairs local shards; save_state then holds it as a model
-        teacher = shard_teacher(accelerator, teacher)
-        accelerator._models.append(teacher)
-        accelerator.register_for_checkpointing(state, batches)
-    else:
-        teacher = teacher.to(accelerator.device)
-        accelerator.register_for_checkpointing(teacher, state, batches)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP  # (then `save_state` holds the teacher as a model)
+    accelerator.register_for_checkpointing(*([] if fsdp else [teacher]), state, batches)
 
     checkpoints = output_dir / "checkpoints"
     latest = find_latest_checkpoint(checkpoints)
@@ -355,6 +362,7 @@ __all__ = [  # the trainer's pieces, also importable from here (their home modul
     "local_shard",
     "main",
     "make_augmentation",
+    "prepare_networks",
     "resize_position_table",
     "save_checkpoint",
     "teacher_backbone_copy",

@@ -1,21 +1,22 @@
-"""Test launcher: the trainer's own FSDP2 path on CPU processes (gloo).
+"""Test launcher: a script's own FSDP2 path on CPU processes (gloo).
 
 Accelerate 1.16 switches to `DistributedType.FSDP` only for accelerator process groups: on a CPU-only machine
 `accelerate launch --config_file configs/accelerate/fsdp2.yaml` starts the processes with the FSDP settings in the
-environment, and the Accelerator quietly becomes a MULTI_CPU (DDP) run; its launcher refuses `--cpu` with
-`--use_fsdp`. torch's `fully_shard` itself works on a CPU mesh over gloo. So this launcher runs
-`franca_hf.training.pretrain` unchanged, except that right after the trainer builds its Accelerator, Accelerate's
-state is switched to FSDP with the plugin those settings describe, as Accelerate itself would on GPUs:
+environment, and each Accelerator quietly becomes a MULTI_CPU (DDP) run; its launcher refuses `--cpu` with
+`--use_fsdp`. torch's `fully_shard` itself works on a CPU mesh over gloo. So this launcher runs a module or script
+unchanged (the trainer, `benchmarks/training.py --fsdp`), except that every Accelerator it builds is switched to FSDP
+right after construction, with the plugin those settings describe, as Accelerate itself would on GPUs:
 
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 \
-        tests/training/fsdp_launcher.py --config demo run.output_dir=runs/fsdp
+        tests/training/fsdp_launcher.py -m franca_hf.training.pretrain --config demo run.output_dir=runs/fsdp
 
-Runs killed at deterministic places: `FRANCA_TEST_KILL_IN_STEP=<n>` SIGKILLs every process in optimizer step n
-(after the update, before the EMA); `FRANCA_TEST_KILL_IN_CHECKPOINT=<n>` halfway through writing checkpoint n (after
-the models, before the optimizer).
+Runs killed at deterministic places (the trainer): `FRANCA_TEST_KILL_IN_STEP=<n>` SIGKILLs every process in optimizer
+step n (after the update, before the EMA); `FRANCA_TEST_KILL_IN_CHECKPOINT=<n>` halfway through writing checkpoint n
+(after the models, before the optimizer).
 """
 
 import os
+import runpy
 import signal
 import sys
 
@@ -23,7 +24,7 @@ import accelerate
 from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin
 
-from franca_hf.training import pretrain
+from franca_hf.training import networks
 
 
 def force_fsdp2(accelerator: Accelerator) -> None:
@@ -68,7 +69,7 @@ def kill_in_checkpoint(accelerator: Accelerator, step: int) -> None:
 
 def kill_in_step(step: int) -> None:
     """SIGKILL every process in optimizer step `step` (1-based), after the update and before the teacher's EMA."""
-    ema_update, calls = pretrain.ema_update, []
+    ema_update, calls = networks.ema_update, []
 
     def update_or_die(*args, **kwargs):
         calls.append(None)
@@ -76,24 +77,29 @@ def kill_in_step(step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return ema_update(*args, **kwargs)
 
-    pretrain.ema_update = update_or_die
+    networks.ema_update = update_or_die  # before the trainer's module runs and imports it
 
 
-def main() -> int:
-    build_accelerator = pretrain.make_accelerator
+def main(argv: list[str]) -> None:
+    """`-m module args...` or `script.py args...`, run as `__main__` with every Accelerator forced to FSDP2."""
+    build = Accelerator.__init__
 
-    def make_fsdp2_accelerator(config) -> Accelerator:
-        accelerator = build_accelerator(config)
+    def build_then_force(accelerator, *args, **kwargs):
+        build(accelerator, *args, **kwargs)
         force_fsdp2(accelerator)
         if os.environ.get("FRANCA_TEST_KILL_IN_CHECKPOINT"):
             kill_in_checkpoint(accelerator, int(os.environ["FRANCA_TEST_KILL_IN_CHECKPOINT"]))
-        return accelerator
 
-    pretrain.make_accelerator = make_fsdp2_accelerator
+    Accelerator.__init__ = build_then_force
     if os.environ.get("FRANCA_TEST_KILL_IN_STEP"):
         kill_in_step(int(os.environ["FRANCA_TEST_KILL_IN_STEP"]))
-    return pretrain.main()
+    if argv[:1] == ["-m"]:
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = argv
+        runpy.run_path(argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1:])

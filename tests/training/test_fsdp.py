@@ -51,8 +51,8 @@ def _port() -> str:
 
 
 def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
-    """The docs' command on 2 CPU processes: the test launcher in place of `-m franca_hf.training.pretrain`, the
-    tiny recipe and its data in place of the ViT-L recipe and ImageNet-21K."""
+    """The docs' command on 2 CPU processes through the test launcher, the tiny recipe and its data in place of the
+    ViT-L recipe and ImageNet-21K."""
     command = docs_fsdp_command()
     module = command.index("-m")
     assert (
@@ -65,7 +65,7 @@ def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     settings[settings.index("--config") + 1] = str(recipe)
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / launch[0]),
-        *launch[1:], "--main_process_port", _port(), str(LAUNCHER),
+        *launch[1:], "--main_process_port", _port(), str(LAUNCHER), "-m", "franca_hf.training.pretrain",
         *settings, f"data.source={recipe.parent / 'images'}", f"run.output_dir={output}", *overrides,
     ]  # fmt: skip
 
