@@ -235,9 +235,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         if accuracy is not None:
             names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
             log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
-            if title:
+            if title and accelerator.is_main_process:  # (`accelerator.print` prints once per node)
                 labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
-                accelerator.print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
+                print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
         return accuracy
 
     def fitted_basis() -> MatryoshkaFit | None:

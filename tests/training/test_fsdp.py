@@ -96,22 +96,27 @@ def _teacher(output: Path) -> dict[str, torch.Tensor]:
     return load_file(output / "teacher" / "model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> Path:
-    """The tiny recipe on 48 shape images (a PCA basis of the 32-wide model needs 33)."""
-    root = tmp_path_factory.mktemp("fsdp")
+def make_images(folder: Path) -> Path:
+    """48 shape images of 32 px in two class folders (a PCA basis of the 32-wide model needs 33)."""
     rng = random.Random(0)
     for shape in ("ellipse", "rectangle"):
-        (root / "images" / shape).mkdir(parents=True)
+        (folder / shape).mkdir(parents=True)
         for i in range(24):
             image = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
             x, y = rng.randrange(2, 12), rng.randrange(2, 12)
             getattr(ImageDraw.Draw(image), shape)(
                 [x, y, x + 18, y + 18], fill=tuple(rng.randrange(256) for _ in range(3))
             )
-            image.save(root / "images" / shape / f"{i}.png")
+            image.save(folder / shape / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    """The tiny recipe on `make_images`."""
+    root = tmp_path_factory.mktemp("fsdp")
     path = root / "tiny.yaml"
-    path.write_text(RECIPE.replace("DATA", str(root / "images")))
+    path.write_text(RECIPE.replace("DATA", str(make_images(root / "images"))))
     return path
 
 

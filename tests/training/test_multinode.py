@@ -1,0 +1,89 @@
+"""Two nodes by simulation: two `torchrun --nnodes 2 --nproc_per_node 1` agents on this machine meeting at a c10d
+rendezvous on 127.0.0.1, the output folder shared as a cluster's file system would share it. What is global happens
+once, on the node that holds rank 0 (whichever agent the rendezvous makes it); every node does its share of the work.
+
+Shown here for `pretrain` (config, checkpoint metadata, metrics log, k-NN tables, export and model card, summary) and
+for `extract` (the extraction index; one shard per process). Not shown: the per-node duties (release download and
+conversion cache, demo data generation) — see the branch report.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from transformers import AutoModel
+
+from .test_fsdp import RECIPE, make_images
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(*command: str) -> list[str]:
+    """Run `command` (a module and its arguments) on two simulated nodes; the two agents' combined outputs."""
+    launcher = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "franca-two-nodes",
+        "-m", *command,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    agents = [
+        subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    for agent, output in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, output[-4000:]
+    return outputs
+
+
+def _rank_zero_first(outputs: list[str], marker: str) -> tuple[str, str]:
+    """(the output of the node with rank 0, the other's): the one that printed `marker`, which only rank 0 prints."""
+    holders = [output for output in outputs if marker in output]
+    assert len(holders) == 1, [o[-2000:] for o in outputs]
+    return holders[0], next(output for output in outputs if marker not in output)
+
+
+def test_two_nodes_pretrain_and_extract_do_global_duties_once(tmp_path):
+    images = make_images(tmp_path / "images")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE.replace("DATA", str(images)))
+    output = tmp_path / "run"
+    knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "optim.total_steps=2"]
+    outputs = _two_nodes("franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *knn)
+    main, other = _rank_zero_first(outputs, "teacher exported to")
+    for printed in ("teacher k-NN at init", "teacher k-NN after 2 steps"):
+        assert main.count(printed) == 1 and printed not in other
+    entries = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2]  # each step logged once
+    assert [e["step"] for e in entries if "knn_top1_dim_2" in e] == [0, 2]
+    checkpoint = output / "checkpoints" / "step_00000002"
+    assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 2
+    # both processes trained: each saved its own RNG state and data position into the one checkpoint
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 2 and set(summary["knn_final"]) == {"2", "4", "8", "16", "32"}
+    assert (output / "teacher" / "README.md").is_file() and (output / "config.json").is_file()
+    assert not list(output.rglob("*.tmp"))
+
+    features = tmp_path / "features"
+    outputs = _two_nodes(
+        "franca_hf.cli", "extract", "--model", str(output / "teacher"), "--out", str(features), "--num-workers", "0",
+        str(images),
+    )  # fmt: skip
+    main, other = _rank_zero_first(outputs, "wrote cls features")
+    assert "of 48 images in" in main
+    index = json.loads((features / "extraction.json").read_text())
+    assert sum(shard["rows"] for shard in index["shards"]) == 48
+    assert index["complete"] and (features / "README.md").is_file()
+    # data/shard-<run>-<process>-<part>.parquet: each process wrote its own share
+    assert sorted(shard["file"].split("-")[2] for shard in index["shards"]) == ["000", "001"]
+    assert AutoModel.from_pretrained(output / "teacher").config.hidden_size == 32
