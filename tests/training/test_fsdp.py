@@ -23,18 +23,19 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from ..conftest import REPO_ROOT, assert_publishable_folder
+from .test_pretrain import TINY_CONFIG
 
 LAUNCHER = REPO_ROOT / "tests" / "training" / "fsdp_launcher.py"
 FSDP_CONFIG = REPO_ROOT / "configs" / "accelerate" / "fsdp2.yaml"
-RECIPE = """
-model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, patch_size: 4, drop_path_rate: 0.0}
-heads: {num_prototypes: 32, hidden_dim: 32, dino_bottleneck_dim: 16, ibot_bottleneck_dim: 16}
-data: {source: DATA, num_workers: 0}
-crops: {global_size: 32, global_scale: [0.4, 1.0], local_number: 2, local_size: 16, local_scale: [0.1, 0.4]}
-optim: {batch_size_per_device: 4, gradient_accumulation_steps: 2, total_steps: 4, warmup_steps: 0, base_lr: 0.05,
-        clip_grad: 0.05, freeze_last_layer_steps: 0, teacher_temperature_warmup_steps: 2, teacher_momentum: 0.9}
-run: {checkpoint_every: 2, log_every: 1, log_with: null, gradient_checkpointing: true}
-"""
+# test_pretrain's tiny recipe, with what differs under FSDP switched on
+SETTINGS = [
+    "optim.batch_size_per_device=4",
+    "optim.gradient_accumulation_steps=2",
+    "optim.total_steps=4",
+    "optim.clip_grad=0.05",
+    "run.log_with=null",
+    "run.gradient_checkpointing=true",
+]
 STEPS = [1, 2, 3, 4]
 
 
@@ -66,7 +67,7 @@ def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / launch[0]),
         *launch[1:], "--main_process_port", _port(), str(LAUNCHER), "-m", "franca_hf.training.pretrain",
-        *settings, f"data.source={recipe.parent / 'images'}", f"run.output_dir={output}", *overrides,
+        *settings, f"data.source={recipe.parent / 'images'}", f"run.output_dir={output}", *SETTINGS, *overrides,
     ]  # fmt: skip
 
 
@@ -74,7 +75,8 @@ def _ddp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _port(),
-        "-m", "franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *overrides,
+        "-m", "franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *SETTINGS,
+        *overrides,
     ]  # fmt: skip
 
 
@@ -116,7 +118,7 @@ def recipe(tmp_path_factory) -> Path:
     """The tiny recipe on `make_images`."""
     root = tmp_path_factory.mktemp("fsdp")
     path = root / "tiny.yaml"
-    path.write_text(RECIPE.replace("DATA", str(make_images(root / "images"))))
+    path.write_text(TINY_CONFIG.replace("DATA", str(make_images(root / "images"))))
     return path
 
 

@@ -1,21 +1,21 @@
-"""Two nodes by simulation: two `torchrun --nnodes 2 --nproc_per_node 1` agents on this machine meeting at a c10d
-rendezvous on 127.0.0.1, the output folder shared as a cluster's file system would share it. What is global happens
-once, on the node that holds rank 0 (whichever agent the rendezvous makes it); every node does its share of the work.
-
-Shown here for `pretrain` (config, checkpoint metadata, metrics log, k-NN tables, export and model card, summary) and
-for `extract` (the extraction index; one shard per process). Not shown: the per-node duties (release download and
-conversion cache, demo data generation) — see the branch report.
-"""
+"""Several nodes. Global duties: two `torchrun --nnodes 2 --nproc_per_node 1` agents on this machine meet at a c10d
+rendezvous on 127.0.0.1, the output folder shared as a cluster's file system would share it; what is global happens
+once, on the node that holds rank 0 (whichever agent the rendezvous makes it), and every process does its share:
+`pretrain` (config, checkpoint metadata, metrics log, k-NN tables, export and model card, summary) and `extract` (the
+extraction index, one shard per process). Per-node duties: the processes sharing a node's cache download and convert
+a release once (a file lock in the cache)."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from transformers import AutoModel
 
-from .test_fsdp import RECIPE, make_images
+from .test_fsdp import make_images
+from .test_pretrain import TINY_CONFIG
 
 
 def _free_port() -> int:
@@ -52,9 +52,9 @@ def _rank_zero_first(outputs: list[str], marker: str) -> tuple[str, str]:
 def test_two_nodes_pretrain_and_extract_do_global_duties_once(tmp_path):
     images = make_images(tmp_path / "images")
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(RECIPE.replace("DATA", str(images)))
+    recipe.write_text(TINY_CONFIG.replace("DATA", str(images)))
     output = tmp_path / "run"
-    knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "optim.total_steps=2"]
+    knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "optim.total_steps=2", "run.log_with=null"]
     outputs = _two_nodes("franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *knn)
     main, other = _rank_zero_first(outputs, "teacher exported to")
     for printed in ("teacher k-NN at init", "teacher k-NN after 2 steps"):
@@ -87,3 +87,50 @@ def test_two_nodes_pretrain_and_extract_do_global_duties_once(tmp_path):
     # data/shard-<run>-<process>-<part>.parquet: each process wrote its own share
     assert sorted(shard["file"].split("-")[2] for shard in index["shards"]) == ["000", "001"]
     assert AutoModel.from_pretrained(output / "teacher").config.hidden_size == 32
+
+
+def test_each_node_downloads_and_converts_a_release_once(tmp_path, monkeypatch, tiny_releases):
+    """The per-node duty: the processes of a node share its cache, and ask for a release at the same moment (every
+    `extract --model <release>` process resolves it). Two nodes of two processes each (threads here: the cache lock
+    is a file lock, which separate opens contend for as separate processes do): one download and one conversion per
+    node's cache."""
+    import shutil
+    import threading
+    import time
+
+    import franca_hf.conversion.convert as convert
+    from franca_hf.conversion.releases import RELEASES
+
+    from ..conftest import TEACHER_CHECKPOINT
+
+    name, release = next((n, r) for n, r in RELEASES.items() if not r.chunked and not r.has_rasa)
+    downloads, conversions = [], []
+    fetch, convert_checkpoint = convert.fetch_release_file, convert.convert_checkpoint
+
+    def fetch_from_the_release_site(name, base_url=None, cache=None, progress=True, **kwargs):
+        target = Path(cache) / "downloads" / release.tag / f"{release.stem}.pth"
+        if not target.is_file():  # (the real download is tested in tests/conversion with a fake server)
+            downloads.append(cache)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(TEACHER_CHECKPOINT, target)
+        return fetch(name, base_url=base_url, cache=cache, progress=progress, **kwargs)
+
+    def slow_conversion(*args, **kwargs):
+        conversions.append(kwargs)
+        time.sleep(0.3)  # the other process of the node asks meanwhile
+        return convert_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "fetch_release_file", fetch_from_the_release_site)
+    monkeypatch.setattr(convert, "convert_checkpoint", slow_conversion)
+    folders = []
+    processes = [
+        threading.Thread(target=lambda c=cache: folders.append(convert.resolve_model(name, cache=c, progress=False)))
+        for cache in (tmp_path / "node0", tmp_path / "node0", tmp_path / "node1", tmp_path / "node1")
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    assert len(folders) == 4 and all((Path(folder) / "config.json").is_file() for folder in folders)
+    assert sorted(map(str, downloads)) == [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    assert len(conversions) == 2
