@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,10 @@ def docs_fsdp_command() -> list[str]:
     return shlex.split(block.replace("\\\n", " "))
 
 
-def _port() -> str:
-    return str(29000 + (os.getpid() * 7 + random.randrange(500)) % 900)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
@@ -66,7 +69,7 @@ def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     settings[settings.index("--config") + 1] = str(recipe)
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / launch[0]),
-        *launch[1:], "--main_process_port", _port(), str(LAUNCHER), "-m", "franca_hf.training.pretrain",
+        *launch[1:], "--main_process_port", str(free_port()), str(LAUNCHER), "-m", "franca_hf.training.pretrain",
         *settings, f"data.source={recipe.parent / 'images'}", f"run.output_dir={output}", *SETTINGS, *overrides,
     ]  # fmt: skip
 
@@ -74,7 +77,7 @@ def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
 def _ddp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _port(),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *SETTINGS,
         *overrides,
     ]  # fmt: skip

@@ -7,28 +7,21 @@ a release once (a file lock in the cache)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from transformers import AutoModel
 
-from .test_fsdp import make_images
+from .test_fsdp import free_port, make_images
 from .test_pretrain import TINY_CONFIG
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _two_nodes(*command: str) -> list[str]:
     """Run `command` (a module and its arguments) on two simulated nodes; the two agents' combined outputs."""
     launcher = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "franca-two-nodes",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "franca-two-nodes",
         "-m", *command,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
