@@ -93,6 +93,11 @@ def main(argv: list[str]) -> None:
     Accelerator.__init__ = build_then_force
     if os.environ.get("FRANCA_TEST_KILL_IN_STEP"):
         kill_in_step(int(os.environ["FRANCA_TEST_KILL_IN_STEP"]))
+    run_as_main(argv)
+
+
+def run_as_main(argv: list[str]) -> None:
+    """Run `-m module args...` or `script.py args...` as `__main__`, as `python` would."""
     if argv[:1] == ["-m"]:
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

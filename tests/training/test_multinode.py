@@ -1,9 +1,10 @@
-"""Several nodes. Global duties: two `torchrun --nnodes 2 --nproc_per_node 1` agents on this machine meet at a c10d
-rendezvous on 127.0.0.1, the output folder shared as a cluster's file system would share it; what is global happens
+"""Several nodes, simulated: two `torchrun --nnodes 2 --nproc_per_node 1` agents on this machine meet at a c10d
+rendezvous on 127.0.0.1, the output folder shared as a cluster's file system would share it. What is global happens
 once, on the node that holds rank 0 (whichever agent the rendezvous makes it), and every process does its share:
 `pretrain` (config, checkpoint metadata, metrics log, k-NN tables, export and model card, summary) and `extract` (the
-extraction index, one shard per process). Per-node duties: the processes sharing a node's cache download and convert
-a release once (a file lock in the cache)."""
+extraction index, one shard per process). What is per node happens once per node: each agent has its own cache, as
+two machines would, and downloads and converts a release into it once; the processes sharing one node's cache
+resolve a release once (a file lock in the cache; in-process test)."""
 
 import json
 import os
@@ -13,25 +14,30 @@ from pathlib import Path
 
 from transformers import AutoModel
 
+from franca_hf.conversion.releases import RELEASES
+
+from ..conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT
+from ..conversion.test_releases import ReleaseServer
 from .test_fsdp import free_port, make_images
 from .test_pretrain import TINY_CONFIG
 
 
-def _two_nodes(*command: str) -> list[str]:
-    """Run `command` (a module and its arguments) on two simulated nodes; the two agents' combined outputs."""
+def _two_nodes(*program: str, node_env: tuple[dict, dict] = ({}, {})) -> list[str]:
+    """Run `program` (`-m module` or a script, and its arguments) on two simulated nodes, agent i with `node_env[i]`
+    added to its environment; the two agents' combined outputs."""
     launcher = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "franca-two-nodes",
-        "-m", *command,
+        *program,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     agents = [
-        subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for _ in range(2)
+        subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, **extra})
+        for extra in node_env
     ]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    for agent, output in zip(agents, outputs, strict=True):
-        assert agent.returncode == 0, output[-4000:]
+    # either agent may hold the root cause (an error is printed by rank 0 only): show both
+    assert all(agent.returncode == 0 for agent in agents), [output[-3000:] for output in outputs]
     return outputs
 
 
@@ -42,13 +48,13 @@ def _rank_zero_first(outputs: list[str], marker: str) -> tuple[str, str]:
     return holders[0], next(output for output in outputs if marker not in output)
 
 
-def test_two_nodes_pretrain_and_extract_do_global_duties_once(tmp_path):
+def test_two_nodes_pretrain_does_global_duties_once(tmp_path):
     images = make_images(tmp_path / "images")
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_CONFIG.replace("DATA", str(images)))
     output = tmp_path / "run"
     knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "optim.total_steps=2", "run.log_with=null"]
-    outputs = _two_nodes("franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *knn)
+    outputs = _two_nodes("-m", "franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *knn)
     main, other = _rank_zero_first(outputs, "teacher exported to")
     for printed in ("teacher k-NN at init", "teacher k-NN after 2 steps"):
         assert main.count(printed) == 1 and printed not in other
@@ -67,18 +73,6 @@ def test_two_nodes_pretrain_and_extract_do_global_duties_once(tmp_path):
     assert (output / "teacher" / "README.md").is_file() and (output / "config.json").is_file()
     assert not list(output.rglob("*.tmp"))
 
-    features = tmp_path / "features"
-    outputs = _two_nodes(
-        "franca_hf.cli", "extract", "--model", str(output / "teacher"), "--out", str(features), "--num-workers", "0",
-        str(images),
-    )  # fmt: skip
-    main, other = _rank_zero_first(outputs, "wrote cls features")
-    assert "of 48 images in" in main
-    index = json.loads((features / "extraction.json").read_text())
-    assert sum(shard["rows"] for shard in index["shards"]) == 48
-    assert index["complete"] and (features / "README.md").is_file()
-    # data/shard-<run>-<process>-<part>.parquet: each process wrote its own share
-    assert sorted(shard["file"].split("-")[2] for shard in index["shards"]) == ["000", "001"]
     assert AutoModel.from_pretrained(output / "teacher").config.hidden_size == 32
 
 
@@ -127,3 +121,42 @@ def test_each_node_downloads_and_converts_a_release_once(tmp_path, monkeypatch, 
     assert len(folders) == 4 and all((Path(folder) / "config.json").is_file() for folder in folders)
     assert sorted(map(str, downloads)) == [str(tmp_path / "node0"), str(tmp_path / "node1")]
     assert len(conversions) == 2
+
+
+def test_two_nodes_each_download_and_convert_a_release_once(tmp_path):
+    """The per-node duty inside the simulation: each agent has its own cache, as two machines would, and `extract
+    --model <release>` downloads (from a loopback release site) and converts the release once on each node."""
+    name, release = "franca_vitb14_In21K", RELEASES["franca_vitb14_In21K"]  # with a RASA head: two files per node
+    published = {f"{release.stem}.pth": TEACHER_CHECKPOINT, f"{release.stem}_rasa.pth": RASA_CHECKPOINT}
+    site = ReleaseServer(
+        {f"/node{node}/{release.tag}/{file}": path.read_bytes() for node in (0, 1) for file, path in published.items()}
+    )
+    images, features = make_images(tmp_path / "images"), tmp_path / "features"
+    node_env = tuple(
+        {"FRANCA_HF_CACHE": str(tmp_path / f"node{node}"), "FRANCA_HF_RELEASE_URL": f"{site.url}/node{node}"}
+        for node in (0, 1)
+    )
+    try:
+        outputs = _two_nodes(
+            str(Path(__file__).with_name("release_launcher.py")), "-m", "franca_hf.cli", "extract", "--model", name,
+            "--out", str(features), "--num-workers", "0", str(images), node_env=node_env,
+        )  # fmt: skip
+    finally:
+        site.close()
+    # each node fetched each published file once, from its own cache's point of view
+    assert sorted(path for path, _ in site.requests) == sorted(
+        f"/node{node}/{release.tag}/{file}" for node in (0, 1) for file in published
+    )
+    for node in (0, 1):
+        cache = tmp_path / f"node{node}"
+        assert sorted(p.name for p in (cache / "converted").iterdir()) == [f"{name}_rasa"]
+        source = json.loads((cache / "converted" / f"{name}_rasa" / "float32" / "config.json").read_text())
+        assert source["source_checkpoint"]["url"] == f"{site.url}/node{node}/{release.tag}/{name}.pth"  # its own
+        assert not [p for p in cache.rglob("*") if "staging" in p.name or p.suffix == ".partial"]
+    main, _ = _rank_zero_first(outputs, "wrote cls features")  # the global duties, still once
+    assert "of 48 images in 2 shards" in main
+    index = json.loads((features / "extraction.json").read_text())
+    assert index["complete"] and sum(shard["rows"] for shard in index["shards"]) == 48
+    assert (features / "README.md").is_file()
+    # data/shard-<run>-<process>-<part>.parquet: each process wrote its own share
+    assert sorted(shard["file"].split("-")[2] for shard in index["shards"]) == ["000", "001"]
