@@ -36,7 +36,7 @@ def _two_nodes(*program: str, node_env: tuple[dict, dict] = ({}, {})) -> list[st
         for extra in node_env
     ]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    # either agent may hold the root cause (an error is printed by rank 0 only): show both
+    # either agent may hold the root cause (the other fails on a closed connection): show both
     assert all(agent.returncode == 0 for agent in agents), [output[-3000:] for output in outputs]
     return outputs
 
@@ -160,3 +160,17 @@ def test_two_nodes_each_download_and_convert_a_release_once(tmp_path):
     assert (features / "README.md").is_file()
     # data/shard-<run>-<process>-<part>.parquet: each process wrote its own share
     assert sorted(shard["file"].split("-")[2] for shard in index["shards"]) == ["000", "001"]
+
+
+def test_a_user_error_is_reported_once_per_node(monkeypatch, capsys):
+    """A node can fail on its own (its download of a release): its first process says why, in one line per node."""
+    from franca_hf.errors import report
+
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):  # two nodes of two processes
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        report("extract", f"Downloading the release failed on the node of rank {rank}.")
+    assert capsys.readouterr().err.splitlines() == [
+        "franca-hf extract: error: Downloading the release failed on the node of rank 0.",
+        "franca-hf extract: error: Downloading the release failed on the node of rank 2.",
+    ]
