@@ -2,6 +2,8 @@
 # One prepared GPU check (at most 10 minutes on one GPU), printing one table:
 #   Sinkhorn-Knopp at K = 131072, B = 4096, each nesting level alone (time, peak memory);
 #   one ViT-B/14 Franca training step, bf16, batch 64 (images/s, peak memory, MFU);
+#   the same step under FSDP2 as the trainer shards it, one process on the GPU (a valid FSDP2 mesh): step time, peak
+#   memory (launched with configs/accelerate/fsdp2.yaml);
 #   ViT-L/14 inference, bf16, at 224 and 518 px (images/s);
 #   the device photometric augmentation path (images/s, and whether it is bit-identical to the CPU path).
 # It runs the project's benchmarks (sinkhorn.py, training.py, inference.py, augment.py), each under a time limit.
@@ -20,18 +22,24 @@ if [[ "${1:-}" == "--smoke" ]]; then
     DEVICE=cpu
     SINKHORN=(--batch 64 --prototypes 1024 --repeats 1)
     TRAINING=(--config demo --batch 8 --dtype bfloat16 --rounds 1 --steps-per-round 1)
+    FSDP_TRAINING=(--config demo --batch 8 --dtype bfloat16 --rounds 1 --steps-per-round 1)
+    # Accelerate switches to FSDP only on accelerators: on CPU the test launcher switches its state to FSDP2 after
+    # the Accelerator is built (tests/training/fsdp_launcher.py); the sharding and the step are the trainer's
+    FSDP_LAUNCHER=(tests/training/fsdp_launcher.py)
     INFERENCE=(--preset vit_small --batch 2 --rounds 1)
     SIZES=(56)
     AUGMENT=(--rounds 1 --per-round 2 --batch 4 --compare-seeds 2)
-    LIMITS=(120 120 120 120)  # seconds: sinkhorn, training, each inference size, augmentation
+    LIMITS=(120 120 120 120 120)  # seconds: sinkhorn, training, each inference size, augmentation, FSDP2 training
 elif [[ $# -eq 0 ]]; then
     DEVICE=cuda
     SINKHORN=(--batch 4096 --prototypes 131072 --repeats 5)
     TRAINING=(--config vitb14_in21k --batch 64 --dtype bfloat16 --rounds 5 --steps-per-round 5)
+    FSDP_TRAINING=(--config vitb14_in21k --batch 64 --dtype bfloat16 --rounds 3 --steps-per-round 5)
+    FSDP_LAUNCHER=()
     INFERENCE=(--preset vit_large --batch 64 --rounds 7)
     SIZES=(224 518)
     AUGMENT=(--rounds 5 --per-round 40 --batch 64)
-    LIMITS=(60 180 90 120)  # at most 9 minutes in all (typically a few)
+    LIMITS=(60 150 80 100 120)  # at most 9 minutes 50 s in all (typically a few)
 else
     echo "usage: benchmarks/gpu_check.sh [--smoke]" >&2
     exit 2
@@ -58,6 +66,9 @@ for size in "${SIZES[@]}"; do
     stage "inference_$size" "${LIMITS[2]}" benchmarks/inference.py --device "$DEVICE" --dtype bfloat16 \
         --size "$size" --no-memory "${INFERENCE[@]}"
 done
+stage training_fsdp "${LIMITS[4]}" -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml \
+    --num_processes 1 --main_process_port $((29500 + $$ % 1000)) ${FSDP_LAUNCHER[@]+"${FSDP_LAUNCHER[@]}"} \
+    benchmarks/training.py --fsdp --device "$DEVICE" "${FSDP_TRAINING[@]}"
 stage augment "${LIMITS[3]}" benchmarks/augment.py --device "$DEVICE" ${OFFICIAL[@]+"${OFFICIAL[@]}"} "${AUGMENT[@]}"
 
 "$PYTHON" - "$LOGS" "$DEVICE" "${SIZES[@]}" <<'EOF'
@@ -100,6 +111,13 @@ if training:
     print(f"| training step, bf16, batch {training['batch']} | {training['images_per_second']:.0f} images/s, "
           f"peak {mib(training['peak_mib'])} ({training['peak_kind']}), "
           f"{training['tflop_per_step']:.3g} TFLOP/step, MFU {mfu} |")
+fsdp = results("training_fsdp")
+if fsdp:
+    if fsdp["distributed_type"] != "FSDP":
+        failed.append(f"training_fsdp (ran as {fsdp['distributed_type']}, not FSDP)")
+    print(f"| training step, FSDP2 (1 process), bf16, batch {fsdp['batch']} | {fsdp['step_ms']:.1f} ms/step, "
+          f"{fsdp['images_per_second']:.0f} images/s, peak {mib(fsdp['peak_mib'])} ({fsdp['peak_kind']}), "
+          f"{fsdp['distributed_type']} |")
 for size in sizes:
     inference = results(f"inference_{size}")
     if inference:

@@ -8,6 +8,13 @@ so the ratio shows what the heads, the teacher and the losses cost on top of the
     python benchmarks/training.py                                   # the demo config on CPU
     python benchmarks/training.py --config vitb14_in21k --device cuda --dtype bfloat16 --batch 64
 
+With `--fsdp` both networks are sharded as the trainer shards them under FSDP2 (`prepare_networks`): launch it with
+the repository's FSDP2 Accelerate config (one process on one GPU is a valid FSDP2 mesh); the backbone-alone baseline
+is then left out (the backbone is not an FSDP root of its own).
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 benchmarks/training.py --fsdp \
+        --config vitb14_in21k --device cuda --dtype bfloat16 --batch 64
+
 The FLOPs of one step are counted by torch's FlopCounterMode (matrix products, convolutions and attention, forward
 and backward); with the accelerator's peak (`--peak-tflops`, known for a few GPUs) that gives the model FLOPs
 utilisation (MFU) of the step.
@@ -20,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,6 +41,7 @@ from franca_hf.training.pretrain import (
     build_networks,
     make_augmentation,
     make_schedules,
+    prepare_networks,
 )
 
 
@@ -85,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for --dtype (for the MFU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 as the trainer (under an FSDP2 Accelerate config)")
     args = parser.parse_args()
     config = load_config(args.config)
     batch_size = args.batch or config.optim.batch_size_per_device
@@ -92,14 +101,18 @@ def main() -> None:
     # AdamW, EMA) under the trainer's Accelerator settings
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
     device = accelerator.device
+    if args.fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        raise SystemExit(
+            f"--fsdp: Accelerate runs this as {accelerator.distributed_type.value}, not FSDP; launch it with "
+            "accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 (on a GPU)."
+        )
     torch.manual_seed(0)
     student, teacher = build_networks(config)
     optimizer = torch.optim.AdamW(
         build_param_groups(student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
         betas=tuple(config.optim.betas),
     )
-    student, optimizer = accelerator.prepare(student, optimizer)
-    teacher = teacher.to(device)
+    student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
     training_step = TrainingStep(accelerator, student, teacher, optimizer, make_schedules(config, 1), config)
     batch = batch_to_device(synthetic_or_demo_batch(config, batch_size), config, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -123,20 +136,24 @@ def main() -> None:
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / args.steps_per_round
 
-    franca_step(), backbone_step()  # warm-up
+    steps = (
+        {"franca step": franca_step} if args.fsdp else {"franca step": franca_step, "backbone fwd+bwd": backbone_step}
+    )
+    for step in steps.values():  # warm-up
+        step()
     with FlopCounterMode(display=False) as counter:
         franca_step()
     step_flops = counter.get_total_flops()
-    results = {"franca step": [], "backbone fwd+bwd": []}
+    results = {name: [] for name in steps}
     memory = {}
     for _ in range(args.rounds):
-        for name, step in (("franca step", franca_step), ("backbone fwd+bwd", backbone_step)):
+        for name, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             results[name].append(timed(step))
             memory[name] = max(memory.get(name, 0.0), peak_memory_mib(device))
     print(
-        f"{args.config}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
+        f"{args.config}{' (FSDP2)' if args.fsdp else ''}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
         f"{config.crops.local_number} local), {args.device}, {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
@@ -147,15 +164,18 @@ def main() -> None:
             f"{name:18s} {median * 1000:8.1f} ms/step  {batch_size / median:8.1f} images/s  "
             f"{where} {memory[name]:.0f} MiB"
         )
-    ratio = statistics.median(f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True))
-    print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
+    if not args.fsdp:
+        ratio = statistics.median(
+            f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True)
+        )
+        print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
     step_seconds = statistics.median(results["franca step"])
     achieved = step_flops / step_seconds / 1e12
     peak = peak_tflops(device, args.peak_tflops)
     mfu = achieved / peak if peak else None
     utilisation = f", MFU {100 * mfu:.1f} % of {peak:.0f} TFLOP/s" if mfu is not None else ""
     print(f"franca step: {step_flops / 1e9:.1f} GFLOP per step, {achieved:.3f} TFLOP/s{utilisation}")
-    if args.json:
+    if args.json and accelerator.is_main_process:
         summary = {
             "batch": batch_size,
             "step_ms": step_seconds * 1e3,
@@ -164,6 +184,7 @@ def main() -> None:
             "peak_kind": "allocated" if device.type == "cuda" else "process RSS",
             "tflop_per_step": step_flops / 1e12,
             "mfu": mfu,
+            "distributed_type": accelerator.distributed_type.value,
         }
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

@@ -1,6 +1,8 @@
 """Official Franca checkpoint (+ RASA head) -> verified Hugging Face folder."""
 
+import fcntl
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +213,18 @@ def _check_reload(folder: Path, model: FrancaModel) -> None:
             raise CheckpointError(f"The saved folder does not reproduce the converted model ({name} differs).")
 
 
+@contextmanager
+def cache_lock(path: Path):
+    """An exclusive lock on the file `path` (created if missing), held for the block, across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def convert_release(
     name: str,
     out_dir: str | Path | None = None,
@@ -228,22 +242,26 @@ def convert_release(
     calls (`overwrite=True` converts it again).
     """
     release = get_release(name)
-    target = (
-        Path(out_dir)
-        if out_dir is not None
-        else cache_dir(cache) / "converted" / (f"{name}_rasa" if with_rasa else name) / dtype
-    )
-    if out_dir is None and (target / "config.json").is_file() and not overwrite:
-        return target
-    checkpoint = fetch_release_file(name, base_url=base_url, cache=cache, progress=progress)
-    rasa = fetch_release_file(name, rasa=True, base_url=base_url, cache=cache, progress=progress) if with_rasa else None
-    url = f"{release_base_url(base_url)}/{release.tag}/{name}" + (
-        "_chunked.tar.gz.part_*" if release.chunked else ".pth"
-    )
-    provenance = {"release": name, "tag": release.tag, "dataset": release.dataset, "url": url}
-    convert_checkpoint(
-        checkpoint, target, rasa=rasa, dtype=dtype, overwrite=overwrite, provenance=provenance, verify=verify
-    )
+    converted = cache_dir(cache) / "converted" / (f"{name}_rasa" if with_rasa else name) / dtype
+    target = Path(out_dir) if out_dir is not None else converted
+    # one process at a time per cache (those of a node, or all on a shared file system): a release is downloaded
+    # and converted into the cache once; the others wait, then find it there
+    with cache_lock(cache_dir(cache) / "locks" / f"{name}.lock"):
+        if out_dir is None and (target / "config.json").is_file() and not overwrite:
+            return target
+        checkpoint = fetch_release_file(name, base_url=base_url, cache=cache, progress=progress)
+        rasa = (
+            fetch_release_file(name, rasa=True, base_url=base_url, cache=cache, progress=progress)
+            if with_rasa
+            else None
+        )
+        url = f"{release_base_url(base_url)}/{release.tag}/{name}" + (
+            "_chunked.tar.gz.part_*" if release.chunked else ".pth"
+        )
+        provenance = {"release": name, "tag": release.tag, "dataset": release.dataset, "url": url}
+        convert_checkpoint(
+            checkpoint, target, rasa=rasa, dtype=dtype, overwrite=overwrite, provenance=provenance, verify=verify
+        )
     return target
 
 

@@ -47,7 +47,13 @@ def fill_model_folder(
     card_text: str | None = None,
 ) -> None:
     """Write weights, config (with auto_map), processor config, remote code and model card into `folder`."""
-    model.save_pretrained(folder)
+    # transformers 5 writes nothing from a process of rank > 0 once torch.distributed is initialised, while a node
+    # other than rank 0's converts a release into its own cache from such a process: this process writes here
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(folder)
+    finally:
+        del model.should_save_on_this_rank
     (image_processor or make_image_processor(model.config.image_size)).save_pretrained(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())

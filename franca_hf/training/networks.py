@@ -172,10 +172,21 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, with foreach ops on the local shards."""
-    teacher_params = [local_shard(p) for p in teacher.parameters()]
-    student_params = [local_shard(p.detach()) for p in student.parameters()]
-    if len(teacher_params) != len(student_params):
+    """teacher = momentum * teacher + (1 - momentum) * student, with foreach ops on the local shards.
+
+    Under FSDP2 both sides must be sharded alike (DTensors with the same placements, as `shard_teacher` makes them):
+    a full tensor paired with a shard is refused, never broadcast or truncated."""
+    pairs = list(zip(teacher.named_parameters(), student.parameters(), strict=False))
+    if len(pairs) != len(list(teacher.parameters())) or len(pairs) != len(list(student.parameters())):
         raise RuntimeError("Teacher and student parameters do not pair up; they must share one layout.")
+    for (name, t), s in pairs:
+        if getattr(t, "placements", None) != getattr(s, "placements", None) or t.shape != s.shape:
+            raise RuntimeError(
+                f"EMA: the teacher's {name} ({type(t).__name__} {tuple(t.shape)}, placements "
+                f"{getattr(t, 'placements', None)}) does not pair with the student's ({type(s).__name__} "
+                f"{tuple(s.shape)}, placements {getattr(s, 'placements', None)}): shard both alike."
+            )
+    teacher_params = [local_shard(t) for (_, t), _ in pairs]
+    student_params = [local_shard(s.detach()) for _, s in pairs]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)

@@ -11,6 +11,7 @@ the device (`metrics.LossWindow`) and are reduced over processes, and checked fo
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from .pipeline import BatchCollator, TrainingBatches, batch_to_device, make_augm
 from .pretrain_arguments import DESCRIPTION, add_arguments
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainState:
@@ -75,9 +78,11 @@ class TrainingStep:
         accelerator, values = self.accelerator, self.schedules(step)
         apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
         with accelerator.accumulate(self.student):
+            # both forwards under the step's autocast: Accelerate autocasts a prepared model's forward under DDP,
+            # not under FSDP2 (where it relies on a MixedPrecisionPolicy, which `prepare_networks` clears)
             with accelerator.autocast():
                 targets = self.teacher(batch, values.teacher_temperature, self.config.objective.sinkhorn_iterations)
-            parts = self.student(batch, *targets)
+                parts = self.student(batch, *targets)
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
@@ -126,6 +131,48 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
     )
 
 
+def prepare_networks(accelerator: Accelerator, student: Student, teacher: Teacher, optimizer):
+    """The student and its optimizer prepared by Accelerate (DDP, FSDP2); the teacher on the device or, under FSDP2,
+    sharded like the student (`shard_teacher`) and listed among the models `save_state` writes."""
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if not fsdp and accelerator.is_main_process and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        logger.warning(
+            "FSDP was asked for (an FSDP Accelerate config or --use_fsdp), but Accelerate runs this as %s: it "
+            "switches to FSDP only on accelerators (GPUs). Every process holds the full student and teacher.",
+            accelerator.distributed_type.value,
+        )
+    if fsdp and not accelerator.is_fsdp2:
+        raise ValueError(
+            "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
+            "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
+        )
+    if fsdp:  # fp32 parameters under autocast, the numerics of DDP (see `shard_teacher`)
+        accelerator.state.fsdp_plugin.mixed_precision_policy = None
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if fsdp:
+        teacher = shard_teacher(accelerator, teacher)
+        accelerator._models.append(teacher)
+    else:
+        teacher = teacher.to(accelerator.device)
+    return student, teacher, optimizer
+
+
+def shard_teacher(accelerator: Accelerator, teacher: Teacher) -> Teacher:
+    """FSDP2 for the optimizer-less teacher (Accelerate prepares FSDP2 models only with an optimizer: `prepare_model`
+    refuses them), sharded on the student's mesh with the same plugin, so each parameter's local shard pairs with the
+    student's for the EMA.
+
+    Both networks are sharded without a `MixedPrecisionPolicy` (`prepare_networks` clears the plugin's): fp32
+    parameters, the step's autocast doing the bf16 compute, as under DDP. A bf16 `param_dtype` would hand the
+    teacher's fp32 heads (run with autocast off) bf16 weights, and run the student's LayerNorms and KoLeo in bf16.
+    Every teacher unit, the root included, reshards after its forward: nothing reshards a no-grad network in a
+    backward, and unsharded root parameters would neither pair with the student's shards nor free their memory.
+    """
+    teacher = fsdp2_prepare_model(accelerator, teacher)
+    teacher.set_reshard_after_forward(True)
+    return teacher
+
+
 def make_schedules(config: PretrainConfig, processes: int) -> FrancaSchedules:
     """The recipe's schedules, the learning rate scaled by the global batch (sqrt rule)."""
     optim = config.optim
@@ -165,23 +212,10 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     optimizer = torch.optim.AdamW(
         build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=tuple(optim.betas)
     )
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and not accelerator.is_fsdp2:
-        raise ValueError(
-            "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
-            "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
-        )
-    student, optimizer = accelerator.prepare(student, optimizer)
+    student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
     state, batches = TrainState(), TrainingBatches(config, accelerator)
-    if fsdp:  # sharded like the student so that the EMA pairs local shards; save_state then holds it as a model
-        # Accelerate prepares FSDP2 models only together with an optimizer (`prepare_model` refuses them): shard the
-        # optimizer-less teacher as `prepare` shards the student, and list it among the models `save_state` saves.
-        teacher = fsdp2_prepare_model(accelerator, teacher)
-        accelerator._models.append(teacher)
-        accelerator.register_for_checkpointing(state, batches)
-    else:
-        teacher = teacher.to(accelerator.device)
-        accelerator.register_for_checkpointing(teacher, state, batches)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP  # (then `save_state` holds the teacher as a model)
+    accelerator.register_for_checkpointing(*([] if fsdp else [teacher]), state, batches)
 
     checkpoints = output_dir / "checkpoints"
     latest = find_latest_checkpoint(checkpoints)
@@ -199,9 +233,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         if accuracy is not None:
             names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
             log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
-            if title:
+            if title and accelerator.is_main_process:  # (`accelerator.print` prints once per node)
                 labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
-                accelerator.print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
+                print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
         return accuracy
 
     def fitted_basis() -> MatryoshkaFit | None:
@@ -316,6 +350,7 @@ __all__ = [  # the trainer's pieces, also importable from here (their home modul
     "local_shard",
     "main",
     "make_augmentation",
+    "prepare_networks",
     "resize_position_table",
     "save_checkpoint",
     "teacher_backbone_copy",
