@@ -1,4 +1,6 @@
-"""EmbeddingIndex: prefix search vs brute force, funnel search vs full-dimension exact search, save/load, errors."""
+"""EmbeddingIndex on FAISS: prefix search vs brute force, funnels (exact, HNSW, IVF-PQ first stages) vs full-width
+exact search, index folders (lazy loading, streaming from extract shards, append = rebuild), model fingerprints,
+every documented way of embedding a query, errors."""
 
 import logging
 import shutil
@@ -6,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,15 @@ from safetensors.torch import save_file
 from franca_hf import FrancaModel, retrieval
 from franca_hf.cli import main
 from franca_hf.conversion.export import make_image_processor
-from franca_hf.retrieval import EmbeddingIndex, default_funnel, index_from_features, index_images
+from franca_hf.retrieval import (
+    EmbeddingIndex,
+    IndexSettings,
+    ModelMismatchError,
+    build_index,
+    default_funnel,
+    index_from_features,
+    index_images,
+)
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
@@ -51,20 +62,33 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2).float().mean().item()
 
 
-@pytest.fixture(params=["one tile", "many tiles"])
+EXACT = IndexSettings(ann="none")
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS on one thread: a second OpenMP thread on a shared CPU makes k-means (IVF-PQ training) 4x slower, and
+    HNSW insertion with one thread is deterministic (an append then equals a rebuild byte for byte)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture(params=["one block", "many blocks"])
 def tiles(request, monkeypatch):
-    """Run with the default work sizes (one score tile here) and with tiny ones (several query blocks, database
-    chunks and rerank blocks, each with a ragged last one)."""
-    if request.param == "many tiles":
-        monkeypatch.setattr(retrieval, "QUERY_BLOCK", 16)
-        monkeypatch.setattr(retrieval, "SCORE_TILE", 16 * 1024)
-        monkeypatch.setattr(retrieval, "GATHER_TILE", 3000)
+    """Run with the default fill block (one block here) and with a tiny one (several blocks and a ragged last one
+    when prefix copies and first stages are filled from the vectors)."""
+    if request.param == "many blocks":
+        monkeypatch.setattr(retrieval, "FILL_BLOCK", 700)
     return request.param
 
 
 def test_prefix_search_equals_brute_force(tiles):
     database, queries = gaussian(3000, 40, decay=0.5)
-    index = EmbeddingIndex(database, dims=DIMS)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     for dim in DIMS:
         for cut in (queries, queries[:, :dim]):  # full-width queries, or already truncated to the prefix
             assert_exact_top_k(*index.search(cut, k=7, dim=dim), database, queries, dim)
@@ -77,7 +101,7 @@ def test_prefix_search_equals_brute_force(tiles):
 )
 def test_funnel_returns_exact_top_k_on_nested_embeddings(tiles, stages):
     database, queries = gaussian(3000, 40, decay=1.5)
-    index = EmbeddingIndex(database, dims=DIMS)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     scores, found = index.funnel_search(queries, k=10, stages=stages)
     measured = recall(found, index.search(queries, k=10)[1])
     print(f"funnel {stages or default_funnel(DIMS, 10)}: recall@10 = {measured:.4f} vs full-dimension exact search")
@@ -91,7 +115,7 @@ def test_funnel_recall_drops_when_prefixes_carry_no_information():
     stages, recalls = [(8, 30), (32, 15), (128, 10)], {}
     for name, decay in (("nested", 1.5), ("isotropic", 0.0)):
         database, queries = gaussian(3000, 40, decay)
-        index = EmbeddingIndex(database, dims=DIMS)
+        index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
         recalls[name] = recall(index.funnel_search(queries, 10, stages)[1], index.search(queries, 10)[1])
     print(f"funnel {stages}: recall@10 {recalls}")
     assert recalls["nested"] >= 0.95 and recalls["isotropic"] < 0.5
@@ -107,14 +131,14 @@ def test_funnel_follows_its_cascade_on_isotropic_embeddings(tiles):
         similarity = (unit_db @ F.normalize(queries[:, :dim].double(), dim=1).unsqueeze(2)).squeeze(2)
         best, pick = similarity.topk(size, dim=1)
         shortlist = shortlist.gather(1, pick)
-    scores, found = EmbeddingIndex(database, dims=DIMS).funnel_search(queries, 10, stages)
+    scores, found = EmbeddingIndex(database, dims=DIMS, settings=EXACT).funnel_search(queries, 10, stages)
     assert torch.equal(found, shortlist)
     torch.testing.assert_close(scores.double(), best, atol=1e-6, rtol=0)
 
 
 def test_single_stage_funnel_is_prefix_search():
     database, queries = gaussian(500, 5, decay=1.0)
-    index = EmbeddingIndex(database, dims=DIMS)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     for got, want in zip(index.funnel_search(queries, 5, [(16, 5)]), index.search(queries, 5, 16), strict=True):
         assert torch.equal(got, want)
 
@@ -127,48 +151,86 @@ def test_no_queries_give_empty_results():
 
 def test_prefix_vectors_are_truncated_then_normalised():
     database, _ = gaussian(50, 1, decay=1.0)
-    torch.testing.assert_close(EmbeddingIndex(database, dims=DIMS).prefix(16), F.normalize(database[:, :16], dim=1))
+    torch.testing.assert_close(EmbeddingIndex(database, dims=DIMS, settings=EXACT).prefix(16), F.normalize(database[:, :16], dim=1))
 
 
-def test_save_load_round_trip_is_exact(tmp_path):
-    database, queries = gaussian(300, 8, decay=1.0)
-    ids = [f"photos/été/{i:03d}.jpg" for i in range(300)]
-    index = EmbeddingIndex(database, ids, dims=DIMS)
-    path = tmp_path / "index.safetensors"
+ANN = {
+    "none": EXACT,
+    "hnsw": IndexSettings(ann="hnsw", hnsw_m=16),
+    "ivfpq": IndexSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4),
+}
+
+
+@pytest.mark.parametrize("ann", ANN)
+def test_save_load_round_trip_is_exact_and_lazy(tmp_path, ann):
+    database, queries = gaussian(3000, 8, decay=1.0)
+    ids = [f"photos/été/{i:04d}.jpg" for i in range(3000)]
+    index = EmbeddingIndex(database, ids, dims=DIMS, settings=ANN[ann])
+    path = tmp_path / "index"
     index.save(path)
-    EmbeddingIndex(database[:10], dims=DIMS).save(path)  # overwriting works …
+    EmbeddingIndex(database[:100], dims=DIMS).save(path)  # overwriting works …
     index.save(path)  # … and the last write wins
     loaded = EmbeddingIndex.load(path)
-    assert torch.equal(loaded.vectors, index.vectors) and loaded.ids == ids and loaded.dims == DIMS
+    # opening reads the manifest only: the vectors are memory-mapped, ids and the FAISS first stage wait for use
+    assert isinstance(loaded._array, np.memmap) and loaded._ids is None and loaded._first is None
+    assert len(loaded) == 3000 and loaded.dims == DIMS and loaded.settings == index.settings
+    assert torch.equal(loaded.vectors, index.vectors) and loaded.ids == ids
     for got, want in zip(loaded.funnel_search(queries, 5), index.funnel_search(queries, 5), strict=True):
         assert torch.equal(got, want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
     (tmp_path / "plain").write_bytes(b"")  # the index gets the permissions of any new file (umask), not 0600
-    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert (path / "vectors.f32").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
-def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ann", ["hnsw", "ivfpq"])
+def test_ann_first_stages_find_the_exact_top_k_after_the_rerank(ann):
+    """An approximate shortlist at D/16 reranked exactly at D: nearly all of the exact top-10 on nested data, with
+    exact scores for what it returns."""
+    database, queries = gaussian(3000, 40, decay=1.5)
+    index = EmbeddingIndex(database, dims=DIMS, settings=ANN[ann])
+    scores, found = index.funnel_search(queries, k=10)
+    measured = recall(found, index.search(queries, k=10)[1])
+    print(f"{ann}: recall@10 = {measured:.4f}")
+    assert measured >= 0.97
+    similarity = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
+    torch.testing.assert_close(scores.double(), similarity.gather(1, found), atol=1e-5, rtol=0)
+
+
+def test_auto_settings_choose_by_size(monkeypatch):
+    assert IndexSettings().resolve(1000, 48).ann == "none"
+    assert IndexSettings().resolve(1_000_000, 48).ann == "hnsw"
+    monkeypatch.setattr(retrieval, "physical_memory", lambda: 2**30)  # 1 GiB: a 1M-row graph does not fit
+    resolved = IndexSettings().resolve(1_000_000, 48)
+    assert (resolved.ann, resolved.nlist, resolved.pq_bytes) == ("ivfpq", 4096, 24)
+    with pytest.raises(ValueError, match="ann='flat' is not an index kind; choose one of auto, none, hnsw, ivfpq"):
+        IndexSettings(ann="flat")
+    with pytest.raises(ValueError, match="pq_bytes=5 must divide the first-stage width 48"):
+        IndexSettings(ann="ivfpq", pq_bytes=5).resolve(10, 48)
+
+
+def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     database, _ = gaussian(20, 1, decay=1.0)
-    path = tmp_path / "index.safetensors"
-    EmbeddingIndex(database, dims=DIMS).save(path)
-    before = path.read_bytes()
+    path = tmp_path / "index"
+    EmbeddingIndex(database, dims=DIMS, settings=ANN["hnsw"]).save(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
 
-    def crash(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half a file")
+    def crash(folder, index, rows):
         raise OSError("disk full")
 
-    monkeypatch.setattr(retrieval, "save_file", crash)
+    monkeypatch.setattr(retrieval, "write_first_stage", crash)
     with pytest.raises(OSError, match="disk full"):
-        EmbeddingIndex(database[:5], dims=DIMS).save(path)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["index.safetensors"]
+        EmbeddingIndex(database[:5], dims=DIMS, settings=ANN["hnsw"]).save(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == [
+        "index"
+    ]
 
 
-def test_load_rejects_files_that_are_not_an_index(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"features": torch.randn(4, 8)}, tmp_path / "features.safetensors", metadata={"paths": "[]"})
-    with pytest.raises(ValueError, match="not a franca_hf retrieval index"):
-        EmbeddingIndex.load(tmp_path / "features.safetensors")
+def test_load_rejects_folders_that_are_not_an_index(tmp_path):
+    (tmp_path / "features.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"is not a franca_hf retrieval index \(no index.json\)"):
+        EmbeddingIndex.load(tmp_path)
+    with pytest.raises(FileExistsError, match="holds files that are not an index"):
+        EmbeddingIndex(torch.randn(4, 128)).save(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +255,7 @@ def test_load_rejects_files_that_are_not_an_index(tmp_path):
 def test_bad_search_inputs_raise_clear_errors(call, message):
     database, queries = gaussian(100, 3, decay=1.0)
     with pytest.raises(ValueError, match=message):
-        call(EmbeddingIndex(database, dims=DIMS), queries)
+        call(EmbeddingIndex(database, dims=DIMS, settings=EXACT), queries)
 
 
 def test_bad_index_inputs_raise_clear_errors():
@@ -209,11 +271,11 @@ def test_bad_index_inputs_raise_clear_errors():
     ):
         EmbeddingIndex(database, dims=[8, 64])
     database[4, :8] = 0
-    with pytest.raises(ValueError, match=r"Vector 4 \('e'\) has a zero or non-finite prefix of length 8"):
+    with pytest.raises(ValueError, match=r"Row 4 \('e'\) has a zero or non-finite prefix of length 8"):
         EmbeddingIndex(database, ids="abcdefghij", dims=DIMS)
     database[4, 0] = float("nan")
-    with pytest.raises(ValueError, match="Vector 4"):
-        EmbeddingIndex(database, dims=DIMS)
+    with pytest.raises(ValueError, match="Row 4"):
+        EmbeddingIndex(database, dims=DIMS, settings=EXACT)
 
 
 def test_default_funnel_follows_mrl():
@@ -257,9 +319,12 @@ def test_index_images_of_a_model_without_matryoshka_dims_serves_its_full_width()
 
 
 def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
-    index = tmp_path / "photos.safetensors"
+    index = tmp_path / "photos"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index)]) == 0
-    assert "indexed 4 images (128 dims, nested [8, 16, 32, 64, 128])" in capsys.readouterr().out
+    assert (
+        "indexed 4 images (4 x 128, nested [8, 16, 32, 64, 128], first stage exact at 8 dims) with "
+        in capsys.readouterr().out
+    )
     search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index), "--model", str(tiny_folder)]
     for extra in (["--dim", "32"], ["--funnel"]):
         assert main([*search, "--k", "2", *extra]) == 0
@@ -270,10 +335,17 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--funnel"]) == 0
     captured = capsys.readouterr()
     assert "the index holds 4 images, fewer than --k 10; showing all of them" in captured.err
-    assert "top-4 of 4 images (funnel 8:80 > 32:20 > 128:4)" in captured.out
+    assert "top-4 of 4 images (funnel 8:80 > 32:20 > 128:4, first stage none)" in captured.out
     # the funnel stops at --dim
     assert main([*search, "--funnel", "--dim", "32", "--k", "3"]) == 0
-    assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3)" in capsys.readouterr().out
+    assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3, first stage none)" in capsys.readouterr().out
+    # an index with an ANN first stage searches with the funnel unless told --exact
+    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index), "--ann", "hnsw"]) == 0
+    assert "first stage hnsw M=32 efSearch=64 at 8 dims" in capsys.readouterr().out
+    assert main([*search, "--k", "2"]) == 0
+    assert "top-2 of 4 images (funnel 8:40 > 32:10 > 128:2, first stage hnsw)" in capsys.readouterr().out
+    assert main([*search, "--k", "2", "--exact"]) == 0
+    assert "top-2 of 4 images (exact, dim 128, cut in the model's basis)" in capsys.readouterr().out
 
     assert main([*search, "--dim", "10"]) == 2
     assert "--dim 10 is not one of the index's nested dims [8, 16, 32, 64, 128]" in capsys.readouterr().err
@@ -292,7 +364,7 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
         )
         == 0
     )
-    from_images = tmp_path / "images.safetensors"
+    from_images = tmp_path / "images"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images)]) == 0
     capsys.readouterr()
 
@@ -303,12 +375,11 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
     assert index_from_features(tmp_path / "f32").dims == [8, 16, 32]  # nested dims up to the stored width
 
     # the CLI, with no model loaded: the folder is the only input
-    out = tmp_path / "from_shards.safetensors"
+    out = tmp_path / "from_shards"
     assert main(["index", str(features), "--out", str(out)]) == 0
-    assert (
-        f"indexed 4 images (128 dims, nested [8, 16, 32, 64, 128]) from the features in {features}"
-        in capsys.readouterr().out
-    )
+    assert f"indexed 4 images (4 x 128, nested [8, 16, 32, 64, 128], first stage exact at 8 dims) from the features in {features}" in capsys.readouterr().out
+    assert main(["index", str(features), "--out", str(out)]) == 2
+    assert "already holds an index; pass overwrite=True (CLI: --overwrite) or append" in capsys.readouterr().err
     torch.testing.assert_close(EmbeddingIndex.load(out).vectors, direct.vectors)
     # search takes the extraction folder or the index file
     for index in (features, out):
