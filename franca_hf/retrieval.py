@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -127,9 +127,7 @@ def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
     return list({dims[0]: 20 * k, dims[len(dims) // 2]: 5 * k, dims[-1]: k}.items())
 
 
-def unit_rows(
-    block: np.ndarray, dim: int, first_row: int = 0, ids: Sequence[str] | None = None
-) -> np.ndarray:
+def unit_rows(block: np.ndarray, dim: int, first_row: int = 0, ids: Sequence[str] | None = None) -> np.ndarray:
     """(n, dim) float32 C-contiguous L2-normalised prefixes of `block` (rows `first_row`… of a collection, named by
     `ids`, one per row of the block); errors on zero or non-finite ones."""
     cut = np.ascontiguousarray(block[:, :dim], dtype=np.float32)
@@ -172,7 +170,9 @@ class IndexManifest:
 
     def save(self, folder: Path) -> None:
         document = {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
-        write_file_atomically(folder / MANIFEST_FILE, lambda staging: staging.write_text(json.dumps(document, indent=1)))
+        write_file_atomically(
+            folder / MANIFEST_FILE, lambda staging: staging.write_text(json.dumps(document, indent=1))
+        )
 
     @classmethod
     def load(cls, folder: Path) -> "IndexManifest":
@@ -216,8 +216,10 @@ class EmbeddingIndex:
             raise ValueError(
                 f"vectors must be a non-empty (N, D) float tensor; got shape {tuple(array.shape)}, {array.dtype}."
             )
-        self._array = array if array.dtype == np.float32 and array.flags.c_contiguous else np.ascontiguousarray(
-            array, dtype=np.float32
+        self._array = (
+            array
+            if array.dtype == np.float32 and array.flags.c_contiguous
+            else np.ascontiguousarray(array, dtype=np.float32)
         )
         size, width = self._array.shape
         if ids is not None and len(ids) != size:
@@ -228,7 +230,9 @@ class EmbeddingIndex:
         for start in range(0, size, FILL_BLOCK):
             block = self._array[start : start + FILL_BLOCK]
             for dim in dims:
-                unit_rows(block, dim, start, self._ids and self._ids[start : start + FILL_BLOCK])  # raises on a zero or non-finite prefix, naming the row
+                unit_rows(
+                    block, dim, start, self._ids and self._ids[start : start + FILL_BLOCK]
+                )  # raises on a zero or non-finite prefix, naming the row
             unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
         resolved = (settings or IndexSettings()).resolve(size, dims[0])
         self._init(IndexManifest(size, width, dims, asdict(resolved), None, unit, model), None, device)
@@ -272,9 +276,7 @@ class EmbeddingIndex:
 
     def describe(self) -> str:
         """'100000 x 768, nested [48, ..., 768], first stage hnsw M=32 ... at 48 dims', say."""
-        return (
-            f"{len(self)} x {self.width}, nested {self.dims}, first stage {self.settings.describe(self.dims[0])}"
-        )
+        return f"{len(self)} x {self.width}, nested {self.dims}, first stage {self.settings.describe(self.dims[0])}"
 
     def prefix(self, dim: int) -> torch.Tensor:
         """(N, dim) database prefixes, L2-normalised after truncation (for export to another engine, say)."""
@@ -342,7 +344,7 @@ class EmbeddingIndex:
         `funnel` None: the funnel when the index has an ANN first stage, exact search at `dim` otherwise.
         Returns the query paths that could be read, scores (Q, k) and indices (Q, k) into `ids`.
         """
-        check_same_model(self.model, model, "the index", allow_other_model)
+        check_same_model(self.model, model, "The index", allow_other_model)
         if model.config.hidden_size < self.width:
             raise ValueError(
                 f"The index holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim ones. "
@@ -395,7 +397,9 @@ class EmbeddingIndex:
                 self._first = new_first_stage(self.settings, self.dims[0])
                 train_first_stage(self._first, self._array, self.dims[0])
                 for start in range(0, len(self), FILL_BLOCK):
-                    self._first.add(unit_rows(self._array[start : start + FILL_BLOCK], self.dims[0], start))
+                    add_to_first_stage(
+                        self._first, unit_rows(self._array[start : start + FILL_BLOCK], self.dims[0]), start
+                    )
             self._first = on_device(self._first, self.device)
         return self._first
 
@@ -521,6 +525,16 @@ def train_first_stage(index, vectors: np.ndarray, dim: int) -> None:
     """Train an IVF-PQ first stage on the first `training_rows` rows of `vectors` (a no-op for the others)."""
     if not index.is_trained:
         index.train(unit_rows(vectors[: training_rows(index)], dim))
+
+
+def add_to_first_stage(index, unit: np.ndarray, first_row: int) -> None:
+    """Add unit rows `first_row`… to a first stage. HNSW draws node levels at random: seeding its generator with the
+    first row's number makes a graph grown shard by shard (an append) the one a rebuild grows, bit for bit."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.rng = faiss.RandomGenerator(first_row)
+    index.add(unit)
 
 
 def write_first_stage(folder: Path, index, rows: int) -> str:
@@ -705,7 +719,7 @@ def build_index(
             (out / name).write_bytes(b"")
         first = new_first_stage(resolved, dims[0]) if resolved.ann != "none" else None
         if first is not None and not first.is_trained:
-            train_first_stage(first, _leading_rows(features, extraction, training_rows(first)), dims[0])
+            train_first_stage(first, _leading_prefixes(features, extraction, training_rows(first), dims[0]), dims[0])
     known = set(manifest.sources)
     new = [shard for shard in extraction.shards if shard["file"] not in known]
     rows_before = manifest.rows
@@ -726,7 +740,7 @@ def build_index(
             ids_bytes = "".join(json.dumps(i) + "\n" for i in shard_ids).encode()
             ids_file.write(ids_bytes)
             if first is not None:
-                first.add(unit_rows(block, dims[0]))
+                add_to_first_stage(first, unit_rows(block, dims[0]), manifest.rows)
             manifest.rows += len(block)
             manifest.ids_bytes += len(ids_bytes)
             manifest.sources.append(shard["file"])
@@ -740,20 +754,15 @@ def build_index(
     return BuildReport(EmbeddingIndex.load(out), manifest.rows - rows_before, append)
 
 
-def _leading_rows(folder: Path, extraction: ExtractionIndex, rows: int) -> np.ndarray:
-    """The first `rows` rows of an extraction (all when fewer), read shard by shard."""
+def _leading_prefixes(folder: Path, extraction: ExtractionIndex, rows: int, dim: int) -> np.ndarray:
+    """The `dim`-channel prefixes of the first `rows` rows of an extraction (all when fewer), read shard by shard."""
     blocks, total = [], 0
-    for block in _shard_blocks(folder, extraction):
-        blocks.append(block[: rows - total])
+    for shard in extraction.shards:
+        blocks.append(np.ascontiguousarray(read_shard(folder / shard["file"])[1].numpy()[: rows - total, :dim]))
         total += len(blocks[-1])
         if total >= rows:
             break
     return np.concatenate(blocks)
-
-
-def _shard_blocks(folder: Path, extraction: ExtractionIndex) -> Iterator[np.ndarray]:
-    for shard in extraction.shards:
-        yield read_shard(folder / shard["file"])[1].numpy()
 
 
 def is_index_folder(path: str | os.PathLike) -> bool:

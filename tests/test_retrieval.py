@@ -151,7 +151,9 @@ def test_no_queries_give_empty_results():
 
 def test_prefix_vectors_are_truncated_then_normalised():
     database, _ = gaussian(50, 1, decay=1.0)
-    torch.testing.assert_close(EmbeddingIndex(database, dims=DIMS, settings=EXACT).prefix(16), F.normalize(database[:, :16], dim=1))
+    torch.testing.assert_close(
+        EmbeddingIndex(database, dims=DIMS, settings=EXACT).prefix(16), F.normalize(database[:, :16], dim=1)
+    )
 
 
 ANN = {
@@ -377,7 +379,10 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
     # the CLI, with no model loaded: the folder is the only input
     out = tmp_path / "from_shards"
     assert main(["index", str(features), "--out", str(out)]) == 0
-    assert f"indexed 4 images (4 x 128, nested [8, 16, 32, 64, 128], first stage exact at 8 dims) from the features in {features}" in capsys.readouterr().out
+    assert (
+        f"indexed 4 images (4 x 128, nested [8, 16, 32, 64, 128], first stage exact at 8 dims) from the features in {features}"
+        in capsys.readouterr().out
+    )
     assert main(["index", str(features), "--out", str(out)]) == 2
     assert "already holds an index; pass overwrite=True (CLI: --overwrite) or append" in capsys.readouterr().err
     torch.testing.assert_close(EmbeddingIndex.load(out).vectors, direct.vectors)
@@ -415,3 +420,224 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_fold
     assert text.startswith("before\n<!-- demo-block:start -->\nData: REAL embeddings of 48 images of ")
     assert f"by {tiny_folder} (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
     assert "| funnel F1: 8:200 > 128:10 |" in text and text.endswith("<!-- demo-block:end -->\nafter\n")
+
+
+def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:
+    """An extract folder of CLS rows, one shard per block (ids "row-N"), written with the extractor's own shard and
+    index writers; shards from an earlier call stay (a resumed extraction). Returns all the ids in order."""
+    from franca_hf.features.store import ExtractionIndex, ExtractionSettings, write_shard
+
+    settings = ExtractionSettings("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
+    extraction = ExtractionIndex.load(folder) if (folder / "extraction.json").exists() else ExtractionIndex(settings)
+    row = extraction.rows
+    for number, block in enumerate(blocks, start=len(extraction.shards)):
+        ids = [f"row-{row + i}" for i in range(len(block))]
+        name = f"data/shard-{number:05d}.parquet"
+        write_shard(folder / name, settings, ids, block.numpy(), None, None)
+        extraction.shards.append({"file": name, "rows": len(block)})
+        row += len(block)
+    extraction.complete = True
+    extraction.save(folder)
+    return [f"row-{i}" for i in range(row)]
+
+
+@pytest.mark.parametrize("ann", ANN)
+def test_index_streamed_from_shards_equals_the_in_memory_one_and_append_equals_rebuild(tmp_path, monkeypatch, ann):
+    monkeypatch.setattr(retrieval, "training_rows", lambda index: 1000)  # IVF-PQ trains on the first 1000 rows
+    database, queries = gaussian(2500, 10, decay=1.0)
+    features = tmp_path / "features"
+    write_features(features, list(database[:1500].split(500)))
+    first = build_index(features, tmp_path / "index", ANN[ann], progress=False)
+    assert (first.added, first.appended, len(first.index)) == (1500, False, 1500)
+    ids = write_features(features, list(database[1500:].split(500)))  # the extraction goes on: two more shards
+    appended = build_index(features, tmp_path / "index", append=True, progress=False)
+    assert (appended.added, appended.appended, len(appended.index)) == (1000, True, 2500)
+    settings = appended.index.settings  # as resolved at the first build (an automatic nlist is fixed there)
+    rebuilt = build_index(features, tmp_path / "rebuilt", settings, progress=False).index
+
+    in_memory = index_from_features(features, settings)
+    for index in (appended.index, rebuilt):
+        assert index.ids == ids == in_memory.ids and index.settings == in_memory.settings
+        assert torch.equal(index.vectors, database)
+    for name in [p.name for p in (tmp_path / "rebuilt").iterdir()]:  # vectors, ids, first stage: byte for byte
+        if name != "index.json":
+            assert (tmp_path / "index" / name).read_bytes() == (tmp_path / "rebuilt" / name).read_bytes(), name
+    results = [index.funnel_search(queries, 10) for index in (appended.index, rebuilt, in_memory)]
+    for scores, found in results[1:]:
+        assert torch.equal(found, results[0][1]) and torch.equal(scores, results[0][0])
+    if ann == "none":
+        assert torch.equal(results[0][1], EmbeddingIndex(database, dims=DIMS, settings=EXACT).funnel_search(queries)[1])
+
+    again = build_index(features, tmp_path / "index", append=True, progress=False)  # nothing new: nothing added
+    assert again.added == 0 and len(again.index) == 2500
+    with pytest.raises(ValueError, match="An append keeps the index's own settings"):
+        build_index(features, tmp_path / "index", ANN[ann], append=True)
+
+
+def test_an_interrupted_append_leaves_the_index_as_it_was(tmp_path, monkeypatch):
+    database, queries = gaussian(1500, 5, decay=1.0)
+    features = tmp_path / "features"
+    write_features(features, list(database[:1000].split(500)))
+    build_index(features, tmp_path / "index", ANN["hnsw"], progress=False)
+    write_features(features, [database[1000:]])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval, "write_first_stage", killed)  # rows and ids are written, the manifest is not
+    with pytest.raises(KeyboardInterrupt):
+        build_index(features, tmp_path / "index", append=True, progress=False)
+    monkeypatch.undo()
+    before = EmbeddingIndex.load(tmp_path / "index")
+    assert len(before) == 1000 and len(before.ids) == 1000 and before.funnel_search(queries, 3)[0].shape == (5, 3)
+    resumed = build_index(features, tmp_path / "index", append=True, progress=False)
+    assert resumed.added == 500 and torch.equal(resumed.index.vectors, database)
+
+
+# one process builds each index in turn; writing 5 to clear_refs resets its peak RSS (VmHWM) before each build
+PEAK_RSS = """
+import sys
+import faiss
+from franca_hf.retrieval import IndexSettings, build_index, index_from_features
+faiss.omp_set_num_threads(1)
+for features, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    open("/proc/self/clear_refs", "w").write("5")
+    build_index(features, out, IndexSettings(ann="ivfpq", nlist=16, pq_bytes=2), progress=False)
+    print("peak_rss_kib", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+open("/proc/self/clear_refs", "w").write("5")
+index_from_features(sys.argv[-2])  # the control: the in-memory index of the largest folder holds all its vectors
+print("peak_rss_kib", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+"""
+
+
+def test_index_from_shards_keeps_memory_bounded_whatever_the_rows(tmp_path):
+    """Building an IVF-PQ index (the kind for collections past RAM) from 20k or 160k rows (10 or 78 MiB of vectors)
+    peaks within a few MiB: one shard, the training sample at D/16 and the codes (10 bytes a row) in memory."""
+    sizes, command = (20_000, 160_000), [sys.executable, "-c", PEAK_RSS]
+    for rows in sizes:
+        write_features(tmp_path / f"features-{rows}", list(torch.randn(rows, WIDTH).split(4000)))
+        command += [str(tmp_path / f"features-{rows}"), str(tmp_path / f"index-{rows}")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *built, in_memory = (int(p.split()[0]) / 1024 for p in run.stdout.split("peak_rss_kib")[1:])
+    peaks = dict(zip(sizes, built, strict=True))
+    for rows in sizes:
+        assert len(EmbeddingIndex.load(tmp_path / f"index-{rows}")) == rows
+    growth = peaks[160_000] - peaks[20_000]
+    print(f"peak RSS (MiB) by rows: {peaks}, in memory {in_memory:.1f}; growth {growth:.1f} MiB for 68 MiB more")
+    assert growth < 20, f"peak RSS grew by {growth:.1f} MiB from 20k to 160k rows ({peaks})"
+    assert in_memory - peaks[160_000] > 60  # the measurement sees an index that does hold the vectors
+
+
+@pytest.fixture(scope="module")
+def fitted_folder(tiny_folder, tmp_path_factory) -> Path:
+    """The tiny reference model with a fitted Matryoshka basis (a random mean and rotation): its embedding is NOT
+    the normalised raw CLS token, as in a `franca-hf fit-pca` folder."""
+    from transformers import AutoImageProcessor
+
+    reference = FrancaModel.from_pretrained(tiny_folder)
+    model = FrancaModel(reference.config.__class__(**{**reference.config.to_dict(), "matryoshka_basis": "pca"}))
+    model.load_state_dict(reference.state_dict(), strict=False)
+    torch.manual_seed(0)
+    width = model.config.hidden_size
+    with torch.no_grad():
+        model.matryoshka_basis.cls_mean.copy_(0.1 * torch.randn(width))
+        model.matryoshka_basis.cls_rotation.copy_(torch.linalg.qr(torch.randn(width, width))[0])
+    folder = tmp_path_factory.mktemp("fitted") / "model"
+    model.eval().save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(tiny_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The four example photos and a flipped, a grayscale and a smaller copy of each: 16 images."""
+    folder = tmp_path_factory.mktemp("photos")
+    for path in sorted(EXAMPLE_IMAGES.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        image.save(folder / path.name)
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"{path.stem}_flipped.jpg")
+        image.convert("L").save(folder / f"{path.stem}_gray.jpg")
+        image.resize((image.width // 2, image.height // 2)).save(folder / f"{path.stem}_small.jpg")
+    return folder
+
+
+def test_every_documented_way_to_embed_a_query_finds_the_same_neighbours_or_says_what_to_use(
+    fitted_folder, photos, tmp_path, capsys
+):
+    """Issue 25: the model's methods, the index's own image search and the CLI give one top-3; the raw CLS of
+    `forward().pooler_output` and of the pipeline is refused with an error naming what to use."""
+    from transformers import AutoImageProcessor, AutoModel, pipeline
+
+    model = AutoModel.from_pretrained(fitted_folder).eval()
+    processor = AutoImageProcessor.from_pretrained(fitted_folder)
+    query = photos / "rocket.jpg"
+    assert main(["index", str(photos), "--model", str(fitted_folder), "--out", str(tmp_path / "index")]) == 0
+    features = tmp_path / "features"
+    assert main(["extract", str(photos), "--model", str(fitted_folder), "--out", str(features)]) == 0
+    assert main(["index", str(features), "--out", str(tmp_path / "from_features")]) == 0
+    index = retrieval.load_index(tmp_path / "index")
+    pixels = processor(Image.open(query), return_tensors="pt")["pixel_values"]
+
+    def names(indices) -> list[str]:
+        return [Path(index.ids[i]).name for i in indices[0].tolist()]
+
+    tops = {}
+    with torch.no_grad():
+        tops["model.get_image_embeddings"] = names(index.search(model.get_image_embeddings(pixels), 3)[1])
+        tops["model.get_image_features().pooler_output"] = names(
+            index.search(model.get_image_features(pixels).pooler_output, 3)[1]
+        )
+    tops["index.search_images"] = names(index.search_images([query], model, processor, k=3)[2])
+    from_features = retrieval.load_index(tmp_path / "from_features")
+    tops["extract + index folder"] = names(from_features.search(model.get_image_embeddings(pixels).detach(), 3)[1])
+    capsys.readouterr()
+    assert (
+        main(["search", str(query), "--index", str(tmp_path / "index"), "--model", str(fitted_folder), "--k", "3"]) == 0
+    )
+    tops["franca-hf search"] = [Path(line.split()[-1]).name for line in capsys.readouterr().out.splitlines()[2:]]
+    for way, top in tops.items():
+        print(f"{way}: {top}")
+    assert tops["model.get_image_embeddings"][0] == "rocket.jpg"
+    assert all(top == tops["model.get_image_embeddings"] for top in tops.values()), tops
+
+    with torch.no_grad():
+        raw = {
+            "model(...).pooler_output": model(pixels).pooler_output,
+            'pipeline("image-feature-extraction", pool=True)': pipeline(
+                "image-feature-extraction", model=model, image_processor=processor
+            )(Image.open(query), pool=True, return_tensors=True),
+        }
+    for way, vector in raw.items():
+        with pytest.raises(ValueError, match=r"Query 0 has norm [0-9.]+, but this index holds unit-norm") as error:
+            index.search(vector, 3)
+        assert "model.get_image_embeddings(pixel_values)" in str(error.value)
+        assert "index.search_images(images, model, processor)" in str(error.value)
+        print(f"{way}: {error.value}")
+
+
+def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_folder, tiny_folder, tmp_path, capsys):
+    from franca_hf.features import load_model_and_processor
+    from franca_hf.fingerprint import model_fingerprint
+
+    index_folder = tmp_path / "index"
+    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index_folder)]) == 0
+    model, processor = load_model_and_processor(str(tiny_folder))
+    other, _ = load_model_and_processor(str(fitted_folder))
+    index = EmbeddingIndex.load(index_folder)
+    assert index.model == model_fingerprint(model) != model_fingerprint(other)
+    with pytest.raises(ModelMismatchError, match=r"made by the model with fingerprint v1:\w+, but the given model"):
+        index.search_images([EXAMPLE_IMAGES / "rocket.jpg"], other, processor, k=2)
+
+    capsys.readouterr()
+    search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index_folder), "--k", "2"]
+    assert main([*search, "--model", str(fitted_folder)]) == 2
+    refusal = capsys.readouterr().err
+    print(refusal)
+    assert (
+        f"franca-hf search: error: The index was made by the model with fingerprint {index.model}, but the given "
+        f"model ({fitted_folder}) has fingerprint {model_fingerprint(other)}"
+    ) in refusal
+    assert "set allow_other_model (CLI: --allow-other-model)" in refusal
+    assert main([*search, "--model", str(fitted_folder), "--allow-other-model"]) == 0
+    assert main([*search, "--model", str(tiny_folder)]) == 0
