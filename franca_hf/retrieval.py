@@ -295,8 +295,9 @@ class EmbeddingIndex:
         dim = self.width if dim is None else dim
         self._level(dim)  # raises on a dim that is not allowed
         self._check_k(k)
-        self._check_queries(queries, dim)
-        return self._exact(self._unit_queries(queries, dim), dim, k)
+        array = self._checked_queries(queries, dim)
+        scores, indices = self._exact(unit_queries(array, dim), dim, k)
+        return torch.from_numpy(scores), torch.from_numpy(indices)
 
     @torch.no_grad()
     def funnel_search(
@@ -316,17 +317,19 @@ class EmbeddingIndex:
         self._check_k(k)
         stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
         self._check_stages(stages, k)
-        self._check_queries(queries, stages[-1][0])
+        array = self._checked_queries(queries, stages[-1][0])
         first_dim, first_size = stages[0]
         size = min(first_size, len(self))
-        unit = self._unit_queries(queries, first_dim)
+        unit = unit_queries(array, first_dim)
         if first_dim == self.dims[0] and self.settings.ann != "none":
             scores, indices = self._approximate(unit, size)
         else:
             scores, indices = self._exact(unit, first_dim, size)
         for dim, size in stages[1:]:
-            scores, indices = self._rerank(self._unit_queries(queries, dim), indices, dim, size)
-        return scores[:, :k], indices[:, :k]
+            scores, indices = self._rerank(unit_queries(array, dim), indices, dim, size)
+        return torch.from_numpy(np.ascontiguousarray(scores[:, :k])), torch.from_numpy(
+            np.ascontiguousarray(indices[:, :k])
+        )
 
     def search_images(
         self,
@@ -370,7 +373,7 @@ class EmbeddingIndex:
             (staging / IDS_FILE).write_bytes(ids)
             manifest = replace(self.manifest, ids_bytes=len(ids), first_stage=None)
             if self.settings.ann != "none":
-                manifest.first_stage = write_first_stage(staging, self._first_stage(), len(self))
+                manifest.first_stage = write_first_stage(staging, self.first_stage(), len(self))
             manifest.save(staging)
 
         return write_folder_atomically(folder, fill, overwrite=True)
@@ -386,7 +389,7 @@ class EmbeddingIndex:
         index._init(manifest, folder, device)
         return index
 
-    def _first_stage(self):
+    def first_stage(self):
         """The FAISS first stage over the unit dims[0] prefixes: built from the vectors, or read from the folder."""
         if self._first is None:
             if self.folder is not None and self.manifest.first_stage is not None:
@@ -414,7 +417,7 @@ class EmbeddingIndex:
             self._unit_prefixes[dim] = copy
         return self._unit_prefixes[dim]
 
-    def _exact(self, queries: np.ndarray, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exact(self, queries: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         database = self._unit_prefix(dim)
@@ -422,12 +425,12 @@ class EmbeddingIndex:
             scores, indices = faiss.knn_gpu(gpu_resources(), queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
             scores, indices = faiss.knn(queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+        return scores, indices
 
-    def _approximate(self, queries: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
-        first = self._first_stage()
+        first = self.first_stage()
         if self.settings.ann == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, size))
         else:
@@ -438,17 +441,16 @@ class EmbeddingIndex:
         if missing.any():
             indices = np.where(missing, indices[:, :1], indices)
             scores = np.where(missing, -np.inf, scores).astype(np.float32)
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+        return scores, indices
 
-    def _rerank(
-        self, queries: np.ndarray, indices: torch.Tensor, dim: int, size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact scores of the shortlisted rows at prefix `dim`; keeps the best `size` of each row."""
-        rows = indices.numpy()
+    def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the shortlisted rows (Q, S) at prefix `dim`; keeps the best `size` of each, descending."""
         candidates = self._array[rows.reshape(-1), :dim].reshape(*rows.shape, dim)  # reads only shortlisted rows
-        scores = np.einsum("qsd,qd->qs", candidates, queries) / np.linalg.norm(candidates, axis=2)
-        scores, pick = torch.from_numpy(scores.astype(np.float32)).topk(min(size, rows.shape[1]), dim=1)
-        return scores, indices.gather(1, pick)
+        scores = np.einsum("qsd,qd->qs", candidates, queries) / np.sqrt(
+            np.einsum("qsd,qsd->qs", candidates, candidates)
+        )
+        pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
+        return np.take_along_axis(scores, pick, axis=1), np.take_along_axis(rows, pick, axis=1)
 
     def _level(self, dim: int) -> int:
         if dim not in self.dims:
@@ -459,25 +461,29 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self):
             raise ValueError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
-    def _check_queries(self, queries: torch.Tensor, dim: int) -> None:
+    def _checked_queries(self, queries: torch.Tensor, dim: int) -> np.ndarray:
+        """The queries as (Q, width) float32 numpy, after checking their shape and, for an index of unit-norm
+        embeddings, that full-width ones have unit norm."""
         widths = sorted({dim, self.width})
         if queries.ndim != 2 or queries.shape[1] not in widths:
             raise ValueError(
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
-        if self.manifest.unit and queries.shape[1] == self.width and len(queries):
-            norms = queries.detach().double().norm(dim=1)
-            far = (norms - 1).abs() > UNIT_TOLERANCE
+        array = queries.detach().cpu().numpy().astype(np.float32, copy=False)
+        if self.manifest.unit and array.shape[1] == self.width and len(array):
+            norms = np.sqrt(np.einsum("qd,qd->q", array, array))
+            far = np.abs(norms - 1) > UNIT_TOLERANCE
             if far.any():
-                row = int(far.nonzero()[0, 0])
+                row = int(np.flatnonzero(far)[0])
                 raise ValueError(
-                    f"Query {row} has norm {norms[row].item():.4g}, but this index holds unit-norm Matryoshka "
+                    f"Query {row} has norm {norms[row]:.4g}, but this index holds unit-norm Matryoshka "
                     "embeddings: the query is not one of them (the raw CLS of `model(...).pooler_output` or "
                     "pipeline('image-feature-extraction') is, say). Embed queries with "
                     "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, "
                     "model, processor)."
                 )
+        return array
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
@@ -490,16 +496,16 @@ class EmbeddingIndex:
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
 
-    @staticmethod
-    def _unit_queries(queries: torch.Tensor, dim: int) -> np.ndarray:
-        """(Q, dim) float32 unit query prefixes; errors on zero or non-finite prefixes."""
-        cut = queries.detach()[:, :dim].cpu().to(torch.float32).numpy()
-        norms = np.linalg.norm(cut, axis=1, keepdims=True)
-        bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dim}; cosine is undefined.")
-        return np.ascontiguousarray(cut / norms)
+
+def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """(Q, dim) float32 C-contiguous unit query prefixes; errors on zero or non-finite prefixes."""
+    cut = queries[:, :dim]
+    norms = np.sqrt(np.einsum("qd,qd->q", cut, cut))
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dim}; cosine is undefined.")
+    return np.ascontiguousarray(cut / norms[:, None])
 
 
 def new_first_stage(settings: IndexSettings, dim: int):
@@ -708,7 +714,7 @@ def build_index(
                 f"fingerprint {fingerprint}. Append features of the same model, or set allow_other_model (CLI: "
                 "--allow-other-model)."
             )
-        first = index._first_stage() if manifest.settings["ann"] != "none" else None
+        first = index.first_stage() if manifest.settings["ann"] != "none" else None
     else:
         if (out / MANIFEST_FILE).exists() and not overwrite:
             raise FileExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
