@@ -44,6 +44,8 @@ from franca_hf.modeling.configuration_franca import default_matryoshka_dims
 from franca_hf.retrieval import EmbeddingIndex, index_from_features
 
 K = 10
+# IVF-PQ is for large collections; below this many rows its training has too few points per cell and code
+IVFPQ_MIN_ROWS = 10_000
 
 
 def synthetic_embeddings(
@@ -191,11 +193,13 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     hnsw, hnsw_build = build(
         "ours, HNSW at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=hnsw_settings))
     )
-    ivf_settings = IndexSettings("ivfpq", nprobe=args.nprobe)
-    ivfpq, ivfpq_build = build(
-        "ours, IVF-PQ at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=ivf_settings))
-    )
-    graph, inverted = hnsw.first_stage(), ivfpq.first_stage()
+    if size >= IVFPQ_MIN_ROWS:
+        ivf_settings = IndexSettings("ivfpq", nprobe=args.nprobe)
+        ivfpq, ivfpq_build = build(
+            "ours, IVF-PQ at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=ivf_settings))
+        )
+        inverted = ivfpq.first_stage()
+    graph = hnsw.first_stage()
     graph_params = faiss.SearchParametersHNSW(efSearch=max(args.ef_search, shortlist))
     inverted_params = faiss.SearchParametersIVF(nprobe=args.nprobe)
 
@@ -260,21 +264,24 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
             hnsw_build,
             index_bytes(graph),
         ),
-        (
-            "IVF-PQ",
-            f"ours: IVF{ivfpq.settings.nlist},PQ{ivfpq.settings.pq_bytes} at D/16 + rerank",
-            lambda q: ivfpq.funnel_search(torch.from_numpy(q), K, stages)[1],
-            ivfpq_build,
-            index_bytes(inverted),
-        ),
-        (
-            "IVF-PQ",
-            "FAISS: the same index + numpy rerank",
-            plain_funnel(inverted, inverted_params),
-            ivfpq_build,
-            index_bytes(inverted),
-        ),
     ]
+    if size >= IVFPQ_MIN_ROWS:
+        methods += [
+            (
+                "IVF-PQ",
+                f"ours: IVF{ivfpq.settings.nlist},PQ{ivfpq.settings.pq_bytes} at D/16 + rerank",
+                lambda q: ivfpq.funnel_search(torch.from_numpy(q), K, stages)[1],
+                ivfpq_build,
+                index_bytes(inverted),
+            ),
+            (
+                "IVF-PQ",
+                "FAISS: the same index + numpy rerank",
+                plain_funnel(inverted, inverted_params),
+                ivfpq_build,
+                index_bytes(inverted),
+            ),
+        ]
     if size <= args.full_hnsw_max:
 
         def make_full():

@@ -530,6 +530,12 @@ def training_rows(index) -> int:
 def train_first_stage(index, vectors: np.ndarray, dim: int) -> None:
     """Train an IVF-PQ first stage on the first `training_rows` rows of `vectors` (a no-op for the others)."""
     if not index.is_trained:
+        needed = max(index.nlist, 2**index.pq.nbits)
+        if len(vectors) < needed:
+            raise ValueError(
+                f"ann='ivfpq' with nlist={index.nlist} trains on at least {needed} rows; this collection has "
+                f"{len(vectors)}. Use ann='hnsw' or 'none' (or 'auto') for a collection this small."
+            )
         index.train(unit_rows(vectors[: training_rows(index)], dim))
 
 
