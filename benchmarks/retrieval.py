@@ -173,7 +173,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     unit = database.numpy()
     unit_queries = queries.numpy()
     small_unit = np.ascontiguousarray(unit[:, :small]) / np.linalg.norm(unit[:, :small], axis=1, keepdims=True)
-    shortlist = args.shortlist
+    shortlist = min(args.shortlist, size)
     stages = [(small, shortlist), (width, K)]
     header = [
         f"Data: {source}.",

@@ -283,7 +283,6 @@ class EmbeddingIndex:
         self._level(dim)
         return torch.from_numpy(self._unit_prefix(dim))
 
-    @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 10, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k by cosine similarity of the `dim`-channel prefixes (D when None).
 
@@ -299,7 +298,6 @@ class EmbeddingIndex:
         scores, indices = self._exact(unit_queries(array, dim), dim, k)
         return torch.from_numpy(scores), torch.from_numpy(indices)
 
-    @torch.no_grad()
     def funnel_search(
         self, queries: torch.Tensor, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,10 +443,12 @@ class EmbeddingIndex:
 
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of the shortlisted rows (Q, S) at prefix `dim`; keeps the best `size` of each, descending."""
-        candidates = self._array[rows.reshape(-1), :dim].reshape(*rows.shape, dim)  # reads only shortlisted rows
-        scores = np.einsum("qsd,qd->qs", candidates, queries) / np.sqrt(
-            np.einsum("qsd,qsd->qs", candidates, candidates)
-        )
+        # reads only the shortlisted rows; whole rows are gathered twice as fast as row segments
+        candidates = self._array[rows] if dim == self.width else self._array[rows.reshape(-1), :dim]
+        candidates = candidates.reshape(*rows.shape, dim)
+        scores = np.einsum("qsd,qd->qs", candidates, queries)
+        if not (dim == self.width and self.manifest.unit):
+            scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
         pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
         return np.take_along_axis(scores, pick, axis=1), np.take_along_axis(rows, pick, axis=1)
 

@@ -399,10 +399,12 @@ def test_retrieval_benchmark_on_a_small_embeddings_file_holds_out_what_it_can(tm
     save_file({"features": torch.randn(40, 128)}, small)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
     command = [sys.executable, str(script), "--embeddings", str(small), "--rounds", "1", "--single-queries", "2"]
+    command += ["--full-hnsw-max", "0"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "note: 40 embeddings cannot spare 1024 queries; holding out 10 (a quarter)" in run.stdout
-    assert "30 x 128 float32, 10 queries" in run.stdout
+    assert "Database 30 x 128 float32 (unit norm), 10 queries, k = 10, first stage at D/16 = 8" in run.stdout
+    assert "| exact full width | FAISS `IndexFlatIP(D)` | 1.0000 |" in run.stdout
 
 
 def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_folder, tmp_path):
@@ -413,13 +415,14 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_fold
     page.write_text("before\n<!-- demo-block:start -->\nold\n<!-- demo-block:end -->\nafter\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
     command = [sys.executable, str(script), "--model", str(tiny_folder), "--data", str(tmp_path / "images")]
-    command += ["--images", "48", "--rounds", "1", "--single-queries", "2", "--docs", str(page)]
+    command += ["--images", "48", "--rounds", "1", "--single-queries", "2", "--docs", str(page), "--full-hnsw-max", "0"]
     run = subprocess.run([*command, "--docs-block", "demo-block"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     text = page.read_text()
     assert text.startswith("before\n<!-- demo-block:start -->\nData: REAL embeddings of 48 images of ")
     assert f"by {tiny_folder} (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
-    assert "| funnel F1: 8:200 > 128:10 |" in text and text.endswith("<!-- demo-block:end -->\nafter\n")
+    assert "| HNSW | ours: HNSW32 at D/16 + rerank |" in text and "| funnel, exact first stage |" in text
+    assert text.endswith("<!-- demo-block:end -->\nafter\n")
 
 
 def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:
