@@ -103,6 +103,7 @@ def _extract(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         shard_rows=args.shard_size,
+        allow_other_model=args.allow_other_model,
     )
     if process_state().is_main_process:
         index = result.index
@@ -379,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--split", default="train", help="with hf:<dataset>: the split to read")
     extract.add_argument("--image-column", help="with hf:<dataset>: the image column (default: the first Image one)")
     extract.add_argument("--shard-size", type=int, help="rows per shard (default: up to 1024, at most 256 MiB)")
+    extract.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="resume a folder with a model whose fingerprint differs from the one that began it",
+    )
     _add_runtime_flags(extract, batch_size=32)
     extract.set_defaults(run=_extract)
 

@@ -89,3 +89,28 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             # bytes through an integer view: numpy has no bfloat16
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
     return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()[:32]}"
+
+
+class ModelMismatchError(ValueError):
+    """Stored embeddings were made by another model than the one given (their fingerprints differ)."""
+
+
+def check_same_model(
+    stored: str | None, current: str, what: str, stored_model: str, current_model: str, allow_other_model: bool
+) -> None:
+    """Raise `ModelMismatchError` unless `current` (this run's model fingerprint) equals `stored` (the one recorded
+    with `what`, e.g. "The extract folder photos_features"), or `allow_other_model`. `stored_model` and `current_model`
+    say where each came from (paths or names). Nothing to check when `stored` is None (recorded before fingerprints).
+    """
+    if stored is None or stored == current or allow_other_model:
+        return
+    change = (
+        f"the model there now has fingerprint {current}: its weights, basis or architecture changed since"
+        if stored_model == current_model
+        else f"this run's model {current_model} has fingerprint {current}: other weights, basis or architecture"
+    )
+    raise ModelMismatchError(
+        f"{what} holds embeddings of the model {stored_model} (fingerprint {stored}); {change}, and the embeddings "
+        "of the two do not mix. Use the model that made them, or set allow_other_model (CLI: --allow-other-model) "
+        "to use this one anyway."
+    )

@@ -333,6 +333,7 @@ STANDINS = {
     "features": _extracted_features,
     "benchmarks": _as_is(REPO_ROOT / "benchmarks"),
     "docs": _as_is(REPO_ROOT / "docs"),  # a copy: commands that rewrite a page rewrite the copy
+    "tests/reference/official_franca": _as_is(REPO_ROOT / "tests" / "reference" / "official_franca"),
 }
 
 

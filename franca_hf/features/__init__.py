@@ -25,7 +25,7 @@ from .extract import (
 )
 from .loop import default_num_workers, embed_batch, input_device_and_dtype, run_model
 from .quantize import quantize_int8
-from .store import ExtractionIndex, ExtractionSettings, iter_shards, read_shard
+from .store import ExtractionIndex, ExtractionSettings, iter_shards, read_model_fingerprint, read_shard
 
 __all__ = [
     "DECODE_ERRORS",
@@ -49,6 +49,7 @@ __all__ = [
     "open_inputs",
     "process_state",
     "quantize_int8",
+    "read_model_fingerprint",
     "read_shard",
     "run_model",
 ]

@@ -6,10 +6,12 @@ images of committed shards are not embedded again, none is lost. Memory stays fl
 are written shard by shard; only the ids of the done images are kept.
 """
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from ..conversion.convert import resolve_model
+from ..conversion.export import make_image_processor
 from ..data.sources import (
     ImageSource,
     SkipCounter,
@@ -26,11 +29,14 @@ from ..data.sources import (
     hf_source,
     load_hf_dataset,
 )
+from ..fingerprint import check_same_model, model_fingerprint
 from .loop import embed_batch, run_model
 from .store import (
     DATA_DIR,
     INDEX_FILE,
     PROGRESS_DIR,
+    SET_ASIDE_DIR,
+    SHARD_READ_ERRORS,
     ExtractionIndex,
     ExtractionSettings,
     ProgressLog,
@@ -233,27 +239,54 @@ def extract_to_folder(
     num_workers: int | None = None,
     shard_rows: int | None = None,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> ExtractionResult:
     """Embed every image of `source` not already done into Parquet shards under `out_dir` (see `store`).
 
     Under `accelerate launch`, each process takes every n-th pending image and writes its own shards; all
-    processes return the merged index. `settings` must match those of a partial extraction already in `out_dir`.
-    `shard_rows` defaults to `default_shard_rows` of the feature size.
+    processes return the merged index. `settings` must match those of a partial extraction already in `out_dir`,
+    and the model its fingerprint (`franca_hf.fingerprint`) unless `allow_other_model`. A committed shard that
+    cannot be read is set aside (`SET_ASIDE_DIR`) and its images are embedded again. `shard_rows` defaults to
+    `default_shard_rows` of the feature size.
     """
     state = process_state()
     folder = Path(out_dir)
     index = _existing_index(folder, settings)
+    fingerprint = model_fingerprint(model)
+    if index.model_fingerprint is None and not index.shards and not index.failed:
+        index.model_fingerprint = fingerprint  # a new folder (one recorded before fingerprints keeps None)
+    same_place = settings.resolved_model == index.settings.resolved_model
+    check_same_model(
+        index.model_fingerprint,
+        fingerprint,
+        f"The extract folder {folder}",
+        index.settings.model,
+        index.settings.model if same_place else settings.model,
+        allow_other_model,
+    )
+    source = _spelled_as(source, settings.sources, index.settings.sources)
     done = {image_id for image_id, _ in index.failed}
+    readable, damaged = [], []
     for shard in index.shards:
-        done.update(read_shard_ids(folder / shard["file"]))
+        try:
+            ids = read_shard_ids(folder / shard["file"], shard["rows"])
+        except SHARD_READ_ERRORS as error:
+            damaged.append((shard, f"{type(error).__name__}: {error}"))
+            continue
+        readable.append(shard)
+        done.update(ids)
     pending = [position for position in range(len(source)) if source.describe(position) not in done]
+    run_number = len(index.shards) + len(list((folder / SET_ASIDE_DIR).glob("*")))  # unique: docs/extraction.md
     state.wait_for_everyone()  # every process has read the same state; now the first one tidies up
     if state.is_main_process:
+        for shard, reason in damaged:
+            _set_aside(folder, shard, reason)
+        index.shards = readable
         _remove_uncommitted(folder, index.shards)
         _consolidate(folder, index)
     state.wait_for_everyone()
 
-    run_name = f"{len(index.shards):06d}-{state.process_index:03d}"  # unique: see docs/extraction.md
+    run_name = f"{run_number:06d}-{state.process_index:03d}"
     skips = SkipCounter()
     writer = ShardWriter(folder, run_name, settings, source, skips, shard_rows)
     storage_dtype = getattr(torch, settings.dtype)
@@ -318,6 +351,43 @@ def _consolidate(folder: Path, index: ExtractionIndex) -> None:
         (folder / PROGRESS_DIR).rmdir()
 
 
+def _set_aside(folder: Path, shard: dict, reason: str) -> None:
+    """Move a damaged committed shard out of the data (into the hidden `SET_ASIDE_DIR`, which `datasets` does not
+    read) and say so in one line; its images are no longer done."""
+    path, target = folder / shard["file"], folder / SET_ASIDE_DIR / Path(shard["file"]).name
+    if path.exists():
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        what = f"is damaged ({reason}): set aside as {target}"
+    else:
+        what = "is missing"
+    logger.warning("%s %s; its %d images are extracted again.", path, what, shard["rows"])
+
+
+def _spelled_as(source: ImageSource, given: list[str], stored: list[str]) -> ImageSource:
+    """`source` with its image ids spelled as the stored run spelled its inputs: `/abs/photos/a.jpg` read as
+    `photos/a.jpg` when this run gave `/abs/photos/` for the folder's `photos` (the settings check has found that
+    they point to the same place), so that done images are recognised and the folder stays consistent."""
+    if given == stored:
+        return source
+    pairs = [(_id_prefix(new), _id_prefix(old)) for new, old in zip(given, stored, strict=True)]
+    return dataclasses.replace(source, describe=partial(_respelled, source.describe, pairs))
+
+
+def _id_prefix(spec: str) -> str:
+    """How the ids of an input's images begin: the spec itself for `hf:` datasets, the normalised path otherwise
+    (`Path` drops trailing slashes and `./`)."""
+    return spec if spec.startswith("hf:") else str(Path(spec))
+
+
+def _respelled(describe, pairs: list[tuple[str, str]], position: int) -> str:
+    image_id = describe(position)
+    for new, old in pairs:
+        if image_id == new or image_id.startswith(new + ("" if new.startswith("hf:") else os.sep)):
+            return old + image_id[len(new) :]
+    return image_id
+
+
 def _remove_uncommitted(folder: Path, committed: list[dict]) -> None:
     """Delete the shard files that no committed line names (a kill between writing and committing one) and the
     temporary files of interrupted writes."""
@@ -351,4 +421,27 @@ def load_model_and_processor(
         from .quantize import quantize_int8
 
         model = quantize_int8(model)
-    return model, AutoImageProcessor.from_pretrained(path)
+    return model, load_image_processor(path, model.config)
+
+
+def load_image_processor(path: str, config):
+    """The image processor saved with a model, or, for a Franca folder without one (`save_pretrained` writes none),
+    the authors' evaluation transform at the config's `image_size`, with a one-line note."""
+    from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
+
+    if cached_file(path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False) is not None:
+        return AutoImageProcessor.from_pretrained(path)
+    if config.model_type != "franca":
+        raise FileNotFoundError(
+            f"{path} has no {IMAGE_PROCESSOR_NAME}, and its {config.model_type!r} config does not say how to preprocess "
+            "images; save the model's image processor into it (`processor.save_pretrained(folder)`)."
+        )
+    logger.warning(
+        "note: %s has no %s; using the Franca evaluation transform for its image_size %d (resize, center crop %d, "
+        "ImageNet mean/std).",
+        path,
+        IMAGE_PROCESSOR_NAME,
+        config.image_size,
+        config.image_size,
+    )
+    return make_image_processor(config.image_size)

@@ -7,6 +7,8 @@
                            `features` (D floats for CLS, or a (D, h, w) Array3D for dense maps)
       .progress/*.jsonl    while a run is going on: one line per shard committed, per process and run (hidden,
                            so that `datasets` never takes these lines for data)
+      .damaged/*.parquet   committed shards found unreadable by a resumed run, set aside (their images were
+                           embedded again)
 
 `datasets.load_dataset(OUT)` infers the Parquet builder from the shards (it prefers Parquet on a tie with the one
 JSON file). The card deliberately has no YAML `configs:` block: with one, `datasets` 5.2 caches every such folder
@@ -14,10 +16,13 @@ under the same fingerprint and serves one folder's rows for another, or stale ro
 
 A shard is written to a temporary name and renamed (complete or absent), then committed by appending a line to its
 process's progress file and fsyncing. An image is done once its shard is committed (or it is recorded as
-unreadable); a shard file that no line names is left over from a kill and is deleted before a run resumes. At the
-end the first process merges the progress lines into `extraction.json` and removes them.
+unreadable); a shard file that no line names is left over from a kill and is deleted before a run resumes, and a
+committed one that cannot be read (truncated, overwritten, missing, another row count) is moved to `.damaged/`
+and its images count as not done. At the end the first process merges the progress lines into `extraction.json`
+and removes them.
 """
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -34,6 +39,9 @@ FORMAT_VERSION = 1
 INDEX_FILE = "extraction.json"
 DATA_DIR = "data"
 PROGRESS_DIR = ".progress"
+SET_ASIDE_DIR = ".damaged"
+# what reading a truncated, overwritten or missing Parquet file raises (pyarrow's ArrowInvalid is a ValueError)
+SHARD_READ_ERRORS = (OSError, ValueError)
 CARD_FILE = "README.md"
 
 
@@ -50,6 +58,9 @@ class ExtractionSettings:
         dtype: stored float type, "float32" or "float16".
         matryoshka_dims: the model's nested dims (an index built from CLS rows uses those up to `dim`).
         quantized: "int8" when the Linear layers ran dynamically quantised, else None.
+        resolved_model, resolved_sources: `model` and `sources` with local paths made absolute and resolved
+            (`resolve_location`), filled in from the working directory when not given: what resumes compare, so
+            that `photos`, `photos/` and `/abs/photos` are one folder, and `photos` from another directory another.
     """
 
     model: str
@@ -61,6 +72,14 @@ class ExtractionSettings:
     dtype: str
     matryoshka_dims: list[int]
     quantized: str | None = None
+    resolved_model: str | None = None
+    resolved_sources: list[str] | None = None
+
+    def __post_init__(self):
+        if self.resolved_model is None:
+            self.resolved_model = resolve_location(self.model)
+        if self.resolved_sources is None:
+            self.resolved_sources = [resolve_location(source) for source in self.sources]
 
     # what a different value of each setting is called on the command line
     FLAGS = {
@@ -75,23 +94,37 @@ class ExtractionSettings:
     }
 
     def differences(self, other: "ExtractionSettings") -> list[str]:
-        """Human-readable `flag: this vs other` for every setting that differs (matryoshka_dims follows model)."""
+        """Human-readable `flag: this vs other` for every setting that differs (matryoshka_dims follows model;
+        model and sources are compared by what they point to, see `resolved_model`)."""
         mine, theirs = asdict(self), asdict(other)
-        return [
-            f"{flag} ({key}): {mine[key]!r} vs {theirs[key]!r}"
-            for key, flag in self.FLAGS.items()
-            if mine[key] != theirs[key]
-        ]
+        differences = []
+        for key, flag in self.FLAGS.items():
+            compared = f"resolved_{key}" if key in ("model", "sources") else key
+            if mine[compared] != theirs[compared]:
+                shown = key if mine[key] != theirs[key] else compared  # the same words for other places
+                differences.append(f"{flag} ({key}): {mine[shown]!r} vs {theirs[shown]!r}")
+        return differences
+
+
+def resolve_location(spec: str) -> str:
+    """A model or image source as the absolute, resolved path it points to (symlinks followed, trailing slashes
+    dropped; `hf:<folder>` keeps its prefix) when it is an existing local path; a Hub id, release name or `demo` as
+    is."""
+    prefix = "hf:" if spec.startswith("hf:") else ""
+    path = Path(spec.removeprefix(prefix))
+    return f"{prefix}{path.resolve()}" if path.exists() else spec
 
 
 @dataclass
 class ExtractionIndex:
-    """`extraction.json`: settings, committed shards [{"file", "rows"}], unreadable images [(id, reason)]."""
+    """`extraction.json`: settings, the model's fingerprint (`franca_hf.fingerprint`; None in folders written before
+    fingerprints), committed shards [{"file", "rows"}], unreadable images [(id, reason)]."""
 
     settings: ExtractionSettings
     shards: list[dict] = field(default_factory=list)
     failed: list[list[str]] = field(default_factory=list)
     complete: bool = False
+    model_fingerprint: str | None = None
 
     @property
     def rows(self) -> int:
@@ -102,6 +135,7 @@ class ExtractionIndex:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "settings": asdict(self.settings),
+            "model_fingerprint": self.model_fingerprint,
             "complete": self.complete,
             "rows": self.rows,
             "shards": self.shards,
@@ -123,12 +157,16 @@ class ExtractionIndex:
                 f"(format {document.get('format')!r}, version {document.get('version')!r})."
             )
         return cls(
-            ExtractionSettings(**document["settings"]), document["shards"], document["failed"], document["complete"]
+            ExtractionSettings(**document["settings"]),
+            document["shards"],
+            document["failed"],
+            document["complete"],
+            document.get("model_fingerprint"),
         )
 
     def with_progress(self, folder: Path) -> "ExtractionIndex":
         """This index plus the shards and failures committed in `progress/` by runs not yet merged."""
-        merged = ExtractionIndex(self.settings, list(self.shards), list(self.failed), self.complete)
+        merged = dataclasses.replace(self, shards=list(self.shards), failed=list(self.failed))
         files, failed = {shard["file"] for shard in self.shards}, {image_id for image_id, _ in self.failed}
         for line in progress_lines(folder):  # lines already merged (a kill while merging) are skipped
             if line["shard"] is not None and line["shard"] not in files:
@@ -138,6 +176,13 @@ class ExtractionIndex:
             failed.update(image_id for image_id, _ in line["failed"])
         merged.shards.sort(key=lambda shard: shard["file"])
         return merged
+
+
+def read_model_fingerprint(folder: str | os.PathLike) -> tuple[str | None, str]:
+    """(fingerprint, model as given) of the model that made an extraction folder's features; the fingerprint is
+    None for folders written before fingerprints were recorded."""
+    index = ExtractionIndex.load(folder)
+    return index.model_fingerprint, index.settings.model
 
 
 def progress_lines(folder: Path) -> Iterator[dict]:
@@ -206,10 +251,15 @@ def write_shard(
     write_file_atomically(path, lambda staging: pq.write_table(table, staging))
 
 
-def read_shard_ids(path: Path) -> list[str]:
+def read_shard_ids(path: Path, rows: int | None = None) -> list[str]:
+    """The ids of a shard's rows; raises one of `SHARD_READ_ERRORS` when the file cannot be read or holds another
+    number of rows than `rows` (what the index committed)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    if rows is not None and len(ids) != rows:
+        raise ValueError(f"{len(ids)} rows where {rows} were committed")
+    return ids
 
 
 def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:

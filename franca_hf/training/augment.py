@@ -6,10 +6,11 @@ sigma 0.1-2), solarisation 0.2 on global crop 2 only, ImageNet normalisation.
 
 Blur probabilities (global 1, global 2, local):
 
-* `PAPER_BLUR_PROBABILITIES` = (1.0, 0.1, 0.5), the DINOv2 recipe the configs ask for (default here).
+* `PAPER_BLUR_PROBABILITIES` = (1.0, 0.1, 0.5), the DINOv2 recipe the configs ask for and the paper describes
+  (default here; `crops.blur: paper`).
 * `OFFICIAL_BLUR_PROBABILITIES` = (0.0, 0.9, 0.5), what the official Franca code actually applies: its GaussianBlur
   passes `1 - p` to RandomApply, so it blurs with probability 1 - p (never for global 1, 90 % for global 2; 0.5 is
-  unaffected). Use it to reproduce the released runs.
+  unaffected). The release recipes select it (`crops.blur: official`) to train as the released runs did.
 
 Every random choice is drawn from torch's global generator with the calls, in the order, of the official
 torchvision (v1) pipeline (`DataAugmentationDINO`), so a seed gives the official pipeline's crop boxes, flips, jitter

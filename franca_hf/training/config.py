@@ -94,7 +94,9 @@ class CropSettings:
     local_number: int = 8
     local_size: int = 98
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    blur: str = "paper"  # paper: (1.0, 0.1, 0.5) as intended | official: (0.0, 0.9, 0.5) as the released runs
+    # official: (0.0, 0.9, 0.5), what the official transforms apply (the release recipes) | paper: (1.0, 0.1, 0.5),
+    # what their GaussianBlur calls ask for and the paper describes (global crop 1, global crop 2, local crops)
+    blur: str = "paper"
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast, sat., hue
     blur_kernel_size: int = 9
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
