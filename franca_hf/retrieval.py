@@ -34,7 +34,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .features import extract_features, nested_dims
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
-from .fingerprint import model_fingerprint
+from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
 from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
 
@@ -50,10 +50,6 @@ ANN_KINDS = ("auto", "none", "hnsw", "ivfpq")
 FILL_BLOCK = 65536
 # a row of the full-width vectors has norm 1 within this when it is "the embedding" (`get_image_embeddings`)
 UNIT_TOLERANCE = 1e-3
-
-
-class ModelMismatchError(ValueError):
-    """A model other than the one that made an index or its features was given (fingerprints differ)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +150,7 @@ class IndexManifest:
         first_stage: file of the FAISS first stage (None for "none", which scans the vectors).
         unit: every full-width row has unit norm (the index holds `get_image_embeddings` outputs).
         model: `model_fingerprint` of the model that made the vectors, when known.
+        model_name: that model as it was given (a folder, Hub id or release name), when known.
         ids_bytes: length of the committed part of `IDS_FILE` (an interrupted append leaves more).
         sources: extract shards already in the index (`build_index` with `append=True` adds the others).
     """
@@ -165,6 +162,7 @@ class IndexManifest:
     first_stage: str | None
     unit: bool
     model: str | None = None
+    model_name: str | None = None
     ids_bytes: int = 0
     sources: list[str] = field(default_factory=list)
 
@@ -199,6 +197,7 @@ class EmbeddingIndex:
             None. Use `model.config.matryoshka_dims` for embeddings of a FrancaModel.
         settings: how the first stage is built (`IndexSettings`; "auto" by size when None).
         model: `model_fingerprint` of the model that made the vectors; `search_images` checks it.
+        model_name: that model as given (for messages).
         device: "cuda" runs FAISS on the GPU when faiss-gpu is installed.
     """
 
@@ -209,6 +208,7 @@ class EmbeddingIndex:
         dims: Sequence[int] | None = None,
         settings: IndexSettings | None = None,
         model: str | None = None,
+        model_name: str | None = None,
         device: str | torch.device = "cpu",
     ):
         array = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else vectors
@@ -235,7 +235,8 @@ class EmbeddingIndex:
                 )  # raises on a zero or non-finite prefix, naming the row
             unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
         resolved = (settings or IndexSettings()).resolve(size, dims[0])
-        self._init(IndexManifest(size, width, dims, asdict(resolved), None, unit, model), None, device)
+        manifest = IndexManifest(size, width, dims, asdict(resolved), None, unit, model, model_name)
+        self._init(manifest, None, device)
 
     def _init(self, manifest: IndexManifest, folder: Path | None, device) -> None:
         self.manifest, self.folder, self.device = manifest, folder, torch.device(device)
@@ -345,7 +346,8 @@ class EmbeddingIndex:
         `funnel` None: the funnel when the index has an ANN first stage, exact search at `dim` otherwise.
         Returns the query paths that could be read, scores (Q, k) and indices (Q, k) into `ids`.
         """
-        check_same_model(self.model, model, "The index", allow_other_model)
+        what = "The index" if self.folder is None else f"The index {self.folder}"
+        check_model(self.model, self.manifest.model_name, model, what, allow_other_model)
         if model.config.hidden_size < self.width:
             raise ValueError(
                 f"The index holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim ones. "
@@ -588,18 +590,12 @@ def on_device(index, device: torch.device):
     return faiss.index_cpu_to_gpu(gpu_resources(), device.index or 0, index)
 
 
-def check_same_model(expected: str | None, model, what: str, allow_other_model: bool) -> None:
-    """Raise `ModelMismatchError` when `model`'s fingerprint differs from the `expected` one `what` recorded."""
-    if expected is None or allow_other_model:
+def check_model(stored: str | None, stored_name: str | None, model, what: str, allow_other_model: bool) -> None:
+    """`franca_hf.fingerprint.check_same_model` for a loaded `model` against the fingerprint `stored` with `what`."""
+    if stored is None or allow_other_model:
         return
-    given = model_fingerprint(model)
-    if given != expected:
-        raise ModelMismatchError(
-            f"{what} was made by the model with fingerprint {expected}, but the given model "
-            f"({model.name_or_path or type(model).__name__}) has fingerprint {given}: its neighbours would be wrong "
-            "(other weights or another Matryoshka basis). Use the model that made it, or set allow_other_model "
-            "(CLI: --allow-other-model) to use this one anyway."
-        )
+    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    check_same_model(stored, model_fingerprint(model), what, stored_name or "(not recorded)", name, allow_other_model)
 
 
 def index_images(
@@ -621,7 +617,8 @@ def index_images(
     result = extract_features(
         model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
-    return EmbeddingIndex(result.features, result.paths, nested_dims(model), settings, model_fingerprint(model))
+    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    return EmbeddingIndex(result.features, result.paths, nested_dims(model), settings, model_fingerprint(model), name)
 
 
 def _extraction(folder: Path) -> ExtractionIndex:
@@ -644,10 +641,6 @@ def _extraction(folder: Path) -> ExtractionIndex:
     return extraction
 
 
-def _extraction_fingerprint(extraction: ExtractionIndex) -> str | None:
-    return getattr(extraction.settings, "fingerprint", None)
-
-
 def _extraction_dims(extraction: ExtractionIndex) -> list[int]:
     settings = extraction.settings
     return [d for d in settings.matryoshka_dims if d <= settings.dim]
@@ -667,7 +660,8 @@ def index_from_features(folder: str | os.PathLike, settings: IndexSettings | Non
         vectors[row : row + len(shard_ids)] = features.numpy()
         ids.extend(shard_ids)
         row += len(shard_ids)
-    return EmbeddingIndex(vectors, ids, _extraction_dims(extraction), settings, _extraction_fingerprint(extraction))
+    fingerprint, model_name = extraction.model_fingerprint, extraction.settings.model
+    return EmbeddingIndex(vectors, ids, _extraction_dims(extraction), settings, fingerprint, model_name)
 
 
 @dataclass(frozen=True)
@@ -700,9 +694,9 @@ def build_index(
 
     features, out = Path(features), Path(out)
     extraction = _extraction(features)
-    fingerprint = _extraction_fingerprint(extraction)
+    fingerprint, model_name = extraction.model_fingerprint, extraction.settings.model
     if model is not None:
-        check_same_model(fingerprint, model, f"The features in {features}", allow_other_model)
+        check_model(fingerprint, model_name, model, f"The extract folder {features}", allow_other_model)
     dims = _extraction_dims(extraction)
     if append:
         if settings is not None:
@@ -714,18 +708,17 @@ def build_index(
                 f"{out} holds {manifest.width}-dim rows with dims {manifest.dims}; {features} holds "
                 f"{extraction.settings.dim}-dim rows with dims {dims}. Append features of the same extraction."
             )
-        if manifest.model != fingerprint and not allow_other_model:
-            raise ModelMismatchError(
-                f"{out} was made by the model with fingerprint {manifest.model}, but {features} by the one with "
-                f"fingerprint {fingerprint}. Append features of the same model, or set allow_other_model (CLI: "
-                "--allow-other-model)."
-            )
+        if fingerprint is not None:
+            what = f"The index {out}"
+            check_same_model(manifest.model, fingerprint, what, manifest.model_name, model_name, allow_other_model)
         first = index.first_stage() if manifest.settings["ann"] != "none" else None
     else:
         if (out / MANIFEST_FILE).exists() and not overwrite:
             raise FileExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
         resolved = (settings or IndexSettings()).resolve(extraction.rows, dims[0])
-        manifest = IndexManifest(0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint)
+        manifest = IndexManifest(
+            0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name
+        )
         out.mkdir(parents=True, exist_ok=True)
         for name in (VECTORS_FILE, IDS_FILE):
             (out / name).write_bytes(b"")

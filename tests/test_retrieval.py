@@ -629,7 +629,7 @@ def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_fo
     other, _ = load_model_and_processor(str(fitted_folder))
     index = EmbeddingIndex.load(index_folder)
     assert index.model == model_fingerprint(model) != model_fingerprint(other)
-    with pytest.raises(ModelMismatchError, match=r"made by the model with fingerprint v1:\w+, but the given model"):
+    with pytest.raises(ModelMismatchError, match=r"holds embeddings of the model .*tiny \(fingerprint v1:\w+\); this"):
         index.search_images([EXAMPLE_IMAGES / "rocket.jpg"], other, processor, k=2)
 
     capsys.readouterr()
@@ -638,9 +638,18 @@ def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_fo
     refusal = capsys.readouterr().err
     print(refusal)
     assert (
-        f"franca-hf search: error: The index was made by the model with fingerprint {index.model}, but the given "
-        f"model ({fitted_folder}) has fingerprint {model_fingerprint(other)}"
+        f"franca-hf search: error: The index {index_folder} holds embeddings of the model {tiny_folder} (fingerprint "
+        f"{index.model}); this run's model {fitted_folder} has fingerprint {model_fingerprint(other)}"
     ) in refusal
     assert "set allow_other_model (CLI: --allow-other-model)" in refusal
     assert main([*search, "--model", str(fitted_folder), "--allow-other-model"]) == 0
     assert main([*search, "--model", str(tiny_folder)]) == 0
+
+    # an index built from an extract folder keeps the folder's fingerprint; --model there must be the same model
+    features, built = tmp_path / "features", tmp_path / "from_features"
+    assert main(["extract", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(features)]) == 0
+    capsys.readouterr()
+    assert main(["index", str(features), "--out", str(built), "--model", str(fitted_folder)]) == 2
+    assert f"The extract folder {features} holds embeddings of the model" in capsys.readouterr().err
+    assert main(["index", str(features), "--out", str(built), "--model", str(tiny_folder)]) == 0
+    assert EmbeddingIndex.load(built).model == index.model
