@@ -173,12 +173,11 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     unit = database.numpy()
     unit_queries = queries.numpy()
     small_unit = np.ascontiguousarray(unit[:, :small]) / np.linalg.norm(unit[:, :small], axis=1, keepdims=True)
-    shortlist = min(args.shortlist, size)
-    stages = [(small, shortlist), (width, K)]
     header = [
         f"Data: {source}.",
         f"Database {size:,} x {width} float32 (unit norm), {len(queries)} queries, k = {K}, first stage at "
-        f"D/16 = {small}, shortlist {shortlist} reranked at {width}.",
+        f"D/16 = {small}; HNSW M = {args.hnsw_m}, efSearch = max({args.ef_search}, shortlist); IVF nprobe = "
+        f"{args.nprobe}.",
         f"Machine: {machine()}; queries on {args.threads} thread(s), builds on all cores; load average "
         f"{os.getloadavg()[0]:.1f} at the start.",
     ]
@@ -200,26 +199,26 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
         )
         inverted = ivfpq.first_stage()
     graph = hnsw.first_stage()
-    graph_params = faiss.SearchParametersHNSW(efSearch=max(args.ef_search, shortlist))
     inverted_params = faiss.SearchParametersIVF(nprobe=args.nprobe)
 
-    def plain_funnel(first, params=None):
+    def plain_funnel(first, shortlist: int, params=None):
         def run(q: np.ndarray):
             cut = np.ascontiguousarray(q[:, :small] / np.linalg.norm(q[:, :small], axis=1, keepdims=True))
             return rerank(unit, q, first.search(cut, shortlist, params=params)[1], K)
 
         return run
 
+    def ours(index: EmbeddingIndex, stages):
+        return lambda q: index.funnel_search(torch.from_numpy(q), K, stages)[1]
+
+    def plain_small(q: np.ndarray):
+        return flat_small.search(np.ascontiguousarray(q[:, :small]) / np.linalg.norm(q[:, :small], axis=1)[:, None], K)
+
     flat_bytes, small_bytes = size * width * 4, size * small * 4
+    full = ("exact full width", flat_full_build, flat_bytes)
     methods = [
-        ("exact full width", "ours: `search`", lambda q: exact.search(torch.from_numpy(q), K)[1], exact_build, 0),
-        (
-            "exact full width",
-            "FAISS `IndexFlatIP(D)`",
-            lambda q: flat_full.search(q, K)[1],
-            flat_full_build,
-            flat_bytes,
-        ),
+        (*full[:1], "ours: `search`", lambda q: exact.search(torch.from_numpy(q), K)[1], exact_build, 0),
+        (*full[:1], "FAISS `IndexFlatIP(D)`", lambda q: flat_full.search(q, K)[1], *full[1:]),
         (
             "exact at D/16",
             f"ours: `search(dim={small})`",
@@ -227,61 +226,42 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
             0,
             small_bytes,
         ),
-        (
-            "exact at D/16",
-            "FAISS `IndexFlatIP(D/16)`",
-            lambda q: flat_small.search(
-                np.ascontiguousarray(q[:, :small]) / np.linalg.norm(q[:, :small], axis=1, keepdims=True), K
-            )[1],
-            flat_small_build,
-            small_bytes,
-        ),
-        (
-            "funnel, exact first stage",
-            "ours: `funnel_search`",
-            lambda q: exact.funnel_search(torch.from_numpy(q), K, stages)[1],
-            0,
-            small_bytes,
-        ),
-        (
-            "funnel, exact first stage",
-            "FAISS `IndexFlatIP(D/16)` + numpy rerank",
-            plain_funnel(flat_small),
-            flat_small_build,
-            small_bytes,
-        ),
-        (
-            "HNSW",
-            f"ours: HNSW{args.hnsw_m} at D/16 + rerank",
-            lambda q: hnsw.funnel_search(torch.from_numpy(q), K, stages)[1],
-            hnsw_build,
-            index_bytes(graph),
-        ),
-        (
-            "HNSW",
-            "FAISS: the same graph + numpy rerank",
-            plain_funnel(graph, graph_params),
-            hnsw_build,
-            index_bytes(graph),
-        ),
+        ("exact at D/16", "FAISS `IndexFlatIP(D/16)`", lambda q: plain_small(q)[1], flat_small_build, small_bytes),
     ]
-    if size >= IVFPQ_MIN_ROWS:
+    for shortlist in sorted({min(s, size) for s in args.shortlist}):
+        stages = [(small, shortlist), (width, K)]
+        graph_params = faiss.SearchParametersHNSW(efSearch=max(args.ef_search, shortlist))
+        point = f"shortlist {shortlist} at {small}, rerank at {width}"
         methods += [
+            (f"funnel, exact, {point}", "ours: `funnel_search`", ours(exact, stages), 0, small_bytes),
             (
-                "IVF-PQ",
-                f"ours: IVF{ivfpq.settings.nlist},PQ{ivfpq.settings.pq_bytes} at D/16 + rerank",
-                lambda q: ivfpq.funnel_search(torch.from_numpy(q), K, stages)[1],
-                ivfpq_build,
-                index_bytes(inverted),
+                f"funnel, exact, {point}",
+                "FAISS `IndexFlatIP(D/16)` + numpy rerank",
+                plain_funnel(flat_small, shortlist),
+                flat_small_build,
+                small_bytes,
             ),
+            (f"HNSW, {point}", f"ours: HNSW{args.hnsw_m} + rerank", ours(hnsw, stages), hnsw_build, index_bytes(graph)),
             (
-                "IVF-PQ",
-                "FAISS: the same index + numpy rerank",
-                plain_funnel(inverted, inverted_params),
-                ivfpq_build,
-                index_bytes(inverted),
+                f"HNSW, {point}",
+                "FAISS: the same graph + numpy rerank",
+                plain_funnel(graph, shortlist, graph_params),
+                hnsw_build,
+                index_bytes(graph),
             ),
         ]
+        if size >= IVFPQ_MIN_ROWS:
+            name = f"ours: IVF{ivfpq.settings.nlist},PQ{ivfpq.settings.pq_bytes} + rerank"
+            methods += [
+                (f"IVF-PQ, {point}", name, ours(ivfpq, stages), ivfpq_build, index_bytes(inverted)),
+                (
+                    f"IVF-PQ, {point}",
+                    "FAISS: the same index + numpy rerank",
+                    plain_funnel(inverted, shortlist, inverted_params),
+                    ivfpq_build,
+                    index_bytes(inverted),
+                ),
+            ]
     if size <= args.full_hnsw_max:
 
         def make_full():
@@ -390,7 +370,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50_000, help="with --model: images embedded (queries included)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="FAISS and torch threads for queries (see above)")
-    parser.add_argument("--shortlist", type=int, default=100, help="first-stage shortlist reranked at full width")
+    parser.add_argument(
+        "--shortlist", type=int, nargs="+", default=[100, 200], help="first-stage shortlists reranked at full width"
+    )
     parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
     parser.add_argument("--ef-search", type=int, default=64, help="HNSW search list (at least the shortlist is used)")
     parser.add_argument("--nprobe", type=int, default=64, help="IVF cells visited per query")
