@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from franca_hf import FrancaModel
 from franca_hf.conversion.export import make_image_processor
-from franca_hf.io import write_file_atomically
+from franca_hf.io import portable_path, write_file_atomically
 from franca_hf.training.checkpoints import find_latest_checkpoint
 from franca_hf.training.config import load_config
 from franca_hf.training.data import AugmentedImages, EpochBatchSampler, open_source, subsample
@@ -532,7 +532,8 @@ def main() -> None:
             "DINO (project heads, seed 0)": results["project"][0],
         }
     parameters = {mode: head_parameters([*common, *overrides]) for mode, overrides in compared.items()}
-    command = " ".join(["python benchmarks/ablation_heads.py", *sys.argv[1:]])
+    shown = [portable_path(part, "<runs folder>") if os.path.isabs(part) else part for part in sys.argv[1:]]
+    command = " ".join(["python benchmarks/ablation_heads.py", *shown])
     minutes = (time.time() - started) / 60
     machine = (
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} minutes, {args.parallel} runs at a time; "

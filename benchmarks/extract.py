@@ -45,6 +45,7 @@ from franca_hf.features import (
     load_model_and_processor,
     quantize_int8,
 )
+from franca_hf.io import portable_path
 from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -139,7 +140,7 @@ def speed(args) -> None:
             "pipeline loop": lambda m, p=paths: run_pipeline(m, processor, p, args.batch, workers),
         }
         print(
-            f"{name}; {args.images} JPEGs of 640x480; batch {args.batch}; {workers} DataLoader workers; torch "
+            f"{portable_path(name, '<model folder>')}; {args.images} JPEGs of 640x480; batch {args.batch}; {workers} DataLoader workers; torch "
             f"{torch.__version__} on {torch.get_num_threads()} threads, {psutil.cpu_count()} CPU cores, load average "
             f"{os.getloadavg()[0]:.1f}",
             flush=True,
@@ -199,7 +200,7 @@ def quality(args) -> None:
             features[dtype, split] = embed_source(variant, source, processor, batch_size=args.batch * 8, num_workers=0)
     dims = model.config.matryoshka_dims
     print(
-        f"k-NN (k=20, T=0.07) of {args.quality}: {len(features['fp32', 'train'][0])} demo train / "
+        f"k-NN (k=20, T=0.07) of {portable_path(args.quality, '<model folder>')}: {len(features['fp32', 'train'][0])} demo train / "
         f"{len(features['fp32', 'test'][0])} demo test images"
     )
     for dtype in ("fp32", "int8"):

@@ -37,7 +37,7 @@ from transformers import AutoImageProcessor, AutoModel
 import franca_hf  # noqa: F401  (registers the Auto classes)
 from franca_hf.conversion.export import save_model_folder
 from franca_hf.data import open_source, subsample
-from franca_hf.io import replace_marked_block
+from franca_hf.io import portable_path, replace_marked_block
 from franca_hf.matryoshka import MatryoshkaFit, PrincipalBasis, with_matryoshka_basis
 from franca_hf.training.knn import format_knn_rows, knn_predict
 
@@ -183,7 +183,8 @@ def main() -> None:
     patches, described = patch_evaluation(teacher, fitted, args.images)
     minutes = (time.time() - started) / 60
     measured = (
-        f"Measured by `python benchmarks/matryoshka_pca.py --teacher {teacher}` ({os.cpu_count()} CPU cores, torch "
+        f"Measured by `python benchmarks/matryoshka_pca.py --teacher {portable_path(teacher, '<teacher>')}` "
+        f"({os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {minutes:.1f} minutes, load average {load:.1f} at the start)."
     )
     cls_block = "\n\n".join([format_knn_rows(cls, "CLS k-NN top-1 (%)"), measured])
@@ -191,7 +192,9 @@ def main() -> None:
         [format_knn_rows(rows, f"patch {kind}, balanced accuracy (%)") for kind, rows in patches.items()]
         + [f"{described} {measured}"]
     )
-    fit_block = "```\n$ franca-hf " + " ".join(fit_command) + "\n" + printed.strip() + "\n```"
+    shown = {str(teacher): portable_path(teacher, "<teacher>"), str(fitted): portable_path(fitted, "<work>/pca")}
+    fit_block = "```\n$ franca-hf " + " ".join(shown.get(part, part) for part in fit_command) + "\n"
+    fit_block += printed.strip().replace(str(fitted), shown[str(fitted)]) + "\n```"
     print(cls_block + "\n\n" + patch_block)
     if args.docs:
         replace_marked_block(args.docs, "matryoshka-pca-fit", fit_block)

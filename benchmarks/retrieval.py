@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from franca_hf.io import replace_marked_block
+from franca_hf.io import portable_path, replace_marked_block
 from franca_hf.matryoshka import describe_data
 from franca_hf.modeling.configuration_franca import default_matryoshka_dims
 from franca_hf.retrieval import EmbeddingIndex, index_from_features
@@ -397,7 +397,8 @@ def main() -> None:
                 (
                     database,
                     queries,
-                    f"REAL embeddings of {len(database) + len(queries)} images of {described} by {name} "
+                    f"REAL embeddings of {len(database) + len(queries)} images of {described} by "
+                    f"{portable_path(name, '<model folder>')} "
                     f"(Matryoshka truncation: {truncation_of(name)}): {len(queries)} random rows held out as queries",
                 )
             )
@@ -407,7 +408,8 @@ def main() -> None:
             (
                 database,
                 queries,
-                f"REAL embeddings from {args.embeddings}: {len(queries)} random rows held out as queries",
+                f"REAL embeddings from {portable_path(args.embeddings, '<features folder>')}: {len(queries)} random "
+                "rows held out as queries",
             )
         ]
     else:

@@ -1,12 +1,14 @@
 """`franca-hf <command>`: a thin command line over the franca_hf Python API."""
 
+# Parsing imports nothing heavy: torch and transformers load inside the command that runs (benchmarks/cli_startup.py).
 import argparse
+import functools
 import importlib
 import json
 import sys
 from pathlib import Path
 
-from .conversion.export import WEIGHT_DTYPES
+from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
 from .errors import USER_ERRORS, report
 
@@ -64,6 +66,11 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
+    # checks of the flags alone come before the imports: a usage error answers without loading torch
+    if str(args.out).endswith(".safetensors"):
+        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
+    _check_runtime_flags(args)
+    _require_at_least(1, shard_size=args.shard_size)
     from .features import (
         ExtractionSettings,
         check_feature_flags,
@@ -75,10 +82,6 @@ def _extract(args: argparse.Namespace) -> None:
         process_state,
     )
 
-    if str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
-    _check_runtime_flags(args)
-    _require_at_least(1, shard_size=args.shard_size)
     check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
     model, processor = _load_model(args)
@@ -109,20 +112,26 @@ def _extract(args: argparse.Namespace) -> None:
         index = result.index
         resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
         print(
-            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {index.rows} images in "
-            f"{len(index.shards)} shard{'s' * (len(index.shards) != 1)} to {args.out}{resumed}"
+            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {_count(index.rows, 'image')} "
+            f"in {_count(len(index.shards), 'shard')} to {args.out}{resumed}"
         )
         if index.failed:
             print(
-                f"skipped {len(index.failed)} unreadable images (listed in {args.out}/extraction.json):",
+                f"skipped {_count(len(index.failed), 'unreadable image')} (listed in {args.out}/extraction.json):",
                 file=sys.stderr,
             )
             for image_id, reason in index.failed[:20]:
                 print(f"  {image_id}: {reason}", file=sys.stderr)
 
 
+def _count(number: int, noun: str) -> str:
+    """`1 image`, `2 images`."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 def _load_model(args: argparse.Namespace, path: str | None = None):
     """The model and image processor the model flags (`_add_model_flags`) ask for (from `path` once resolved)."""
+    from .conversion.export import WEIGHT_DTYPES
     from .features import load_model_and_processor
 
     return load_model_and_processor(
@@ -144,12 +153,12 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 
 
 def _knn(args: argparse.Namespace) -> None:
+    _check_runtime_flags(args)
     from .conversion.export import make_image_processor
     from .data import open_source, subsample
     from .features import nested_dims
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
-    _check_runtime_flags(args)
     model, processor = _load_model(args)
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
@@ -178,6 +187,10 @@ def _knn(args: argparse.Namespace) -> None:
 
 
 def _fit_pca(args: argparse.Namespace) -> None:
+    _check_runtime_flags(args)
+    _require_at_least(1, max_images=args.max_images)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     from transformers import AutoConfig
 
     from .conversion.convert import resolve_model
@@ -185,10 +198,6 @@ def _fit_pca(args: argparse.Namespace) -> None:
     from .data import SkipCounter, open_source, subsample
     from .matryoshka import describe_data, fit_matryoshka_basis, minimum_images, write_fitted_folder
 
-    _check_runtime_flags(args)
-    _require_at_least(1, max_images=args.max_images)
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     path = resolve_model(args.model)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "franca":
@@ -251,9 +260,9 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
+    _check_runtime_flags(args)
     from .retrieval import IndexSettings, build_index, index_images, is_features_folder
 
-    _check_runtime_flags(args)
     knobs = ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")  # the flags that are IndexSettings fields
     chosen = {key: getattr(args, key) for key in knobs if getattr(args, key) is not None}
     settings = IndexSettings(**chosen) if chosen or not args.append else None
@@ -280,9 +289,9 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
+    _require_at_least(1, k=args.k)
     from .retrieval import default_funnel, load_index
 
-    _require_at_least(1, k=args.k)
     index = load_index(args.index, device=args.device or "cpu")
     if args.dim is not None and args.dim not in index.dims:
         raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
@@ -311,12 +320,13 @@ def _search(args: argparse.Namespace) -> None:
 
 def _visualize(args: argparse.Namespace) -> None:
     from .conversion.export import make_image_processor
-    from .visualize import visualize
+    from .visualize import read_image, visualize
 
+    image = read_image(args.image)  # a bad file is refused before the model loads
     model, processor = _load_model(args)
     if args.size:
         processor = make_image_processor(args.size)
-    r2 = visualize(model, processor, args.image, args.out)
+    r2 = visualize(model, processor, image, args.out)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
     print(
         f"wrote {args.out}"
@@ -345,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", help="output folder (default for --release: the cache)")
     convert.add_argument("--preset", help="vit_small | vit_base | vit_large | vit_giant2 (sets the head count)")
     convert.add_argument("--num-heads", type=int, help="attention heads (default: hidden size / 64)")
-    convert.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="dtype of the saved weights")
+    convert.add_argument("--dtype", choices=WEIGHT_DTYPE_NAMES, default="float32", help="dtype of the saved weights")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     convert.add_argument("--no-verify", action="store_true", help="skip the comparison with the original weights")
     convert.add_argument("--base-url", help="release mirror (default $FRANCA_HF_RELEASE_URL or GitHub)")
@@ -447,12 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.set_defaults(run=_visualize)
 
     # Their arguments are defined by their modules, which also run as `accelerate launch -m <module>`.
-    for name, module, help_text in TRAINING_COMMANDS:
+    for name, arguments_module, trainer_module, help_text in TRAINING_COMMANDS:
         command = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        trainer = importlib.import_module(module)
-        command.description = trainer.__doc__
-        trainer.add_arguments(command)
-        command.set_defaults(run=trainer.run)
+        arguments = importlib.import_module(arguments_module)
+        command.description = arguments.DESCRIPTION
+        arguments.add_arguments(command)
+        command.set_defaults(run=functools.partial(_train, trainer_module))
     knn = commands.add_parser("knn", help="k-NN accuracy of any model's CLS features at every Matryoshka dim")
     _add_model_flags(knn)
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
@@ -507,7 +517,7 @@ def _add_model_flags(
     """How every command that runs a model loads it: --model, --device, --dtype, --int8."""
     parser.add_argument("--model", required=required, help=help)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU when there is one)")
-    parser.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="float32", help="the model's dtype")
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPE_NAMES, default="float32", help="the model's dtype")
     parser.add_argument("--int8", action="store_true", help="CPU: int8 dynamically quantised Linear layers (faster)")
 
 
@@ -518,15 +528,26 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
     )
 
 
-# (command, module, help): commands whose arguments and run() live in their module
+# (command, arguments module, trainer module, help): commands whose DESCRIPTION and add_arguments() live in a module
+# cheap to import, and whose run() lives in the trainer module (also run as `accelerate launch -m <trainer module>`)
 TRAINING_COMMANDS = (
     (
         "pretrain",
+        "franca_hf.training.pretrain_arguments",
         "franca_hf.training.pretrain",
         "pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
     ),
-    ("rasa", "franca_hf.rasa.train", "learn RASA position directions on a frozen Franca or DINOv2 backbone"),
+    (
+        "rasa",
+        "franca_hf.rasa.settings",
+        "franca_hf.rasa.train",
+        "learn RASA position directions on a frozen Franca or DINOv2 backbone",
+    ),
 )
+
+
+def _train(trainer_module: str, args: argparse.Namespace) -> int:
+    return importlib.import_module(trainer_module).run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

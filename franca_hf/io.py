@@ -2,6 +2,7 @@
 after an error or a kill), with the permissions of an ordinary new file."""
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -61,10 +62,29 @@ def write_folder_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], N
     return out_dir
 
 
+# The absolute paths of one machine (home folders, temporary folders, work areas), which a reader cannot rerun.
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root|home|tmp|Users|private|mnt|var/folders)/[^\s`'\")]*")
+
+
+def portable_path(path: str | os.PathLike, placeholder: str) -> str:
+    """A path as a page written by a script shows it: a relative path as given, an absolute one relative to the
+    working directory (the repository root, where the scripts run) when inside it, else `placeholder` (`<teacher>`)."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return placeholder
+
+
 def replace_marked_block(path: str | os.PathLike, name: str, block: str) -> None:
     """Replace, atomically, the text between the lines `<!-- NAME:start -->` and `<!-- NAME:end -->` of a Markdown
-    page (how benchmarks write their measured tables into the docs)."""
+    page (how benchmarks write their measured tables into the docs). A block that holds a machine's absolute path
+    (`MACHINE_PATH`; show paths with `portable_path`) is refused."""
     path = Path(path)
+    if found := MACHINE_PATH.search(block):
+        raise ValueError(f"The {name} block for {path} holds the machine path {found.group()}; use portable_path.")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text()
     if start not in text or end not in text:

@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
+from .data.sources import DECODE_ERRORS, open_image
 from .io import write_file_atomically
 from .rasa.probe import grid_coordinates, linear_probe_r2
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 PANEL_SIDE = 320
 PROBE_COMPONENTS = 16
 MIN_PROBE_GRID = 8
+CAPTION_FONT_SIZE = 15  # Pillow's default font at its 10-px default runs words together
 
 
 def pca_components(features: torch.Tensor, count: int) -> torch.Tensor:
@@ -83,18 +85,33 @@ def render_comparison(
     width = len(pictures) * PANEL_SIDE + (len(pictures) + 1) * margin
     canvas = Image.new("RGB", (width, height + 2 * margin + caption_height), "white")
     draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(CAPTION_FONT_SIZE)
     for column, (caption, picture) in enumerate(pictures):
         left = margin + column * (PANEL_SIDE + margin)
         canvas.paste(picture, (left, margin))
-        draw.text((left, margin + height + 6), caption, fill="black")
+        draw.text((left, margin + height + 6), caption, fill="black", font=font)
     return canvas, r2
 
 
-def visualize(model, image_processor, image_path: str | Path, out_file: str | Path) -> dict[str, float | None]:
-    """Write the figure for an image file (the processed input, then its PCA maps); returns the probe R² of each
-    feature panel (None where the grid is too small, with a warning)."""
-    with Image.open(image_path) as opened:
-        image = opened.convert("RGB")
+def read_image(path: str | Path) -> Image.Image:
+    """The RGB image of one image file; a folder, a missing file or one that does not decode (not an image, truncated)
+    is a one-line error naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; visualize draws one image file.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        return open_image(path)
+    except DECODE_ERRORS as error:
+        raise ValueError(f"{path} cannot be read as an image ({error}).") from error
+
+
+def visualize(model, image_processor, image: Image.Image | str | Path, out_file: str | Path) -> dict[str, float | None]:
+    """Write the figure for an image or image file (`read_image`): the processed input, then its PCA maps; returns the
+    probe R² of each feature panel (None where the grid is too small, with a warning)."""
+    if not isinstance(image, Image.Image):
+        image = read_image(image)
     pixels = image_processor(image, return_tensors="pt")["pixel_values"]
     shown = _as_picture(pixels[0], image_processor)
     problem = probe_grid_problem(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import franca_hf  # noqa: F401  (registers the Auto classes)
+import franca_hf  # noqa: F401  (registers the Auto classes once transformers is imported)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT / "tests" / "reference" / "tiny"

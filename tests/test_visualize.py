@@ -74,3 +74,23 @@ def test_probe_sees_a_position_code():
     grid = torch.stack(torch.meshgrid(torch.arange(rows) / 7, torch.arange(cols) / 7, indexing="ij"), -1)
     features = grid.reshape(-1, 2) @ coords_code + 0.01 * torch.randn(64, 64)
     assert single_image_probe_r2(features, rows, cols) > 0.95
+
+
+def test_files_that_are_not_one_readable_image_are_refused_in_one_line_before_the_model_loads(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    truncated = tmp_path / "truncated.jpg"
+    whole = (EXAMPLE_IMAGES / "chelsea_cat.jpg").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 3])
+    cases = {
+        notes: "cannot be read as an image (cannot identify image file",
+        tmp_path: "is a folder; visualize draws one image file.",
+        truncated: "cannot be read as an image (image file is truncated",
+        tmp_path / "missing.jpg": "does not exist.",
+    }
+    for path, message in cases.items():
+        # the model does not exist: the image is checked first
+        code = main(["visualize", str(path), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "f.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"franca-hf visualize: error: {path} {message}") and err.count("\n") == 1
+        assert not (tmp_path / "f.png").exists()

@@ -14,10 +14,11 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..io import write_folder_atomically
 from ..modeling import FrancaModel
+from .dtypes import WEIGHT_DTYPE_NAMES
 from .model_card import render_model_card
 
 # Torch dtypes by the names the command line and the converter accept.
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPE_NAMES}
 # Crops below this side (the demo's 32-px synthetic images) are not given the 256/224 border: it would cut several
 # of their few pixels, and the images were drawn at the crop size.
 SMALL_CROP = 64

@@ -2,11 +2,11 @@
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..modeling import FrancaConfig
+from ..modeling import FRANCA_PRESETS, FrancaConfig
 
 OFFICIAL_LICENSE_LINK = "https://github.com/valeoai/Franca/blob/main/LICENSE_MODEL"
 _HUB_DATASETS = {"ImageNet-21K": "ILSVRC/imagenet-21k", "LAION-600M (LAION-COCO)": "laion/laion-coco"}
-_SIZE_NAMES = {384: "S", 768: "B", 1024: "L", 1536: "g"}
+_PRESET_LETTERS = {"vit_small": "S", "vit_base": "B", "vit_large": "L", "vit_giant2": "g"}
 _TRUNCATIONS = {"prefix": "prefix: the first m channels", "pca": "a fitted PCA basis: ((z - mean) R)[:m]"}
 
 CITATION = """@article{venkataramanan2025franca,
@@ -54,6 +54,22 @@ def _basis_section(fit: dict, where: str) -> list[str]:
     ]
 
 
+def preset_name(config: FrancaConfig) -> str | None:
+    """`ViT-B/14` where width, depth and heads are those of a preset (`FRANCA_PRESETS`), with the configured patch
+    size; None for other sizes."""
+    sizes = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
+    for preset, preset_sizes in FRANCA_PRESETS.items():
+        if sizes == preset_sizes:
+            return f"ViT-{_PRESET_LETTERS[preset]}/{config.patch_size}"
+    return None
+
+
+def architecture_name(config: FrancaConfig) -> str:
+    """The preset name, else the sizes themselves: `ViT of a custom size (128 wide, 4 blocks, patch 8)`."""
+    custom = f"ViT of a custom size ({config.hidden_size} wide, {config.num_hidden_layers} blocks, patch {config.patch_size})"
+    return preset_name(config) or custom
+
+
 def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_model: str | None = None) -> str:
     """A model card for a Franca folder, built from its config and `config.source_checkpoint` provenance.
 
@@ -67,7 +83,7 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
     source = dict(config.source_checkpoint or {})
     official = "release" in source  # official weights, or weights trained on from them (model.init_from)
     derived = official and "trained_with" in source
-    generic = f"Franca ViT-{_SIZE_NAMES.get(config.hidden_size, config.hidden_size)}/14"
+    generic = f"Franca {architecture_name(config)}"
     name = f"{generic}, trained on from {source['release']}" if derived else source.get("release") or generic
     dataset = source.get("dataset")
     data = ModelCardData(
@@ -82,6 +98,8 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
     )
     where = repo_id or "path/to/this/folder"
     grid = config.position_grid_size
+    crop, patch = config.image_size, config.patch_size
+    crop_grid = crop // patch  # patches per side of the processor's crop
     lines = [
         f"# {name}",
         "",
@@ -94,7 +112,7 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | ViT, {config.hidden_size} wide, {config.num_hidden_layers} blocks, "
+        f"| architecture | {preset_name(config) or 'ViT of a custom size'}: {config.hidden_size} wide, {config.num_hidden_layers} blocks, "
         f"{config.num_attention_heads} heads, patch {config.patch_size}, {config.ffn_type} FFN |",
         f"| position table | {grid}x{grid} ({grid * config.patch_size} px native); other sizes are interpolated |",
         f"| register tokens | {config.num_register_tokens} |",
@@ -157,16 +175,21 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         'inputs = processor(Image.open("photo.jpg"), return_tensors="pt")',
         "with torch.no_grad():",
         "    out = model(**inputs)",
-        "cls = out.pooler_output                         # (1, D) final-normed CLS",
-        "patches = out.patch_tokens                      # (1, 256, D) final-normed patch tokens",
+        f"cls = out.pooler_output                         # (1, {config.hidden_size}) final-normed CLS",
+        f"patches = out.patch_tokens                      # (1, {crop_grid * crop_grid}, {config.hidden_size}) final-normed patch tokens",
         f"small = model.get_image_embeddings(inputs['pixel_values'], dim={config.matryoshka_dims[0]})  # Matryoshka embedding, L2-normalised",
     ]
     if config.rasa_steps:
-        lines.append("dense = model.get_dense_features(**inputs, debiased=True)  # (1, D, 16, 16) RASA-debiased")
+        lines.append(
+            "dense = model.get_dense_features(**inputs, debiased=True)  "
+            f"# (1, {config.hidden_size}, {crop_grid}, {crop_grid}) RASA-debiased"
+        )
     lines += [
         "```",
         "",
-        "Images whose sides are not multiples of 14 are cropped to the nearest smaller multiple.",
+        f"The image processor resizes and centre-crops to {crop}x{crop} px ({crop_grid}x{crop_grid} patches of "
+        f"{patch} px). The model takes other sizes too: sides that are not multiples of {patch} are cropped to the "
+        "nearest smaller multiple.",
         "",
     ]
     if official:

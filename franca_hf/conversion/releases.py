@@ -16,10 +16,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from ..modeling import FRANCA_PRESETS
-
 DEFAULT_RELEASE_URL = "https://github.com/valeoai/Franca/releases/download"
 VIT_G_PART_SUFFIXES = ("aa", "ab", "ac")
 _CHUNK_BYTES = 1 << 20
@@ -51,6 +47,8 @@ class Release:
         """What in `values` (`infer_config_values` of some weights) differs from this release's architecture: the
         preset's width, depth and patch 14 with a SwiGLU FFN, and the position grid where documented. Empty when the
         weights can be this release."""
+        from ..modeling import FRANCA_PRESETS
+
         hidden, depth, _ = FRANCA_PRESETS[self.preset]
         expected = {"hidden_size": hidden, "num_hidden_layers": depth, "patch_size": 14, "ffn_type": "swiglu"}
         if self.grid is not None:
@@ -119,6 +117,8 @@ def download_file(url: str, destination: str | Path, progress: bool = True) -> P
     Bytes go to `<destination>.partial`; a restart asks the server for the missing range (HTTP Range) and starts
     over if the server ignores it. The file appears under its final name only once complete.
     """
+    from tqdm.auto import tqdm
+
     destination = Path(destination)
     if destination.is_file():
         return destination

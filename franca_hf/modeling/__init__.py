@@ -26,3 +26,17 @@ __all__ = [
     "orthonormalize_rasa_weights",
     "remove_position_directions",
 ]
+
+
+def _register_with_auto_classes() -> None:
+    """The "franca" model type for `AutoConfig`, `AutoModel` and `AutoBackbone`, and the classes' remote code."""
+    from transformers import AutoBackbone, AutoConfig, AutoModel
+
+    AutoConfig.register(FrancaConfig.model_type, FrancaConfig, exist_ok=True)
+    AutoModel.register(FrancaConfig, FrancaModel, exist_ok=True)
+    AutoBackbone.register(FrancaConfig, FrancaBackbone, exist_ok=True)
+    FrancaConfig.register_for_auto_class("AutoConfig")
+    FrancaModel.register_for_auto_class("AutoModel")
+
+
+_register_with_auto_classes()

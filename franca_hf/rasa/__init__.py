@@ -7,9 +7,26 @@ The model file keeps its own vectorised copy of the direction math (`franca_hf.m
 which `directions` uses: exported folders must run without franca_hf.
 """
 
-from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
-from .probe import evaluate_chain, grid_coordinates, linear_probe_r2, probe_r2
-from .reference import official_rasa_chain
+from ..lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "directions": (
+            "DIRECTIONS_FILE",
+            "RasaDirections",
+            "patch_tokens",
+        ),
+        "probe": (
+            "evaluate_chain",
+            "grid_coordinates",
+            "linear_probe_r2",
+            "probe_r2",
+            "probe_sample_problem",
+        ),
+        "reference": ("official_rasa_chain",),
+    },
+)
 
 __all__ = [
     "DIRECTIONS_FILE",
@@ -20,4 +37,5 @@ __all__ = [
     "official_rasa_chain",
     "patch_tokens",
     "probe_r2",
+    "probe_sample_problem",
 ]

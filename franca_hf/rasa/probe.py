@@ -2,10 +2,17 @@
 map from tokens to grid coordinates), fitted on some tokens and scored on others. Used by RASA training (per step,
 on held-out images) and by `franca-hf visualize` (on one image)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..modeling import orthonormalize_rasa_weights, remove_position_directions
+
+# Below these, a held-out probe's R² says more about the few images it saw than about position (`probe_r2` fits on
+# half of the images and scores on the other half): images held out, and fitted tokens per probe parameter (D + 1).
+MIN_PROBE_IMAGES = 16
+MIN_TOKENS_PER_PARAMETER = 2
 
 
 def grid_coordinates(rows: int, cols: int) -> torch.Tensor:
@@ -48,6 +55,20 @@ def probe_r2(tokens: torch.Tensor, coords: torch.Tensor, ridge: float = 1e-3) ->
         tokens[half:].reshape(-1, tokens.shape[-1]),
         coords.repeat(rest, 1),
         ridge,
+    )
+
+
+def probe_sample_problem(images: int, tokens_per_image: int, width: int) -> str | None:
+    """Why `probe_r2` on `images` images of `tokens_per_image` D=`width` patch tokens measures little, with the
+    number of images that would do; None when there are enough."""
+    per_parameter = (images // 2) * tokens_per_image / (width + 1)
+    if images >= MIN_PROBE_IMAGES and per_parameter >= MIN_TOKENS_PER_PARAMETER:
+        return None
+    needed = max(MIN_PROBE_IMAGES, 2 * math.ceil(MIN_TOKENS_PER_PARAMETER * (width + 1) / tokens_per_image))
+    return (
+        f"{images} held-out images fit the probe on {images // 2} ({per_parameter:.1f} tokens per parameter of a "
+        f"{width}-dim probe); to say much about position it needs {MIN_PROBE_IMAGES} images or more and "
+        f"{MIN_TOKENS_PER_PARAMETER} fitted tokens per parameter: {needed} images here"
     )
 
 

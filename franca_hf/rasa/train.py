@@ -1,17 +1,6 @@
-"""RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
-
-    franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=8
-    accelerate launch -m franca_hf.rasa.train model=facebook/dinov2-base data=/voc out=dinov2_rasa
-
-Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
-the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
-to 0), then freezes it into the chain. After every step a fresh linear probe, fitted on half of the held-out images
-and scored on the other half, gives the R² of position still linearly decodable; the mean cosine similarity between
-raw and debiased tokens shows how much else changed. Progress is saved after every step; a rerun resumes.
-
-Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the whole chain; for DINOv2 models, a
-`rasa_directions.safetensors` file to use with `franca_hf.rasa.RasaDirections`.
-"""
+"""RASA post-training, the code behind `franca-hf rasa` (what it does and its settings: `franca_hf.rasa.settings`):
+`train_rasa` trains the chain of position directions on a frozen backbone, resuming after every step, and
+`write_rasa_output` writes the debiased model or the directions file."""
 
 import argparse
 import dataclasses
@@ -26,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from omegaconf import MISSING
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
@@ -41,74 +29,10 @@ from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, r
 from ..training.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..training.data import AugmentedImages, EpochBatchSampler
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
-from .probe import evaluate_chain, grid_coordinates
+from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
+from .settings import DESCRIPTION, RasaRunSettings, RasaSettings, add_arguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RasaSettings:
-    """Defaults follow the paper (Franca §2.3, see docs/rasa.md): 8 steps of 5 epochs, lr 2e-3 (the official config
-    says 2e-4), batch 128, random resized crops (scale 0.25-1) with colour jitter, grayscale and blur, at the model's
-    native resolution (`resolution=None`: its position table's, 518 px for the 518-px releases and DINOv2)."""
-
-    steps: int = 8
-    epochs: int = 5
-    lr: float = 2e-3
-    batch_size: int = 128
-    resolution: int | None = None
-    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
-    jitter_probability: float = 0.8  # colour jitter (0.32, 0.32, 0.32, 0.08)
-    grayscale_probability: float = 0.2
-    blur_probability: float = 0.5  # Gaussian blur, kernel 9, sigma 0.1-2
-    held_out_images: int = 64
-    max_images: int | None = None
-    orthogonal: bool = True  # False: the official steps (see fit_position_predictor)
-    num_workers: int = 2
-    seed: int = 0
-
-    def validate(self, patch_size: int | None = None) -> None:
-        """Checks with messages that name the setting, its value and what is allowed; the resolution against the
-        model's `patch_size` when given."""
-        for name in ("steps", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if patch_size is not None and self.resolution is not None:
-            if self.resolution % patch_size or self.resolution < 2 * patch_size:
-                suggestion = max(2, round(self.resolution / patch_size)) * patch_size
-                raise ValueError(
-                    f"resolution={self.resolution} must be a multiple of the model's patch size ({patch_size}) of at "
-                    f"least 2 patches, e.g. resolution={suggestion}."
-                )
-        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.")
-        for name in ("jitter_probability", "grayscale_probability", "blur_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.held_out_images < 4:
-            raise ValueError(
-                f"held_out_images must be >= 4 (two halves for the position probe), got {self.held_out_images}."
-            )
-
-    def for_model(self, config) -> "RasaSettings":
-        """These settings with the resolution resolved for a model config and checked against its patch size: the
-        native size of a FrancaConfig's position table, or the config's `image_size` (DINOv2: 518)."""
-        native = getattr(config, "position_grid_size", None)
-        resolution = self.resolution or (native * config.patch_size if native else config.image_size)
-        resolved = dataclasses.replace(self, resolution=resolution)
-        resolved.validate(config.patch_size)
-        return resolved
-
-
-@dataclass
-class RasaRunSettings(RasaSettings):
-    """`franca-hf rasa key=value ...`: the model, the images and the output folder, with the training settings."""
-
-    model: str = MISSING  # a Franca folder, Hub id or release name, or a DINOv2 model
-    data: str = MISSING  # "demo", an image folder, or hf:<dataset>
-    out: str = MISSING  # the output folder
-    split: str = "train"
-    overwrite: bool = False
 
 
 @dataclass
@@ -274,6 +198,9 @@ def train_rasa(
     weights = existing if existing is not None else torch.zeros(0, 2, width)
 
     tokens, coords = held_out_tokens(model, held_out_source, settings, accelerator)
+    problem = probe_sample_problem(*tokens.shape)
+    if problem and accelerator.is_main_process:
+        logger.warning("The held-out probe R² is unreliable: %s; raise held_out_images.", problem)
     report = RasaReport()
     progress_file = _progress_path(out_dir)
     identity = {
@@ -351,59 +278,6 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
     return write_folder_atomically(out_dir, fill, overwrite=overwrite)
 
 
-# The flags of franca_hf 0.1, deprecated: each becomes its key=value setting (a note says so).
-LEGACY_FLAGS = {
-    "--model": "model",
-    "--data": "data",
-    "--split": "split",
-    "--out": "out",
-    "--steps": "steps",
-    "--epochs": "epochs",
-    "--lr": "lr",
-    "--batch-size": "batch_size",
-    "--resolution": "resolution",
-    "--jitter-prob": "jitter_probability",
-    "--grayscale-prob": "grayscale_probability",
-    "--blur-prob": "blur_probability",
-    "--held-out-images": "held_out_images",
-    "--max-images": "max_images",
-    "--num-workers": "num_workers",
-    "--seed": "seed",
-}
-LEGACY_SWITCHES = {"--official-steps": "orthogonal=false", "--overwrite": "overwrite=true"}
-
-
-class LegacySetting(argparse.Action):
-    """A 0.1 flag: appends its key=value setting to `legacy_settings` and its name to `legacy_flags`."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string in LEGACY_SWITCHES:
-            setting = LEGACY_SWITCHES[option_string]
-        elif option_string == "--crop-scale":
-            setting = f"crop_scale=[{values[0]},{values[1]}]"
-        else:
-            setting = f"{LEGACY_FLAGS[option_string]}={values}"
-        namespace.legacy_settings = [*(namespace.legacy_settings or []), setting]
-        namespace.legacy_flags = [*(namespace.legacy_flags or []), option_string]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `franca-hf rasa` (and `python -m franca_hf.rasa.train`)."""
-    parser.epilog = (
-        "Settings (key=value): "
-        + ", ".join(f.name for f in dataclasses.fields(RasaRunSettings))
-        + ". model, data and out are required."
-    )
-    parser.add_argument("--config", help="a YAML file of settings (key: value), applied before the key=value ones")
-    parser.add_argument("settings", nargs="*", help="key=value, e.g. model=runs/demo/teacher data=demo out=rasa")
-    for flag in LEGACY_FLAGS:
-        parser.add_argument(flag, action=LegacySetting, help=argparse.SUPPRESS)
-    parser.add_argument("--crop-scale", nargs=2, action=LegacySetting, help=argparse.SUPPRESS)
-    for flag in LEGACY_SWITCHES:
-        parser.add_argument(flag, nargs=0, action=LegacySetting, help=argparse.SUPPRESS)
-    parser.set_defaults(legacy_settings=None, legacy_flags=None)
-
-
 def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
     """(the model, the settings resolved for it), its config checked before the weights load."""
     from transformers import AutoConfig, AutoModel
@@ -436,6 +310,11 @@ def run(args: argparse.Namespace) -> int:
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())
         model, settings = load_model_for_rasa(settings, accelerator)
         source = open_source(settings.data, settings.split, seed=settings.seed)
+        if settings.held_out_images >= len(source):
+            raise ValueError(
+                f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
+                f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves)."
+            )
         train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
         train = subsample(train, settings.max_images, seed=settings.seed)
         _, measured = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)
@@ -449,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="franca-hf rasa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="franca-hf rasa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     return parser

@@ -13,43 +13,62 @@ One step, in the order a loop calls them (B images, 2 global and L local crops, 
 5. `clip_grad_norm_per_module`, optimizer step, EMA of the teacher with `values.teacher_momentum`.
 """
 
-from .augment import (
-    OFFICIAL_BLUR_PROBABILITIES,
-    PAPER_BLUR_PROBABILITIES,
-    BlurProbabilities,
-    MultiCropAugmentation,
+from ..lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "augment": (
+            "OFFICIAL_BLUR_PROBABILITIES",
+            "PAPER_BLUR_PROBABILITIES",
+            "BlurProbabilities",
+            "MultiCropAugmentation",
+        ),
+        "heads": (
+            "DINO_BOTTLENECK_DIM",
+            "HEAD_MODES",
+            "IBOT_BOTTLENECK_DIM",
+            "MatryoshkaHead",
+            "WeightNormPrototypes",
+            "default_nesting_dims",
+            "official_head_state_dict",
+        ),
+        "losses": (
+            "DINOLossOutput",
+            "LevelLosses",
+            "dino_global_loss",
+            "dino_local_loss",
+            "dino_loss",
+            "ibot_loss",
+            "koleo_loss",
+            "soft_cross_entropy",
+            "swap_global_crops",
+        ),
+        "masking": (
+            "CyclicMaskGenerator",
+            "collate_masked_crops",
+            "mask_token_weights",
+        ),
+        "optim": (
+            "ParamGroupSettings",
+            "apply_schedule",
+            "build_param_groups",
+            "clip_grad_norm_per_module",
+            "count_blocks",
+            "param_group_settings",
+        ),
+        "schedules": (
+            "FrancaSchedules",
+            "ScheduleValues",
+            "WarmupCosineSchedule",
+            "scaled_learning_rate",
+        ),
+        "sinkhorn": (
+            "plain_sinkhorn_knopp",
+            "sinkhorn_knopp",
+        ),
+    },
 )
-from .heads import (
-    DINO_BOTTLENECK_DIM,
-    HEAD_MODES,
-    IBOT_BOTTLENECK_DIM,
-    MatryoshkaHead,
-    WeightNormPrototypes,
-    default_nesting_dims,
-    official_head_state_dict,
-)
-from .losses import (
-    DINOLossOutput,
-    LevelLosses,
-    dino_global_loss,
-    dino_local_loss,
-    dino_loss,
-    ibot_loss,
-    koleo_loss,
-    soft_cross_entropy,
-    swap_global_crops,
-)
-from .masking import CyclicMaskGenerator, collate_masked_crops, mask_token_weights
-from .optim import (
-    ParamGroupSettings,
-    apply_schedule,
-    build_param_groups,
-    clip_grad_norm_per_module,
-    count_blocks,
-    param_group_settings,
-)
-from .schedules import FrancaSchedules, ScheduleValues, WarmupCosineSchedule, scaled_learning_rate
-from .sinkhorn import plain_sinkhorn_knopp, sinkhorn_knopp
 
 __all__ = [
     "DINO_BOTTLENECK_DIM",

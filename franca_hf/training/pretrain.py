@@ -1,8 +1,5 @@
-"""Franca pretraining with Accelerate: DINO + iBOT with nested Matryoshka heads, Sinkhorn-Knopp targets, KoLeo,
-CyclicMask, an EMA teacher and multi-crop, from one CPU to many GPUs.
-
-    accelerate launch -m franca_hf.training.pretrain --config demo [section.key=value ...]
-    franca-hf pretrain --config vitb14_in21k data.source=/data/in21k run.output_dir=runs/b14
+"""Franca pretraining with Accelerate, the code behind `franca-hf pretrain` (what it does and its arguments:
+`franca_hf.training.pretrain_arguments`).
 
 `train()` reads top to bottom: set up (networks `networks.py`, data `pipeline.py`, optimizer and schedules), resume
 from the latest checkpoint, then per micro-batch one `TrainingStep` (teacher targets, student loss, backward; at an
@@ -44,6 +41,7 @@ from .networks import (
 )
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .pipeline import BatchCollator, TrainingBatches, batch_to_device, make_augmentation
+from .pretrain_arguments import DESCRIPTION, add_arguments
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
 
 
@@ -269,16 +267,6 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     return summary
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `franca-hf pretrain` (and `python -m franca_hf.training.pretrain`)."""
-    parser.add_argument("--config", default="demo", help="a bundled recipe (demo, vitb14_in21k, ...) or a YAML file")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Train with the parsed arguments; errors are printed once across processes, as one line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -297,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="franca-hf pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="franca-hf pretrain", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     return parser

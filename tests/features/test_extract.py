@@ -230,3 +230,9 @@ def test_extract_with_a_release_name_converts_on_first_use(tmp_path, tiny_releas
     rows = load_rows(out)
     assert rows.features["features"].shape == (128, 16, 16)
     assert json.loads((out / "extraction.json").read_text())["settings"]["kind"] == "dense_debiased"
+
+
+def test_the_summary_of_one_image_says_image(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert main(extract_command(EXAMPLE_IMAGES / "coffee.jpg", tiny_folder, out)) == 0
+    assert "of 1 image in 1 shard to" in capsys.readouterr().out

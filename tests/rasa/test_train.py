@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf import FrancaModel
 from franca_hf.data.sources import open_source, split_off, subsample
 from franca_hf.rasa import RasaDirections, evaluate_chain, grid_coordinates, official_rasa_chain, patch_tokens, probe_r2
+from franca_hf.rasa.probe import probe_sample_problem
 from franca_hf.rasa.train import RasaReport, RasaSettings, fit_position_predictor, train_rasa, write_rasa_output
 from franca_hf.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -197,6 +199,29 @@ def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_pat
     assert "out must be set (out=...)" in capsys.readouterr().err
     assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "stepz=3"]) == 2
     assert "unknown key stepz" in capsys.readouterr().err
+
+
+def test_holding_out_every_image_names_held_out_images(tiny_folder, tmp_path, capsys):
+    from franca_hf.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(10):
+        Image.new("RGB", (40, 30), (25 * index, 0, 0)).save(photos / f"{index}.png")
+    out = tmp_path / "out"
+    assert main(["rasa", f"model={tiny_folder}", f"data={photos}", f"out={out}"]) == 2
+    assert f"held_out_images=64 leaves no image to train on: data={photos} holds 10 images; set held_out_images " in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_probe_on_too_few_held_out_images_or_tokens_is_flagged():
+    assert probe_sample_problem(images=64, tokens_per_image=16, width=128) is None  # the demo: 4 tokens per parameter
+    assert probe_sample_problem(images=4, tokens_per_image=1369, width=768).startswith(
+        "4 held-out images fit the probe on 2 (3.6 tokens per parameter of a 768-dim probe)"
+    )
+    # enough images, but 16 tokens each cannot fit a 768-dim probe: 2 * ceil(2 * 769 / 16) images would
+    assert probe_sample_problem(images=32, tokens_per_image=16, width=768).endswith(": 194 images here")
 
 
 def test_the_flags_of_0_1_still_work_with_a_deprecation_note(tiny_folder, tmp_path, capsys):
