@@ -392,7 +392,10 @@ def main() -> None:
             database, queries = model_embeddings(
                 name, args.data, args.split, args.images, args.queries, args.seed, args.device
             )
-            described = describe_data(args.data, args.split)
+            # a folder is named relative to the repository (or by a placeholder), as pages written by scripts do
+            described = describe_data(args.data, args.split).replace(
+                args.data, portable_path(args.data, "<image folder>")
+            )
             sources.append(
                 (
                     database,

@@ -420,7 +420,7 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_fold
     assert run.returncode == 0, run.stderr[-2000:]
     text = page.read_text()
     assert text.startswith("before\n<!-- demo-block:start -->\nData: REAL embeddings of 48 images of ")
-    assert f"by {tiny_folder} (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
+    assert "by <model folder> (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
     assert "| HNSW, shortlist 36 at 8, rerank at 128 | ours: HNSW32 + rerank |" in text
     assert "| funnel, exact, shortlist 36 at 8, rerank at 128 | ours: `funnel_search` |" in text
     assert text.endswith("<!-- demo-block:end -->\nafter\n")
