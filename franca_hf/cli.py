@@ -261,52 +261,58 @@ def _push(args: argparse.Namespace) -> None:
 
 def _index(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
-    from .features.store import INDEX_FILE
-    from .retrieval import index_from_features, index_images
+    from .retrieval import IndexSettings, build_index, index_images, is_features_folder
 
-    if len(args.images) == 1 and (Path(args.images[0]) / INDEX_FILE).is_file():
-        index = index_from_features(args.images[0])
-        how = f"from the features in {args.images[0]}"
+    knobs = ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")  # the flags that are IndexSettings fields
+    chosen = {key: getattr(args, key) for key in knobs if getattr(args, key) is not None}
+    settings = IndexSettings(**chosen) if chosen or not args.append else None
+    if len(args.images) == 1 and is_features_folder(args.images[0]):
+        model = _load_model(args)[0] if args.model else None
+        report = build_index(
+            args.images[0], args.out, settings, args.append, args.overwrite, model, args.allow_other_model
+        )
+        index, how = report.index, f"from the features in {args.images[0]}"
+        if report.appended:
+            how = f"appended {report.added} from the features in {args.images[0]}"
     else:
         if args.model is None:
             raise ValueError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
+        if args.append:
+            raise ValueError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
         model, processor = _load_model(args)
-        index = index_images(model, processor, args.images, batch_size=args.batch_size, num_workers=args.num_workers)
+        index = index_images(
+            model, processor, args.images, args.batch_size, num_workers=args.num_workers, settings=settings
+        )
+        index.save(args.out)
         how = f"with {args.model}"
-    index.save(args.out)
-    print(f"indexed {len(index)} images ({index.width} dims, nested {index.dims}) {how} -> {args.out}")
+    print(f"indexed {len(index)} images ({index.describe()}) {how} -> {args.out}")
 
 
 def _search(args: argparse.Namespace) -> None:
     _require_at_least(1, k=args.k)
-    from .features import extract_features
     from .retrieval import default_funnel, load_index
 
-    index = load_index(args.index)
+    index = load_index(args.index, device=args.device or "cpu")
     if args.dim is not None and args.dim not in index.dims:
         raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
     model, processor = _load_model(args)
-    if model.config.hidden_size < index.width:
-        raise ValueError(
-            f"The index holds {index.width}-dim embeddings; --model {args.model} makes "
-            f"{model.config.hidden_size}-dim ones. Search with the model that built the index."
-        )
     k = min(args.k, len(index))
     if k < args.k:
         print(
             f"note: the index holds {len(index)} images, fewer than --k {args.k}; showing all of them.", file=sys.stderr
         )
-    queries = extract_features(model, processor, args.queries, dim=index.width, progress=False)
+    funnel = True if args.funnel else False if args.exact else None
+    paths, scores, indices = index.search_images(
+        args.queries, model, processor, k, args.dim, funnel, args.allow_other_model
+    )
     dim = args.dim or index.width
-    if args.funnel:
+    if index.settings.ann != "none" if funnel is None else funnel:
         stages = default_funnel([d for d in index.dims if d <= dim], k)
-        scores, indices = index.funnel_search(queries.features, k=k, stages=stages)
-        how = "funnel " + " > ".join(f"{d}:{size}" for d, size in stages)
+        how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
     else:
-        scores, indices = index.search(queries.features, k=k, dim=dim)
-        how = f"dim {dim}, cut in the model's basis"
+        how = f"exact, dim {dim}, cut in the model's basis"
     print(f"top-{k} of {len(index)} images ({how})")
-    for query, row_scores, row_indices in zip(queries.paths, scores.tolist(), indices.tolist(), strict=True):
+    for query, row_scores, row_indices in zip(paths, scores.tolist(), indices.tolist(), strict=True):
         print(query)
         for rank, (score, position) in enumerate(zip(row_scores, row_indices, strict=True), start=1):
             print(f"  {rank:2d}. {score:.4f}  {index.ids[position]}")
@@ -405,25 +411,40 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="a Matryoshka retrieval index of images or of an extract folder")
     index.add_argument("images", nargs="+", help="image files or folders, or one folder written by `franca-hf extract`")
     _add_model_flags(
-        index, required=False, help="HF folder, Hub id, or release name (not needed for an extract folder)"
+        index,
+        required=False,
+        help="HF folder, Hub id, or release name (for an extract folder: optional, checked against the features)",
     )
-    index.add_argument("--out", required=True, help="index file (.safetensors)")
+    index.add_argument("--out", required=True, help="index folder")
+    index.add_argument(
+        "--ann", choices=["auto", "none", "hnsw", "ivfpq"], help="first stage: exact, HNSW graph, IVF-PQ (default auto)"
+    )
+    index.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
+    index.add_argument("--ef-search", type=int, help="HNSW search list (default 64; at least the shortlist)")
+    index.add_argument("--nlist", type=int, help="IVF cells (default: a power of two near 4 sqrt(rows))")
+    index.add_argument("--nprobe", type=int, help="IVF cells visited per query (default 64)")
+    index.add_argument("--append", action="store_true", help="add the extract folder's new shards to the index --out")
+    index.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    index.add_argument("--allow-other-model", action="store_true", help="skip the model fingerprint check")
     _add_runtime_flags(index, batch_size=32)
     index.set_defaults(run=_index)
 
     search = commands.add_parser("search", help="find the images of an index closest to query images")
     search.add_argument("queries", nargs="+", help="query image files or folders")
     search.add_argument(
-        "--index", required=True, help="index file of `franca-hf index`, or a `franca-hf extract` folder"
+        "--index", required=True, help="index folder of `franca-hf index`, or a `franca-hf extract` folder"
     )
     _add_model_flags(search, help="the model that built the index")
     search.add_argument("--k", type=int, default=10, help="results per query (at most the index size)")
     search.add_argument(
         "--dim", type=int, help="search at this Matryoshka dim, cut in the model's basis (default: full width)"
     )
-    search.add_argument(
-        "--funnel", action="store_true", help="shortlist at a small dim, rerank up to --dim (default: full width)"
+    how = search.add_mutually_exclusive_group()
+    how.add_argument(
+        "--funnel", action="store_true", help="shortlist at the smallest dim, rerank up to --dim (default with ANN)"
     )
+    how.add_argument("--exact", action="store_true", help="exact search at --dim (default without ANN)")
+    search.add_argument("--allow-other-model", action="store_true", help="skip the model fingerprint check")
     search.set_defaults(run=_search)
 
     visualize = commands.add_parser(

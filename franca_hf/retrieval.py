@@ -1,48 +1,117 @@
-"""Exact Matryoshka retrieval over Franca embeddings, in torch: prefix search and MRL-style funnel search.
+"""Matryoshka retrieval over Franca embeddings on FAISS: exact and approximate (HNSW, IVF-PQ) first stages, exact
+Matryoshka reranks, folders that open lazily and grow by appending extract shards.
 
 Franca embeddings are Matryoshka-nested: the prefix `z[:m]` for `m` in `config.matryoshka_dims` is itself an
 embedding. Cosine similarity at prefix `m` truncates query and database to `m` channels and L2-normalises AFTER
 truncation, so scores are inner products of unit vectors.
 
-* `EmbeddingIndex.search(queries, k, dim)`: exact top-k at one prefix, chunked over the database.
-* `EmbeddingIndex.funnel_search(queries, k, stages)`: scan the database once at a small prefix, keep a shortlist,
-  rerank it with larger prefixes (Kusupati et al. 2022, "funnel retrieval"). Only the first stage touches all N
-  vectors, at `dim_1` of the D channels, so it costs about dim_1 / D of a full scan plus the reranks.
+* `EmbeddingIndex.search(queries, k, dim)`: exact top-k at one prefix (FAISS's brute-force inner product).
+* `EmbeddingIndex.funnel_search(queries, k, stages)`: the first stage finds a shortlist at the smallest prefix
+  (`dims[0]`, D/16 for Franca) with the index's first-stage engine (`ann`: exact "none", "hnsw" graph, or "ivfpq"
+  compressed codes); each later stage reranks the shortlist exactly at a larger prefix, reading only the shortlisted
+  rows of the full-width vectors (memory-mapped in a saved index). The first stage holds dims[0] / D of the data:
+  16x less memory and build time than a full-width ANN index.
+* `EmbeddingIndex.search_images(images, model, processor)`: embeds query images the way the index was built, after
+  checking that the model is the one that built it (`model_fingerprint`).
 
-Memory (N vectors of width D, float32): the vectors (4·N·D bytes) + the inverse norm of every allowed prefix
-(4·N·L bytes, L nested dims: under 1% at D = 768) + one L2-normalised contiguous copy of the smallest prefix
-(dims[0] / D of the vectors: 6.25% with Franca's D/16). Scans at other prefixes read a strided view of the vectors
-and scale the scores by the stored inverse norms: the same results without keeping a normalised copy per prefix,
-which would add sum(dims[:-1]) / D (94%) of the vectors. The small copy is kept because the funnel's first stage
-scans it in full, and a contiguous read is up to 4x faster there than a strided one for small query batches.
+A saved index is a folder (`MANIFEST_FILE` + the vectors as raw float32 + the ids as JSON lines + the first stage in
+FAISS's own format). Opening one reads the manifest only; vectors are memory-mapped, ids and the FAISS index are
+read on first use. `build_index` streams a `franca-hf extract` folder's shards into one, with memory bounded by one
+shard plus the first stage, and `append=True` adds the shards that are new since the last build.
 """
 
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .features import extract_features, nested_dims
-from .features.store import ExtractionIndex, read_shard
-from .io import write_file_atomically
+from .features.store import INDEX_FILE, ExtractionIndex, read_shard
+from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
+from .io import write_file_atomically, write_folder_atomically
 from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
 
 logger = logging.getLogger(__name__)
 
-FORMAT_KEY = "franca_hf.retrieval"
-FORMAT_VERSION = 1
-# Work sizes, in float32 elements. One score buffer of QUERY_BLOCK x (SCORE_TILE / QUERY_BLOCK) is reused for every
-# tile: few, large tiles keep torch.topk and thread start-up overheads low, and the buffer bounds memory at any N.
-# Reranks gather at most GATHER_TILE shortlisted prefix values at a time.
-SCORE_TILE = 2**24
-QUERY_BLOCK = 256
-GATHER_TILE = 2**22
+FORMAT = "franca_hf.retrieval"
+FORMAT_VERSION = 2
+MANIFEST_FILE = "index.json"
+VECTORS_FILE = "vectors.f32"
+IDS_FILE = "ids.jsonl"
+ANN_KINDS = ("auto", "none", "hnsw", "ivfpq")
+# rows normalised at a time when a first stage or a prefix copy is filled from the full-width vectors
+FILL_BLOCK = 65536
+# a row of the full-width vectors has norm 1 within this when it is "the embedding" (`get_image_embeddings`)
+UNIT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the first stage of an index is built and searched (defaults measured in docs/retrieval.md).
+
+    Attributes:
+        ann: "none" (exact scan of the unit dims[0] prefixes), "hnsw" (a graph over them), "ivfpq" (product-quantised
+            codes in inverted lists, for collections past RAM), or "auto": none below `exact_below` rows, hnsw while
+            its graph fits in a quarter of this machine's RAM, ivfpq past that.
+        hnsw_m: HNSW neighbours per node (M): more, better recall, more memory (about 8·M bytes a row).
+        ef_construction: HNSW candidate list while building.
+        ef_search: HNSW candidate list while searching; at least the shortlist size is used.
+        nlist: IVF cells; 0 picks a power of two near 4·sqrt(N).
+        nprobe: IVF cells visited per query.
+        pq_bytes: bytes per row of the PQ code (sub-quantizers of 8 bits); 0 picks dims[0] / 2.
+        exact_below: the row count from which "auto" builds an ANN first stage.
+    """
+
+    ann: str = "auto"
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    nlist: int = 0
+    nprobe: int = 64
+    pq_bytes: int = 0
+    exact_below: int = 200_000
+
+    def __post_init__(self):
+        if self.ann not in ANN_KINDS:
+            raise ValueError(f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
+        for name in ("nlist", "pq_bytes", "exact_below"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.")
+
+    def resolve(self, rows: int, first_dim: int) -> "IndexSettings":
+        """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
+        ann = self.ann
+        if ann == "auto":
+            graph_bytes = rows * (4 * first_dim + 8 * self.hnsw_m)
+            ann = "none" if rows < self.exact_below else "hnsw" if graph_bytes < physical_memory() / 4 else "ivfpq"
+        nlist = self.nlist or 2 ** max(4, round(math.log2(4 * math.sqrt(rows))))
+        pq_bytes = self.pq_bytes or max(1, first_dim // 2)
+        if ann == "ivfpq" and first_dim % pq_bytes:
+            raise ValueError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.")
+        return replace(self, ann=ann, nlist=nlist, pq_bytes=pq_bytes)
+
+    def describe(self, first_dim: int) -> str:
+        """What a resolved first stage is, in words: 'hnsw M=32 at 48 dims', say."""
+        if self.ann == "hnsw":
+            return f"hnsw M={self.hnsw_m} efSearch={self.ef_search} at {first_dim} dims"
+        if self.ann == "ivfpq":
+            return f"ivfpq nlist={self.nlist} nprobe={self.nprobe} PQ{self.pq_bytes} at {first_dim} dims"
+        return f"exact at {first_dim} dims"
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
@@ -54,72 +123,188 @@ def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
     return list({dims[0]: 20 * k, dims[len(dims) // 2]: 5 * k, dims[-1]: k}.items())
 
 
+def unit_rows(block: np.ndarray, dim: int, first_row: int = 0, ids: Sequence[str] | None = None) -> np.ndarray:
+    """(n, dim) float32 C-contiguous L2-normalised prefixes of `block` (rows `first_row`… of a collection, named by
+    `ids`, one per row of the block); errors on zero or non-finite ones."""
+    cut = np.ascontiguousarray(block[:, :dim], dtype=np.float32)
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
+    if bad.any():
+        row = first_row + int(np.flatnonzero(bad)[0])
+        name = f" ({ids[row - first_row]!r})" if ids is not None else ""
+        raise ValueError(
+            f"Row {row}{name} has a zero or non-finite prefix of length {dim} (norm {norms[row - first_row, 0]}), so its "
+            "cosine similarity is undefined."
+        )
+    return cut / norms
+
+
+@dataclass
+class IndexManifest:
+    """`index.json`: what the index holds and how its first stage was built.
+
+    Attributes:
+        rows, width: the full-width vectors are (rows, width) float32 in `VECTORS_FILE`.
+        dims: allowed prefix lengths.
+        settings: the resolved `IndexSettings`.
+        first_stage: file of the FAISS first stage (None for "none", which scans the vectors).
+        unit: every full-width row has unit norm (the index holds `get_image_embeddings` outputs).
+        model: `model_fingerprint` of the model that made the vectors, when known.
+        model_name: that model as it was given (a folder, Hub id or release name), when known.
+        ids_bytes: length of the committed part of `IDS_FILE` (an interrupted append leaves more).
+        sources: extract shards already in the index (`build_index` with `append=True` adds the others).
+    """
+
+    rows: int
+    width: int
+    dims: list[int]
+    settings: dict
+    first_stage: str | None
+    unit: bool
+    model: str | None = None
+    model_name: str | None = None
+    ids_bytes: int = 0
+    sources: list[str] = field(default_factory=list)
+
+    def save(self, folder: Path) -> None:
+        document = {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
+        write_file_atomically(
+            folder / MANIFEST_FILE, lambda staging: staging.write_text(json.dumps(document, indent=1))
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> "IndexManifest":
+        path = folder / MANIFEST_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a franca_hf retrieval index (no {MANIFEST_FILE}). Build one with "
+                "`franca-hf index` or EmbeddingIndex(vectors, ids).save(folder)."
+            )
+        document = json.loads(path.read_text())
+        if document.pop("format", None) != FORMAT or document.pop("version", None) != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a franca_hf retrieval index of version {FORMAT_VERSION}; rebuild it.")
+        return cls(**document)
+
+
 class EmbeddingIndex:
-    """Full-width embeddings, their ids and allowed nested dims; exact cosine search at any allowed prefix.
+    """Full-width embeddings, their ids and allowed nested dims, searched with FAISS at any allowed prefix.
 
     Args:
-        vectors: (N, D) embeddings, any scale (cosine is scale-free at every prefix). Kept as float32 on their
-            device; not copied when already contiguous float32, so do not modify the tensor afterwards.
+        vectors: (N, D) embeddings, any scale (cosine is scale-free at every prefix); a torch tensor or a numpy
+            array (a memory map, say). Kept as float32 on the CPU, not copied when already so.
         ids: N names (image paths, say); "0" … "N-1" when None.
         dims: allowed prefix lengths, strictly increasing and ending at D; Franca's [D/16, D/8, D/4, D/2, D] when
             None. Use `model.config.matryoshka_dims` for embeddings of a FrancaModel.
+        settings: how the first stage is built (`IndexSettings`; "auto" by size when None).
+        model: `model_fingerprint` of the model that made the vectors; `search_images` checks it.
+        model_name: that model as given (for messages).
+        device: "cuda" runs FAISS on the GPU when faiss-gpu is installed.
     """
 
-    def __init__(self, vectors: torch.Tensor, ids: Sequence[str] | None = None, dims: Sequence[int] | None = None):
-        if vectors.ndim != 2 or not (vectors.is_floating_point() and vectors.numel()):
+    def __init__(
+        self,
+        vectors: torch.Tensor | np.ndarray,
+        ids: Sequence[str] | None = None,
+        dims: Sequence[int] | None = None,
+        settings: IndexSettings | None = None,
+        model: str | None = None,
+        model_name: str | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        array = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else vectors
+        if array.ndim != 2 or array.dtype.kind != "f" or not array.size:
             raise ValueError(
-                f"vectors must be a non-empty (N, D) float tensor; got shape {tuple(vectors.shape)}, {vectors.dtype}."
+                f"vectors must be a non-empty (N, D) float tensor; got shape {tuple(array.shape)}, {array.dtype}."
             )
-        self.vectors = vectors.to(torch.float32).contiguous()
-        size, width = self.vectors.shape
-        self.ids = [str(i) for i in range(size)] if ids is None else [str(i) for i in ids]
-        if len(self.ids) != size:
-            raise ValueError(f"Got {len(self.ids)} ids for {size} vectors; pass one id per row.")
-        self.dims = default_matryoshka_dims(width) if dims is None else check_nested_dims(dims, width, "dims")
-        norms = torch.stack([self.vectors[:, :d].norm(dim=1) for d in self.dims], dim=1)
-        bad = ~torch.isfinite(norms) | (norms == 0)
-        if bad.any():
-            row, level = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"Vector {row} ({self.ids[row]!r}) has a zero or non-finite prefix of length {self.dims[level]} "
-                f"(norm {norms[row, level].item()}), so its cosine similarity is undefined."
-            )
-        self._inv_norms = norms.reciprocal_()
-        self._shortlist_vectors = self.prefix(self.dims[0]).contiguous()
+        self._array = (
+            array
+            if array.dtype == np.float32 and array.flags.c_contiguous
+            else np.ascontiguousarray(array, dtype=np.float32)
+        )
+        size, width = self._array.shape
+        if ids is not None and len(ids) != size:
+            raise ValueError(f"Got {len(ids)} ids for {size} vectors; pass one id per row.")
+        self._ids = None if ids is None else [str(i) for i in ids]
+        dims = default_matryoshka_dims(width) if dims is None else check_nested_dims(dims, width, "dims")
+        unit = True
+        for start in range(0, size, FILL_BLOCK):
+            block = self._array[start : start + FILL_BLOCK]
+            for dim in dims:
+                unit_rows(
+                    block, dim, start, self._ids and self._ids[start : start + FILL_BLOCK]
+                )  # raises on a zero or non-finite prefix, naming the row
+            unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
+        resolved = (settings or IndexSettings()).resolve(size, dims[0])
+        manifest = IndexManifest(size, width, dims, asdict(resolved), None, unit, model, model_name)
+        self._init(manifest, None, device)
+
+    def _init(self, manifest: IndexManifest, folder: Path | None, device) -> None:
+        self.manifest, self.folder, self.device = manifest, folder, torch.device(device)
+        self.dims: list[int] = manifest.dims
+        self.settings = IndexSettings(**manifest.settings)
+        self._first = None  # the FAISS first stage, built or read on first use
+        self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
 
     def __len__(self) -> int:
-        return self.vectors.shape[0]
+        return self.manifest.rows
 
     @property
     def width(self) -> int:
         """D, the full embedding width."""
-        return self.vectors.shape[1]
+        return self.manifest.width
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """(N, D) float32 full-width vectors (sharing the index's memory or memory map: do not modify)."""
+        return torch.from_numpy(self._array)
+
+    @property
+    def ids(self) -> list[str]:
+        """The N row names (read from a saved index on first use)."""
+        if self._ids is None:
+            if self.folder is None:
+                self._ids = [str(i) for i in range(len(self))]
+            else:
+                with open(self.folder / IDS_FILE, "rb") as handle:
+                    lines = handle.read(self.manifest.ids_bytes).decode().splitlines()
+                self._ids = [json.loads(line) for line in lines]
+        return self._ids
+
+    @property
+    def model(self) -> str | None:
+        """`model_fingerprint` of the model that made the vectors, when known."""
+        return self.manifest.model
+
+    def describe(self) -> str:
+        """'100000 x 768, nested [48, ..., 768], first stage hnsw M=32 ... at 48 dims', say."""
+        return f"{len(self)} x {self.width}, nested {self.dims}, first stage {self.settings.describe(self.dims[0])}"
 
     def prefix(self, dim: int) -> torch.Tensor:
-        """(N, dim) database prefixes, L2-normalised after truncation (for export to an ANN library, say)."""
-        return self.vectors[:, :dim] * self._inv_norms[:, self._level(dim)].unsqueeze(1)
+        """(N, dim) database prefixes, L2-normalised after truncation (for export to another engine, say)."""
+        self._level(dim)
+        return torch.from_numpy(self._unit_prefix(dim))
 
-    @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 10, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k by cosine similarity of the `dim`-channel prefixes (D when None).
 
         Args:
             queries: (Q, D) full-width queries, or (Q, dim) ones already cut to the prefix.
         Returns:
-            scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`, on the index's device.
+            scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`.
         """
         dim = self.width if dim is None else dim
         self._level(dim)  # raises on a dim that is not allowed
         self._check_k(k)
-        self._check_queries(queries, dim)
-        return self._scan(self._normalized(queries, dim), dim, k)
+        array = self._checked_queries(queries, dim)
+        scores, indices = self._exact(unit_queries(array, dim), dim, k)
+        return torch.from_numpy(scores), torch.from_numpy(indices)
 
-    @torch.no_grad()
     def funnel_search(
         self, queries: torch.Tensor, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k by a cascade of prefixes: stage 1 keeps the best `size_1` of all vectors at `dim_1`, each later
-        stage keeps the best `size_i` of the previous shortlist at `dim_i`, and the last one's top k is returned.
+        """Top-k by a cascade of prefixes: stage 1 keeps `size_1` candidates at `dim_1` (with the first-stage engine
+        when dim_1 is dims[0], else exactly), each later stage keeps the best `size_i` of the previous shortlist at
+        `dim_i`, exactly, and the last one's top k is returned.
 
         Args:
             queries: (Q, D) full-width queries, or (Q, d) ones cut to the last stage's dim d.
@@ -131,38 +316,143 @@ class EmbeddingIndex:
         self._check_k(k)
         stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
         self._check_stages(stages, k)
-        self._check_queries(queries, stages[-1][0])
-        return self._funnel(queries, stages, k)
+        array = self._checked_queries(queries, stages[-1][0])
+        first_dim, first_size = stages[0]
+        size = min(first_size, len(self))
+        unit = unit_queries(array, first_dim)
+        if first_dim == self.dims[0] and self.settings.ann != "none":
+            scores, indices = self._approximate(unit, size)
+        else:
+            scores, indices = self._exact(unit, first_dim, size)
+        for dim, size in stages[1:]:
+            scores, indices = self._rerank(unit_queries(array, dim), indices, dim, size)
+        return torch.from_numpy(np.ascontiguousarray(scores[:, :k])), torch.from_numpy(
+            np.ascontiguousarray(indices[:, :k])
+        )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to one safetensors file, atomically (temp file in the same folder, then rename).
+    def search_images(
+        self,
+        images: Sequence[str | os.PathLike],
+        model: FrancaModel,
+        image_processor: BaseImageProcessor,
+        k: int = 10,
+        dim: int | None = None,
+        funnel: bool | None = None,
+        allow_other_model: bool = False,
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Embed query images with `model` the way the index was built and search them.
 
-        Tensors: "vectors" (N, D) float32 and "ids", the UTF-8 JSON list of ids as uint8 (ids can outgrow
-        safetensors' 100 MB header); the header metadata holds {"version", "dims"} as JSON under "franca_hf.retrieval".
+        The model must be the one that made the index (same `model_fingerprint`) unless `allow_other_model`.
+        `funnel` None: the funnel when the index has an ANN first stage, exact search at `dim` otherwise.
+        Returns the query paths that could be read, scores (Q, k) and indices (Q, k) into `ids`.
         """
-        ids = torch.frombuffer(bytearray(json.dumps(self.ids).encode()), dtype=torch.uint8)
-        header = {FORMAT_KEY: json.dumps({"version": FORMAT_VERSION, "dims": self.dims})}
-        tensors = {"vectors": self.vectors.cpu(), "ids": ids}
-        return write_file_atomically(path, lambda staging: save_file(tensors, staging, metadata=header))
+        what = "The index" if self.folder is None else f"The index {self.folder}"
+        check_model(self.model, self.manifest.model_name, model, what, allow_other_model)
+        if model.config.hidden_size < self.width:
+            raise ValueError(
+                f"The index holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim ones. "
+                "Search with the model that built the index."
+            )
+        queries = extract_features(model, image_processor, images, dim=self.width, progress=False)
+        dim = self.width if dim is None else dim
+        if self.settings.ann != "none" if funnel is None else funnel:
+            stages = default_funnel([d for d in self.dims if d <= dim], k)
+            return queries.paths, *self.funnel_search(queries.features, k, stages)
+        return queries.paths, *self.search(queries.features, k, dim)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
+        folder, ids = Path(folder), "".join(json.dumps(i) + "\n" for i in self.ids).encode()
+        if folder.is_file():
+            raise FileExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
+        if folder.is_dir() and any(folder.iterdir()) and not is_index_folder(folder):
+            raise FileExistsError(f"{folder} holds files that are not an index; choose an empty or new folder.")
+
+        def fill(staging: Path) -> None:
+            self._array.tofile(staging / VECTORS_FILE)
+            (staging / IDS_FILE).write_bytes(ids)
+            manifest = replace(self.manifest, ids_bytes=len(ids), first_stage=None)
+            if self.settings.ann != "none":
+                manifest.first_stage = write_first_stage(staging, self.first_stage(), len(self))
+            manifest.save(staging)
+
+        return write_folder_atomically(folder, fill, overwrite=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "EmbeddingIndex":
-        """Read an index written by `save`, onto `device`."""
-        with safe_open(path, framework="pt", device=str(device)) as handle:
-            meta = handle.metadata() or {}
-            if FORMAT_KEY not in meta or set(handle.keys()) != {"vectors", "ids"}:
-                raise ValueError(
-                    f"{path} is not a franca_hf retrieval index (expected tensors 'vectors' and 'ids' and metadata "
-                    f"{FORMAT_KEY!r}; found tensors {sorted(handle.keys())}, metadata {sorted(meta)}). Build one with "
-                    "EmbeddingIndex(vectors, ids).save(path)."
-                )
-            info = json.loads(meta[FORMAT_KEY])
-            if info.get("version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path} has index format version {info.get('version')}; this code reads {FORMAT_VERSION}."
-                )
-            ids = json.loads(bytes(handle.get_tensor("ids").cpu().numpy()).decode())
-            return cls(handle.get_tensor("vectors"), ids, info["dims"])
+    def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "EmbeddingIndex":
+        """Open an index folder written by `save` or `build_index`: reads the manifest, memory-maps the vectors."""
+        folder = Path(folder)
+        manifest = IndexManifest.load(folder)
+        index = cls.__new__(cls)
+        index._array = np.memmap(folder / VECTORS_FILE, np.float32, "c", shape=(manifest.rows, manifest.width))
+        index._ids = None
+        index._init(manifest, folder, device)
+        return index
+
+    def first_stage(self):
+        """The FAISS first stage over the unit dims[0] prefixes: built from the vectors, or read from the folder."""
+        if self._first is None:
+            if self.folder is not None and self.manifest.first_stage is not None:
+                import faiss
+
+                self._first = faiss.read_index(str(self.folder / self.manifest.first_stage))
+            else:
+                self._first = new_first_stage(self.settings, self.dims[0])
+                train_first_stage(self._first, self._array, self.dims[0])
+                for start in range(0, len(self), FILL_BLOCK):
+                    add_to_first_stage(
+                        self._first, unit_rows(self._array[start : start + FILL_BLOCK], self.dims[0]), start
+                    )
+            self._first = on_device(self._first, self.device)
+        return self._first
+
+    def _unit_prefix(self, dim: int) -> np.ndarray:
+        """(N, dim) unit prefixes, C-contiguous: the full-width vectors themselves when they are unit."""
+        if dim == self.width and self.manifest.unit:
+            return self._array
+        if dim not in self._unit_prefixes:
+            copy = np.empty((len(self), dim), np.float32)
+            for start in range(0, len(self), FILL_BLOCK):
+                copy[start : start + FILL_BLOCK] = unit_rows(self._array[start : start + FILL_BLOCK], dim, start)
+            self._unit_prefixes[dim] = copy
+        return self._unit_prefixes[dim]
+
+    def _exact(self, queries: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        database = self._unit_prefix(dim)
+        if self.device.type == "cuda" and hasattr(faiss, "knn_gpu"):
+            scores, indices = faiss.knn_gpu(gpu_resources(), queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            scores, indices = faiss.knn(queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, indices
+
+    def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        first = self.first_stage()
+        if self.settings.ann == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, size))
+        else:
+            params = faiss.SearchParametersIVF(nprobe=self.settings.nprobe)
+        scores, indices = first.search(queries, size, params=params)
+        # a graph or inverted lists can return fewer than `size` hits (-1): repeat the best one so reranks stay dense
+        missing = indices < 0
+        if missing.any():
+            indices = np.where(missing, indices[:, :1], indices)
+            scores = np.where(missing, -np.inf, scores).astype(np.float32)
+        return scores, indices
+
+    def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the shortlisted rows (Q, S) at prefix `dim`; keeps the best `size` of each, descending."""
+        # reads only the shortlisted rows; whole rows are gathered twice as fast as row segments
+        candidates = self._array[rows] if dim == self.width else self._array[rows.reshape(-1), :dim]
+        candidates = candidates.reshape(*rows.shape, dim)
+        scores = np.einsum("qsd,qd->qs", candidates, queries)
+        if not (dim == self.width and self.manifest.unit):
+            scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
+        pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
+        return np.take_along_axis(scores, pick, axis=1), np.take_along_axis(rows, pick, axis=1)
 
     def _level(self, dim: int) -> int:
         if dim not in self.dims:
@@ -173,13 +463,29 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self):
             raise ValueError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
-    def _check_queries(self, queries: torch.Tensor, dim: int) -> None:
+    def _checked_queries(self, queries: torch.Tensor, dim: int) -> np.ndarray:
+        """The queries as (Q, width) float32 numpy, after checking their shape and, for an index of unit-norm
+        embeddings, that full-width ones have unit norm."""
         widths = sorted({dim, self.width})
         if queries.ndim != 2 or queries.shape[1] not in widths:
             raise ValueError(
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
+        array = queries.detach().cpu().numpy().astype(np.float32, copy=False)
+        if self.manifest.unit and array.shape[1] == self.width and len(array):
+            norms = np.sqrt(np.einsum("qd,qd->q", array, array))
+            far = np.abs(norms - 1) > UNIT_TOLERANCE
+            if far.any():
+                row = int(np.flatnonzero(far)[0])
+                raise ValueError(
+                    f"Query {row} has norm {norms[row]:.4g}, but this index holds unit-norm Matryoshka "
+                    "embeddings: the query is not one of them (the raw CLS of `model(...).pooler_output` or "
+                    "pipeline('image-feature-extraction') is, say). Embed queries with "
+                    "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, "
+                    "model, processor)."
+                )
+        return array
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
@@ -192,59 +498,104 @@ class EmbeddingIndex:
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
 
-    def _normalized(self, queries: torch.Tensor, dim: int) -> torch.Tensor:
-        """(Q, dim) float32 unit query prefixes on the index's device; errors on zero or non-finite prefixes."""
-        cut = queries[:, :dim].to(self.vectors.device, torch.float32)
-        norms = cut.norm(dim=1, keepdim=True)
-        bad = ~torch.isfinite(norms) | (norms == 0)
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dim}; cosine is undefined.")
-        return cut / norms
 
-    def _scan(self, queries: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k of all N vectors for unit (Q, dim) queries: (QUERY_BLOCK x chunk) score tiles in one buffer."""
-        if dim == self.dims[0]:
-            database, scale = self._shortlist_vectors, None
-        else:
-            database, scale = self.vectors[:, :dim], self._inv_norms[:, self._level(dim)]
-        rows = max(1, min(queries.shape[0], QUERY_BLOCK))
-        chunk = min(len(self), max(1024, SCORE_TILE // rows))
-        buffer = queries.new_empty(rows * chunk)
-        best_scores, best_indices = [], []
-        for block in queries.split(QUERY_BLOCK):
-            values, indices = [], []
-            for start in range(0, len(self), chunk):
-                part = database[start : start + chunk]
-                out = buffer[: len(block) * len(part)].view(len(block), len(part))
-                scores = torch.mm(block, part.T, out=out)
-                if scale is not None:
-                    scores.mul_(scale[start : start + chunk])
-                top = scores.topk(min(k, scores.shape[1]), dim=1)
-                values.append(top.values)
-                indices.append(top.indices + start)
-            top, pick = torch.cat(values, dim=1).topk(k, dim=1)
-            best_scores.append(top)
-            best_indices.append(torch.cat(indices, dim=1).gather(1, pick))
-        return torch.cat(best_scores), torch.cat(best_indices)
+def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """(Q, dim) float32 C-contiguous unit query prefixes; errors on zero or non-finite prefixes."""
+    cut = queries[:, :dim]
+    norms = np.sqrt(np.einsum("qd,qd->q", cut, cut))
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dim}; cosine is undefined.")
+    return np.ascontiguousarray(cut / norms[:, None])
 
-    def _funnel(
-        self, queries: torch.Tensor, stages: list[tuple[int, int]], k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        first_dim, first_size = stages[0]
-        scores, indices = self._scan(self._normalized(queries, first_dim), first_dim, min(first_size, len(self)))
-        for dim, size in stages[1:]:
-            unit, prefixes = self._normalized(queries, dim), self.vectors[:, :dim]
-            inv_norms = self._inv_norms[:, self._level(dim)]
-            block, parts = max(1, GATHER_TILE // (indices.shape[1] * dim)), []
-            for rows, q in zip(indices.split(block), unit.split(block), strict=True):
-                # index_select copies row segments; advanced indexing (prefixes[rows]) is several times slower on CPU
-                candidates = prefixes.index_select(0, rows.flatten()).view(*rows.shape, dim)
-                parts.append(torch.bmm(candidates, q.unsqueeze(2)).squeeze(2).mul_(inv_norms[rows]))
-            scores = torch.cat(parts)
-            scores, pick = scores.topk(min(size, scores.shape[1]), dim=1)
-            indices = indices.gather(1, pick)
-        return scores[:, :k], indices[:, :k]
+
+def new_first_stage(settings: IndexSettings, dim: int):
+    """An empty FAISS index of resolved `settings` over `dim`-channel unit vectors (inner product)."""
+    import faiss
+
+    if settings.ann == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings.ef_construction
+        return index
+    if settings.ann == "ivfpq":
+        quantizer = faiss.IndexFlatIP(dim)
+        return faiss.IndexIVFPQ(quantizer, dim, settings.nlist, settings.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexFlatIP(dim)
+
+
+def training_rows(index) -> int:
+    """Rows an untrained IVF-PQ first stage trains on: 64 per cell (FAISS warns under 39), at least 2**16."""
+    return max(64 * index.nlist, 2**16)
+
+
+def train_first_stage(index, vectors: np.ndarray, dim: int) -> None:
+    """Train an IVF-PQ first stage on the first `training_rows` rows of `vectors` (a no-op for the others)."""
+    if not index.is_trained:
+        needed = max(index.nlist, 2**index.pq.nbits)
+        if len(vectors) < needed:
+            raise ValueError(
+                f"ann='ivfpq' with nlist={index.nlist} trains on at least {needed} rows; this collection has "
+                f"{len(vectors)}. Use ann='hnsw' or 'none' (or 'auto') for a collection this small."
+            )
+        index.train(unit_rows(vectors[: training_rows(index)], dim))
+
+
+def add_to_first_stage(index, unit: np.ndarray, first_row: int) -> None:
+    """Add unit rows `first_row`… to a first stage. HNSW draws node levels at random: seeding its generator with the
+    first row's number makes a graph grown shard by shard (an append) the one a rebuild grows, bit for bit."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.rng = faiss.RandomGenerator(first_row)
+    index.add(unit)
+
+
+def write_first_stage(folder: Path, index, rows: int) -> str:
+    """Write a first stage under a name that says its row count, so that a manifest never names a newer one."""
+    import faiss
+
+    name = f"first_stage.{rows}.faiss"
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    write_file_atomically(folder / name, lambda staging: faiss.write_index(index, str(staging)))
+    return name
+
+
+def remove_stale_first_stages(folder: Path, keep: str | None) -> None:
+    for path in folder.glob("first_stage.*.faiss"):
+        if path.name != keep:
+            path.unlink()
+
+
+def gpu_resources():
+    """One FAISS GPU resource object per process."""
+    import faiss
+
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES
+
+
+_GPU_RESOURCES = None
+
+
+def on_device(index, device: torch.device):
+    """`index` moved to the GPU when `device` is CUDA and faiss-gpu is installed (HNSW stays on the CPU)."""
+    import faiss
+
+    if device.type != "cuda" or not hasattr(faiss, "index_cpu_to_gpu") or isinstance(index, faiss.IndexHNSW):
+        return index
+    return faiss.index_cpu_to_gpu(gpu_resources(), device.index or 0, index)
+
+
+def check_model(stored: str | None, stored_name: str | None, model, what: str, allow_other_model: bool) -> None:
+    """`franca_hf.fingerprint.check_same_model` for a loaded `model` against the fingerprint `stored` with `what`."""
+    if stored is None or allow_other_model:
+        return
+    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    check_same_model(stored, model_fingerprint(model), what, stored_name or "(not recorded)", name, allow_other_model)
 
 
 def index_images(
@@ -254,31 +605,29 @@ def index_images(
     batch_size: int = 32,
     progress: bool = True,
     num_workers: int | None = 0,
+    settings: IndexSettings | None = None,
 ) -> EmbeddingIndex:
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
     Stores the full-width Matryoshka CLS embeddings (`franca_hf.features.embed_batch`, unit norm) with the image
-    paths as ids and the model's Matryoshka dims (`nested_dims`) as allowed dims, in memory; for a large collection, extract to a
-    folder (resumable) and use `index_from_features`. Unreadable images are logged as warnings and skipped.
+    paths as ids, the model's Matryoshka dims (`nested_dims`) as allowed dims and the model's fingerprint, in memory;
+    for a large collection, extract to a folder (resumable) and use `build_index`. Unreadable images are logged as
+    warnings and skipped.
     """
     result = extract_features(
         model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
-    return EmbeddingIndex(result.features, result.paths, nested_dims(model))
+    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    return EmbeddingIndex(result.features, result.paths, nested_dims(model), settings, model_fingerprint(model), name)
 
 
-def index_from_features(folder: str | os.PathLike) -> EmbeddingIndex:
-    """An index of the CLS rows of a `franca-hf extract` folder, without embedding anything again.
-
-    Its dims are the extracting model's Matryoshka dims up to the stored width (`--dim`). An interrupted extraction
-    gives the rows committed so far, with a warning.
-    """
-    folder = Path(folder)
+def _extraction(folder: Path) -> ExtractionIndex:
+    """The committed shards of an extract folder of CLS rows (a warning when the extraction was interrupted)."""
     extraction = ExtractionIndex.load(folder).with_progress(folder)
-    settings = extraction.settings
-    if settings.kind != "cls":
+    if extraction.settings.kind != "cls":
         raise ValueError(
-            f"{folder} holds {settings.kind} patch features; an index needs CLS embeddings (extract without --dense)."
+            f"{folder} holds {extraction.settings.kind} patch features; an index needs CLS embeddings (extract "
+            "without --dense)."
         )
     if not extraction.rows:
         raise ValueError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
@@ -289,21 +638,164 @@ def index_from_features(folder: str | os.PathLike) -> EmbeddingIndex:
             folder,
             extraction.rows,
         )
-    vectors, ids, row = torch.empty(extraction.rows, settings.dim), [], 0
+    return extraction
+
+
+def _extraction_dims(extraction: ExtractionIndex) -> list[int]:
+    settings = extraction.settings
+    return [d for d in settings.matryoshka_dims if d <= settings.dim]
+
+
+def index_from_features(folder: str | os.PathLike, settings: IndexSettings | None = None) -> EmbeddingIndex:
+    """An in-memory index of the CLS rows of a `franca-hf extract` folder, without embedding anything again.
+
+    Its dims are the extracting model's Matryoshka dims up to the stored width (`--dim`). An interrupted extraction
+    gives the rows committed so far, with a warning. For collections past RAM, use `build_index`.
+    """
+    folder = Path(folder)
+    extraction = _extraction(folder)
+    vectors, ids, row = np.empty((extraction.rows, extraction.settings.dim), np.float32), [], 0
     for shard in extraction.shards:
         shard_ids, features = read_shard(folder / shard["file"])
-        vectors[row : row + len(shard_ids)] = features
+        vectors[row : row + len(shard_ids)] = features.numpy()
         ids.extend(shard_ids)
         row += len(shard_ids)
-    return EmbeddingIndex(vectors, ids, [d for d in settings.matryoshka_dims if d <= settings.dim])
+    fingerprint, model_name = extraction.model_fingerprint, extraction.settings.model
+    return EmbeddingIndex(vectors, ids, _extraction_dims(extraction), settings, fingerprint, model_name)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What `build_index` did: the index, rows added now, and whether it appended to an existing one."""
+
+    index: EmbeddingIndex
+    added: int
+    appended: bool
+
+
+def build_index(
+    features: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: IndexSettings | None = None,
+    append: bool = False,
+    overwrite: bool = False,
+    model: FrancaModel | None = None,
+    allow_other_model: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Stream the shards of a `franca-hf extract` folder into an index folder `out`, one shard in memory at a time.
+
+    Memory: one shard plus the first stage (dims[0] / D of the vectors for "none"/"hnsw" with the graph's links, or
+    `pq_bytes` a row for "ivfpq"); the full-width vectors go to disk as they come. With `append`, the shards of
+    `features` not yet in `out` are added to it (the same index a full rebuild streams, shard by shard); `settings`
+    then must be None (the index keeps its own). `model`, when given, must be the one that made the features.
+    """
+    from tqdm.auto import tqdm
+
+    features, out = Path(features), Path(out)
+    extraction = _extraction(features)
+    fingerprint, model_name = extraction.model_fingerprint, extraction.settings.model
+    if model is not None:
+        check_model(fingerprint, model_name, model, f"The extract folder {features}", allow_other_model)
+    dims = _extraction_dims(extraction)
+    if append:
+        if settings is not None:
+            raise ValueError("An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).")
+        index = EmbeddingIndex.load(out)
+        manifest = index.manifest
+        if manifest.dims != dims or manifest.width != extraction.settings.dim:
+            raise ValueError(
+                f"{out} holds {manifest.width}-dim rows with dims {manifest.dims}; {features} holds "
+                f"{extraction.settings.dim}-dim rows with dims {dims}. Append features of the same extraction."
+            )
+        if fingerprint is not None:
+            what = f"The index {out}"
+            check_same_model(manifest.model, fingerprint, what, manifest.model_name, model_name, allow_other_model)
+        first = index.first_stage() if manifest.settings["ann"] != "none" else None
+    else:
+        if (out / MANIFEST_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
+        resolved = (settings or IndexSettings()).resolve(extraction.rows, dims[0])
+        manifest = IndexManifest(
+            0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (VECTORS_FILE, IDS_FILE):
+            (out / name).write_bytes(b"")
+        first = new_first_stage(resolved, dims[0]) if resolved.ann != "none" else None
+        if first is not None and not first.is_trained:
+            train_first_stage(first, _leading_prefixes(features, extraction, training_rows(first), dims[0]), dims[0])
+    known = set(manifest.sources)
+    new = [shard for shard in extraction.shards if shard["file"] not in known]
+    rows_before = manifest.rows
+    with open(out / VECTORS_FILE, "r+b") as vectors_file, open(out / IDS_FILE, "r+b") as ids_file:
+        # an interrupted append leaves bytes past the committed rows: drop them
+        vectors_file.truncate(manifest.rows * manifest.width * 4)
+        ids_file.truncate(manifest.ids_bytes)
+        vectors_file.seek(0, os.SEEK_END)
+        ids_file.seek(0, os.SEEK_END)
+        bar = tqdm(new, desc="index", unit="shard", disable=not progress)
+        for shard in bar:
+            shard_ids, vectors = read_shard(features / shard["file"])
+            block = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+            for dim in dims:
+                unit_rows(block, dim, manifest.rows, shard_ids)
+            manifest.unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
+            vectors_file.write(block.tobytes())
+            ids_bytes = "".join(json.dumps(i) + "\n" for i in shard_ids).encode()
+            ids_file.write(ids_bytes)
+            if first is not None:
+                add_to_first_stage(first, unit_rows(block, dims[0]), manifest.rows)
+            manifest.rows += len(block)
+            manifest.ids_bytes += len(ids_bytes)
+            manifest.sources.append(shard["file"])
+        for handle in (vectors_file, ids_file):
+            handle.flush()
+            os.fsync(handle.fileno())
+    if first is not None:
+        manifest.first_stage = write_first_stage(out, first, manifest.rows)
+    manifest.save(out)
+    remove_stale_first_stages(out, manifest.first_stage)
+    return BuildReport(EmbeddingIndex.load(out), manifest.rows - rows_before, append)
+
+
+def _leading_prefixes(folder: Path, extraction: ExtractionIndex, rows: int, dim: int) -> np.ndarray:
+    """The `dim`-channel prefixes of the first `rows` rows of an extraction (all when fewer), read shard by shard."""
+    blocks, total = [], 0
+    for shard in extraction.shards:
+        blocks.append(np.ascontiguousarray(read_shard(folder / shard["file"])[1].numpy()[: rows - total, :dim]))
+        total += len(blocks[-1])
+        if total >= rows:
+            break
+    return np.concatenate(blocks)
+
+
+def is_index_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def is_features_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / INDEX_FILE).is_file()
 
 
 def load_index(path: str | os.PathLike, device: str | torch.device = "cpu") -> EmbeddingIndex:
-    """An index file written by `EmbeddingIndex.save`, or the index of a `franca-hf extract` folder."""
-    if Path(path).is_dir():
+    """An index folder written by `EmbeddingIndex.save` or `build_index`, or the index of a `franca-hf extract`
+    folder (built in memory)."""
+    if is_features_folder(path) and not is_index_folder(path):
         index = index_from_features(path)
-        return index if str(device) == "cpu" else EmbeddingIndex(index.vectors.to(device), index.ids, index.dims)
+        index.device = torch.device(device)
+        return index
     return EmbeddingIndex.load(path, device)
 
 
-__all__ = ["EmbeddingIndex", "default_funnel", "index_from_features", "index_images", "load_index"]
+__all__ = [
+    "BuildReport",
+    "EmbeddingIndex",
+    "IndexSettings",
+    "ModelMismatchError",
+    "build_index",
+    "default_funnel",
+    "index_from_features",
+    "index_images",
+    "load_index",
+]

@@ -1,4 +1,6 @@
-"""EmbeddingIndex: prefix search vs brute force, funnel search vs full-dimension exact search, save/load, errors."""
+"""EmbeddingIndex on FAISS: prefix search vs brute force, funnels (exact, HNSW, IVF-PQ first stages) vs full-width
+exact search, index folders (lazy loading, streaming from extract shards, append = rebuild), model fingerprints,
+every documented way of embedding a query, errors."""
 
 import logging
 import shutil
@@ -6,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,15 @@ from safetensors.torch import save_file
 from franca_hf import FrancaModel, retrieval
 from franca_hf.cli import main
 from franca_hf.conversion.export import make_image_processor
-from franca_hf.retrieval import EmbeddingIndex, default_funnel, index_from_features, index_images
+from franca_hf.retrieval import (
+    EmbeddingIndex,
+    IndexSettings,
+    ModelMismatchError,
+    build_index,
+    default_funnel,
+    index_from_features,
+    index_images,
+)
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
@@ -51,20 +62,33 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2).float().mean().item()
 
 
-@pytest.fixture(params=["one tile", "many tiles"])
+EXACT = IndexSettings(ann="none")
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS on one thread: a second OpenMP thread on a shared CPU makes k-means (IVF-PQ training) 4x slower, and
+    HNSW insertion with one thread is deterministic (an append then equals a rebuild byte for byte)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture(params=["one block", "many blocks"])
 def tiles(request, monkeypatch):
-    """Run with the default work sizes (one score tile here) and with tiny ones (several query blocks, database
-    chunks and rerank blocks, each with a ragged last one)."""
-    if request.param == "many tiles":
-        monkeypatch.setattr(retrieval, "QUERY_BLOCK", 16)
-        monkeypatch.setattr(retrieval, "SCORE_TILE", 16 * 1024)
-        monkeypatch.setattr(retrieval, "GATHER_TILE", 3000)
+    """Run with the default fill block (one block here) and with a tiny one (several blocks and a ragged last one
+    when prefix copies and first stages are filled from the vectors)."""
+    if request.param == "many blocks":
+        monkeypatch.setattr(retrieval, "FILL_BLOCK", 700)
     return request.param
 
 
 def test_prefix_search_equals_brute_force(tiles):
     database, queries = gaussian(3000, 40, decay=0.5)
-    index = EmbeddingIndex(database, dims=DIMS)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     for dim in DIMS:
         for cut in (queries, queries[:, :dim]):  # full-width queries, or already truncated to the prefix
             assert_exact_top_k(*index.search(cut, k=7, dim=dim), database, queries, dim)
@@ -77,7 +101,7 @@ def test_prefix_search_equals_brute_force(tiles):
 )
 def test_funnel_returns_exact_top_k_on_nested_embeddings(tiles, stages):
     database, queries = gaussian(3000, 40, decay=1.5)
-    index = EmbeddingIndex(database, dims=DIMS)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     scores, found = index.funnel_search(queries, k=10, stages=stages)
     measured = recall(found, index.search(queries, k=10)[1])
     print(f"funnel {stages or default_funnel(DIMS, 10)}: recall@10 = {measured:.4f} vs full-dimension exact search")
@@ -91,7 +115,7 @@ def test_funnel_recall_drops_when_prefixes_carry_no_information():
     stages, recalls = [(8, 30), (32, 15), (128, 10)], {}
     for name, decay in (("nested", 1.5), ("isotropic", 0.0)):
         database, queries = gaussian(3000, 40, decay)
-        index = EmbeddingIndex(database, dims=DIMS)
+        index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
         recalls[name] = recall(index.funnel_search(queries, 10, stages)[1], index.search(queries, 10)[1])
     print(f"funnel {stages}: recall@10 {recalls}")
     assert recalls["nested"] >= 0.95 and recalls["isotropic"] < 0.5
@@ -107,14 +131,14 @@ def test_funnel_follows_its_cascade_on_isotropic_embeddings(tiles):
         similarity = (unit_db @ F.normalize(queries[:, :dim].double(), dim=1).unsqueeze(2)).squeeze(2)
         best, pick = similarity.topk(size, dim=1)
         shortlist = shortlist.gather(1, pick)
-    scores, found = EmbeddingIndex(database, dims=DIMS).funnel_search(queries, 10, stages)
+    scores, found = EmbeddingIndex(database, dims=DIMS, settings=EXACT).funnel_search(queries, 10, stages)
     assert torch.equal(found, shortlist)
     torch.testing.assert_close(scores.double(), best, atol=1e-6, rtol=0)
 
 
 def test_single_stage_funnel_is_prefix_search():
     database, queries = gaussian(500, 5, decay=1.0)
-    index = EmbeddingIndex(database, dims=DIMS)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     for got, want in zip(index.funnel_search(queries, 5, [(16, 5)]), index.search(queries, 5, 16), strict=True):
         assert torch.equal(got, want)
 
@@ -127,48 +151,88 @@ def test_no_queries_give_empty_results():
 
 def test_prefix_vectors_are_truncated_then_normalised():
     database, _ = gaussian(50, 1, decay=1.0)
-    torch.testing.assert_close(EmbeddingIndex(database, dims=DIMS).prefix(16), F.normalize(database[:, :16], dim=1))
+    torch.testing.assert_close(
+        EmbeddingIndex(database, dims=DIMS, settings=EXACT).prefix(16), F.normalize(database[:, :16], dim=1)
+    )
 
 
-def test_save_load_round_trip_is_exact(tmp_path):
-    database, queries = gaussian(300, 8, decay=1.0)
-    ids = [f"photos/été/{i:03d}.jpg" for i in range(300)]
-    index = EmbeddingIndex(database, ids, dims=DIMS)
-    path = tmp_path / "index.safetensors"
+ANN = {
+    "none": EXACT,
+    "hnsw": IndexSettings(ann="hnsw", hnsw_m=16),
+    "ivfpq": IndexSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4),
+}
+
+
+@pytest.mark.parametrize("ann", ANN)
+def test_save_load_round_trip_is_exact_and_lazy(tmp_path, ann):
+    database, queries = gaussian(3000, 8, decay=1.0)
+    ids = [f"photos/été/{i:04d}.jpg" for i in range(3000)]
+    index = EmbeddingIndex(database, ids, dims=DIMS, settings=ANN[ann])
+    path = tmp_path / "index"
     index.save(path)
-    EmbeddingIndex(database[:10], dims=DIMS).save(path)  # overwriting works …
+    EmbeddingIndex(database[:100], dims=DIMS).save(path)  # overwriting works …
     index.save(path)  # … and the last write wins
     loaded = EmbeddingIndex.load(path)
-    assert torch.equal(loaded.vectors, index.vectors) and loaded.ids == ids and loaded.dims == DIMS
+    # opening reads the manifest only: the vectors are memory-mapped, ids and the FAISS first stage wait for use
+    assert isinstance(loaded._array, np.memmap) and loaded._ids is None and loaded._first is None
+    assert len(loaded) == 3000 and loaded.dims == DIMS and loaded.settings == index.settings
+    assert torch.equal(loaded.vectors, index.vectors) and loaded.ids == ids
     for got, want in zip(loaded.funnel_search(queries, 5), index.funnel_search(queries, 5), strict=True):
         assert torch.equal(got, want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
     (tmp_path / "plain").write_bytes(b"")  # the index gets the permissions of any new file (umask), not 0600
-    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert (path / "vectors.f32").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
-def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ann", ["hnsw", "ivfpq"])
+def test_ann_first_stages_find_the_exact_top_k_after_the_rerank(ann):
+    """An approximate shortlist at D/16 reranked exactly at D: nearly all of the exact top-10 on nested data, with
+    exact scores for what it returns."""
+    database, queries = gaussian(3000, 40, decay=1.5)
+    index = EmbeddingIndex(database, dims=DIMS, settings=ANN[ann])
+    scores, found = index.funnel_search(queries, k=10)
+    measured = recall(found, index.search(queries, k=10)[1])
+    print(f"{ann}: recall@10 = {measured:.4f}")
+    assert measured >= 0.97
+    similarity = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
+    torch.testing.assert_close(scores.double(), similarity.gather(1, found), atol=1e-5, rtol=0)
+
+
+def test_auto_settings_choose_by_size(monkeypatch):
+    assert IndexSettings().resolve(1000, 48).ann == "none"
+    assert IndexSettings().resolve(1_000_000, 48).ann == "hnsw"
+    monkeypatch.setattr(retrieval, "physical_memory", lambda: 2**30)  # 1 GiB: a 1M-row graph does not fit
+    resolved = IndexSettings().resolve(1_000_000, 48)
+    assert (resolved.ann, resolved.nlist, resolved.pq_bytes) == ("ivfpq", 4096, 24)
+    with pytest.raises(ValueError, match="ann='flat' is not an index kind; choose one of auto, none, hnsw, ivfpq"):
+        IndexSettings(ann="flat")
+    with pytest.raises(ValueError, match="pq_bytes=5 must divide the first-stage width 48"):
+        IndexSettings(ann="ivfpq", pq_bytes=5).resolve(10, 48)
+
+
+def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     database, _ = gaussian(20, 1, decay=1.0)
-    path = tmp_path / "index.safetensors"
-    EmbeddingIndex(database, dims=DIMS).save(path)
-    before = path.read_bytes()
+    path = tmp_path / "index"
+    EmbeddingIndex(database, dims=DIMS, settings=ANN["hnsw"]).save(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
 
-    def crash(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half a file")
+    def crash(folder, index, rows):
         raise OSError("disk full")
 
-    monkeypatch.setattr(retrieval, "save_file", crash)
+    monkeypatch.setattr(retrieval, "write_first_stage", crash)
     with pytest.raises(OSError, match="disk full"):
-        EmbeddingIndex(database[:5], dims=DIMS).save(path)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["index.safetensors"]
+        EmbeddingIndex(database[:5], dims=DIMS, settings=ANN["hnsw"]).save(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == [
+        "index"
+    ]
 
 
-def test_load_rejects_files_that_are_not_an_index(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"features": torch.randn(4, 8)}, tmp_path / "features.safetensors", metadata={"paths": "[]"})
-    with pytest.raises(ValueError, match="not a franca_hf retrieval index"):
-        EmbeddingIndex.load(tmp_path / "features.safetensors")
+def test_load_rejects_folders_that_are_not_an_index(tmp_path):
+    (tmp_path / "features.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"is not a franca_hf retrieval index \(no index.json\)"):
+        EmbeddingIndex.load(tmp_path)
+    with pytest.raises(FileExistsError, match="holds files that are not an index"):
+        EmbeddingIndex(torch.randn(4, 128)).save(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +257,7 @@ def test_load_rejects_files_that_are_not_an_index(tmp_path):
 def test_bad_search_inputs_raise_clear_errors(call, message):
     database, queries = gaussian(100, 3, decay=1.0)
     with pytest.raises(ValueError, match=message):
-        call(EmbeddingIndex(database, dims=DIMS), queries)
+        call(EmbeddingIndex(database, dims=DIMS, settings=EXACT), queries)
 
 
 def test_bad_index_inputs_raise_clear_errors():
@@ -209,11 +273,11 @@ def test_bad_index_inputs_raise_clear_errors():
     ):
         EmbeddingIndex(database, dims=[8, 64])
     database[4, :8] = 0
-    with pytest.raises(ValueError, match=r"Vector 4 \('e'\) has a zero or non-finite prefix of length 8"):
+    with pytest.raises(ValueError, match=r"Row 4 \('e'\) has a zero or non-finite prefix of length 8"):
         EmbeddingIndex(database, ids="abcdefghij", dims=DIMS)
     database[4, 0] = float("nan")
-    with pytest.raises(ValueError, match="Vector 4"):
-        EmbeddingIndex(database, dims=DIMS)
+    with pytest.raises(ValueError, match="Row 4"):
+        EmbeddingIndex(database, dims=DIMS, settings=EXACT)
 
 
 def test_default_funnel_follows_mrl():
@@ -257,9 +321,12 @@ def test_index_images_of_a_model_without_matryoshka_dims_serves_its_full_width()
 
 
 def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
-    index = tmp_path / "photos.safetensors"
+    index = tmp_path / "photos"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index)]) == 0
-    assert "indexed 4 images (128 dims, nested [8, 16, 32, 64, 128])" in capsys.readouterr().out
+    assert (
+        "indexed 4 images (4 x 128, nested [8, 16, 32, 64, 128], first stage exact at 8 dims) with "
+        in capsys.readouterr().out
+    )
     search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index), "--model", str(tiny_folder)]
     for extra in (["--dim", "32"], ["--funnel"]):
         assert main([*search, "--k", "2", *extra]) == 0
@@ -270,10 +337,17 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--funnel"]) == 0
     captured = capsys.readouterr()
     assert "the index holds 4 images, fewer than --k 10; showing all of them" in captured.err
-    assert "top-4 of 4 images (funnel 8:80 > 32:20 > 128:4)" in captured.out
+    assert "top-4 of 4 images (funnel 8:80 > 32:20 > 128:4, first stage none)" in captured.out
     # the funnel stops at --dim
     assert main([*search, "--funnel", "--dim", "32", "--k", "3"]) == 0
-    assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3)" in capsys.readouterr().out
+    assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3, first stage none)" in capsys.readouterr().out
+    # an index with an ANN first stage searches with the funnel unless told --exact
+    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index), "--ann", "hnsw"]) == 0
+    assert "first stage hnsw M=32 efSearch=64 at 8 dims" in capsys.readouterr().out
+    assert main([*search, "--k", "2"]) == 0
+    assert "top-2 of 4 images (funnel 8:40 > 32:10 > 128:2, first stage hnsw)" in capsys.readouterr().out
+    assert main([*search, "--k", "2", "--exact"]) == 0
+    assert "top-2 of 4 images (exact, dim 128, cut in the model's basis)" in capsys.readouterr().out
 
     assert main([*search, "--dim", "10"]) == 2
     assert "--dim 10 is not one of the index's nested dims [8, 16, 32, 64, 128]" in capsys.readouterr().err
@@ -292,7 +366,7 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
         )
         == 0
     )
-    from_images = tmp_path / "images.safetensors"
+    from_images = tmp_path / "images"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images)]) == 0
     capsys.readouterr()
 
@@ -303,12 +377,14 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
     assert index_from_features(tmp_path / "f32").dims == [8, 16, 32]  # nested dims up to the stored width
 
     # the CLI, with no model loaded: the folder is the only input
-    out = tmp_path / "from_shards.safetensors"
+    out = tmp_path / "from_shards"
     assert main(["index", str(features), "--out", str(out)]) == 0
     assert (
-        f"indexed 4 images (128 dims, nested [8, 16, 32, 64, 128]) from the features in {features}"
+        f"indexed 4 images (4 x 128, nested [8, 16, 32, 64, 128], first stage exact at 8 dims) from the features in {features}"
         in capsys.readouterr().out
     )
+    assert main(["index", str(features), "--out", str(out)]) == 2
+    assert "already holds an index; pass overwrite=True (CLI: --overwrite) or append" in capsys.readouterr().err
     torch.testing.assert_close(EmbeddingIndex.load(out).vectors, direct.vectors)
     # search takes the extraction folder or the index file
     for index in (features, out):
@@ -323,10 +399,12 @@ def test_retrieval_benchmark_on_a_small_embeddings_file_holds_out_what_it_can(tm
     save_file({"features": torch.randn(40, 128)}, small)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
     command = [sys.executable, str(script), "--embeddings", str(small), "--rounds", "1", "--single-queries", "2"]
+    command += ["--full-hnsw-max", "0"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "note: 40 embeddings cannot spare 1024 queries; holding out 10 (a quarter)" in run.stdout
-    assert "30 x 128 float32, 10 queries" in run.stdout
+    assert "Database 30 x 128 float32 (unit norm), 10 queries, k = 10, first stage at D/16 = 8" in run.stdout
+    assert "| exact full width | FAISS `IndexFlatIP(D)` | 1.0000 |" in run.stdout
 
 
 def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_folder, tmp_path):
@@ -337,10 +415,242 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_fold
     page.write_text("before\n<!-- demo-block:start -->\nold\n<!-- demo-block:end -->\nafter\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
     command = [sys.executable, str(script), "--model", str(tiny_folder), "--data", str(tmp_path / "images")]
-    command += ["--images", "48", "--rounds", "1", "--single-queries", "2", "--docs", str(page)]
+    command += ["--images", "48", "--rounds", "1", "--single-queries", "2", "--docs", str(page), "--full-hnsw-max", "0"]
     run = subprocess.run([*command, "--docs-block", "demo-block"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     text = page.read_text()
     assert text.startswith("before\n<!-- demo-block:start -->\nData: REAL embeddings of 48 images of ")
-    assert f"by {tiny_folder} (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
-    assert "| funnel F1: 8:200 > 128:10 |" in text and text.endswith("<!-- demo-block:end -->\nafter\n")
+    assert "by <model folder> (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
+    assert "| HNSW, shortlist 36 at 8, rerank at 128 | ours: HNSW32 + rerank |" in text
+    assert "| funnel, exact, shortlist 36 at 8, rerank at 128 | ours: `funnel_search` |" in text
+    assert text.endswith("<!-- demo-block:end -->\nafter\n")
+
+
+def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:
+    """An extract folder of CLS rows, one shard per block (ids "row-N"), written with the extractor's own shard and
+    index writers; shards from an earlier call stay (a resumed extraction). Returns all the ids in order."""
+    from franca_hf.features.store import ExtractionIndex, ExtractionSettings, write_shard
+
+    settings = ExtractionSettings("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
+    extraction = ExtractionIndex.load(folder) if (folder / "extraction.json").exists() else ExtractionIndex(settings)
+    row = extraction.rows
+    for number, block in enumerate(blocks, start=len(extraction.shards)):
+        ids = [f"row-{row + i}" for i in range(len(block))]
+        name = f"data/shard-{number:05d}.parquet"
+        write_shard(folder / name, settings, ids, block.numpy(), None, None)
+        extraction.shards.append({"file": name, "rows": len(block)})
+        row += len(block)
+    extraction.complete = True
+    extraction.save(folder)
+    return [f"row-{i}" for i in range(row)]
+
+
+@pytest.mark.parametrize("ann", ANN)
+def test_index_streamed_from_shards_equals_the_in_memory_one_and_append_equals_rebuild(tmp_path, monkeypatch, ann):
+    monkeypatch.setattr(retrieval, "training_rows", lambda index: 1000)  # IVF-PQ trains on the first 1000 rows
+    database, queries = gaussian(2500, 10, decay=1.0)
+    features = tmp_path / "features"
+    write_features(features, list(database[:1500].split(500)))
+    first = build_index(features, tmp_path / "index", ANN[ann], progress=False)
+    assert (first.added, first.appended, len(first.index)) == (1500, False, 1500)
+    ids = write_features(features, list(database[1500:].split(500)))  # the extraction goes on: two more shards
+    appended = build_index(features, tmp_path / "index", append=True, progress=False)
+    assert (appended.added, appended.appended, len(appended.index)) == (1000, True, 2500)
+    settings = appended.index.settings  # as resolved at the first build (an automatic nlist is fixed there)
+    rebuilt = build_index(features, tmp_path / "rebuilt", settings, progress=False).index
+
+    in_memory = index_from_features(features, settings)
+    for index in (appended.index, rebuilt):
+        assert index.ids == ids == in_memory.ids and index.settings == in_memory.settings
+        assert torch.equal(index.vectors, database)
+    for name in [p.name for p in (tmp_path / "rebuilt").iterdir()]:  # vectors, ids, first stage: byte for byte
+        if name != "index.json":
+            assert (tmp_path / "index" / name).read_bytes() == (tmp_path / "rebuilt" / name).read_bytes(), name
+    results = [index.funnel_search(queries, 10) for index in (appended.index, rebuilt, in_memory)]
+    for scores, found in results[1:]:
+        assert torch.equal(found, results[0][1]) and torch.equal(scores, results[0][0])
+    if ann == "none":
+        assert torch.equal(results[0][1], EmbeddingIndex(database, dims=DIMS, settings=EXACT).funnel_search(queries)[1])
+
+    again = build_index(features, tmp_path / "index", append=True, progress=False)  # nothing new: nothing added
+    assert again.added == 0 and len(again.index) == 2500
+    with pytest.raises(ValueError, match="An append keeps the index's own settings"):
+        build_index(features, tmp_path / "index", ANN[ann], append=True)
+
+
+def test_an_interrupted_append_leaves_the_index_as_it_was(tmp_path, monkeypatch):
+    database, queries = gaussian(1500, 5, decay=1.0)
+    features = tmp_path / "features"
+    write_features(features, list(database[:1000].split(500)))
+    build_index(features, tmp_path / "index", ANN["hnsw"], progress=False)
+    write_features(features, [database[1000:]])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval, "write_first_stage", killed)  # rows and ids are written, the manifest is not
+    with pytest.raises(KeyboardInterrupt):
+        build_index(features, tmp_path / "index", append=True, progress=False)
+    monkeypatch.undo()
+    before = EmbeddingIndex.load(tmp_path / "index")
+    assert len(before) == 1000 and len(before.ids) == 1000 and before.funnel_search(queries, 3)[0].shape == (5, 3)
+    resumed = build_index(features, tmp_path / "index", append=True, progress=False)
+    assert resumed.added == 500 and torch.equal(resumed.index.vectors, database)
+
+
+# one process builds each index in turn; writing 5 to clear_refs resets its peak RSS (VmHWM) before each build
+PEAK_RSS = """
+import sys
+import faiss
+from franca_hf.retrieval import IndexSettings, build_index, index_from_features
+faiss.omp_set_num_threads(1)
+for features, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    open("/proc/self/clear_refs", "w").write("5")
+    build_index(features, out, IndexSettings(ann="ivfpq", nlist=16, pq_bytes=2), progress=False)
+    print("peak_rss_kib", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+open("/proc/self/clear_refs", "w").write("5")
+index_from_features(sys.argv[-2])  # the control: the in-memory index of the largest folder holds all its vectors
+print("peak_rss_kib", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+"""
+
+
+def test_index_from_shards_keeps_memory_bounded_whatever_the_rows(tmp_path):
+    """Building an IVF-PQ index (the kind for collections past RAM) from 20k or 160k rows (10 or 78 MiB of vectors)
+    peaks within a few MiB: one shard, the training sample at D/16 and the codes (10 bytes a row) in memory."""
+    sizes, command = (20_000, 160_000), [sys.executable, "-c", PEAK_RSS]
+    for rows in sizes:
+        write_features(tmp_path / f"features-{rows}", list(torch.randn(rows, WIDTH).split(4000)))
+        command += [str(tmp_path / f"features-{rows}"), str(tmp_path / f"index-{rows}")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *built, in_memory = (int(p.split()[0]) / 1024 for p in run.stdout.split("peak_rss_kib")[1:])
+    peaks = dict(zip(sizes, built, strict=True))
+    for rows in sizes:
+        assert len(EmbeddingIndex.load(tmp_path / f"index-{rows}")) == rows
+    growth = peaks[160_000] - peaks[20_000]
+    print(f"peak RSS (MiB) by rows: {peaks}, in memory {in_memory:.1f}; growth {growth:.1f} MiB for 68 MiB more")
+    assert growth < 20, f"peak RSS grew by {growth:.1f} MiB from 20k to 160k rows ({peaks})"
+    assert in_memory - peaks[160_000] > 60  # the measurement sees an index that does hold the vectors
+
+
+@pytest.fixture(scope="module")
+def fitted_folder(tiny_folder, tmp_path_factory) -> Path:
+    """The tiny reference model with a fitted Matryoshka basis (a random mean and rotation): its embedding is NOT
+    the normalised raw CLS token, as in a `franca-hf fit-pca` folder."""
+    from transformers import AutoImageProcessor
+
+    reference = FrancaModel.from_pretrained(tiny_folder)
+    model = FrancaModel(reference.config.__class__(**{**reference.config.to_dict(), "matryoshka_basis": "pca"}))
+    model.load_state_dict(reference.state_dict(), strict=False)
+    torch.manual_seed(0)
+    width = model.config.hidden_size
+    with torch.no_grad():
+        model.matryoshka_basis.cls_mean.copy_(0.1 * torch.randn(width))
+        model.matryoshka_basis.cls_rotation.copy_(torch.linalg.qr(torch.randn(width, width))[0])
+    folder = tmp_path_factory.mktemp("fitted") / "model"
+    model.eval().save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(tiny_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The four example photos and a flipped, a grayscale and a smaller copy of each: 16 images."""
+    folder = tmp_path_factory.mktemp("photos")
+    for path in sorted(EXAMPLE_IMAGES.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        image.save(folder / path.name)
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"{path.stem}_flipped.jpg")
+        image.convert("L").save(folder / f"{path.stem}_gray.jpg")
+        image.resize((image.width // 2, image.height // 2)).save(folder / f"{path.stem}_small.jpg")
+    return folder
+
+
+def test_every_documented_way_to_embed_a_query_finds_the_same_neighbours_or_says_what_to_use(
+    fitted_folder, photos, tmp_path, capsys
+):
+    """Issue 25: the model's methods, the index's own image search and the CLI give one top-3; the raw CLS of
+    `forward().pooler_output` and of the pipeline is refused with an error naming what to use."""
+    from transformers import AutoImageProcessor, AutoModel, pipeline
+
+    model = AutoModel.from_pretrained(fitted_folder).eval()
+    processor = AutoImageProcessor.from_pretrained(fitted_folder)
+    query = photos / "rocket.jpg"
+    assert main(["index", str(photos), "--model", str(fitted_folder), "--out", str(tmp_path / "index")]) == 0
+    features = tmp_path / "features"
+    assert main(["extract", str(photos), "--model", str(fitted_folder), "--out", str(features)]) == 0
+    assert main(["index", str(features), "--out", str(tmp_path / "from_features")]) == 0
+    index = retrieval.load_index(tmp_path / "index")
+    pixels = processor(Image.open(query), return_tensors="pt")["pixel_values"]
+
+    def names(indices) -> list[str]:
+        return [Path(index.ids[i]).name for i in indices[0].tolist()]
+
+    tops = {}
+    with torch.no_grad():
+        tops["model.get_image_embeddings"] = names(index.search(model.get_image_embeddings(pixels), 3)[1])
+        tops["model.get_image_features().pooler_output"] = names(
+            index.search(model.get_image_features(pixels).pooler_output, 3)[1]
+        )
+    tops["index.search_images"] = names(index.search_images([query], model, processor, k=3)[2])
+    from_features = retrieval.load_index(tmp_path / "from_features")
+    tops["extract + index folder"] = names(from_features.search(model.get_image_embeddings(pixels).detach(), 3)[1])
+    capsys.readouterr()
+    assert (
+        main(["search", str(query), "--index", str(tmp_path / "index"), "--model", str(fitted_folder), "--k", "3"]) == 0
+    )
+    tops["franca-hf search"] = [Path(line.split()[-1]).name for line in capsys.readouterr().out.splitlines()[2:]]
+    for way, top in tops.items():
+        print(f"{way}: {top}")
+    assert tops["model.get_image_embeddings"][0] == "rocket.jpg"
+    assert all(top == tops["model.get_image_embeddings"] for top in tops.values()), tops
+
+    with torch.no_grad():
+        raw = {
+            "model(...).pooler_output": model(pixels).pooler_output,
+            'pipeline("image-feature-extraction", pool=True)': pipeline(
+                "image-feature-extraction", model=model, image_processor=processor
+            )(Image.open(query), pool=True, return_tensors=True),
+        }
+    for way, vector in raw.items():
+        with pytest.raises(ValueError, match=r"Query 0 has norm [0-9.]+, but this index holds unit-norm") as error:
+            index.search(vector, 3)
+        assert "model.get_image_embeddings(pixel_values)" in str(error.value)
+        assert "index.search_images(images, model, processor)" in str(error.value)
+        print(f"{way}: {error.value}")
+
+
+def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_folder, tiny_folder, tmp_path, capsys):
+    from franca_hf.features import load_model_and_processor
+    from franca_hf.fingerprint import model_fingerprint
+
+    index_folder = tmp_path / "index"
+    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index_folder)]) == 0
+    model, processor = load_model_and_processor(str(tiny_folder))
+    other, _ = load_model_and_processor(str(fitted_folder))
+    index = EmbeddingIndex.load(index_folder)
+    assert index.model == model_fingerprint(model) != model_fingerprint(other)
+    with pytest.raises(ModelMismatchError, match=r"holds embeddings of the model .*tiny \(fingerprint v1:\w+\); this"):
+        index.search_images([EXAMPLE_IMAGES / "rocket.jpg"], other, processor, k=2)
+
+    capsys.readouterr()
+    search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index_folder), "--k", "2"]
+    assert main([*search, "--model", str(fitted_folder)]) == 2
+    refusal = capsys.readouterr().err
+    print(refusal)
+    assert (
+        f"franca-hf search: error: The index {index_folder} holds embeddings of the model {tiny_folder} (fingerprint "
+        f"{index.model}); this run's model {fitted_folder} has fingerprint {model_fingerprint(other)}"
+    ) in refusal
+    assert "set allow_other_model (CLI: --allow-other-model)" in refusal
+    assert main([*search, "--model", str(fitted_folder), "--allow-other-model"]) == 0
+    assert main([*search, "--model", str(tiny_folder)]) == 0
+
+    # an index built from an extract folder keeps the folder's fingerprint; --model there must be the same model
+    features, built = tmp_path / "features", tmp_path / "from_features"
+    assert main(["extract", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(features)]) == 0
+    capsys.readouterr()
+    assert main(["index", str(features), "--out", str(built), "--model", str(fitted_folder)]) == 2
+    assert f"The extract folder {features} holds embeddings of the model" in capsys.readouterr().err
+    assert main(["index", str(features), "--out", str(built), "--model", str(tiny_folder)]) == 0
+    assert EmbeddingIndex.load(built).model == index.model
