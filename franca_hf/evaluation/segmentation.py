@@ -241,6 +241,10 @@ def cluster_miou(tokens: torch.Tensor, masks: torch.Tensor, grid, clusters: int,
     import faiss
 
     flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1).numpy().astype(np.float32)
+    if len(flat) < clusters:
+        raise ValueError(
+            f"K-means with {clusters} clusters needs at least as many patch tokens; the test split has {len(flat)}."
+        )
     kmeans = faiss.Kmeans(flat.shape[1], clusters, niter=30, seed=seed, verbose=False, spherical=True)
     kmeans.train(flat)
     _, assignment = kmeans.index.search(flat, 1)
