@@ -22,7 +22,7 @@ C of 10^linspace(-6, 5, 45); the best C on validation is refitted on train + val
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -174,6 +174,7 @@ class LinearSettings:
     val_split: str = "validation"
     held_out: float = 0.1
     max_images: int | None = None  # per split
+    demo_num_images: int = 5000  # images per split of "demo" (before max_images)
     features_dir: str | None = None
     logistic: bool = False  # the log-regression variant instead of the grid of linear classifiers
     epochs: int = 10
@@ -426,16 +427,27 @@ class LinearReport:
 def evaluate_linear(
     model, image_processor, settings: LinearSettings, model_name: str = "model", progress: bool = False
 ) -> LinearReport:
-    """Linear probing (or log regression with `settings.logistic`) of a model at each of its Matryoshka dims."""
+    """Linear probing (or log regression with `settings.logistic`) of a model at each of its Matryoshka dims.
+
+    A model with fewer blocks than an n of `settings.n_last_blocks` uses all its blocks for that n.
+    """
+    depth = model.config.num_hidden_layers
+    settings = replace(settings, n_last_blocks=tuple(sorted({min(n, depth) for n in settings.n_last_blocks})))
     start = time.perf_counter()
-    train_source = subsample(open_source(settings.train, settings.train_split), settings.max_images, settings.seed)
-    test_source = subsample(open_source(settings.test, settings.test_split), settings.max_images, settings.seed)
+
+    def opened(spec: str, split: str) -> ImageSource:
+        source = open_source(spec, split, demo_num_images=settings.demo_num_images, seed=settings.seed)
+        return subsample(source, settings.max_images, settings.seed)
+
+    train_source = opened(settings.train, settings.train_split)
+    test_source = opened(settings.test, settings.test_split)
     arguments = (model, image_processor)
     train = probe_rows(*arguments, train_source, settings.train_split, settings, model_name, progress)
     test = probe_rows(*arguments, test_source, settings.test_split, settings, model_name, progress)
     if settings.val is not None:
-        val_source = subsample(open_source(settings.val, settings.val_split), settings.max_images, settings.seed)
-        val = probe_rows(*arguments, val_source, settings.val_split, settings, model_name, progress)
+        val = probe_rows(
+            *arguments, opened(settings.val, settings.val_split), settings.val_split, settings, model_name, progress
+        )
     else:
         train, val = _hold_out(train, settings.held_out, settings.seed)
     seconds = {"features": time.perf_counter() - start}
