@@ -205,6 +205,7 @@ def _eval(args: argparse.Namespace) -> None:
             image_size=args.image_size,
             max_images=args.max_images,
             epochs=args.epochs,
+            batch_size=args.batch_size,
             clusters=tuple(args.clusters) if args.clusters else None,
         )
         result = run_segmentation_evaluation(args.model, settings, args.device, args.show, args.figure)
@@ -524,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     linear.add_argument("--features-dir", help="keep the probe inputs here as extract shards (reused, resumable)")
     linear.add_argument("--logistic", action="store_true", help="the log-regression variant (official C grid)")
     linear.add_argument("--batch-size", type=int, default=128, help="the linear classifiers' batch (lrs scale by it)")
+    segmentation.add_argument("--batch-size", type=int, default=32, help="images per step of the segmentation heads")
     segmentation.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
     segmentation.add_argument("--mask-column", help="the dataset's mask column (default: found by name or type)")
     segmentation.add_argument("--num-classes", type=int, help="default: the source's classes or max mask value + 1")

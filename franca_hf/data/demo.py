@@ -118,6 +118,13 @@ def generate_demo_segmentation(
     return images, labels.astype(np.int64), masks
 
 
+def demo_split_size(split: str, max_images: int | None = None) -> int:
+    """Images of a demo split to generate: 5000 train / 1000 test, or `max_images` when fewer (the first ones,
+    class-balanced when a multiple of 10)."""
+    size = 5000 if split == "train" else 1000
+    return size if max_images is None else min(size, max_images)
+
+
 def load_demo_dataset(split: str = "train", num_images: int | None = None, seed: int = 0, masks: bool = False):
     """The demo set as a `datasets.Dataset` with columns `image` (PIL RGB, 32x32) and `label` (ClassLabel), and with
     `masks` a `mask` column (PIL L, 32x32, values as `generate_demo_segmentation`).
@@ -129,7 +136,7 @@ def load_demo_dataset(split: str = "train", num_images: int | None = None, seed:
     from PIL import Image
 
     if num_images is None:
-        num_images = 5000 if split == "train" else 1000
+        num_images = demo_split_size(split)
     images, labels, pixel_labels = generate_demo_segmentation(num_images, seed=seed, split=split)
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(DEMO_CLASSES))})
     data = {"image": [Image.fromarray(image) for image in images], "label": labels.tolist()}
@@ -143,6 +150,7 @@ __all__ = [
     "DEMO_CLASSES",
     "DEMO_IMAGE_SIZE",
     "DEMO_SEGMENTATION_CLASSES",
+    "demo_split_size",
     "generate_demo_images",
     "generate_demo_segmentation",
     "load_demo_dataset",

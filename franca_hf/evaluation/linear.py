@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.demo import demo_split_size
 from ..data.sources import ImageSource, open_source, subsample
 from ..features.extract import extract_to_folder, nested_dims
 from ..features.loop import run_model
@@ -174,7 +175,7 @@ class LinearSettings:
     val_split: str = "validation"
     held_out: float = 0.1
     max_images: int | None = None  # per split
-    demo_num_images: int = 5000  # images per split of "demo" (before max_images)
+    demo_num_images: int | None = None  # images per split of "demo"; None: `demo_split_size(split, max_images)`
     features_dir: str | None = None
     logistic: bool = False  # the log-regression variant instead of the grid of linear classifiers
     epochs: int = 10
@@ -436,7 +437,8 @@ def evaluate_linear(
     start = time.perf_counter()
 
     def opened(spec: str, split: str) -> ImageSource:
-        source = open_source(spec, split, demo_num_images=settings.demo_num_images, seed=settings.seed)
+        demo_images = settings.demo_num_images or demo_split_size(split, settings.max_images)
+        source = open_source(spec, split, demo_num_images=demo_images, seed=settings.seed)
         return subsample(source, settings.max_images, settings.seed)
 
     train_source = opened(settings.train, settings.train_split)

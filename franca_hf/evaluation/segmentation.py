@@ -392,13 +392,22 @@ def run_segmentation_evaluation(
 ) -> SegmentationResult:
     """`evaluate_segmentation` of a model folder, Hub id or release name on `settings.train` / `settings.test`; with
     `show`, also the figure of that many test images (`show_predictions`) at `figure`."""
+    from ..data.demo import demo_split_size
     from ..data.sources import open_segmentation_source
     from ..features.extract import load_model_and_processor
 
     loaded, image_processor = load_model_and_processor(model, device=device)
-    columns = dict(image_column=settings.image_column, mask_column=settings.mask_column)
-    train = open_segmentation_source(settings.train, settings.train_split, **columns)
-    test = open_segmentation_source(settings.test, settings.test_split, **columns)
+    train, test = (
+        open_segmentation_source(
+            spec,
+            split,
+            image_column=settings.image_column,
+            mask_column=settings.mask_column,
+            demo_num_images=demo_split_size(split, settings.max_images),
+            seed=settings.seed,
+        )
+        for spec, split in ((settings.train, settings.train_split), (settings.test, settings.test_split))
+    )
     result, test_split = evaluate_segmentation(loaded, image_processor, train, test, settings, progress=True)
     if show:
         show_predictions(
