@@ -18,6 +18,7 @@ import time
 import torch
 
 from franca_hf.data import open_segmentation_source, open_source, subsample, subsample_segmentation
+from franca_hf.data.demo import demo_split_size
 from franca_hf.evaluation.linear import C_VALUES, LinearSettings, evaluate_linear
 from franca_hf.evaluation.segmentation import SegmentationSettings, evaluate_segmentation
 from franca_hf.features.extract import load_model_and_processor
@@ -41,6 +42,11 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+def demo_or(open_function, split: str, args):
+    """`open_function(args.data, split)`, generating no more demo images than `args.images` asks."""
+    return open_function(args.data, split, demo_num_images=demo_split_size(split, args.images))
+
+
 def evaluate(model, processor, args) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """Rows {measurement: {dim: value}} and seconds per evaluation for one model."""
     rows, seconds = {}, {}
@@ -48,7 +54,7 @@ def evaluate(model, processor, args) -> tuple[dict[str, dict[int, float]], dict[
 
     def knn():
         (train_x, train_y), (test_x, test_y) = (
-            embed_source(model, subsample(open_source(args.data, split), args.images), processor, num_workers=0)
+            embed_source(model, subsample(demo_or(open_source, split, args), args.images), processor, num_workers=0)
             for split in ("train", "test")
         )
         return knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims)
@@ -67,7 +73,7 @@ def evaluate(model, processor, args) -> tuple[dict[str, dict[int, float]], dict[
         rows[f"{name} top-1"] = report.test_top1()
 
     train, test = (
-        subsample_segmentation(open_segmentation_source(args.data, split), args.seg_images)
+        subsample_segmentation(demo_or(open_segmentation_source, split, args), args.seg_images)
         for split in ("train", "test")
     )
     seg = SegmentationSettings(epochs=args.epochs)
