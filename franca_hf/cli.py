@@ -187,6 +187,10 @@ def _knn(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    common = {
+        name: getattr(args, name)
+        for name in ("train", "test", "train_split", "test_split", "max_images", "epochs", "batch_size")
+    }
     if args.protocol == "seg":
         from .evaluation.segmentation import (
             SegmentationSettings,
@@ -194,19 +198,10 @@ def _eval(args: argparse.Namespace) -> None:
             run_segmentation_evaluation,
         )
 
+        clusters = tuple(args.clusters) if args.clusters else None
+        columns = {"image_column": args.image_column, "mask_column": args.mask_column}
         settings = SegmentationSettings(
-            train=args.train,
-            test=args.test,
-            train_split=args.train_split,
-            test_split=args.test_split,
-            image_column=args.image_column,
-            mask_column=args.mask_column,
-            num_classes=args.num_classes,
-            image_size=args.image_size,
-            max_images=args.max_images,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            clusters=tuple(args.clusters) if args.clusters else None,
+            **common, **columns, num_classes=args.num_classes, image_size=args.image_size, clusters=clusters
         )
         result = run_segmentation_evaluation(args.model, settings, args.device, args.show, args.figure)
         print(format_segmentation_result(result))
@@ -216,17 +211,11 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation.linear import LinearSettings, format_linear_report, run_linear_evaluation
 
     settings = LinearSettings(
-        train=args.train,
-        test=args.test,
+        **common,
         val=args.val,
-        train_split=args.train_split,
-        test_split=args.test_split,
         val_split=args.val_split,
-        max_images=args.max_images,
         features_dir=args.features_dir,
         logistic=args.logistic,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
     )
     print(format_linear_report(run_linear_evaluation(args.model, settings, args.device)))
 
