@@ -5,9 +5,9 @@ The model is evaluated as it is (its fitted basis, when it has one: "pca") and a
 the basis). Sources default to the embedded demo set (classification labels and shape-vs-background masks). The
 log regression sweeps every 4th C of the official grid (12 of 45) to keep the run short.
 
-Run (about 3-4 minutes on 2 CPU cores for the demo teacher with RASA):
-    franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=2
-    python benchmarks/evaluation.py --model runs/demo/teacher_rasa --docs docs/evaluation.md
+Run (several minutes on 2 shared CPU cores for the demo teacher with RASA):
+    franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=2 max_images=2000
+    python benchmarks/evaluation.py --model runs/demo/teacher_rasa --images 1000 --seg-images 500 --docs docs/evaluation.md
 """
 
 import argparse
