@@ -166,7 +166,7 @@ class SegmentationSettings:
     max_images: int | None = None  # per split
     epochs: int = 10
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     clusters: tuple[int, ...] | None = None  # None: (C, 3C)
     seed: int = 0
     embed_batch_size: int = 32
