@@ -186,6 +186,40 @@ def _knn(args: argparse.Namespace) -> None:
     print(format_knn_table(accuracy, label=f"top-1 (%), {truncation}"))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    common = {
+        name: getattr(args, name)
+        for name in ("train", "test", "train_split", "test_split", "max_images", "epochs", "batch_size")
+    }
+    if args.protocol == "seg":
+        from .evaluation.segmentation import (
+            SegmentationSettings,
+            format_segmentation_result,
+            run_segmentation_evaluation,
+        )
+
+        clusters = tuple(args.clusters) if args.clusters else None
+        columns = {"image_column": args.image_column, "mask_column": args.mask_column}
+        settings = SegmentationSettings(
+            **common, **columns, num_classes=args.num_classes, image_size=args.image_size, clusters=clusters
+        )
+        result = run_segmentation_evaluation(args.model, settings, args.device, args.show, args.figure)
+        print(format_segmentation_result(result))
+        if args.show:
+            print(f"wrote {args.figure}")
+        return
+    from .evaluation.linear import LinearSettings, format_linear_report, run_linear_evaluation
+
+    settings = LinearSettings(
+        **common,
+        val=args.val,
+        val_split=args.val_split,
+        features_dir=args.features_dir,
+        logistic=args.logistic,
+    )
+    print(format_linear_report(run_linear_evaluation(args.model, settings, args.device)))
+
+
 def _fit_pca(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
     _require_at_least(1, max_images=args.max_images)
@@ -481,6 +515,34 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--crop-size", type=int, help="override the model's preprocessing crop (resize + center crop)")
     _add_runtime_flags(knn, batch_size=64)
     knn.set_defaults(run=_knn)
+
+    evaluate = commands.add_parser("eval", help="linear probing and dense (segmentation) evaluation at every dim")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True)
+    linear = protocols.add_parser("linear", help="the official linear protocol (or --logistic) per Matryoshka dim")
+    segmentation = protocols.add_parser("seg", help="linear segmentation and clustering mIoU, raw vs RASA, per dim")
+    for parser_ in (linear, segmentation):
+        parser_.add_argument("--model", required=True, help="model folder, Hub id or release name")
+        parser_.add_argument("--train", required=True, help="'demo', a folder, or hf:<dataset>")
+        parser_.add_argument("--test", required=True, help="same syntax as --train")
+        parser_.add_argument("--train-split", default="train")
+        parser_.add_argument("--test-split", default="test")
+        parser_.add_argument("--max-images", type=int, help="at most this many images per split")
+        parser_.add_argument("--epochs", type=int, default=10)
+        parser_.add_argument("--device", help="default: the accelerator if there is one, else cpu")
+        parser_.set_defaults(run=_eval)
+    linear.add_argument("--val", help="labelled images to choose the classifier on (default: 10%% of --train)")
+    linear.add_argument("--val-split", default="validation")
+    linear.add_argument("--features-dir", help="keep the probe inputs here as extract shards (reused, resumable)")
+    linear.add_argument("--logistic", action="store_true", help="the log-regression variant (official C grid)")
+    linear.add_argument("--batch-size", type=int, default=128, help="the linear classifiers' batch (lrs scale by it)")
+    segmentation.add_argument("--batch-size", type=int, default=32, help="images per step of the segmentation heads")
+    segmentation.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
+    segmentation.add_argument("--mask-column", help="the dataset's mask column (default: found by name or type)")
+    segmentation.add_argument("--num-classes", type=int, help="default: the source's classes or max mask value + 1")
+    segmentation.add_argument("--image-size", type=int, help="square side images are resized to (default: model's)")
+    segmentation.add_argument("--clusters", type=int, nargs="+", help="K-means sizes (default: C and 3C)")
+    segmentation.add_argument("--show", type=int, default=0, help="figure of this many test images")
+    segmentation.add_argument("--figure", default="segmentation.png", help="where --show writes its PNG")
 
     fit_pca = commands.add_parser(
         "fit-pca",

@@ -60,6 +60,7 @@ SCALED_DOWN = {
     "data.num_workers=0 eval.knn_max_images=130 run.log_every=1",  # a PCA basis of the 128-dim demo needs 129
     "rasa": "steps=2 epochs=1 batch_size=16 held_out_images=8 max_images=32 num_workers=0",
     "knn": "--max-images 32 --num-workers 0",
+    "eval": "--max-images 40 --epochs 1 --batch-size 8",
     "fit-pca": "--max-images 200 --num-workers 0",
     "extract": "--num-workers 0",
     "index": "--num-workers 0",

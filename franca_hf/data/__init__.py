@@ -3,8 +3,10 @@ training. Imports nothing from `franca_hf.training`."""
 
 from .sources import (
     DECODE_ERRORS,
+    IGNORE_INDEX,
     IMAGE_SUFFIXES,
     ImageSource,
+    SegmentationSource,
     SkipCounter,
     collect_image_paths,
     files_source,
@@ -12,9 +14,11 @@ from .sources import (
     hf_source,
     load_hf_dataset,
     open_image,
+    open_segmentation_source,
     open_source,
     split_off,
     subsample,
+    subsample_segmentation,
     subset,
 )
 
@@ -33,4 +37,8 @@ __all__ = [
     "split_off",
     "subsample",
     "subset",
+    "IGNORE_INDEX",
+    "SegmentationSource",
+    "open_segmentation_source",
+    "subsample_segmentation",
 ]

@@ -14,6 +14,9 @@ learning in the pilot; see docs/demo_dataset.md for the measured numbers and the
 (patch 8, hidden size 128, 4 layers, 4 heads, layerscale 0.1) and training settings.
 
 Generation is pure numpy (4x4 supersampling), deterministic in (seed, split): about 1.4 s for 5000 images.
+
+Per-pixel masks for segmentation (`generate_demo_segmentation`, `load_demo_dataset(masks=True)`): 0 where the pixel
+is background, 1 + the image's class where the shape covers at least half of it (`DEMO_SEGMENTATION_CLASSES`).
 """
 
 import colorsys
@@ -32,6 +35,7 @@ DEMO_CLASSES = (
     "vstripes",
     "checker",
 )
+DEMO_SEGMENTATION_CLASSES = ("background", *DEMO_CLASSES)
 DEMO_IMAGE_SIZE = 32
 DEMO_SPLITS = ("train", "test")
 
@@ -76,6 +80,15 @@ def generate_demo_images(num_images: int, seed: int = 0, split: str = "train") -
 
     The output depends only on (num_images, seed, split); train and test of one seed never share a random stream.
     """
+    images, labels, _ = generate_demo_segmentation(num_images, seed, split)
+    return images, labels
+
+
+def generate_demo_segmentation(
+    num_images: int, seed: int = 0, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The images and labels of `generate_demo_images` and their (num_images, 32, 32) uint8 masks: 0 background,
+    1 + label where the shape covers at least half of the pixel."""
     if split not in DEMO_SPLITS:
         raise ValueError(f"split must be one of {DEMO_SPLITS}, got {split!r}.")
     if num_images < 0:
@@ -91,6 +104,7 @@ def generate_demo_images(num_images: int, seed: int = 0, split: str = "train") -
 
     grid = (np.arange(size * _SUPERSAMPLE, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.empty((n, size, size), np.uint8)
     for i in range(n):
         u = (grid[None, :] - centre[i, 0]) / radius[i]
         v = (grid[:, None] - centre[i, 1]) / radius[i]
@@ -100,11 +114,20 @@ def generate_demo_images(num_images: int, seed: int = 0, split: str = "train") -
         shape = np.array(colorsys.hsv_to_rgb(hue[i], 0.7 * saturation[i], shape_value[i]), np.float32)
         pixels = background * (1.0 - alpha) + shape * alpha + noise[i]
         images[i] = np.clip(pixels * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
-    return images, labels.astype(np.int64)
+        masks[i] = np.where(alpha[..., 0] >= 0.5, labels[i] + 1, 0)
+    return images, labels.astype(np.int64), masks
 
 
-def load_demo_dataset(split: str = "train", num_images: int | None = None, seed: int = 0):
-    """The demo set as a `datasets.Dataset` with columns `image` (PIL RGB, 32x32) and `label` (ClassLabel).
+def demo_split_size(split: str, max_images: int | None = None) -> int:
+    """Images of a demo split to generate: 5000 train / 1000 test, or `max_images` when fewer (the first ones,
+    class-balanced when a multiple of 10)."""
+    size = 5000 if split == "train" else 1000
+    return size if max_images is None else min(size, max_images)
+
+
+def load_demo_dataset(split: str = "train", num_images: int | None = None, seed: int = 0, masks: bool = False):
+    """The demo set as a `datasets.Dataset` with columns `image` (PIL RGB, 32x32) and `label` (ClassLabel), and with
+    `masks` a `mask` column (PIL L, 32x32, values as `generate_demo_segmentation`).
 
     Defaults: 5000 train / 1000 test images. Same (split, num_images, seed) gives identical pixels.
     """
@@ -113,11 +136,22 @@ def load_demo_dataset(split: str = "train", num_images: int | None = None, seed:
     from PIL import Image
 
     if num_images is None:
-        num_images = 5000 if split == "train" else 1000
-    images, labels = generate_demo_images(num_images, seed=seed, split=split)
+        num_images = demo_split_size(split)
+    images, labels, pixel_labels = generate_demo_segmentation(num_images, seed=seed, split=split)
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(DEMO_CLASSES))})
     data = {"image": [Image.fromarray(image) for image in images], "label": labels.tolist()}
+    if masks:
+        features["mask"] = ImageFeature()
+        data["mask"] = [Image.fromarray(mask) for mask in pixel_labels]
     return Dataset.from_dict(data, features=features, split=split)
 
 
-__all__ = ["DEMO_CLASSES", "DEMO_IMAGE_SIZE", "generate_demo_images", "load_demo_dataset"]
+__all__ = [
+    "DEMO_CLASSES",
+    "DEMO_IMAGE_SIZE",
+    "DEMO_SEGMENTATION_CLASSES",
+    "demo_split_size",
+    "generate_demo_images",
+    "generate_demo_segmentation",
+    "load_demo_dataset",
+]

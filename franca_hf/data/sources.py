@@ -207,7 +207,11 @@ def subsample(source: ImageSource, max_images: int | None, seed: int = 0) -> Ima
     """At most `max_images` images of `source`, a fixed random subset."""
     if max_images is None or max_images >= len(source):
         return source
-    return subset(source, sorted(random.Random(seed).sample(range(len(source)), max_images)))
+    return subset(source, _sample(len(source), max_images, seed))
+
+
+def _sample(size: int, count: int, seed: int) -> list[int]:
+    return sorted(random.Random(seed).sample(range(size), count))
 
 
 def split_off(source: ImageSource, count: int, seed: int = 0) -> tuple[ImageSource, ImageSource]:
@@ -217,3 +221,116 @@ def split_off(source: ImageSource, count: int, seed: int = 0) -> tuple[ImageSour
     held = set(random.Random(seed).sample(range(len(source)), count))
     rest = [i for i in range(len(source)) if i not in held]
     return subset(source, rest), subset(source, sorted(held))
+
+
+IGNORE_INDEX = 255  # mask value of pixels that no metric counts (unlabelled, boundaries), as in the common datasets
+MASK_COLUMNS = ("mask", "annotation", "label", "segmentation", "semantic_segmentation", "gtFine")
+
+
+@dataclass
+class SegmentationSource:
+    """Images with per-pixel class masks.
+
+    Attributes:
+        images: the images (ids, lazy loading) as an ImageSource.
+        load_mask: index -> the (H, W) mask image as given (single-channel, class indices; 255 = ignored).
+        class_names: the classes in index order, when the source names them (the demo does).
+    """
+
+    images: ImageSource
+    load_mask: Callable[[int], Image.Image]
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _mask_column(dataset, image_column: str, requested: str | None, spec: str) -> str:
+    from datasets import Image as ImageFeature
+
+    features = dataset.features or {}
+    if requested is not None:
+        if requested not in features:
+            raise ValueError(f"Mask column {requested!r} not found in {spec}; the dataset has {sorted(features)}.")
+        return requested
+    candidates = [
+        name for name, feature in features.items() if isinstance(feature, ImageFeature) and name != image_column
+    ]
+    named = [name for name in candidates if name in MASK_COLUMNS]
+    if named or len(candidates) == 1:
+        return (named or candidates)[0]
+    raise ValueError(
+        f"{spec} has no mask column: a segmentation source needs an image column and a mask column (an Image "
+        f"feature of class indices); its columns are {sorted(features)}"
+        + (f". Several could be masks ({candidates}): set mask_column." if candidates else ".")
+    )
+
+
+def _load_row_mask(dataset, column: str, index: int) -> Image.Image:
+    return dataset[index][column]
+
+
+def _open_listed_mask(paths: list[str], index: int) -> Image.Image:
+    with Image.open(paths[index]) as mask:
+        mask.load()
+        return mask
+
+
+def _folder_pairs(root: Path) -> SegmentationSource:
+    images_dir, masks_dir = root / "images", root / "masks"
+    if not (images_dir.is_dir() and masks_dir.is_dir()):
+        raise ValueError(
+            f"{root} is not a segmentation folder: it needs an images/ folder and a masks/ folder holding, for each "
+            "image, a mask of the same relative path with a .png suffix."
+        )
+    images = collect_image_paths([images_dir])
+    masks = [masks_dir / path.relative_to(images_dir).with_suffix(".png") for path in images]
+    missing = [(image, mask) for image, mask in zip(images, masks, strict=True) if not mask.is_file()]
+    if missing:
+        image, mask = missing[0]
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(images)} images of {root} have no mask, e.g. {image} (expected {mask})."
+        )
+    return SegmentationSource(files_source(images, str(root)), partial(_open_listed_mask, [str(m) for m in masks]))
+
+
+def open_segmentation_source(
+    spec: str,
+    split: str = "train",
+    image_column: str | None = None,
+    mask_column: str | None = None,
+    demo_num_images: int = 5000,
+    seed: int = 0,
+) -> SegmentationSource:
+    """Resolve a segmentation source spec: `"demo"` (shape vs background masks, by class), `"hf:<dataset>"` with an
+    image column and a mask column (as `scene_parse_150`: `image`, `annotation`), or a folder with `images/` and
+    `masks/` (a `.png` mask per image, same relative path)."""
+    if spec == "demo":
+        from .demo import DEMO_SEGMENTATION_CLASSES, load_demo_dataset
+
+        dataset = load_demo_dataset(split=split, num_images=demo_num_images, seed=seed, masks=True)
+        return SegmentationSource(
+            hf_source(dataset, "demo", "image"),
+            partial(_load_row_mask, dataset, "mask"),
+            list(DEMO_SEGMENTATION_CLASSES),
+        )
+    if spec.startswith("hf:"):
+        dataset = load_hf_dataset(spec, split)
+        images = hf_source(dataset, spec, image_column)
+        column = _image_column(dataset, image_column)
+        return SegmentationSource(
+            images, partial(_load_row_mask, dataset, _mask_column(dataset, column, mask_column, spec))
+        )
+    if Path(spec).is_dir():
+        return _folder_pairs(Path(spec))
+    raise ValueError(f"Segmentation source {spec!r} is not 'demo', 'hf:<dataset>' or an existing folder.")
+
+
+def subsample_segmentation(source: SegmentationSource, max_images: int | None, seed: int = 0) -> SegmentationSource:
+    """At most `max_images` images of `source` with their masks, a fixed random subset (the one `subsample` takes)."""
+    if max_images is None or max_images >= len(source):
+        return source
+    indices = _sample(len(source), max_images, seed)
+    return SegmentationSource(
+        subset(source.images, indices), partial(_through, source.load_mask, indices), source.class_names
+    )

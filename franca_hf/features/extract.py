@@ -9,7 +9,7 @@ are written shard by shard; only the ids of the done images are kept.
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -240,8 +240,12 @@ def extract_to_folder(
     shard_rows: int | None = None,
     progress: bool = True,
     allow_other_model: bool = False,
+    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> ExtractionResult:
     """Embed every image of `source` not already done into Parquet shards under `out_dir` (see `store`).
+
+    `forward(model, pixel_values)` computes the rows of a batch when `settings.kind` is one that `embed_batch` does
+    not make (the linear-probe inputs of `franca_hf.evaluation`); `embed_batch` with `settings` when None.
 
     Under `accelerate launch`, each process takes every n-th pending image and writes its own shards; all
     processes return the merged index. `settings` must match those of a partial extraction already in `out_dir`,
@@ -290,12 +294,14 @@ def extract_to_folder(
     skips = SkipCounter()
     writer = ShardWriter(folder, run_name, settings, source, skips, shard_rows)
     storage_dtype = getattr(torch, settings.dtype)
-    dense, debiased = settings.kind != "cls", settings.kind == "dense_debiased"
+    if forward is None:
+        dense, debiased = settings.kind != "cls", settings.kind == "dense_debiased"
+        forward = partial(embed_batch, dim=settings.dim, dense=dense, debiased=debiased, normalize=settings.normalized)
     batches = run_model(
         model,
         source,
         image_processor,
-        lambda model, pixels: embed_batch(model, pixels, settings.dim, dense, debiased, settings.normalized),
+        forward,
         positions=pending[state.process_index :: state.num_processes],
         batch_size=batch_size,
         num_workers=num_workers,

@@ -52,7 +52,7 @@ class ExtractionSettings:
     Attributes:
         model: the model as given (folder, Hub id or release name).
         sources: the image inputs as given (files, folders, `hf:` specs) and `split` for datasets.
-        kind: "cls", "dense" or "dense_debiased".
+        kind: "cls", "dense", "dense_debiased", or "linear_probe" (`franca_hf.evaluation.linear`).
         dim: channels per row (the Matryoshka prefix; the model's width when not cut).
         normalized: CLS rows have unit L2 norm.
         dtype: stored float type, "float32" or "float16".
@@ -296,6 +296,8 @@ def write_card(folder: Path, index: ExtractionIndex) -> None:
     what = (
         f"{settings.dim}-dim {'L2-normalised ' if settings.normalized else ''}CLS embeddings"
         if settings.kind == "cls"
+        else f"{settings.dim}-dim linear-probe inputs (CLS of the last blocks, mean patch token)"
+        if settings.kind == "linear_probe"
         else f"{settings.dim}-channel {'RASA-debiased ' if settings.kind == 'dense_debiased' else ''}patch feature maps"
     )
     text = f"""---

@@ -150,6 +150,12 @@ class EvalSettings:
     # with every teacher export, fit a PCA truncation basis on the k-NN train split (franca_hf.matryoshka) and store
     # it in the exported folder; the final k-NN table then shows prefix and PCA rows
     fit_pca_on_export: bool = False
+    # with every teacher export, on the k-NN sources (franca_hf.evaluation): the official linear protocol (`linear`),
+    # linear segmentation and clustering mIoU, raw vs RASA (`seg`: the sources need masks, as "demo" has); per dim
+    linear: bool = False
+    seg: bool = False
+    probe_epochs: int = 10
+    probe_batch_size: int = 128  # of the linear classifiers (their lrs scale with it) and of the segmentation heads
 
 
 @dataclass
@@ -334,6 +340,15 @@ class PretrainConfig:
             (
                 not self.eval.fit_pca_on_export or self.eval.knn_train is not None,
                 "eval.fit_pca_on_export fits on the k-NN train split: set eval.knn_train and eval.knn_test",
+            ),
+            (
+                not (self.eval.linear or self.eval.seg) or self.eval.knn_train is not None,
+                "eval.linear and eval.seg evaluate on the k-NN sources: set eval.knn_train and eval.knn_test",
+            ),
+            (
+                self.eval.probe_epochs >= 1 and self.eval.probe_batch_size >= 1,
+                f"eval.probe_epochs and eval.probe_batch_size must be >= 1, got {self.eval.probe_epochs} and "
+                f"{self.eval.probe_batch_size}",
             ),
         ]
         problems += [message for ok, message in checks if not ok]

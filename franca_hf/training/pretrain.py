@@ -43,6 +43,7 @@ from .networks import (
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .pipeline import BatchCollator, TrainingBatches, batch_to_device, make_augmentation
 from .pretrain_arguments import DESCRIPTION, add_arguments
+from .probes import evaluate_export
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,15 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
                 print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
         return accuracy
 
+    def evaluate_teacher(folder: Path) -> dict[str, float]:
+        """`eval.linear` / `eval.seg` of an exported teacher, by the main process alone; logged."""
+        metrics = {}
+        if (config.eval.linear or config.eval.seg) and accelerator.is_main_process:
+            metrics = evaluate_export(folder, config, accelerator.device)
+            log(state.step, metrics)
+        accelerator.wait_for_everyone()
+        return metrics
+
     def fitted_basis() -> MatryoshkaFit | None:
         return evaluator.fit_basis(accelerator, teacher) if config.eval.fit_pca_on_export else None
 
@@ -279,7 +289,7 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         if due.checkpoint:
             save_checkpoint(accelerator, state, batches, checkpoints, config.run.keep_checkpoints)
         if due.export:
-            export_teacher(accelerator, teacher, config, state, config_name, fitted_basis())
+            evaluate_teacher(export_teacher(accelerator, teacher, config, state, config_name, fitted_basis()))
     progress.close()
 
     basis = fitted_basis()
@@ -290,6 +300,7 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         "skipped_images": state.skipped_images,
         "teacher_folder": str(folder),
     }
+    summary.update(evaluate_teacher(folder))
     if evaluator is not None:
         final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis) or {}  # {} off the main process
         summary["knn_final"] = final.get("prefix")
