@@ -129,7 +129,7 @@ def machine() -> str:
         ]
         cpu = names[0] if names else cpu
     return (
-        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} thread(s), "
+        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}"
     )
 
