@@ -325,9 +325,9 @@ class EmbeddingIndex:
             scores, indices = self._exact(units[0], first_dim, size)
         for unit, (dim, size) in zip(units[1:], stages[1:], strict=True):
             scores, indices = self._rerank(unit, indices, dim, size)
-        return torch.from_numpy(np.ascontiguousarray(scores[:, :k])), torch.from_numpy(
-            np.ascontiguousarray(indices[:, :k])
-        )
+        if scores.shape[1] != k:  # a last stage keeping more than k
+            scores, indices = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(indices[:, :k])
+        return torch.from_numpy(scores), torch.from_numpy(indices)
 
     def search_images(
         self,
@@ -476,7 +476,7 @@ class EmbeddingIndex:
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
-        array = queries.detach().cpu().numpy().astype(np.float32, copy=False)
+        array = queries.numpy(force=True).astype(np.float32, copy=False)
         check_unit = self.manifest.unit and array.shape[1] == self.width
         # one pass gives the norms of every stage's prefix and of the full query
         norms = prefix_norms(array, dims if not check_unit or dims[-1] == self.width else [*dims, self.width])
@@ -494,14 +494,15 @@ class EmbeddingIndex:
                     "model, processor)."
                 )
         norms = norms[:, : len(dims)]
-        if len(array) and not (norms.min() > 0 and np.isfinite(norms.max())):
+        # prefix norms never exceed the full norm, so unit-checked queries only need their smallest norm tested
+        if len(array) and not (norms.min() > 0 and (check_unit or np.isfinite(norms.max()))):
             bad = ~np.isfinite(norms) | (norms == 0)
             stage = int(np.flatnonzero(bad.any(axis=0))[0])
             row = int(np.flatnonzero(bad[:, stage])[0])
             raise ValueError(
                 f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined."
             )
-        return [np.ascontiguousarray(array[:, :dim] / norms[:, i, None]) for i, dim in enumerate(dims)]
+        return [array[:, :dim] / norms[:, i, None] for i, dim in enumerate(dims)]  # new C-contiguous arrays
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
