@@ -23,17 +23,8 @@ from franca_hf.evaluation.linear import C_VALUES, LinearSettings, evaluate_linea
 from franca_hf.evaluation.segmentation import SegmentationSettings, evaluate_segmentation
 from franca_hf.features.extract import load_model_and_processor
 from franca_hf.io import replace_marked_block
-from franca_hf.matryoshka import BASIS_PREFIX
-from franca_hf.modeling import FrancaConfig, FrancaModel
+from franca_hf.matryoshka import without_matryoshka_basis
 from franca_hf.training.knn import embed_source, knn_accuracy_by_dim
-
-
-def as_prefixes(model: FrancaModel) -> FrancaModel:
-    """The same weights with prefix truncation (the fitted basis dropped)."""
-    config = FrancaConfig.from_dict({**model.config.to_dict(), "matryoshka_basis": "prefix"})
-    prefix = FrancaModel(config)
-    prefix.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(BASIS_PREFIX)})
-    return prefix.eval()
 
 
 def timed(function, *args, **kwargs):
@@ -123,7 +114,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load_model_and_processor(args.model, device="cpu")
-    variants = {"fitted": model, "prefix": as_prefixes(model)} if model.matryoshka_basis is not None else {}
+    variants = (
+        {"fitted": model, "prefix": without_matryoshka_basis(model)} if model.matryoshka_basis is not None else {}
+    )
     variants = variants or {"prefix": model}
     models = {basis: evaluate(variant, processor, args) for basis, variant in variants.items()}
     table = markdown(models, model.config.matryoshka_dims, args)

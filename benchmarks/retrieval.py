@@ -14,8 +14,8 @@ rounds (these machines are noisy; medians are reported):
 Recall@10 is measured against exact full-width search. Without `--embeddings` or `--model` the data are SYNTHETIC
 (see `synthetic_embeddings`), L2-normalised like real embeddings; with `--embeddings`, real embeddings are read from
 a `franca-hf extract` folder or a safetensors file; with `--model M [M ...]`, each model embeds `--images` images of
-`--data` (its Matryoshka embeddings: prefixes, or cut in its fitted basis). Real embeddings hold `--queries` rows
-(at most a quarter) out of the database as queries.
+`--data` (its Matryoshka embeddings cut as prefixes and, for a model with a fitted basis, in that basis: two
+tables). Real embeddings hold `--queries` rows (at most a quarter) out of the database as queries.
 
 Queries run on `--threads` threads (default 1, FAISS and torch); indexes are built on all cores.
 
@@ -23,8 +23,8 @@ Run (100k: about 3 minutes on 2 CPU cores; 1M: about 10):
     python benchmarks/retrieval.py --docs docs/retrieval.md
     python benchmarks/retrieval.py --size 1000000 --queries 256 --single-queries 16 --rounds 2 \
         --docs docs/retrieval.md --docs-block retrieval-benchmark-1m
-    python benchmarks/retrieval.py --model runs/demo_prefix/teacher runs/matryoshka_pca/pca --data demo \
-        --images 50000 --docs docs/retrieval.md --docs-block retrieval-benchmark-demo
+    python benchmarks/retrieval.py --model runs/demo/teacher --data demo --images 20000 \
+        --docs docs/retrieval.md --docs-block retrieval-benchmark-demo
 """
 
 import argparse
@@ -86,17 +86,25 @@ def real_embeddings(path: str, key: str | None, queries: int, seed: int) -> tupl
 
 def model_embeddings(
     model_name: str, data: str, split: str, images: int, queries: int, seed: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-width Matryoshka embeddings (`franca_hf.features.extract_features`) of `images` images of `data` by a
-    model, with `queries` rows held out (`hold_out`). The demo source is generated with `images` images."""
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(truncation, database, queries) for each way a model cuts its Matryoshka embeddings: as prefixes and, for a
+    model with a fitted basis (`fit-pca`, or the trainer's export), in that basis. Full-width embeddings
+    (`franca_hf.features.extract_features`) of `images` images of `data`, the same `queries` rows held out of each
+    (`hold_out`). The demo source is generated with `images` images."""
     from franca_hf.data import open_source, subsample
     from franca_hf.features import extract_features, load_model_and_processor
+    from franca_hf.matryoshka import without_matryoshka_basis
 
     model, processor = load_model_and_processor(model_name, device=device)
-    source = open_source(data, split, demo_num_images=images)
-    source = subsample(source, images)
-    vectors = extract_features(model, processor, source, batch_size=256, num_workers=None, desc="embed").features
-    return hold_out(vectors, queries, seed, model_name)
+    source = subsample(open_source(data, split, demo_num_images=images), images)
+    variants = [("prefix", without_matryoshka_basis(model))]
+    if model.config.matryoshka_basis == "pca":
+        variants.append(("fitted PCA basis", model))
+    embedded = []
+    for truncation, variant in variants:
+        vectors = extract_features(variant, processor, source, batch_size=256, num_workers=None, desc="embed").features
+        embedded.append((truncation, *hold_out(vectors, queries, seed, model_name)))
+    return embedded
 
 
 def hold_out(vectors: torch.Tensor, queries: int, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,17 +136,15 @@ def machine() -> str:
             if line.startswith("model name")
         ]
         cpu = names[0] if names else cpu
-    return (
-        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} thread(s), "
-        f"Python {platform.python_version()}"
-    )
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def rerank(database: np.ndarray, queries: np.ndarray, shortlist: np.ndarray, k: int) -> np.ndarray:
-    """Plain numpy: the top-k (Q, k) of each query's shortlisted rows of a unit database, by inner product."""
-    scores = np.einsum("qsd,qd->qs", database[shortlist], queries)
+def rerank(database: np.ndarray, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain numpy: scores and rows (Q, k) of the top-k of each query's shortlisted rows (Q, S) of a unit database,
+    by inner product: gather the rows, one batched matrix-vector product, sort."""
+    scores = np.matmul(database[shortlist], queries[:, :, None])[:, :, 0]
     best = np.argsort(-scores, axis=1)[:, :k]
-    return np.take_along_axis(shortlist, best, axis=1)
+    return np.take_along_axis(scores, best, axis=1), np.take_along_axis(shortlist, best, axis=1)
 
 
 def index_bytes(index) -> int:
@@ -204,7 +210,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     def plain_funnel(first, shortlist: int, params=None):
         def run(q: np.ndarray):
             cut = np.ascontiguousarray(q[:, :small] / np.linalg.norm(q[:, :small], axis=1, keepdims=True))
-            return rerank(unit, q, first.search(cut, shortlist, params=params)[1], K)
+            return rerank(unit, q, first.search(cut, shortlist, params=params)[1], K)[1]
 
         return run
 
@@ -389,22 +395,22 @@ def main() -> None:
         sources = []
         for name in args.model:
             torch.set_num_threads(os.cpu_count() or 1)  # embedding is not timed
-            database, queries = model_embeddings(
-                name, args.data, args.split, args.images, args.queries, args.seed, args.device
-            )
             # a folder is named relative to the repository (or by a placeholder), as pages written by scripts do
             described = describe_data(args.data, args.split).replace(
                 args.data, portable_path(args.data, "<image folder>")
             )
-            sources.append(
-                (
-                    database,
-                    queries,
-                    f"REAL embeddings of {len(database) + len(queries)} images of {described} by "
-                    f"{portable_path(name, '<model folder>')} "
-                    f"(Matryoshka truncation: {truncation_of(name)}): {len(queries)} random rows held out as queries",
+            for truncation, database, queries in model_embeddings(
+                name, args.data, args.split, args.images, args.queries, args.seed, args.device
+            ):
+                sources.append(
+                    (
+                        database,
+                        queries,
+                        f"REAL embeddings of {len(database) + len(queries)} images of {described} by "
+                        f"{portable_path(name, '<model folder>')} (Matryoshka truncation: {truncation}): "
+                        f"{len(queries)} random rows held out as queries",
+                    )
                 )
-            )
     elif args.embeddings:
         database, queries = real_embeddings(args.embeddings, args.key, args.queries, args.seed)
         sources = [
@@ -426,16 +432,6 @@ def main() -> None:
     if args.docs:
         replace_marked_block(args.docs, args.docs_block, "\n\n".join(blocks))
         print(f"wrote {args.docs}")
-
-
-def truncation_of(name: str) -> str:
-    """How a model cuts its Matryoshka embeddings: "prefix" or "fitted PCA basis"."""
-    from transformers import AutoConfig
-
-    from franca_hf.conversion.convert import resolve_model
-
-    basis = getattr(AutoConfig.from_pretrained(resolve_model(name)), "matryoshka_basis", "prefix")
-    return "fitted PCA basis" if basis == "pca" else "prefix"
 
 
 if __name__ == "__main__":

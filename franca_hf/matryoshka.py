@@ -293,6 +293,17 @@ def with_matryoshka_basis(model: FrancaModel, fit: MatryoshkaFit) -> FrancaModel
     return fitted.train(model.training)
 
 
+def without_matryoshka_basis(model: FrancaModel) -> FrancaModel:
+    """A new FrancaModel whose Matryoshka embeddings are cut as prefixes: `model` with its fitted basis (if any)
+    dropped, sharing its other weights, on the same device, in the same dtype and training mode."""
+    config = FrancaConfig.from_dict({**model.config.to_dict(), "matryoshka_basis": "prefix"})
+    with torch.device("meta"):
+        prefix = FrancaModel(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(BASIS_PREFIX)}
+    prefix.load_state_dict(state, assign=True)
+    return prefix.train(model.training)
+
+
 def write_fitted_folder(
     model_path: str | os.PathLike,
     fit: MatryoshkaFit,

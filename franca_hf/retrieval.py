@@ -244,6 +244,7 @@ class EmbeddingIndex:
         self.settings = IndexSettings(**manifest.settings)
         self._first = None  # the FAISS first stage, built or read on first use
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
+        self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
 
     def __len__(self) -> int:
         return self.manifest.rows
@@ -295,8 +296,7 @@ class EmbeddingIndex:
         dim = self.width if dim is None else dim
         self._level(dim)  # raises on a dim that is not allowed
         self._check_k(k)
-        array = self._checked_queries(queries, dim)
-        scores, indices = self._exact(unit_queries(array, dim), dim, k)
+        scores, indices = self._exact(self._unit_queries(queries, [dim])[0], dim, k)
         return torch.from_numpy(scores), torch.from_numpy(indices)
 
     def funnel_search(
@@ -316,19 +316,18 @@ class EmbeddingIndex:
         self._check_k(k)
         stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
         self._check_stages(stages, k)
-        array = self._checked_queries(queries, stages[-1][0])
+        units = self._unit_queries(queries, [dim for dim, _ in stages])
         first_dim, first_size = stages[0]
         size = min(first_size, len(self))
-        unit = unit_queries(array, first_dim)
         if first_dim == self.dims[0] and self.settings.ann != "none":
-            scores, indices = self._approximate(unit, size)
+            scores, indices = self._approximate(units[0], size)
         else:
-            scores, indices = self._exact(unit, first_dim, size)
-        for dim, size in stages[1:]:
-            scores, indices = self._rerank(unit_queries(array, dim), indices, dim, size)
-        return torch.from_numpy(np.ascontiguousarray(scores[:, :k])), torch.from_numpy(
-            np.ascontiguousarray(indices[:, :k])
-        )
+            scores, indices = self._exact(units[0], first_dim, size)
+        for unit, (dim, size) in zip(units[1:], stages[1:], strict=True):
+            scores, indices = self._rerank(unit, indices, dim, size)
+        if scores.shape[1] != k:  # a last stage keeping more than k
+            scores, indices = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(indices[:, :k])
+        return torch.from_numpy(scores), torch.from_numpy(indices)
 
     def search_images(
         self,
@@ -431,14 +430,17 @@ class EmbeddingIndex:
         import faiss
 
         first = self.first_stage()
-        if self.settings.ann == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, size))
-        else:
-            params = faiss.SearchParametersIVF(nprobe=self.settings.nprobe)
+        params = self._search_parameters.get(size)
+        if params is None:  # made once per shortlist size: building the SWIG object costs as much as a rerank step
+            if self.settings.ann == "hnsw":
+                params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, size))
+            else:
+                params = faiss.SearchParametersIVF(nprobe=self.settings.nprobe)
+            self._search_parameters[size] = params
         scores, indices = first.search(queries, size, params=params)
         # a graph or inverted lists can return fewer than `size` hits (-1): repeat the best one so reranks stay dense
-        missing = indices < 0
-        if missing.any():
+        if indices.min() < 0:
+            missing = indices < 0
             indices = np.where(missing, indices[:, :1], indices)
             scores = np.where(missing, -np.inf, scores).astype(np.float32)
         return scores, indices
@@ -446,13 +448,15 @@ class EmbeddingIndex:
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of the shortlisted rows (Q, S) at prefix `dim`; keeps the best `size` of each, descending."""
         # reads only the shortlisted rows; whole rows are gathered twice as fast as row segments
-        candidates = self._array[rows] if dim == self.width else self._array[rows.reshape(-1), :dim]
+        candidates = self._array.take(rows, axis=0) if dim == self.width else self._array[rows.reshape(-1), :dim]
         candidates = candidates.reshape(*rows.shape, dim)
-        scores = np.einsum("qsd,qd->qs", candidates, queries)
+        # a batched matrix-vector product (BLAS) is ~3x faster than einsum's loops at these sizes
+        scores = np.matmul(candidates, queries[:, :, None])[:, :, 0]
         if not (dim == self.width and self.manifest.unit):
             scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
         pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
-        return np.take_along_axis(scores, pick, axis=1), np.take_along_axis(rows, pick, axis=1)
+        query_rows = np.arange(len(rows))[:, None]
+        return scores[query_rows, pick], rows[query_rows, pick]
 
     def _level(self, dim: int) -> int:
         if dim not in self.dims:
@@ -463,29 +467,42 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self):
             raise ValueError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
-    def _checked_queries(self, queries: torch.Tensor, dim: int) -> np.ndarray:
-        """The queries as (Q, width) float32 numpy, after checking their shape and, for an index of unit-norm
-        embeddings, that full-width ones have unit norm."""
-        widths = sorted({dim, self.width})
+    def _unit_queries(self, queries: torch.Tensor, dims: list[int]) -> list[np.ndarray]:
+        """The queries' unit prefixes at increasing `dims`, (Q, dim) float32 C-contiguous each, after checking their
+        shape and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
+        widths = sorted({dims[-1], self.width})
         if queries.ndim != 2 or queries.shape[1] not in widths:
             raise ValueError(
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
-        array = queries.detach().cpu().numpy().astype(np.float32, copy=False)
-        if self.manifest.unit and array.shape[1] == self.width and len(array):
-            norms = np.sqrt(np.einsum("qd,qd->q", array, array))
-            far = np.abs(norms - 1) > UNIT_TOLERANCE
+        array = queries.numpy(force=True).astype(np.float32, copy=False)
+        check_unit = self.manifest.unit and array.shape[1] == self.width
+        # one pass gives the norms of every stage's prefix and of the full query
+        norms = prefix_norms(array, dims if not check_unit or dims[-1] == self.width else [*dims, self.width])
+        full = norms[:, -1]
+        # two reductions settle the common case (every norm in range); the elementwise tests only find the culprit
+        if check_unit and len(array) and not (full.min() >= 1 - UNIT_TOLERANCE and full.max() <= 1 + UNIT_TOLERANCE):
+            far = np.abs(full - 1) > UNIT_TOLERANCE
             if far.any():
                 row = int(np.flatnonzero(far)[0])
                 raise ValueError(
-                    f"Query {row} has norm {norms[row]:.4g}, but this index holds unit-norm Matryoshka "
+                    f"Query {row} has norm {norms[row, -1]:.4g}, but this index holds unit-norm Matryoshka "
                     "embeddings: the query is not one of them (the raw CLS of `model(...).pooler_output` or "
                     "pipeline('image-feature-extraction') is, say). Embed queries with "
                     "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, "
                     "model, processor)."
                 )
-        return array
+        norms = norms[:, : len(dims)]
+        # prefix norms never exceed the full norm, so unit-checked queries only need their smallest norm tested
+        if len(array) and not (norms.min() > 0 and (check_unit or np.isfinite(norms.max()))):
+            bad = ~np.isfinite(norms) | (norms == 0)
+            stage = int(np.flatnonzero(bad.any(axis=0))[0])
+            row = int(np.flatnonzero(bad[:, stage])[0])
+            raise ValueError(
+                f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined."
+            )
+        return [array[:, :dim] / norms[:, i, None] for i, dim in enumerate(dims)]  # new C-contiguous arrays
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
@@ -499,15 +516,10 @@ class EmbeddingIndex:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
 
 
-def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
-    """(Q, dim) float32 C-contiguous unit query prefixes; errors on zero or non-finite prefixes."""
-    cut = queries[:, :dim]
-    norms = np.sqrt(np.einsum("qd,qd->q", cut, cut))
-    bad = ~np.isfinite(norms) | (norms == 0)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dim}; cosine is undefined.")
-    return np.ascontiguousarray(cut / norms[:, None])
+def prefix_norms(queries: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """(Q, len(dims)) L2 norms of the queries' prefixes at strictly increasing `dims`, from one pass over them."""
+    segments = np.add.reduceat(np.square(queries[:, : dims[-1]]), [0, *dims[:-1]], axis=1)
+    return np.sqrt(np.cumsum(segments, axis=1))
 
 
 def new_first_stage(settings: IndexSettings, dim: int):

@@ -407,22 +407,27 @@ def test_retrieval_benchmark_on_a_small_embeddings_file_holds_out_what_it_can(tm
     assert "| exact full width | FAISS `IndexFlatIP(D)` | 1.0000 |" in run.stdout
 
 
-def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(tiny_folder, tmp_path):
+def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(fitted_folder, tmp_path):
+    """A model with a fitted basis is measured twice: cut as prefixes and in its basis."""
     from .features.conftest import make_images
 
     make_images(tmp_path / "images", 48)
     page = tmp_path / "page.md"
     page.write_text("before\n<!-- demo-block:start -->\nold\n<!-- demo-block:end -->\nafter\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
-    command = [sys.executable, str(script), "--model", str(tiny_folder), "--data", str(tmp_path / "images")]
+    command = [sys.executable, str(script), "--model", str(fitted_folder), "--data", str(tmp_path / "images")]
     command += ["--images", "48", "--rounds", "1", "--single-queries", "2", "--docs", str(page), "--full-hnsw-max", "0"]
     run = subprocess.run([*command, "--docs-block", "demo-block"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     text = page.read_text()
     assert text.startswith("before\n<!-- demo-block:start -->\nData: REAL embeddings of 48 images of ")
-    assert "by <model folder> (Matryoshka truncation: prefix): 12 random rows held out as queries" in text
-    assert "| HNSW, shortlist 36 at 8, rerank at 128 | ours: HNSW32 + rerank |" in text
-    assert "| funnel, exact, shortlist 36 at 8, rerank at 128 | ours: `funnel_search` |" in text
+    tables = text.split("Data: ")[1:]
+    assert len(tables) == 2
+    assert "by <model folder> (Matryoshka truncation: prefix): 12 random rows held out as queries" in tables[0]
+    assert "by <model folder> (Matryoshka truncation: fitted PCA basis): 12 random rows" in tables[1]
+    for table in tables:
+        assert "| HNSW, shortlist 36 at 8, rerank at 128 | ours: HNSW32 + rerank |" in table
+        assert "| funnel, exact, shortlist 36 at 8, rerank at 128 | ours: `funnel_search` |" in table
     assert text.endswith("<!-- demo-block:end -->\nafter\n")
 
 
@@ -551,6 +556,21 @@ def fitted_folder(tiny_folder, tmp_path_factory) -> Path:
     model.eval().save_pretrained(folder)
     AutoImageProcessor.from_pretrained(tiny_folder).save_pretrained(folder)
     return folder
+
+
+def test_without_matryoshka_basis_embeds_as_the_model_without_one(tiny_folder, fitted_folder):
+    """Dropping a fitted basis gives back prefix truncation: the embeddings of the model the basis was added to."""
+    from franca_hf.matryoshka import without_matryoshka_basis
+
+    fitted = FrancaModel.from_pretrained(fitted_folder).eval()
+    prefix = without_matryoshka_basis(fitted)
+    assert prefix.config.matryoshka_basis == "prefix" and not prefix.training
+    size = fitted.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = FrancaModel.from_pretrained(tiny_folder).eval().get_image_embeddings(pixels, dim=8)
+        assert torch.equal(prefix.get_image_embeddings(pixels, dim=8), expected)
+        assert not torch.allclose(fitted.get_image_embeddings(pixels, dim=8), expected, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
