@@ -10,20 +10,20 @@ from pathlib import Path
 
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
-from .errors import USER_ERRORS, report
+from .errors import USER_ERRORS, OutputExistsError, UsageError, report
 
 
 def _convert(args: argparse.Namespace) -> None:
     from .conversion.convert import convert_checkpoint, convert_release
 
     if (args.checkpoint is None) == (args.release is None):
-        raise ValueError("Give either a CHECKPOINT file or --release NAME (not both).")
+        raise UsageError("Give either a CHECKPOINT file or --release NAME (not both).")
     if args.release is not None:
         if args.rasa is not None:
-            raise ValueError("--rasa is for local checkpoints; with --release use --with-rasa.")
+            raise UsageError("--rasa is for local checkpoints; with --release use --with-rasa.")
         fixed = [flag for flag, value in (("--preset", args.preset), ("--num-heads", args.num_heads)) if value]
         if fixed:
-            raise ValueError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
+            raise UsageError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
         folder = convert_release(
             args.release,
             out_dir=args.out,
@@ -38,7 +38,7 @@ def _convert(args: argparse.Namespace) -> None:
         _maybe_push(args, folder)
         return
     if args.out is None:
-        raise ValueError("--out DIR is required when converting a local checkpoint.")
+        raise UsageError("--out DIR is required when converting a local checkpoint.")
     result = convert_checkpoint(
         args.checkpoint,
         args.out,
@@ -68,7 +68,7 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 def _extract(args: argparse.Namespace) -> None:
     # checks of the flags alone come before the imports: a usage error answers without loading torch
     if str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
+        raise UsageError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
     _check_runtime_flags(args)
     _require_at_least(1, shard_size=args.shard_size)
     from .features import (
@@ -149,7 +149,7 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
     """An error naming the flag (`shard_size` -> --shard-size) of the first value given below `minimum`."""
     for name, value in flags.items():
         if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
 
 
 def _knn(args: argparse.Namespace) -> None:
@@ -165,7 +165,7 @@ def _knn(args: argparse.Namespace) -> None:
     # not trained for them are a baseline for the Matryoshka ones
     dims = args.dims or nested_dims(model)
     if any(not 1 <= dim <= width for dim in dims):
-        raise ValueError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
+        raise UsageError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
     if args.crop_size:
         processor = make_image_processor(args.crop_size)
     splits = []
@@ -224,7 +224,7 @@ def _fit_pca(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
     _require_at_least(1, max_images=args.max_images)
     if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
+        raise OutputExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     from transformers import AutoConfig
 
     from .conversion.convert import resolve_model
@@ -235,25 +235,25 @@ def _fit_pca(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "franca":
-        raise ValueError(
+        raise UsageError(
             f"--model {args.model} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca "
             "model (model_type 'franca')."
         )
     if config.matryoshka_basis == "pca" and not args.overwrite_basis:
         fitted_on = (config.source_checkpoint or {}).get("matryoshka_pca", {}).get("data", "unknown data")
-        raise ValueError(
+        raise UsageError(
             f"--model {args.model} already has a fitted Matryoshka basis (fitted on {fitted_on}); pass "
             "--overwrite-basis to fit a new one in its place."
         )
     needed = minimum_images(config.hidden_size)
     if args.max_images is not None and args.max_images < needed:
-        raise ValueError(
+        raise UsageError(
             f"--max-images {args.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs at "
             f"least {needed} images."
         )
     source = subsample(open_source(args.data, args.split, args.image_column), args.max_images)
     if len(source) < needed:
-        raise ValueError(
+        raise UsageError(
             f"--data {args.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
             f"needs at least {needed}."
         )
@@ -310,9 +310,9 @@ def _index(args: argparse.Namespace) -> None:
             how = f"appended {report.added} from the features in {args.images[0]}"
     else:
         if args.model is None:
-            raise ValueError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
+            raise UsageError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
         if args.append:
-            raise ValueError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
+            raise UsageError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
         model, processor = _load_model(args)
         index = index_images(
             model, processor, args.images, args.batch_size, num_workers=args.num_workers, settings=settings
@@ -328,7 +328,7 @@ def _search(args: argparse.Namespace) -> None:
 
     index = load_index(args.index, device=args.device or "cpu")
     if args.dim is not None and args.dim not in index.dims:
-        raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
+        raise UsageError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
     model, processor = _load_model(args)
     k = min(args.k, len(index))
     if k < args.k:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor
 
+from .errors import InputNotFoundError, OutputExistsError, UsageError
 from .features import extract_features, nested_dims
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
 from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
@@ -80,13 +81,13 @@ class IndexSettings:
 
     def __post_init__(self):
         if self.ann not in ANN_KINDS:
-            raise ValueError(f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.")
+            raise UsageError(f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.")
         for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be at least 1; got {getattr(self, name)}.")
         for name in ("nlist", "pq_bytes", "exact_below"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.")
 
     def resolve(self, rows: int, first_dim: int) -> "IndexSettings":
         """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
@@ -97,7 +98,7 @@ class IndexSettings:
         nlist = self.nlist or 2 ** max(4, round(math.log2(4 * math.sqrt(rows))))
         pq_bytes = self.pq_bytes or max(1, first_dim // 2)
         if ann == "ivfpq" and first_dim % pq_bytes:
-            raise ValueError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.")
+            raise UsageError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.")
         return replace(self, ann=ann, nlist=nlist, pq_bytes=pq_bytes)
 
     def describe(self, first_dim: int) -> str:
@@ -132,7 +133,7 @@ def unit_rows(block: np.ndarray, dim: int, first_row: int = 0, ids: Sequence[str
     if bad.any():
         row = first_row + int(np.flatnonzero(bad)[0])
         name = f" ({ids[row - first_row]!r})" if ids is not None else ""
-        raise ValueError(
+        raise UsageError(
             f"Row {row}{name} has a zero or non-finite prefix of length {dim} (norm {norms[row - first_row, 0]}), so its "
             "cosine similarity is undefined."
         )
@@ -176,13 +177,13 @@ class IndexManifest:
     def load(cls, folder: Path) -> "IndexManifest":
         path = folder / MANIFEST_FILE
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{folder} is not a franca_hf retrieval index (no {MANIFEST_FILE}). Build one with "
                 "`franca-hf index` or EmbeddingIndex(vectors, ids).save(folder)."
             )
         document = json.loads(path.read_text())
         if document.pop("format", None) != FORMAT or document.pop("version", None) != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a franca_hf retrieval index of version {FORMAT_VERSION}; rebuild it.")
+            raise UsageError(f"{path} is not a franca_hf retrieval index of version {FORMAT_VERSION}; rebuild it.")
         return cls(**document)
 
 
@@ -349,7 +350,7 @@ class EmbeddingIndex:
         what = "The index" if self.folder is None else f"The index {self.folder}"
         check_model(self.model, self.manifest.model_name, model, what, allow_other_model)
         if model.config.hidden_size < self.width:
-            raise ValueError(
+            raise UsageError(
                 f"The index holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim ones. "
                 "Search with the model that built the index."
             )
@@ -364,9 +365,9 @@ class EmbeddingIndex:
         """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
         folder, ids = Path(folder), "".join(json.dumps(i) + "\n" for i in self.ids).encode()
         if folder.is_file():
-            raise FileExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
+            raise OutputExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
         if folder.is_dir() and any(folder.iterdir()) and not is_index_folder(folder):
-            raise FileExistsError(f"{folder} holds files that are not an index; choose an empty or new folder.")
+            raise OutputExistsError(f"{folder} holds files that are not an index; choose an empty or new folder.")
 
         def fill(staging: Path) -> None:
             self._array.tofile(staging / VECTORS_FILE)
@@ -456,12 +457,12 @@ class EmbeddingIndex:
 
     def _level(self, dim: int) -> int:
         if dim not in self.dims:
-            raise ValueError(f"dim={dim} is not an allowed nested dim of this index; choose one of {self.dims}.")
+            raise UsageError(f"dim={dim} is not an allowed nested dim of this index; choose one of {self.dims}.")
         return self.dims.index(dim)
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= len(self):
-            raise ValueError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
+            raise UsageError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
     def _checked_queries(self, queries: torch.Tensor, dim: int) -> np.ndarray:
         """The queries as (Q, width) float32 numpy, after checking their shape and, for an index of unit-norm
@@ -534,7 +535,7 @@ def train_first_stage(index, vectors: np.ndarray, dim: int) -> None:
     if not index.is_trained:
         needed = max(index.nlist, 2**index.pq.nbits)
         if len(vectors) < needed:
-            raise ValueError(
+            raise UsageError(
                 f"ann='ivfpq' with nlist={index.nlist} trains on at least {needed} rows; this collection has "
                 f"{len(vectors)}. Use ann='hnsw' or 'none' (or 'auto') for a collection this small."
             )
@@ -625,12 +626,12 @@ def _extraction(folder: Path) -> ExtractionIndex:
     """The committed shards of an extract folder of CLS rows (a warning when the extraction was interrupted)."""
     extraction = ExtractionIndex.load(folder).with_progress(folder)
     if extraction.settings.kind != "cls":
-        raise ValueError(
+        raise UsageError(
             f"{folder} holds {extraction.settings.kind} patch features; an index needs CLS embeddings (extract "
             "without --dense)."
         )
     if not extraction.rows:
-        raise ValueError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
+        raise UsageError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
     if not extraction.complete:
         logger.warning(
             "%s is an interrupted extraction: indexing the %d images committed so far. Rerun the same "
@@ -700,11 +701,11 @@ def build_index(
     dims = _extraction_dims(extraction)
     if append:
         if settings is not None:
-            raise ValueError("An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).")
+            raise UsageError("An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).")
         index = EmbeddingIndex.load(out)
         manifest = index.manifest
         if manifest.dims != dims or manifest.width != extraction.settings.dim:
-            raise ValueError(
+            raise UsageError(
                 f"{out} holds {manifest.width}-dim rows with dims {manifest.dims}; {features} holds "
                 f"{extraction.settings.dim}-dim rows with dims {dims}. Append features of the same extraction."
             )
@@ -714,7 +715,7 @@ def build_index(
         first = index.first_stage() if manifest.settings["ann"] != "none" else None
     else:
         if (out / MANIFEST_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
+            raise OutputExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
         resolved = (settings or IndexSettings()).resolve(extraction.rows, dims[0])
         manifest = IndexManifest(
             0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name

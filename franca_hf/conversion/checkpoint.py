@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..modeling import FRANCA_PRESETS, FrancaConfig
 
 TRAINING_HEAD_PREFIXES = ("dino_head.", "ibot_head.")
@@ -51,7 +52,7 @@ _TOP_RENAMES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """An official checkpoint that cannot be converted (unreadable, truncated, or with missing/unknown keys)."""
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..conversion.export import fill_model_folder, make_image_processor
 from ..data.sources import ImageSource, open_source, split_off, subsample
-from ..errors import USER_ERRORS, report
+from ..errors import USER_ERRORS, OutputExistsError, UsageError, report
 from ..features.loop import run_model
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
@@ -164,7 +164,7 @@ def held_out_tokens(model, source: ImageSource, settings: RasaSettings, accelera
         mine.extend(zip(positions, tokens, strict=True))
     gathered = sorted((item for part in gather_object([mine]) for item in part), key=lambda pair: pair[0])
     if len(gathered) < 4:
-        raise ValueError(f"Only {len(gathered)} held-out images could be read; the probe needs at least 4.")
+        raise UsageError(f"Only {len(gathered)} held-out images could be read; the probe needs at least 4.")
     rows = settings.resolution // model.config.patch_size
     return torch.stack([tokens for _, tokens in gathered]), grid_coordinates(rows, rows)
 
@@ -190,7 +190,7 @@ def train_rasa(
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
     settings = settings.for_model(model.config)
     model.eval().requires_grad_(False).to(accelerator.device)
     width = model.config.hidden_size
@@ -306,12 +306,12 @@ def run(args: argparse.Namespace) -> int:
         overrides = [*(args.legacy_settings or []), *args.settings]
         settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
         if Path(settings.out).exists() and not settings.overwrite:
-            raise FileExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
+            raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())
         model, settings = load_model_for_rasa(settings, accelerator)
         source = open_source(settings.data, settings.split, seed=settings.seed)
         if settings.held_out_images >= len(source):
-            raise ValueError(
+            raise UsageError(
                 f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
                 f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves)."
             )

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from ..errors import UsageError
 from ..modeling import FRANCA_PRESETS, FrancaConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -200,7 +201,7 @@ class PretrainConfig:
         values = {name: value for name, value in values.items() if value is not None}
         if self.model.preset is not None:
             if self.model.preset not in FRANCA_PRESETS:
-                raise ValueError(f"model.preset {self.model.preset!r} is not one of {sorted(FRANCA_PRESETS)}.")
+                raise UsageError(f"model.preset {self.model.preset!r} is not one of {sorted(FRANCA_PRESETS)}.")
             sizes = zip(
                 ("hidden_size", "num_hidden_layers", "num_attention_heads"),
                 FRANCA_PRESETS[self.model.preset],
@@ -208,7 +209,7 @@ class PretrainConfig:
             )
             for name, size in sizes:
                 if values.setdefault(name, size) != size:
-                    raise ValueError(
+                    raise UsageError(
                         f"model.{name}={values[name]} contradicts model.preset={self.model.preset} ({name} {size}); "
                         "set one or the other."
                     )
@@ -353,7 +354,7 @@ class PretrainConfig:
         ]
         problems += [message for ok, message in checks if not ok]
         if problems:
-            raise ValueError("Invalid pretraining config: " + "; ".join(problems) + ".")
+            raise UsageError("Invalid pretraining config: " + "; ".join(problems) + ".")
 
 
 def resolve_config_path(name_or_path: str | Path, bundled: Path = CONFIG_DIR) -> Path:
@@ -364,14 +365,14 @@ def resolve_config_path(name_or_path: str | Path, bundled: Path = CONFIG_DIR) ->
     recipe = bundled / f"{name_or_path}.yaml"
     if recipe.is_file():
         return recipe
-    raise ValueError(f"No config {str(name_or_path)!r}: give a YAML file or one of {list_configs(bundled)}.")
+    raise UsageError(f"No config {str(name_or_path)!r}: give a YAML file or one of {list_configs(bundled)}.")
 
 
 def list_configs(bundled: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in bundled.glob("*.yaml"))
 
 
-def _explain(error: OmegaConfBaseException, source: str) -> ValueError:
+def _explain(error: OmegaConfBaseException, source: str) -> UsageError:
     """OmegaConf's error as one line that names the key, what was wrong and where it came from."""
     key = getattr(error, "full_key", None) or getattr(error, "key", None)
     message = str(error).splitlines()[0]
@@ -383,7 +384,7 @@ def _explain(error: OmegaConfBaseException, source: str) -> ValueError:
         message = f"unknown key {key}" + (f"; allowed here: {allowed}" if allowed else "")
     elif key:
         message = f"{key}: {message}"
-    return ValueError(f"{source}: {message}.")
+    return UsageError(f"{source}: {message}.")
 
 
 def load_settings(
@@ -402,7 +403,7 @@ def load_settings(
     for text in overrides:
         key = text.split("=", 1)[0]
         if "=" not in text or not key or key.startswith("-"):
-            raise ValueError(f"Override {text!r} must look like key=value (e.g. optim.total_steps=100).")
+            raise UsageError(f"Override {text!r} must look like key=value (e.g. optim.total_steps=100).")
         layers.append((OmegaConf.from_dotlist([text]), f"override {text!r}"))
     for values, source in layers:
         try:

@@ -26,6 +26,7 @@ from ..data.sources import (  # noqa: F401  (re-exported: the sources used to li
     subsample,
     subset,
 )
+from ..errors import UsageError
 
 MAX_CONSECUTIVE_FAILURES = 100
 
@@ -152,7 +153,7 @@ class EpochBatchSampler:
     def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.batches_per_epoch = num_items // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UsageError(
                 f"The dataset has {num_items} images, fewer than one global batch "
                 f"({batch_size} per process x {world_size} processes)."
             )

@@ -12,6 +12,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..conversion.export import make_image_processor
 from ..data.sources import ImageSource, open_source, subsample
+from ..errors import UsageError
 from ..features.loop import embed_batch, run_model
 from ..matryoshka import (
     MatryoshkaFit,
@@ -42,7 +43,7 @@ def embed_source(
     `num_workers` DataLoader workers decode (0: in this process, as the trainer's periodic evaluation does).
     """
     if source.labels is None:
-        raise ValueError(f"k-NN needs labels, and {source.name} has none.")
+        raise UsageError(f"k-NN needs labels, and {source.name} has none.")
     features, labels = [], []
     batches = run_model(
         model,
@@ -139,7 +140,7 @@ class KnnEvaluator:
         self.processor = make_image_processor(config.crops.global_size)
         train, needed = self.sources[0], minimum_images(width)
         if settings.fit_pca_on_export and len(train) < needed:
-            raise ValueError(
+            raise UsageError(
                 f"eval.fit_pca_on_export: a PCA basis of this {width}-dim model needs at least {needed} images, and "
                 f"the k-NN train split ({settings.knn_train}, eval.knn_max_images={settings.knn_max_images}) holds "
                 f"{len(train)}."

@@ -22,7 +22,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
-from ..errors import USER_ERRORS, report
+from ..errors import USER_ERRORS, UsageError, report
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config
@@ -143,7 +143,7 @@ def prepare_networks(accelerator: Accelerator, student: Student, teacher: Teache
             accelerator.distributed_type.value,
         )
     if fsdp and not accelerator.is_fsdp2:
-        raise ValueError(
+        raise UsageError(
             "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
             "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
         )
