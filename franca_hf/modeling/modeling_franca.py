@@ -15,7 +15,6 @@ it is copied into every exported folder so that `trust_remote_code=True` works w
 """
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -61,18 +60,6 @@ class FrancaModelOutput(ModelOutput):
     debiased_patch_tokens: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-
-    @property
-    def patch_embeddings(self) -> torch.FloatTensor | None:
-        """Deprecated name of `patch_tokens` (franca_hf 0.1)."""
-        warnings.warn("`patch_embeddings` is now `patch_tokens`.", FutureWarning, stacklevel=2)
-        return self.patch_tokens
-
-    @property
-    def debiased_patch_embeddings(self) -> torch.FloatTensor | None:
-        """Deprecated name of `debiased_patch_tokens` (franca_hf 0.1)."""
-        warnings.warn("`debiased_patch_embeddings` is now `debiased_patch_tokens`.", FutureWarning, stacklevel=2)
-        return self.debiased_patch_tokens
 
 
 def interpolate_position_table(

@@ -90,42 +90,6 @@ class RasaRunSettings(RasaSettings):
     overwrite: bool = False
 
 
-# The flags of franca_hf 0.1, deprecated: each becomes its key=value setting (a note says so).
-LEGACY_FLAGS = {
-    "--model": "model",
-    "--data": "data",
-    "--split": "split",
-    "--out": "out",
-    "--steps": "steps",
-    "--epochs": "epochs",
-    "--lr": "lr",
-    "--batch-size": "batch_size",
-    "--resolution": "resolution",
-    "--jitter-prob": "jitter_probability",
-    "--grayscale-prob": "grayscale_probability",
-    "--blur-prob": "blur_probability",
-    "--held-out-images": "held_out_images",
-    "--max-images": "max_images",
-    "--num-workers": "num_workers",
-    "--seed": "seed",
-}
-LEGACY_SWITCHES = {"--official-steps": "orthogonal=false", "--overwrite": "overwrite=true"}
-
-
-class LegacySetting(argparse.Action):
-    """A 0.1 flag: appends its key=value setting to `legacy_settings` and its name to `legacy_flags`."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string in LEGACY_SWITCHES:
-            setting = LEGACY_SWITCHES[option_string]
-        elif option_string == "--crop-scale":
-            setting = f"crop_scale=[{values[0]},{values[1]}]"
-        else:
-            setting = f"{LEGACY_FLAGS[option_string]}={values}"
-        namespace.legacy_settings = [*(namespace.legacy_settings or []), setting]
-        namespace.legacy_flags = [*(namespace.legacy_flags or []), option_string]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `franca-hf rasa` (and `python -m franca_hf.rasa.train`)."""
     parser.epilog = (
@@ -135,9 +99,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="a YAML file of settings (key: value), applied before the key=value ones")
     parser.add_argument("settings", nargs="*", help="key=value, e.g. model=runs/demo/teacher data=demo out=rasa")
-    for flag in LEGACY_FLAGS:
-        parser.add_argument(flag, action=LegacySetting, help=argparse.SUPPRESS)
-    parser.add_argument("--crop-scale", nargs=2, action=LegacySetting, help=argparse.SUPPRESS)
-    for flag in LEGACY_SWITCHES:
-        parser.add_argument(flag, nargs=0, action=LegacySetting, help=argparse.SUPPRESS)
-    parser.set_defaults(legacy_settings=None, legacy_flags=None)

@@ -296,15 +296,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.legacy_flags:
-            report(
-                "rasa",
-                f"{', '.join(args.legacy_flags)} are deprecated; write settings as key=value "
-                "(e.g. model=... data=... out=... steps=8).",
-                kind="warning",
-            )
-        overrides = [*(args.legacy_settings or []), *args.settings]
-        settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
+        settings = load_settings(RasaRunSettings, args.config, args.settings, bundled=None)
         if Path(settings.out).exists() and not settings.overwrite:
             raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())
@@ -341,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "FrozenTokens",
     "RasaReport",
-    "RasaRunSettings",
-    "RasaSettings",
     "augmentation",
-    "add_arguments",
     "build_parser",
     "load_model_for_rasa",
     "run",

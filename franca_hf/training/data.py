@@ -2,8 +2,7 @@
 sampling. Unreadable images are skipped and counted, never fatal: a training sample that cannot be decoded is
 replaced by the next readable one, so every process keeps the same batch size.
 
-The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) live in `franca_hf.data`
-and are re-exported here.
+The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) live in `franca_hf.data`.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -12,20 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..data.sources import (  # noqa: F401  (re-exported: the sources used to live here)
-    DECODE_ERRORS,
-    ImageSource,
-    SkipCounter,
-    _image_column,
-    collect_image_paths,
-    folder_source,
-    hf_source,
-    load_hf_dataset,
-    open_source,
-    split_off,
-    subsample,
-    subset,
-)
+from ..data.sources import DECODE_ERRORS, ImageSource, SkipCounter, _image_column
 from ..errors import UsageError
 
 MAX_CONSECUTIVE_FAILURES = 100

@@ -8,6 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
+from ..data import load_hf_dataset, open_source
 from ..errors import UsageError
 from .augment import (
     IMAGENET_MEAN,
@@ -17,15 +18,7 @@ from .augment import (
     MultiCropAugmentation,
 )
 from .config import PretrainConfig
-from .data import (
-    AugmentedImages,
-    EpochBatchSampler,
-    StreamedAugmentedImages,
-    load_hf_dataset,
-    open_source,
-    sample_seed,
-    worker_index,
-)
+from .data import AugmentedImages, EpochBatchSampler, StreamedAugmentedImages, sample_seed, worker_index
 from .masking import CyclicMaskGenerator, collate_masked_crops, stack_crop_major
 from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 

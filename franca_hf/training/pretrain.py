@@ -26,22 +26,17 @@ from ..errors import USER_ERRORS, UsageError, report
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config
-from .export import export_teacher, teacher_backbone_copy
+from .export import export_teacher
 from .knn import KnnEvaluator, format_knn_rows
 from .metrics import LossWindow, MetricsLog, NonFiniteLossError
 from .networks import (
-    FrancaNetworks,
     Student,
     Teacher,
-    backbone_config,
     build_networks,
     ema_update,
-    load_initial_backbone,
-    local_shard,
-    resize_position_table,
 )
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
-from .pipeline import BatchCollator, TrainingBatches, batch_to_device, make_augmentation
+from .pipeline import TrainingBatches, batch_to_device
 from .pretrain_arguments import DESCRIPTION, add_arguments
 from .probes import evaluate_export
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
@@ -340,31 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-__all__ = [  # the trainer's pieces, also importable from here (their home modules are named above)
-    "BatchCollator",
+__all__ = [
     "Due",
-    "FrancaNetworks",
-    "KnnEvaluator",
-    "NonFiniteLossError",
-    "Student",
-    "Teacher",
     "TrainState",
-    "TrainingBatches",
     "TrainingStep",
-    "backbone_config",
-    "batch_to_device",
-    "build_networks",
-    "ema_update",
-    "export_teacher",
-    "find_latest_checkpoint",
-    "load_initial_backbone",
-    "local_shard",
+    "build_parser",
     "main",
-    "make_augmentation",
+    "make_accelerator",
+    "make_schedules",
     "prepare_networks",
-    "resize_position_table",
-    "save_checkpoint",
-    "teacher_backbone_copy",
+    "run",
+    "shard_teacher",
     "train",
 ]
 

@@ -7,7 +7,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf.cli import main
 from franca_hf.conversion.export import make_image_processor
-from franca_hf.training.data import open_source
+from franca_hf.data import open_source
 from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
 
 

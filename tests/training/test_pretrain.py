@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from transformers import AutoModel
 
 from franca_hf.conversion.export import make_image_processor
+from franca_hf.data.demo import load_demo_dataset
 from franca_hf.training.config import list_configs, load_config
-from franca_hf.training.demo_data import load_demo_dataset
 
 from ..conftest import assert_publishable_folder
 
