@@ -93,7 +93,8 @@ def run_pretraining(name: str, overrides: list[str], out: Path, threads: int) ->
     command = [
         sys.executable,
         "-m",
-        "franca_hf.training.pretrain",
+        "franca_hf.cli",
+        "pretrain",
         "--config",
         "demo",
         f"run.output_dir={folder}",

@@ -591,7 +591,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
 
 
 # (command, arguments module, trainer module, help): commands whose DESCRIPTION and add_arguments() live in a module
-# cheap to import, and whose run() lives in the trainer module (also run as `accelerate launch -m <trainer module>`)
+# cheap to import, and whose run() lives in the trainer module (multi-process: `accelerate launch -m franca_hf.cli COMMAND`)
 TRAINING_COMMANDS = (
     (
         "pretrain",

@@ -1,4 +1,4 @@
-"""The settings of `franca-hf rasa` (`python -m franca_hf.rasa.train`) and their command-line arguments: cheap to
+"""The settings of `franca-hf rasa` (`python -m franca_hf.cli rasa`) and their command-line arguments: cheap to
 import, for the command line's help and usage errors (the training itself: `franca_hf.rasa.train`)."""
 
 import argparse
@@ -12,7 +12,7 @@ from ..errors import UsageError
 DESCRIPTION = """RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
 
     franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=8
-    accelerate launch -m franca_hf.rasa.train model=facebook/dinov2-base data=/voc out=dinov2_rasa
+    accelerate launch -m franca_hf.cli rasa model=facebook/dinov2-base data=/voc out=dinov2_rasa
 
 Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
 the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
@@ -91,7 +91,7 @@ class RasaRunSettings(RasaSettings):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `franca-hf rasa` (and `python -m franca_hf.rasa.train`)."""
+    """The arguments of `franca-hf rasa` (and `python -m franca_hf.cli rasa`)."""
     parser.epilog = (
         "Settings (key=value): "
         + ", ".join(f.name for f in dataclasses.fields(RasaRunSettings))

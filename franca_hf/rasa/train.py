@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..training.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..training.data import AugmentedImages, EpochBatchSampler
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
-from .settings import DESCRIPTION, RasaRunSettings, RasaSettings, add_arguments
+from .settings import RasaRunSettings, RasaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -318,32 +317,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="franca-hf rasa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
 __all__ = [
     "FrozenTokens",
     "RasaReport",
     "augmentation",
-    "build_parser",
     "load_model_for_rasa",
     "run",
     "fit_position_predictor",
     "held_out_tokens",
-    "main",
     "train_rasa",
     "write_rasa_output",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,6 @@ from .networks import (
 )
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
 from .pipeline import TrainingBatches, batch_to_device
-from .pretrain_arguments import DESCRIPTION, add_arguments
 from .probes import evaluate_export
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
 
@@ -323,24 +321,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="franca-hf pretrain", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
 __all__ = [
     "Due",
     "TrainState",
     "TrainingStep",
-    "build_parser",
-    "main",
     "make_accelerator",
     "make_schedules",
     "prepare_networks",
@@ -348,7 +332,3 @@ __all__ = [
     "shard_teacher",
     "train",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

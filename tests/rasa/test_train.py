@@ -283,10 +283,10 @@ def test_resolution_defaults_to_the_native_size_of_the_model():
 
 
 def test_a_release_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch, capsys):
-    from franca_hf.rasa.train import main
+    from franca_hf.cli import main
 
     monkeypatch.setenv("FRANCA_HF_RELEASE_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
-    assert main(["model=franca_vitb14_In21K", "data=demo", f"out={tmp_path / 'out'}"]) == 2
+    assert main(["rasa", "model=franca_vitb14_In21K", "data=demo", f"out={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("franca-hf rasa: error:") and "Traceback" not in err

@@ -55,7 +55,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
 
 
 def _command(recipe: Path, output: Path, *overrides: str, processes: int = 1) -> list[str]:
-    launcher = [sys.executable, "-m", "franca_hf.training.pretrain"]
+    launcher = [sys.executable, "-m", "franca_hf.cli", "pretrain"]
     if processes > 1:
         launcher = [
             sys.executable,
@@ -73,7 +73,8 @@ def _command(recipe: Path, output: Path, *overrides: str, processes: int = 1) ->
             "--main_process_port",
             str(29500 + os.getpid() % 1000),
             "-m",
-            "franca_hf.training.pretrain",
+            "franca_hf.cli",
+            "pretrain",
         ]
     return [*launcher, "--config", str(recipe), f"run.output_dir={output}", *overrides]
 
