@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..modeling import FRANCA_PRESETS, FrancaConfig
+from ..modeling import FrancaConfig, preset_architecture
 
 TRAINING_HEAD_PREFIXES = ("dino_head.", "ibot_head.")
 _BLOCK_KEY = re.compile(r"^blocks\.(?:(\d+)\.)?(\d+)\.(.+)$")
@@ -147,9 +147,10 @@ def infer_config_values(
     }
     values["mlp_ratio"] = _mlp_ratio_for(hidden, ffn_hidden, swiglu)
     if preset is not None:
-        if preset not in FRANCA_PRESETS:
-            raise CheckpointError(f"Unknown preset {preset!r}; choose one of {sorted(FRANCA_PRESETS)}.")
-        preset_hidden, preset_depth, preset_heads = FRANCA_PRESETS[preset]
+        try:
+            preset_hidden, preset_depth, preset_heads = preset_architecture(preset)
+        except ValueError as error:
+            raise CheckpointError(str(error), setting="preset") from None
         if (preset_hidden, preset_depth) != (hidden, depth):
             raise CheckpointError(
                 f"Preset {preset} is {preset_hidden} wide and {preset_depth} deep, but the weights are "

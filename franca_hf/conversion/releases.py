@@ -49,10 +49,11 @@ class Release:
         """What in `values` (`infer_config_values` of some weights) differs from this release's architecture: the
         preset's width, depth and patch 14 with a SwiGLU FFN, and the position grid where documented. Empty when the
         weights can be this release."""
-        from ..modeling import FRANCA_PRESETS
+        from ..modeling import preset_architecture
 
-        hidden, depth, _ = FRANCA_PRESETS[self.preset]
-        expected = {"hidden_size": hidden, "num_hidden_layers": depth, "patch_size": 14, "ffn_type": "swiglu"}
+        preset = preset_architecture(self.preset)
+        expected = {"hidden_size": preset.hidden_size, "num_hidden_layers": preset.num_hidden_layers}
+        expected.update(patch_size=14, ffn_type="swiglu")
         if self.grid is not None:
             expected["position_grid_size"] = self.grid
         return [

@@ -1,6 +1,13 @@
 """Pure model code: the transformers configuration and model classes of Franca."""
 
-from .configuration_franca import FRANCA_PRESETS, FrancaConfig, check_nested_dims, default_matryoshka_dims
+from .configuration_franca import (
+    FRANCA_PRESETS,
+    FrancaConfig,
+    FrancaPreset,
+    check_nested_dims,
+    default_matryoshka_dims,
+    preset_architecture,
+)
 from .modeling_franca import (
     FrancaBackbone,
     FrancaModel,
@@ -14,6 +21,8 @@ from .modeling_franca import (
 
 __all__ = [
     "FRANCA_PRESETS",
+    "FrancaPreset",
+    "preset_architecture",
     "FrancaBackbone",
     "FrancaConfig",
     "FrancaModel",

@@ -5,7 +5,7 @@ This file is self-contained on purpose: it is copied next to the weights of ever
 """
 
 from itertools import pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
@@ -14,13 +14,28 @@ FFN_TYPES = ("swiglu", "mlp")
 DROP_PATH_MODES = ("subset", "sample")
 MATRYOSHKA_BASES = ("prefix", "pca")
 
-# name -> (hidden_size, num_hidden_layers, num_attention_heads); every official Franca preset uses SwiGLU.
-FRANCA_PRESETS: dict[str, tuple[int, int, int]] = {
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_giant2": (1536, 40, 24),
+
+class FrancaPreset(NamedTuple):
+    """The architecture a preset names; every official Franca preset uses SwiGLU."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+FRANCA_PRESETS: dict[str, FrancaPreset] = {
+    "vit_small": FrancaPreset(384, 12, 6),
+    "vit_base": FrancaPreset(768, 12, 12),
+    "vit_large": FrancaPreset(1024, 24, 16),
+    "vit_giant2": FrancaPreset(1536, 40, 24),
 }
+
+
+def preset_architecture(name: str) -> FrancaPreset:
+    """Width, depth and heads of the preset `name`; the error lists the presets."""
+    if name not in FRANCA_PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(FRANCA_PRESETS)}.")
+    return FrancaPreset(*FRANCA_PRESETS[name])
 
 
 class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
@@ -111,12 +126,7 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "FrancaConfig":
         """A config for one of the official sizes (`vit_small`, `vit_base`, `vit_large`, `vit_giant2`)."""
-        if preset not in FRANCA_PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(FRANCA_PRESETS)}.")
-        hidden, layers, heads = FRANCA_PRESETS[preset]
-        values = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**preset_architecture(preset)._asdict(), **overrides})
 
     @property
     def ffn_hidden_size(self) -> int:
@@ -182,4 +192,11 @@ def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) ->
     return values
 
 
-__all__ = ["FrancaConfig", "FRANCA_PRESETS", "check_nested_dims", "default_matryoshka_dims"]
+__all__ = [
+    "FRANCA_PRESETS",
+    "FrancaConfig",
+    "FrancaPreset",
+    "check_nested_dims",
+    "default_matryoshka_dims",
+    "preset_architecture",
+]

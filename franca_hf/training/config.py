@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from ..errors import UsageError
-from ..modeling import FRANCA_PRESETS, FrancaConfig
+from ..modeling import FrancaConfig, preset_architecture
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 Settings = TypeVar("Settings")
@@ -200,14 +200,7 @@ class PretrainConfig:
         values = {name: getattr(self.model, name) for name in ARCHITECTURE_FIELDS}
         values = {name: value for name, value in values.items() if value is not None}
         if self.model.preset is not None:
-            if self.model.preset not in FRANCA_PRESETS:
-                raise UsageError(f"model.preset {self.model.preset!r} is not one of {sorted(FRANCA_PRESETS)}.")
-            sizes = zip(
-                ("hidden_size", "num_hidden_layers", "num_attention_heads"),
-                FRANCA_PRESETS[self.model.preset],
-                strict=True,
-            )
-            for name, size in sizes:
+            for name, size in self._preset_architecture().items():
                 if values.setdefault(name, size) != size:
                     raise UsageError(
                         f"model.{name}={values[name]} contradicts model.preset={self.model.preset} ({name} {size}); "
@@ -217,18 +210,19 @@ class PretrainConfig:
         values.update(position_grid_size=self.crops.global_size // patch, image_size=self.crops.global_size)
         return values
 
+    def _preset_architecture(self) -> dict[str, int]:
+        """`model.preset`'s width, depth and heads by field name."""
+        try:
+            return preset_architecture(self.model.preset)._asdict()
+        except ValueError as error:
+            raise UsageError(f"model.preset: {error}", setting="model.preset") from None
+
     def _disagreements_with(self, folder: FrancaConfig) -> list[str]:
         """What the `model` section sets differently from the `model.init_from` folder's architecture (which fixes it;
         only the stochastic depth may change)."""
         expected = {name: getattr(self.model, name) for name in ARCHITECTURE_FIELDS}
-        if self.model.preset in FRANCA_PRESETS:
-            expected.update(
-                zip(
-                    ("hidden_size", "num_hidden_layers", "num_attention_heads"),
-                    FRANCA_PRESETS[self.model.preset],
-                    strict=True,
-                )
-            )
+        if self.model.preset is not None:
+            expected.update(self._preset_architecture())
         return [
             f"model.{name}={value}, but the model.init_from folder has {name}={getattr(folder, name)} (the folder fixes "
             "the architecture: remove the setting or start from a matching folder)"
