@@ -154,9 +154,9 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 
 def _knn(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
-    from .conversion.export import make_image_processor
     from .data import open_source, subsample
     from .features import nested_dims
+    from .modeling.image_processing_franca import make_image_processor
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
     model, processor = _load_model(args)
@@ -353,7 +353,7 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .conversion.export import make_image_processor
+    from .modeling.image_processing_franca import make_image_processor
     from .visualize import read_image, visualize
 
     image = read_image(args.image)  # a bad file is refused before the model loads

@@ -13,7 +13,8 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 import franca_hf.features
 from franca_hf import FrancaModel
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor, save_model_folder
+from franca_hf.conversion.export import save_model_folder
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .conftest import assert_publishable_folder, tiny_config
 from .conversion.test_remote_code import load_without_the_package

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from franca_hf import FrancaModel
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data import ImageSource, files_source, open_source
 from franca_hf.matryoshka import (
     CovarianceAccumulator,
@@ -15,6 +14,7 @@ from franca_hf.matryoshka import (
     fit_matryoshka_basis,
     with_matryoshka_basis,
 )
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .conftest import tiny_config
 from .features.conftest import make_images

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from franca_hf import FrancaModel, retrieval
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.retrieval import (
     EmbeddingIndex,
     IndexSettings,

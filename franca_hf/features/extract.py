@@ -19,7 +19,6 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from ..conversion.convert import resolve_model
-from ..conversion.export import make_image_processor
 from ..data.sources import (
     ImageSource,
     SkipCounter,
@@ -31,6 +30,7 @@ from ..data.sources import (
 )
 from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..fingerprint import check_same_model, model_fingerprint
+from ..modeling.image_processing_franca import make_image_processor
 from .loop import embed_batch, run_model
 from .store import (
     DATA_DIR,

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..conversion.export import make_image_processor
 from ..data.sources import ImageSource, open_source, subsample
 from ..errors import UsageError
 from ..features.loop import embed_batch, run_model
@@ -21,6 +20,7 @@ from ..matryoshka import (
     minimum_images,
 )
 from ..modeling import FrancaModel
+from ..modeling.image_processing_franca import make_image_processor
 from .config import PretrainConfig
 from .export import teacher_backbone_copy
 from .networks import Teacher

@@ -10,9 +10,8 @@ from torch.utils.data import DataLoader
 
 from ..data import load_hf_dataset, open_source
 from ..errors import UsageError
+from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD
 from .augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     OFFICIAL_BLUR_PROBABILITIES,
     PAPER_BLUR_PROBABILITIES,
     MultiCropAugmentation,

@@ -9,11 +9,11 @@ from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf import FrancaModel
 from franca_hf.data.sources import open_source, split_off, subsample
+from franca_hf.modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD
 from franca_hf.rasa import RasaDirections, evaluate_chain, grid_coordinates, official_rasa_chain, patch_tokens, probe_r2
 from franca_hf.rasa.probe import probe_sample_problem
 from franca_hf.rasa.settings import RasaSettings
 from franca_hf.rasa.train import RasaReport, fit_position_predictor, train_rasa, write_rasa_output
-from franca_hf.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
 from ..conftest import assert_publishable_folder, tiny_config
 

@@ -6,8 +6,8 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data import open_source
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
 
 

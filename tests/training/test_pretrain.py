@@ -17,8 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModel
 
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data.demo import load_demo_dataset
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.training.config import list_configs, load_config
 
 from ..conftest import assert_publishable_folder
