@@ -32,8 +32,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from franca_hf.data import ImageSource, open_source
+from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler
 from franca_hf.training.config import load_config
-from franca_hf.training.data import AugmentedImages, EpochBatchSampler
 from franca_hf.training.networks import build_networks
 from franca_hf.training.optim import build_param_groups
 from franca_hf.training.pipeline import BatchCollator, batch_to_device, make_augmentation

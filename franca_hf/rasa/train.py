@@ -20,13 +20,13 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from ..conversion.export import fill_model_folder
+from ..data.augmented import AugmentedImages, EpochBatchSampler
 from ..data.sources import ImageSource, open_source, split_off, subsample
 from ..errors import USER_ERRORS, OutputExistsError, UsageError, report
 from ..features.loop import run_model
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
-from ..training.data import AugmentedImages, EpochBatchSampler
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
 from .settings import RasaRunSettings, RasaSettings

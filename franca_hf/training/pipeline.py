@@ -9,6 +9,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from ..data import load_hf_dataset, open_source
+from ..data.augmented import AugmentedImages, EpochBatchSampler, StreamedAugmentedImages, sample_seed, worker_index
 from ..errors import UsageError
 from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD
 from .augment import (
@@ -17,7 +18,6 @@ from .augment import (
     MultiCropAugmentation,
 )
 from .config import PretrainConfig
-from .data import AugmentedImages, EpochBatchSampler, StreamedAugmentedImages, sample_seed, worker_index
 from .masking import CyclicMaskGenerator, collate_masked_crops, stack_crop_major
 from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 

@@ -2,7 +2,8 @@
 sampling. Unreadable images are skipped and counted, never fatal: a training sample that cannot be decoded is
 replaced by the next readable one, so every process keeps the same batch size.
 
-The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) live in `franca_hf.data`.
+The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) are in `sources.py`; this
+module sits beside them, below both trainers (pretraining and RASA), and imports torch.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -11,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..data.sources import DECODE_ERRORS, ImageSource, SkipCounter, _image_column
 from ..errors import UsageError
+from .sources import DECODE_ERRORS, ImageSource, SkipCounter, _image_column
 
 MAX_CONSECUTIVE_FAILURES = 100
 
