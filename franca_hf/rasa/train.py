@@ -27,6 +27,7 @@ from ..features.loop import run_model
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
+from ..settings import load_settings
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
 from .settings import RasaRunSettings, RasaSettings
@@ -291,11 +292,9 @@ def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
 
 def run(args: argparse.Namespace) -> int:
     """Train RASA directions with the parsed arguments; errors are printed once across processes, as one line."""
-    from ..training.config import load_settings
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = load_settings(RasaRunSettings, args.config, args.settings, bundled=None)
+        settings = load_settings(RasaRunSettings, args.config, args.settings)
         if Path(settings.out).exists() and not settings.overwrite:
             raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())

@@ -19,7 +19,8 @@ from transformers import AutoModel
 
 from franca_hf.data.demo import load_demo_dataset
 from franca_hf.modeling.image_processing_franca import make_image_processor
-from franca_hf.training.config import list_configs, load_config
+from franca_hf.settings import list_configs
+from franca_hf.training.config import CONFIG_DIR, load_config
 
 from ..conftest import assert_publishable_folder
 
@@ -324,7 +325,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, t
 
 
 def test_recipes_load_and_bad_configs_are_explained():
-    for name in list_configs():
+    for name in list_configs(CONFIG_DIR):
         config = load_config(name)
         assert config.optim.total_steps > 0
     b14 = load_config("vitb14_in21k")
