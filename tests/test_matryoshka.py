@@ -110,10 +110,11 @@ def test_a_fitted_model_cuts_every_output_in_the_one_shot_pca_basis():
     for dim in fitted.config.matryoshka_dims:
         expected = F.normalize((raw.pooler_output - basis.cls_mean) @ basis.cls_rotation[:, :dim], dim=-1)
         torch.testing.assert_close(fitted.get_image_embeddings(pixels, dim=dim), expected)
-        out = fitted(pixels, matryoshka_dim=dim)
+        out = fitted.get_image_features(pixels, dim=dim)
         torch.testing.assert_close(out.pooler_output, expected)
         torch.testing.assert_close(
-            out.patch_tokens, (raw.patch_tokens - basis.patch_mean) @ basis.patch_rotation[:, :dim]
+            fitted.get_dense_features(pixels, dim=dim, as_grid=False),
+            (raw.patch_tokens - basis.patch_mean) @ basis.patch_rotation[:, :dim],
         )
         torch.testing.assert_close(out.last_hidden_state, raw.last_hidden_state)  # full width: never rotated
     shares = fit.explained_variance(fitted.config.matryoshka_dims)

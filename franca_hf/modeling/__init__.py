@@ -6,6 +6,8 @@ from .configuration_franca import (
     FrancaPreset,
     check_nested_dims,
     default_matryoshka_dims,
+    matryoshka_dim_problem,
+    matryoshka_dims_of,
     preset_architecture,
 )
 from .modeling_franca import (
@@ -15,6 +17,7 @@ from .modeling_franca import (
     FrancaPreTrainedModel,
     FrancaRASA,
     interpolate_position_table,
+    normalized_prefix,
     orthonormalize_rasa_weights,
     remove_position_directions,
 )
@@ -32,6 +35,9 @@ __all__ = [
     "check_nested_dims",
     "default_matryoshka_dims",
     "interpolate_position_table",
+    "matryoshka_dim_problem",
+    "matryoshka_dims_of",
+    "normalized_prefix",
     "orthonormalize_rasa_weights",
     "remove_position_directions",
 ]

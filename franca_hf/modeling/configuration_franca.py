@@ -4,6 +4,7 @@ This file is self-contained on purpose: it is copied next to the weights of ever
 `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without the franca_hf package.
 """
 
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -174,6 +175,22 @@ def default_matryoshka_dims(hidden_size: int) -> list[int]:
     return sorted({hidden_size // f for f in (16, 8, 4, 2, 1)} - {0})
 
 
+def matryoshka_dims_of(config) -> list[int]:
+    """The embedding widths a model serves: its config's `matryoshka_dims`, or `[hidden_size]` for a config without
+    them (a DINOv2 one, say)."""
+    return list(getattr(config, "matryoshka_dims", None) or [config.hidden_size])
+
+
+def matryoshka_dim_problem(dim: int, allowed: Sequence[int], name: str = "dim") -> str | None:
+    """None if the width `dim` is one of `allowed`, else the sentence that says so and lists them: the one check of
+    a requested Matryoshka width. `allowed` may be a `range` (any prefix, as k-NN baselines take)."""
+    if dim in allowed:
+        return None
+    if isinstance(allowed, range):
+        return f"{name}={dim} is not allowed; choose one between {allowed.start} and {allowed.stop - 1}."
+    return f"{name}={dim} is not allowed; choose one of {list(allowed)}."
+
+
 def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) -> list[int]:
     """`dims` as a list of ints if they are strictly increasing positive integers no larger than `width` (and ending
     at it when `end_at_width`); otherwise a ValueError that names `name` and says what is allowed."""
@@ -198,5 +215,7 @@ __all__ = [
     "FrancaPreset",
     "check_nested_dims",
     "default_matryoshka_dims",
+    "matryoshka_dim_problem",
+    "matryoshka_dims_of",
     "preset_architecture",
 ]
