@@ -77,10 +77,10 @@ def _extract(args: argparse.Namespace) -> None:
         check_feature_request,
         extract_to_folder,
         feature_kind,
-        nested_dims,
         open_inputs,
         process_state,
     )
+    from .modeling import matryoshka_dims_of
 
     check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
@@ -94,7 +94,7 @@ def _extract(args: argparse.Namespace) -> None:
         dim=args.dim or model.config.hidden_size,
         normalized=not args.no_normalize and not args.dense,
         dtype=args.features_dtype,
-        matryoshka_dims=nested_dims(model),
+        matryoshka_dims=matryoshka_dims_of(model.config),
         quantized="int8" if args.int8 else None,
     )
     result = extract_to_folder(
@@ -155,7 +155,7 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 def _knn(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
     from .data import open_source, subsample
-    from .features import nested_dims
+    from .modeling import matryoshka_dims_of
     from .modeling.image_processing_franca import make_image_processor
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
@@ -163,7 +163,7 @@ def _knn(args: argparse.Namespace) -> None:
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
     # not trained for them are a baseline for the Matryoshka ones
-    dims = args.dims or nested_dims(model)
+    dims = args.dims or matryoshka_dims_of(model.config)
     if any(not 1 <= dim <= width for dim in dims):
         raise UsageError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
     if args.crop_size:

@@ -33,11 +33,11 @@ import torch
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import InputNotFoundError, OutputExistsError, UsageError
-from .features import extract_features, nested_dims
+from .features import extract_features
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
 from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
-from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
+from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims, matryoshka_dims_of
 
 logger = logging.getLogger(__name__)
 
@@ -611,7 +611,7 @@ def index_images(
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
     Stores the full-width Matryoshka CLS embeddings (`franca_hf.features.embed_batch`, unit norm) with the image
-    paths as ids, the model's Matryoshka dims (`nested_dims`) as allowed dims and the model's fingerprint, in memory;
+    paths as ids, the model's Matryoshka dims (`matryoshka_dims_of`) as allowed dims and the model's fingerprint, in memory;
     for a large collection, extract to a folder (resumable) and use `build_index`. Unreadable images are logged as
     warnings and skipped.
     """
@@ -619,7 +619,9 @@ def index_images(
         model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
     name = str(getattr(model, "name_or_path", "") or type(model).__name__)
-    return EmbeddingIndex(result.features, result.paths, nested_dims(model), settings, model_fingerprint(model), name)
+    return EmbeddingIndex(
+        result.features, result.paths, matryoshka_dims_of(model.config), settings, model_fingerprint(model), name
+    )
 
 
 def _extraction(folder: Path) -> ExtractionIndex:

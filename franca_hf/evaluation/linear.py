@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from ..data.demo import demo_split_size
 from ..data.sources import ImageSource, open_source, subsample
 from ..errors import UsageError
-from ..features.extract import extract_to_folder, nested_dims
+from ..features.extract import extract_to_folder
 from ..features.loop import run_model
 from ..features.store import ExtractionSettings, iter_shards
+from ..modeling import matryoshka_dims_of, normalized_prefix
 
 # The official grid (`eval/linear.py` defaults), before scaling by batch size / 256.
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -324,7 +325,7 @@ def logistic_regression_by_dim(
     results = []
     for dim in dims:
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
-            (F.normalize(x[:, :dim], dim=-1), y) for x, y in (train, val, test)
+            (normalized_prefix(x, dim), y) for x, y in (train, val, test)
         )
         best_c, best_accuracy, previous = c_values[0], -1.0, None
         for c in c_values:  # each fit starts from the previous C's solution (the grid is increasing)
@@ -383,7 +384,7 @@ def probe_rows(
             dim=(n_blocks + 1) * model.config.hidden_size,
             normalized=False,
             dtype="float32",
-            matryoshka_dims=nested_dims(model),
+            matryoshka_dims=matryoshka_dims_of(model.config),
         )
         extract_to_folder(
             model,
@@ -460,7 +461,7 @@ def evaluate_linear(
             raise UsageError(
                 f"The {name} labels reach {int(data.labels.max())}; the train source has {num_classes} classes."
             )
-    dims, width = nested_dims(model), model.config.hidden_size
+    dims, width = matryoshka_dims_of(model.config), model.config.hidden_size
     counts = {"train": len(train.rows), "validation": len(val.rows), "test": len(test.rows)}
     report = LinearReport("logistic" if settings.logistic else "linear", num_classes, counts, seconds=seconds)
     start = time.perf_counter()

@@ -24,8 +24,8 @@ from PIL import Image
 
 from ..data.sources import IGNORE_INDEX, SegmentationSource, SkipCounter, subsample_segmentation
 from ..errors import UsageError
-from ..features.extract import nested_dims
 from ..features.loop import run_model
+from ..modeling import matryoshka_dims_of
 from .matching import match_clusters
 
 VARIANTS = ("raw", "debiased")
@@ -280,7 +280,7 @@ def evaluate_segmentation(
 ) -> tuple[SegmentationResult, DenseSplit]:
     """Linear segmentation probe and clustering mIoU at each dim (the model's Matryoshka dims when None), raw and
     debiased (when the model has RASA weights). Returns the result and the test split (for figures)."""
-    dims = list(dims or nested_dims(model))
+    dims = list(dims or matryoshka_dims_of(model.config))
     size = settings.image_size or model.config.image_size
     if size % model.config.patch_size:
         raise UsageError(f"image_size {size} is not a multiple of the model's patch size {model.config.patch_size}.")

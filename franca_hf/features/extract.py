@@ -30,6 +30,7 @@ from ..data.sources import (
 )
 from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..fingerprint import check_same_model, model_fingerprint
+from ..modeling import matryoshka_dims_of
 from ..modeling.image_processing_franca import make_image_processor
 from .loop import embed_batch, run_model
 from .store import (
@@ -82,11 +83,6 @@ def open_inputs(
     return files_source(collect_image_paths(inputs), ", ".join(inputs))
 
 
-def nested_dims(model) -> list[int]:
-    """The CLS widths a model serves: its Matryoshka dims, or its full width alone (a model without them)."""
-    return list(getattr(model.config, "matryoshka_dims", None) or [model.config.hidden_size])
-
-
 def check_feature_flags(dense: bool, debiased: bool) -> None:
     """The errors (naming the CLI flags) that need no model: checked before one loads."""
     if debiased and not dense:
@@ -101,7 +97,7 @@ def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -
             "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
             "(`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
         )
-    allowed = nested_dims(model)
+    allowed = matryoshka_dims_of(model.config)
     if dim is not None and dim not in allowed:
         raise UsageError(f"--dim {dim} is not one of this model's Matryoshka dims {allowed}.")
 

@@ -6,7 +6,6 @@ T = 0.07.
 """
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -19,7 +18,7 @@ from ..matryoshka import (
     describe_data,
     minimum_images,
 )
-from ..modeling import FrancaModel
+from ..modeling import FrancaModel, normalized_prefix
 from ..modeling.image_processing_franca import make_image_processor
 from .config import PretrainConfig
 from .export import teacher_backbone_copy
@@ -99,8 +98,7 @@ def knn_accuracy_by_dim(
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     accuracy = {}
     for dim in dims:
-        train = F.normalize(train_features[:, :dim], dim=-1)
-        test = F.normalize(test_features[:, :dim], dim=-1)
+        train, test = normalized_prefix(train_features, dim), normalized_prefix(test_features, dim)
         predicted = knn_predict(train, train_labels, test, num_classes, k, temperature)
         accuracy[dim] = 100.0 * (predicted == test_labels).float().mean().item()
     return accuracy
