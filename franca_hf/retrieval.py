@@ -37,7 +37,13 @@ from .features import extract_features
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
 from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
-from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims, matryoshka_dims_of
+from .modeling import (
+    FrancaModel,
+    check_nested_dims,
+    default_matryoshka_dims,
+    matryoshka_dim_problem,
+    matryoshka_dims_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -456,8 +462,9 @@ class EmbeddingIndex:
         return np.take_along_axis(scores, pick, axis=1), np.take_along_axis(rows, pick, axis=1)
 
     def _level(self, dim: int) -> int:
-        if dim not in self.dims:
-            raise UsageError(f"dim={dim} is not an allowed nested dim of this index; choose one of {self.dims}.")
+        problem = matryoshka_dim_problem(dim, self.dims)
+        if problem:
+            raise UsageError(f"This index: {problem}", setting="dim")
         return self.dims.index(dim)
 
     def _check_k(self, k: int) -> None:
