@@ -155,7 +155,7 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 def _knn(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
     from .data import open_source, subsample
-    from .modeling import matryoshka_dims_of
+    from .modeling import matryoshka_dim_problem, matryoshka_dims_of
     from .modeling.image_processing_franca import make_image_processor
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
@@ -164,8 +164,10 @@ def _knn(args: argparse.Namespace) -> None:
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
     # not trained for them are a baseline for the Matryoshka ones
     dims = args.dims or matryoshka_dims_of(model.config)
-    if any(not 1 <= dim <= width for dim in dims):
-        raise UsageError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
+    for dim in dims:
+        problem = matryoshka_dim_problem(dim, range(1, width + 1), "dims")
+        if problem:
+            raise UsageError(problem, setting="dims")
     if args.crop_size:
         processor = make_image_processor(args.crop_size)
     splits = []
@@ -327,8 +329,8 @@ def _search(args: argparse.Namespace) -> None:
     from .retrieval import default_funnel, load_index
 
     index = load_index(args.index, device=args.device or "cpu")
-    if args.dim is not None and args.dim not in index.dims:
-        raise UsageError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
+    if args.dim is not None:
+        index.check_dim(args.dim)
     model, processor = _load_model(args)
     k = min(args.k, len(index))
     if k < args.k:
@@ -612,12 +614,26 @@ def _train(trainer_module: str, args: argparse.Namespace) -> int:
     return importlib.import_module(trainer_module).run(args)
 
 
+def _with_flag(error: Exception, parser: argparse.ArgumentParser, command: str) -> str:
+    """The message of a usage error, followed by the flag of `command` that sets the setting it names, if one does:
+    library messages name settings (`dim=48 ...`), the command line spells them as flags (`(--dim)`)."""
+    setting = getattr(error, "setting", None)
+    if setting is None:
+        return str(error)
+    # argparse has no public lookup of a subcommand's actions by dest
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = subcommands.choices[command]._actions
+    flags = [action.option_strings[0] for action in actions if action.dest == setting and action.option_strings]
+    return f"{error} ({flags[0]})" if flags else str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args) or 0
     except USER_ERRORS as error:
-        report(args.command, error)
+        report(args.command, _with_flag(error, parser, args.command))
         return 2
 
 

@@ -288,7 +288,7 @@ class EmbeddingIndex:
 
     def prefix(self, dim: int) -> torch.Tensor:
         """(N, dim) database prefixes, L2-normalised after truncation (for export to another engine, say)."""
-        self._level(dim)
+        self.check_dim(dim)
         return torch.from_numpy(self._unit_prefix(dim))
 
     def search(self, queries: torch.Tensor, k: int = 10, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +300,7 @@ class EmbeddingIndex:
             scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`.
         """
         dim = self.width if dim is None else dim
-        self._level(dim)  # raises on a dim that is not allowed
+        self.check_dim(dim)  # raises on a dim that is not allowed
         self._check_k(k)
         array = self._checked_queries(queries, dim)
         scores, indices = self._exact(unit_queries(array, dim), dim, k)
@@ -461,11 +461,11 @@ class EmbeddingIndex:
         pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
         return np.take_along_axis(scores, pick, axis=1), np.take_along_axis(rows, pick, axis=1)
 
-    def _level(self, dim: int) -> int:
+    def check_dim(self, dim: int) -> None:
+        """A UsageError (setting `dim`) unless `dim` is one of the index's dims; the message lists them."""
         problem = matryoshka_dim_problem(dim, self.dims)
         if problem:
             raise UsageError(f"This index: {problem}", setting="dim")
-        return self.dims.index(dim)
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= len(self):
@@ -500,7 +500,7 @@ class EmbeddingIndex:
             raise ValueError("stages is empty; pass at least one (dim, shortlist size) pair.")
         dims, sizes = [d for d, _ in stages], [s for _, s in stages]
         for dim in dims:
-            self._level(dim)
+            self.check_dim(dim)
         if dims != sorted(set(dims)):
             raise ValueError(f"Stage dims must be strictly increasing; got {dims}.")
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:

@@ -356,7 +356,7 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert "top-2 of 4 images (exact, dim 128, cut in the model's basis)" in capsys.readouterr().out
 
     assert main([*search, "--dim", "10"]) == 2
-    assert "--dim 10 is not one of the index's nested dims [8, 16, 32, 64, 128]" in capsys.readouterr().err
+    assert "This index: dim=10 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in capsys.readouterr().err
     assert main([*search, "--k", "0"]) == 2
     assert "--k must be at least 1; got 0" in capsys.readouterr().err
     assert main(["index", str(EXAMPLE_IMAGES), "--out", str(index)]) == 2

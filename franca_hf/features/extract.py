@@ -30,7 +30,7 @@ from ..data.sources import (
 )
 from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..fingerprint import check_same_model, model_fingerprint
-from ..modeling import matryoshka_dims_of
+from ..modeling import matryoshka_dim_problem, matryoshka_dims_of
 from ..modeling.image_processing_franca import make_image_processor
 from .loop import embed_batch, run_model
 from .store import (
@@ -97,9 +97,9 @@ def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -
             "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
             "(`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
         )
-    allowed = matryoshka_dims_of(model.config)
-    if dim is not None and dim not in allowed:
-        raise UsageError(f"--dim {dim} is not one of this model's Matryoshka dims {allowed}.")
+    problem = None if dim is None else matryoshka_dim_problem(dim, matryoshka_dims_of(model.config))
+    if problem:
+        raise UsageError(problem, setting="dim")
 
 
 def feature_kind(dense: bool, debiased: bool) -> str:

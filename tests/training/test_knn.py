@@ -62,4 +62,4 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     assert knn("--dims", "8", "32") == 0
     assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out
     assert knn("--dims", "64") == 2
-    assert "--dims must lie in 1..32 (the model's hidden size), got [64]" in capsys.readouterr().err
+    assert "dims=64 is not allowed; choose one between 1 and 32. (--dims)" in capsys.readouterr().err
