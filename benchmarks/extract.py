@@ -36,7 +36,6 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from franca_hf import FrancaConfig, FrancaModel
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data import files_source, open_source, subsample
 from franca_hf.features import (
     ExtractionSettings,
@@ -46,6 +45,7 @@ from franca_hf.features import (
     quantize_int8,
 )
 from franca_hf.io import portable_path
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"

@@ -25,8 +25,9 @@ from omegaconf import OmegaConf
 
 from franca_hf.io import replace_marked_block
 from franca_hf.modeling import FrancaConfig
+from franca_hf.settings import resolve_config_path
 from franca_hf.training.augment import OFFICIAL_BLUR_PROBABILITIES
-from franca_hf.training.config import load_config, resolve_config_path
+from franca_hf.training.config import CONFIG_DIR, load_config
 from franca_hf.training.pipeline import make_augmentation
 from franca_hf.training.schedules import scaled_learning_rate
 
@@ -278,7 +279,7 @@ def read_training_md(path: Path, release: Release) -> dict[str, Cell]:
 
 def launch_processes(recipe: str) -> int | None:
     """The process count of the launch line in a bundled recipe's header comment (`--num_processes N`)."""
-    found = re.search(r"--num_processes (\d+)", resolve_config_path(recipe).read_text())
+    found = re.search(r"--num_processes (\d+)", resolve_config_path(recipe, CONFIG_DIR).read_text())
     return int(found.group(1)) if found else None
 
 

@@ -31,18 +31,13 @@ from accelerate import Accelerator, DistributedType
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from franca_hf.data import ImageSource, open_source
+from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler
 from franca_hf.training.config import load_config
-from franca_hf.training.data import AugmentedImages, EpochBatchSampler, ImageSource, open_source
+from franca_hf.training.networks import build_networks
 from franca_hf.training.optim import build_param_groups
-from franca_hf.training.pretrain import (
-    BatchCollator,
-    TrainingStep,
-    batch_to_device,
-    build_networks,
-    make_augmentation,
-    make_schedules,
-    prepare_networks,
-)
+from franca_hf.training.pipeline import BatchCollator, batch_to_device, make_augmentation
+from franca_hf.training.pretrain import TrainingStep, make_schedules, prepare_networks
 
 
 def synthetic_or_demo_batch(config, batch_size: int) -> dict:

@@ -10,20 +10,20 @@ from pathlib import Path
 
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
-from .errors import USER_ERRORS, report
+from .errors import USER_ERRORS, OutputExistsError, UsageError, report
 
 
 def _convert(args: argparse.Namespace) -> None:
     from .conversion.convert import convert_checkpoint, convert_release
 
     if (args.checkpoint is None) == (args.release is None):
-        raise ValueError("Give either a CHECKPOINT file or --release NAME (not both).")
+        raise UsageError("Give either a CHECKPOINT file or --release NAME (not both).")
     if args.release is not None:
         if args.rasa is not None:
-            raise ValueError("--rasa is for local checkpoints; with --release use --with-rasa.")
+            raise UsageError("--rasa is for local checkpoints; with --release use --with-rasa.")
         fixed = [flag for flag, value in (("--preset", args.preset), ("--num-heads", args.num_heads)) if value]
         if fixed:
-            raise ValueError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
+            raise UsageError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
         folder = convert_release(
             args.release,
             out_dir=args.out,
@@ -38,7 +38,7 @@ def _convert(args: argparse.Namespace) -> None:
         _maybe_push(args, folder)
         return
     if args.out is None:
-        raise ValueError("--out DIR is required when converting a local checkpoint.")
+        raise UsageError("--out DIR is required when converting a local checkpoint.")
     result = convert_checkpoint(
         args.checkpoint,
         args.out,
@@ -68,7 +68,7 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 def _extract(args: argparse.Namespace) -> None:
     # checks of the flags alone come before the imports: a usage error answers without loading torch
     if str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
+        raise UsageError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
     _check_runtime_flags(args)
     _require_at_least(1, shard_size=args.shard_size)
     from .features import (
@@ -77,10 +77,10 @@ def _extract(args: argparse.Namespace) -> None:
         check_feature_request,
         extract_to_folder,
         feature_kind,
-        nested_dims,
         open_inputs,
         process_state,
     )
+    from .modeling import matryoshka_dims_of
 
     check_feature_flags(args.dense, args.debiased)
     source = open_inputs(args.images, split=args.split, image_column=args.image_column)
@@ -94,7 +94,7 @@ def _extract(args: argparse.Namespace) -> None:
         dim=args.dim or model.config.hidden_size,
         normalized=not args.no_normalize and not args.dense,
         dtype=args.features_dtype,
-        matryoshka_dims=nested_dims(model),
+        matryoshka_dims=matryoshka_dims_of(model.config),
         quantized="int8" if args.int8 else None,
     )
     result = extract_to_folder(
@@ -149,23 +149,25 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
     """An error naming the flag (`shard_size` -> --shard-size) of the first value given below `minimum`."""
     for name, value in flags.items():
         if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
 
 
 def _knn(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
-    from .conversion.export import make_image_processor
     from .data import open_source, subsample
-    from .features import nested_dims
+    from .modeling import matryoshka_dim_problem, matryoshka_dims_of
+    from .modeling.image_processing_franca import make_image_processor
     from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
     model, processor = _load_model(args)
     width = model.config.hidden_size
     # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
     # not trained for them are a baseline for the Matryoshka ones
-    dims = args.dims or nested_dims(model)
-    if any(not 1 <= dim <= width for dim in dims):
-        raise ValueError(f"--dims must lie in 1..{width} (the model's hidden size), got {dims}.")
+    dims = args.dims or matryoshka_dims_of(model.config)
+    for dim in dims:
+        problem = matryoshka_dim_problem(dim, range(1, width + 1), "dims")
+        if problem:
+            raise UsageError(problem, setting="dims")
     if args.crop_size:
         processor = make_image_processor(args.crop_size)
     splits = []
@@ -224,7 +226,7 @@ def _fit_pca(args: argparse.Namespace) -> None:
     _check_runtime_flags(args)
     _require_at_least(1, max_images=args.max_images)
     if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
+        raise OutputExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     from transformers import AutoConfig
 
     from .conversion.convert import resolve_model
@@ -235,25 +237,25 @@ def _fit_pca(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "franca":
-        raise ValueError(
+        raise UsageError(
             f"--model {args.model} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca "
             "model (model_type 'franca')."
         )
     if config.matryoshka_basis == "pca" and not args.overwrite_basis:
         fitted_on = (config.source_checkpoint or {}).get("matryoshka_pca", {}).get("data", "unknown data")
-        raise ValueError(
+        raise UsageError(
             f"--model {args.model} already has a fitted Matryoshka basis (fitted on {fitted_on}); pass "
             "--overwrite-basis to fit a new one in its place."
         )
     needed = minimum_images(config.hidden_size)
     if args.max_images is not None and args.max_images < needed:
-        raise ValueError(
+        raise UsageError(
             f"--max-images {args.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs at "
             f"least {needed} images."
         )
     source = subsample(open_source(args.data, args.split, args.image_column), args.max_images)
     if len(source) < needed:
-        raise ValueError(
+        raise UsageError(
             f"--data {args.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
             f"needs at least {needed}."
         )
@@ -310,9 +312,9 @@ def _index(args: argparse.Namespace) -> None:
             how = f"appended {report.added} from the features in {args.images[0]}"
     else:
         if args.model is None:
-            raise ValueError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
+            raise UsageError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
         if args.append:
-            raise ValueError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
+            raise UsageError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
         model, processor = _load_model(args)
         index = index_images(
             model, processor, args.images, args.batch_size, num_workers=args.num_workers, settings=settings
@@ -327,8 +329,8 @@ def _search(args: argparse.Namespace) -> None:
     from .retrieval import default_funnel, load_index
 
     index = load_index(args.index, device=args.device or "cpu")
-    if args.dim is not None and args.dim not in index.dims:
-        raise ValueError(f"--dim {args.dim} is not one of the index's nested dims {index.dims}.")
+    if args.dim is not None:
+        index.check_dim(args.dim)
     model, processor = _load_model(args)
     k = min(args.k, len(index))
     if k < args.k:
@@ -353,7 +355,7 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .conversion.export import make_image_processor
+    from .modeling.image_processing_franca import make_image_processor
     from .visualize import read_image, visualize
 
     image = read_image(args.image)  # a bad file is refused before the model loads
@@ -591,7 +593,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
 
 
 # (command, arguments module, trainer module, help): commands whose DESCRIPTION and add_arguments() live in a module
-# cheap to import, and whose run() lives in the trainer module (also run as `accelerate launch -m <trainer module>`)
+# cheap to import, and whose run() lives in the trainer module (multi-process: `accelerate launch -m franca_hf.cli COMMAND`)
 TRAINING_COMMANDS = (
     (
         "pretrain",
@@ -612,12 +614,26 @@ def _train(trainer_module: str, args: argparse.Namespace) -> int:
     return importlib.import_module(trainer_module).run(args)
 
 
+def _with_flag(error: Exception, parser: argparse.ArgumentParser, command: str) -> str:
+    """The message of a usage error, followed by the flag of `command` that sets the setting it names, if one does:
+    library messages name settings (`dim=48 ...`), the command line spells them as flags (`(--dim)`)."""
+    setting = getattr(error, "setting", None)
+    if setting is None:
+        return str(error)
+    # argparse has no public lookup of a subcommand's actions by dest
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = subcommands.choices[command]._actions
+    flags = [action.option_strings[0] for action in actions if action.dest == setting and action.option_strings]
+    return f"{error} ({flags[0]})" if flags else str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args) or 0
     except USER_ERRORS as error:
-        report(args.command, error)
+        report(args.command, _with_flag(error, parser, args.command))
         return 2
 
 

@@ -1,13 +1,42 @@
-"""How the command-line entry points report a user's mistake: one line, `franca-hf COMMAND: error: ...`, no
-traceback, printed by the first process of each node under a launcher (the processes of a node make the same checks
-and fail alike; another node may fail on its own, as in downloading a release into its cache)."""
+"""User errors apart from bugs, and how the command-line entry points report them.
+
+A `UsageError` is a request the user can fix (a setting, an input, an output in the way): the command line prints it
+as one line, `franca-hf COMMAND: error: ...`, with exit code 2 and no traceback. Any other exception is a bug or an
+environment failure and keeps its traceback. Only the first process of each node prints (under a launcher the
+processes of a node make the same checks and fail alike; another node may fail on its own, as in downloading a release
+into its cache).
+
+`franca_hf.modeling` cannot import this module (it is copied into every model folder): its checks raise `ValueError`,
+and the library callers that pass a user's request to the model check it first.
+"""
 
 import os
 import sys
 
-from .conversion.releases import DownloadError
 
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, DownloadError)
+class UsageError(ValueError):
+    """A request the user can fix. `setting` names the setting (a settings field or keyword argument) at fault, when
+    one is; a front end maps it to its own spelling (a CLI flag). A `ValueError`, so `except ValueError` still
+    catches it."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
+
+
+class OutputExistsError(UsageError, FileExistsError):
+    """The output path the user named is in the way (exists, or holds something else)."""
+
+
+class InputNotFoundError(UsageError, FileNotFoundError):
+    """An input path the user named does not exist or is not what it should be."""
+
+
+class DownloadError(RuntimeError):
+    """A release file could not be downloaded (the network or the mirror, not the request)."""
+
+
+USER_ERRORS = (UsageError, DownloadError)
 
 
 def is_first_process_of_node() -> bool:

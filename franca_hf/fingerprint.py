@@ -24,6 +24,8 @@ import json
 
 import torch
 
+from .errors import UsageError
+
 FINGERPRINT_SCHEME = "v1"  # changes when what is hashed changes, so that old fingerprints are recognisable
 OUTPUT_NEUTRAL_FIELDS = frozenset(
     {
@@ -91,7 +93,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()[:32]}"
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(UsageError):
     """Stored embeddings were made by another model than the one given (their fingerprints differ)."""
 
 

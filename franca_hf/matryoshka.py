@@ -27,6 +27,7 @@ import torch
 
 from .conversion.export import fill_model_folder
 from .data.sources import ImageSource, SkipCounter
+from .errors import UsageError
 from .features.loop import input_device_and_dtype, run_model
 from .io import write_folder_atomically
 from .modeling import FrancaConfig, FrancaModel
@@ -160,7 +161,7 @@ class MatryoshkaFit:
         """The bases of accumulated statistics; errors when there are too few images for a full-width basis."""
         needed = minimum_images(statistics.cls.width)
         if statistics.images < needed:
-            raise ValueError(
+            raise UsageError(
                 f"A PCA basis of this {statistics.cls.width}-dim model needs at least {needed} readable images (the "
                 f"covariance of n images has rank at most n - 1); {data} gave {statistics.images}."
             )
@@ -261,7 +262,7 @@ def fit_matryoshka_basis(
         model, source, image_processor, batch_size=batch_size, num_workers=num_workers, skips=skips, progress=progress
     )
     if statistics.images == 0:
-        raise ValueError(f"None of the {len(source)} images of {source.name} could be read: {skips.failed[:3]}")
+        raise UsageError(f"None of the {len(source)} images of {source.name} could be read: {skips.failed[:3]}")
     return MatryoshkaFit.from_statistics(statistics, data or source.name)
 
 

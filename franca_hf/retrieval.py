@@ -32,11 +32,18 @@ import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .features import extract_features, nested_dims
+from .errors import InputNotFoundError, OutputExistsError, UsageError
+from .features import extract_features
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
 from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
-from .modeling import FrancaModel, check_nested_dims, default_matryoshka_dims
+from .modeling import (
+    FrancaModel,
+    check_nested_dims,
+    default_matryoshka_dims,
+    matryoshka_dim_problem,
+    matryoshka_dims_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +87,13 @@ class IndexSettings:
 
     def __post_init__(self):
         if self.ann not in ANN_KINDS:
-            raise ValueError(f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.")
+            raise UsageError(f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.")
         for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be at least 1; got {getattr(self, name)}.")
         for name in ("nlist", "pq_bytes", "exact_below"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.")
 
     def resolve(self, rows: int, first_dim: int) -> "IndexSettings":
         """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
@@ -97,7 +104,7 @@ class IndexSettings:
         nlist = self.nlist or 2 ** max(4, round(math.log2(4 * math.sqrt(rows))))
         pq_bytes = self.pq_bytes or max(1, first_dim // 2)
         if ann == "ivfpq" and first_dim % pq_bytes:
-            raise ValueError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.")
+            raise UsageError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.")
         return replace(self, ann=ann, nlist=nlist, pq_bytes=pq_bytes)
 
     def describe(self, first_dim: int) -> str:
@@ -132,7 +139,7 @@ def unit_rows(block: np.ndarray, dim: int, first_row: int = 0, ids: Sequence[str
     if bad.any():
         row = first_row + int(np.flatnonzero(bad)[0])
         name = f" ({ids[row - first_row]!r})" if ids is not None else ""
-        raise ValueError(
+        raise UsageError(
             f"Row {row}{name} has a zero or non-finite prefix of length {dim} (norm {norms[row - first_row, 0]}), so its "
             "cosine similarity is undefined."
         )
@@ -176,13 +183,13 @@ class IndexManifest:
     def load(cls, folder: Path) -> "IndexManifest":
         path = folder / MANIFEST_FILE
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{folder} is not a franca_hf retrieval index (no {MANIFEST_FILE}). Build one with "
                 "`franca-hf index` or EmbeddingIndex(vectors, ids).save(folder)."
             )
         document = json.loads(path.read_text())
         if document.pop("format", None) != FORMAT or document.pop("version", None) != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a franca_hf retrieval index of version {FORMAT_VERSION}; rebuild it.")
+            raise UsageError(f"{path} is not a franca_hf retrieval index of version {FORMAT_VERSION}; rebuild it.")
         return cls(**document)
 
 
@@ -282,7 +289,7 @@ class EmbeddingIndex:
 
     def prefix(self, dim: int) -> torch.Tensor:
         """(N, dim) database prefixes, L2-normalised after truncation (for export to another engine, say)."""
-        self._level(dim)
+        self.check_dim(dim)
         return torch.from_numpy(self._unit_prefix(dim))
 
     def search(self, queries: torch.Tensor, k: int = 10, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +301,7 @@ class EmbeddingIndex:
             scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`.
         """
         dim = self.width if dim is None else dim
-        self._level(dim)  # raises on a dim that is not allowed
+        self.check_dim(dim)  # raises on a dim that is not allowed
         self._check_k(k)
         scores, indices = self._exact(self._unit_queries(queries, [dim])[0], dim, k)
         return torch.from_numpy(scores), torch.from_numpy(indices)
@@ -348,7 +355,7 @@ class EmbeddingIndex:
         what = "The index" if self.folder is None else f"The index {self.folder}"
         check_model(self.model, self.manifest.model_name, model, what, allow_other_model)
         if model.config.hidden_size < self.width:
-            raise ValueError(
+            raise UsageError(
                 f"The index holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim ones. "
                 "Search with the model that built the index."
             )
@@ -363,9 +370,9 @@ class EmbeddingIndex:
         """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
         folder, ids = Path(folder), "".join(json.dumps(i) + "\n" for i in self.ids).encode()
         if folder.is_file():
-            raise FileExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
+            raise OutputExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
         if folder.is_dir() and any(folder.iterdir()) and not is_index_folder(folder):
-            raise FileExistsError(f"{folder} holds files that are not an index; choose an empty or new folder.")
+            raise OutputExistsError(f"{folder} holds files that are not an index; choose an empty or new folder.")
 
         def fill(staging: Path) -> None:
             self._array.tofile(staging / VECTORS_FILE)
@@ -458,14 +465,15 @@ class EmbeddingIndex:
         query_rows = np.arange(len(rows))[:, None]
         return scores[query_rows, pick], rows[query_rows, pick]
 
-    def _level(self, dim: int) -> int:
-        if dim not in self.dims:
-            raise ValueError(f"dim={dim} is not an allowed nested dim of this index; choose one of {self.dims}.")
-        return self.dims.index(dim)
+    def check_dim(self, dim: int) -> None:
+        """A UsageError (setting `dim`) unless `dim` is one of the index's dims; the message lists them."""
+        problem = matryoshka_dim_problem(dim, self.dims)
+        if problem:
+            raise UsageError(f"This index: {problem}", setting="dim")
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= len(self):
-            raise ValueError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
+            raise UsageError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
     def _unit_queries(self, queries: torch.Tensor, dims: list[int]) -> list[np.ndarray]:
         """The queries' unit prefixes at increasing `dims`, (Q, dim) float32 C-contiguous each, after checking their
@@ -509,7 +517,7 @@ class EmbeddingIndex:
             raise ValueError("stages is empty; pass at least one (dim, shortlist size) pair.")
         dims, sizes = [d for d, _ in stages], [s for _, s in stages]
         for dim in dims:
-            self._level(dim)
+            self.check_dim(dim)
         if dims != sorted(set(dims)):
             raise ValueError(f"Stage dims must be strictly increasing; got {dims}.")
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:
@@ -546,7 +554,7 @@ def train_first_stage(index, vectors: np.ndarray, dim: int) -> None:
     if not index.is_trained:
         needed = max(index.nlist, 2**index.pq.nbits)
         if len(vectors) < needed:
-            raise ValueError(
+            raise UsageError(
                 f"ann='ivfpq' with nlist={index.nlist} trains on at least {needed} rows; this collection has "
                 f"{len(vectors)}. Use ann='hnsw' or 'none' (or 'auto') for a collection this small."
             )
@@ -622,7 +630,7 @@ def index_images(
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
     Stores the full-width Matryoshka CLS embeddings (`franca_hf.features.embed_batch`, unit norm) with the image
-    paths as ids, the model's Matryoshka dims (`nested_dims`) as allowed dims and the model's fingerprint, in memory;
+    paths as ids, the model's Matryoshka dims (`matryoshka_dims_of`) as allowed dims and the model's fingerprint, in memory;
     for a large collection, extract to a folder (resumable) and use `build_index`. Unreadable images are logged as
     warnings and skipped.
     """
@@ -630,19 +638,21 @@ def index_images(
         model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
     name = str(getattr(model, "name_or_path", "") or type(model).__name__)
-    return EmbeddingIndex(result.features, result.paths, nested_dims(model), settings, model_fingerprint(model), name)
+    return EmbeddingIndex(
+        result.features, result.paths, matryoshka_dims_of(model.config), settings, model_fingerprint(model), name
+    )
 
 
 def _extraction(folder: Path) -> ExtractionIndex:
     """The committed shards of an extract folder of CLS rows (a warning when the extraction was interrupted)."""
     extraction = ExtractionIndex.load(folder).with_progress(folder)
     if extraction.settings.kind != "cls":
-        raise ValueError(
+        raise UsageError(
             f"{folder} holds {extraction.settings.kind} patch features; an index needs CLS embeddings (extract "
             "without --dense)."
         )
     if not extraction.rows:
-        raise ValueError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
+        raise UsageError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
     if not extraction.complete:
         logger.warning(
             "%s is an interrupted extraction: indexing the %d images committed so far. Rerun the same "
@@ -712,11 +722,11 @@ def build_index(
     dims = _extraction_dims(extraction)
     if append:
         if settings is not None:
-            raise ValueError("An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).")
+            raise UsageError("An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).")
         index = EmbeddingIndex.load(out)
         manifest = index.manifest
         if manifest.dims != dims or manifest.width != extraction.settings.dim:
-            raise ValueError(
+            raise UsageError(
                 f"{out} holds {manifest.width}-dim rows with dims {manifest.dims}; {features} holds "
                 f"{extraction.settings.dim}-dim rows with dims {dims}. Append features of the same extraction."
             )
@@ -726,7 +736,7 @@ def build_index(
         first = index.first_stage() if manifest.settings["ann"] != "none" else None
     else:
         if (out / MANIFEST_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
+            raise OutputExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
         resolved = (settings or IndexSettings()).resolve(extraction.rows, dims[0])
         manifest = IndexManifest(
             0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.sources import DECODE_ERRORS, open_image
+from .errors import InputNotFoundError, UsageError
 from .io import write_file_atomically
 from .rasa.probe import grid_coordinates, linear_probe_r2
 
@@ -98,13 +99,13 @@ def read_image(path: str | Path) -> Image.Image:
     is a one-line error naming the file."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; visualize draws one image file.")
+        raise UsageError(f"{path} is a folder; visualize draws one image file.")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
+        raise InputNotFoundError(f"{path} does not exist.")
     try:
         return open_image(path)
     except DECODE_ERRORS as error:
-        raise ValueError(f"{path} cannot be read as an image ({error}).") from error
+        raise UsageError(f"{path} cannot be read as an image ({error}).") from error
 
 
 def visualize(model, image_processor, image: Image.Image | str | Path, out_file: str | Path) -> dict[str, float | None]:

@@ -143,9 +143,7 @@ def command_key(argv: list[str]) -> str:
     if argv[0] == "franca-hf":
         return argv[1]
     if argv[0] == "accelerate":
-        module = argv[argv.index("-m") + 1]
-        rest = argv[argv.index("-m") + 2 :]
-        return {"franca_hf.training.pretrain": "pretrain", "franca_hf.rasa.train": "rasa"}.get(module, rest[0])
+        return argv[argv.index("-m") + 2]  # -m franca_hf.cli COMMAND
     return argv[1]
 
 

@@ -13,7 +13,8 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 import franca_hf.features
 from franca_hf import FrancaModel
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor, save_model_folder
+from franca_hf.conversion.export import save_model_folder
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .conftest import assert_publishable_folder, tiny_config
 from .conversion.test_remote_code import load_without_the_package
@@ -68,16 +69,19 @@ def test_fit_pca_folder_loads_everywhere_with_identical_features(trained_folder,
     remote = load_without_the_package(out, pixels, tmp_path)
     assert remote["class"].startswith("transformers_modules.")
     with torch.no_grad():
-        local = model(pixels, matryoshka_dim=8)
+        local = model.get_image_embeddings(pixels, dim=8)
         raw = model(pixels)
-    torch.testing.assert_close(remote["cls"], local.pooler_output, rtol=0, atol=1e-6)
-    torch.testing.assert_close(remote["patch"], local.patch_tokens, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["cls"], local, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            remote["patch"], model.get_dense_features(pixels, dim=8, as_grid=False), rtol=0, atol=1e-6
+        )
     prefix = AutoModel.from_pretrained(trained_folder).eval()
     with torch.no_grad():  # the basis is really used: not the prefix
-        assert not torch.allclose(prefix(pixels, matryoshka_dim=8).pooler_output, local.pooler_output, atol=1e-2)
+        assert not torch.allclose(prefix.get_image_embeddings(pixels, dim=8), local, atol=1e-2)
     basis = model.matryoshka_basis
     expected = torch.nn.functional.normalize((raw.pooler_output - basis.cls_mean) @ basis.cls_rotation[:, :8], dim=-1)
-    torch.testing.assert_close(local.pooler_output, expected)
+    torch.testing.assert_close(local, expected)
 
     half = AutoModel.from_pretrained(out, dtype=torch.bfloat16)
     assert half.embeddings.cls_token.dtype == torch.bfloat16

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from franca_hf import FrancaModel
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data import ImageSource, files_source, open_source
 from franca_hf.matryoshka import (
     CovarianceAccumulator,
@@ -15,6 +14,7 @@ from franca_hf.matryoshka import (
     fit_matryoshka_basis,
     with_matryoshka_basis,
 )
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .conftest import tiny_config
 from .features.conftest import make_images
@@ -110,10 +110,11 @@ def test_a_fitted_model_cuts_every_output_in_the_one_shot_pca_basis():
     for dim in fitted.config.matryoshka_dims:
         expected = F.normalize((raw.pooler_output - basis.cls_mean) @ basis.cls_rotation[:, :dim], dim=-1)
         torch.testing.assert_close(fitted.get_image_embeddings(pixels, dim=dim), expected)
-        out = fitted(pixels, matryoshka_dim=dim)
+        out = fitted.get_image_features(pixels, dim=dim)
         torch.testing.assert_close(out.pooler_output, expected)
         torch.testing.assert_close(
-            out.patch_tokens, (raw.patch_tokens - basis.patch_mean) @ basis.patch_rotation[:, :dim]
+            fitted.get_dense_features(pixels, dim=dim, as_grid=False),
+            (raw.patch_tokens - basis.patch_mean) @ basis.patch_rotation[:, :dim],
         )
         torch.testing.assert_close(out.last_hidden_state, raw.last_hidden_state)  # full width: never rotated
     shares = fit.explained_variance(fitted.config.matryoshka_dims)

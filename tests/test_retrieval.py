@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from franca_hf import FrancaModel, retrieval
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.retrieval import (
     EmbeddingIndex,
     IndexSettings,
@@ -238,7 +238,10 @@ def test_load_rejects_folders_that_are_not_an_index(tmp_path):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda index, q: index.search(q, 5, dim=50), r"dim=50 is not an allowed nested dim.*\[8, 16, 32, 64, 128\]"),
+        (
+            lambda index, q: index.search(q, 5, dim=50),
+            r"This index: dim=50 is not allowed; choose one of \[8, 16, 32, 64, 128\]\.",
+        ),
         (lambda index, q: index.search(q, 101), r"k=101 is out of range.*\(100\)"),
         (lambda index, q: index.search(q, 0), r"k=0 is out of range"),
         (lambda index, q: index.search(q[:, :100], 5), r"queries must have shape.*\[128\].*\(3, 100\)"),
@@ -246,7 +249,10 @@ def test_load_rejects_folders_that_are_not_an_index(tmp_path):
         (lambda index, q: index.search(q[0], 5), r"queries\[None\] for a single query"),
         (lambda index, q: index.search(torch.cat([q, torch.zeros(1, 128)]), 5), r"Query 3 has a zero"),
         (lambda index, q: index.funnel_search(q, 5, []), r"stages is empty"),
-        (lambda index, q: index.funnel_search(q, 5, [(10, 50), (128, 5)]), r"dim=10 is not an allowed"),
+        (
+            lambda index, q: index.funnel_search(q, 5, [(10, 50), (128, 5)]),
+            r"This index: dim=10 is not allowed; choose one of",
+        ),
         (lambda index, q: index.funnel_search(q, 5, [(32, 50), (16, 20), (128, 5)]), r"strictly increasing.*\[32, 16"),
         (lambda index, q: index.funnel_search(q, 5, [(8, 20), (32, 50), (128, 5)]), r"non-increasing.*\[20, 50, 5\]"),
         (lambda index, q: index.funnel_search(q, 5, [(8, 50), (128, 3)]), r">= k=5; got \[50, 3\]"),
@@ -350,7 +356,7 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert "top-2 of 4 images (exact, dim 128, cut in the model's basis)" in capsys.readouterr().out
 
     assert main([*search, "--dim", "10"]) == 2
-    assert "--dim 10 is not one of the index's nested dims [8, 16, 32, 64, 128]" in capsys.readouterr().err
+    assert "This index: dim=10 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in capsys.readouterr().err
     assert main([*search, "--k", "0"]) == 2
     assert "--k must be at least 1; got 0" in capsys.readouterr().err
     assert main(["index", str(EXAMPLE_IMAGES), "--out", str(index)]) == 2

@@ -9,7 +9,7 @@ from PIL import Image
 
 from franca_hf import FrancaModel
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.visualize import MIN_PROBE_GRID, PANEL_SIDE, render_comparison, single_image_probe_r2
 
 from .conftest import EXAMPLE_IMAGES, tiny_config

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..modeling import FRANCA_PRESETS, FrancaConfig
+from ..errors import UsageError
+from ..modeling import FrancaConfig, preset_architecture
 
 TRAINING_HEAD_PREFIXES = ("dino_head.", "ibot_head.")
 _BLOCK_KEY = re.compile(r"^blocks\.(?:(\d+)\.)?(\d+)\.(.+)$")
@@ -51,7 +52,7 @@ _TOP_RENAMES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """An official checkpoint that cannot be converted (unreadable, truncated, or with missing/unknown keys)."""
 
 
@@ -146,9 +147,10 @@ def infer_config_values(
     }
     values["mlp_ratio"] = _mlp_ratio_for(hidden, ffn_hidden, swiglu)
     if preset is not None:
-        if preset not in FRANCA_PRESETS:
-            raise CheckpointError(f"Unknown preset {preset!r}; choose one of {sorted(FRANCA_PRESETS)}.")
-        preset_hidden, preset_depth, preset_heads = FRANCA_PRESETS[preset]
+        try:
+            preset_hidden, preset_depth, preset_heads = preset_architecture(preset)
+        except ValueError as error:
+            raise CheckpointError(str(error), setting="preset") from None
         if (preset_hidden, preset_depth) != (hidden, depth):
             raise CheckpointError(
                 f"Preset {preset} is {preset_hidden} wide and {preset_depth} deep, but the weights are "

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..errors import OutputExistsError, UsageError
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from ..rasa.reference import official_rasa_chain
@@ -137,9 +138,9 @@ def convert_checkpoint(
     """
     out_dir = Path(out_dir)
     if dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.")
+        raise UsageError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.")
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))
     values = infer_config_values(original, num_heads=num_heads, preset=preset)
     rasa_weights = load_rasa_weights(rasa, values["hidden_size"]) if rasa is not None else None

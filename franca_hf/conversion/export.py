@@ -10,34 +10,15 @@ from pathlib import Path
 
 import torch
 from transformers import BitImageProcessor
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from ..io import write_folder_atomically
 from ..modeling import FrancaModel
+from ..modeling.image_processing_franca import make_image_processor
 from .dtypes import WEIGHT_DTYPE_NAMES
 from .model_card import render_model_card
 
 # Torch dtypes by the names the command line and the converter accept.
 WEIGHT_DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPE_NAMES}
-# Crops below this side (the demo's 32-px synthetic images) are not given the 256/224 border: it would cut several
-# of their few pixels, and the images were drawn at the crop size.
-SMALL_CROP = 64
-
-
-def make_image_processor(crop_size: int = 224, resize_size: int | None = None) -> BitImageProcessor:
-    """The authors' evaluation transform: resize the shorter side (bicubic), center crop, ImageNet mean/std.
-
-    `resize_size` defaults to `crop_size * 256 / 224` (256 for 224-px crops), and to `crop_size` itself for crops
-    under `SMALL_CROP` pixels.
-    """
-    resize_size = resize_size or (crop_size if crop_size < SMALL_CROP else round(crop_size * 256 / 224))
-    return BitImageProcessor(
-        size={"shortest_edge": resize_size},
-        crop_size={"height": crop_size, "width": crop_size},
-        resample=PILImageResampling.BICUBIC,
-        image_mean=IMAGENET_DEFAULT_MEAN,
-        image_std=IMAGENET_DEFAULT_STD,
-    )
 
 
 def fill_model_folder(

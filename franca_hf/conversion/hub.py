@@ -11,6 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from ..errors import InputNotFoundError, UsageError
 from ..io import write_file_atomically
 from ..modeling import FrancaConfig
 from .model_card import render_model_card
@@ -28,16 +29,16 @@ def check_folder(folder: str | Path) -> FrancaConfig:
     """The config of a complete Franca HF folder; a clear error names whatever is missing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder.")
+        raise InputNotFoundError(f"{folder} is not a folder.")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{folder} is not a complete Franca folder: missing {missing}. Write it with "
             "`franca-hf convert` or the trainer's export."
         )
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "franca":
-        raise ValueError(f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'franca'.")
+        raise UsageError(f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'franca'.")
     return FrancaConfig.from_pretrained(folder)
 
 

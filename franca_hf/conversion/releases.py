@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DownloadError, UsageError
+
 DEFAULT_RELEASE_URL = "https://github.com/valeoai/Franca/releases/download"
 VIT_G_PART_SUFFIXES = ("aa", "ab", "ac")
 _CHUNK_BYTES = 1 << 20
@@ -47,10 +49,11 @@ class Release:
         """What in `values` (`infer_config_values` of some weights) differs from this release's architecture: the
         preset's width, depth and patch 14 with a SwiGLU FFN, and the position grid where documented. Empty when the
         weights can be this release."""
-        from ..modeling import FRANCA_PRESETS
+        from ..modeling import preset_architecture
 
-        hidden, depth, _ = FRANCA_PRESETS[self.preset]
-        expected = {"hidden_size": hidden, "num_hidden_layers": depth, "patch_size": 14, "ffn_type": "swiglu"}
+        preset = preset_architecture(self.preset)
+        expected = {"hidden_size": preset.hidden_size, "num_hidden_layers": preset.num_hidden_layers}
+        expected.update(patch_size=14, ffn_type="swiglu")
         if self.grid is not None:
             expected["position_grid_size"] = self.grid
         return [
@@ -80,14 +83,10 @@ RELEASES: dict[str, Release] = {
 }
 
 
-class DownloadError(RuntimeError):
-    """A release file could not be downloaded."""
-
-
 def get_release(name: str) -> Release:
     """Look a release up by its stem; the error lists every known name."""
     if name not in RELEASES:
-        raise ValueError(f"Unknown Franca release {name!r}. Known releases: {', '.join(RELEASES)}.")
+        raise UsageError(f"Unknown Franca release {name!r}. Known releases: {', '.join(RELEASES)}.")
     return RELEASES[name]
 
 
@@ -193,7 +192,7 @@ def fetch_release_file(
     release = get_release(name)
     if rasa and not release.has_rasa:
         with_rasa = [r.stem for r in RELEASES.values() if r.has_rasa]
-        raise ValueError(f"{name} has no published RASA head; releases with one: {', '.join(with_rasa)}.")
+        raise UsageError(f"{name} has no published RASA head; releases with one: {', '.join(with_rasa)}.")
     folder = cache_dir(cache) / "downloads" / release.tag
     base = f"{release_base_url(base_url)}/{release.tag}"
     filename = f"{release.stem}_rasa.pth" if rasa else f"{release.stem}.pth"

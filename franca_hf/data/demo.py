@@ -23,6 +23,8 @@ import colorsys
 
 import numpy as np
 
+from ..errors import UsageError
+
 DEMO_CLASSES = (
     "disk",
     "ring",
@@ -72,7 +74,7 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (box <= 0.9) & (np.floor((u + 0.9) / 0.36) % 2 == 0)
     if name == "checker":
         return (box <= 0.9) & ((np.floor((u + 0.9) / 0.6) + np.floor((v + 0.9) / 0.6)) % 2 == 0)
-    raise ValueError(f"Unknown demo class {name!r}; choose one of {DEMO_CLASSES}.")
+    raise UsageError(f"Unknown demo class {name!r}; choose one of {DEMO_CLASSES}.")
 
 
 def generate_demo_images(num_images: int, seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -90,9 +92,9 @@ def generate_demo_segmentation(
     """The images and labels of `generate_demo_images` and their (num_images, 32, 32) uint8 masks: 0 background,
     1 + label where the shape covers at least half of the pixel."""
     if split not in DEMO_SPLITS:
-        raise ValueError(f"split must be one of {DEMO_SPLITS}, got {split!r}.")
+        raise UsageError(f"split must be one of {DEMO_SPLITS}, got {split!r}.")
     if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}.")
+        raise UsageError(f"num_images must be >= 0, got {num_images}.")
     rng = np.random.default_rng([seed, DEMO_SPLITS.index(split)])
     size, n = DEMO_IMAGE_SIZE, num_images
     labels = rng.permutation(np.arange(n) % len(DEMO_CLASSES))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import InputNotFoundError, UsageError
+
 logger = logging.getLogger(__name__)
 # What opening a damaged, truncated, unsupported or absurdly large (decompression bomb) image file raises.
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -60,9 +62,9 @@ def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
         elif item.is_file():
             paths[item] = None
         else:
-            raise FileNotFoundError(f"{item} is neither an image file nor a folder.")
+            raise InputNotFoundError(f"{item} is neither an image file nor a folder.")
     if not paths:
-        raise ValueError(f"No image files found in {[str(i) for i in inputs]} (suffixes: {sorted(IMAGE_SUFFIXES)}).")
+        raise UsageError(f"No image files found in {[str(i) for i in inputs]} (suffixes: {sorted(IMAGE_SUFFIXES)}).")
     return list(paths)
 
 
@@ -107,12 +109,12 @@ def _image_column(dataset, requested: str | None) -> str:
     features = dataset.features or {}
     if requested is not None:
         if features and requested not in features:
-            raise ValueError(f"Column {requested!r} not found; the dataset has {sorted(features)}.")
+            raise UsageError(f"Column {requested!r} not found; the dataset has {sorted(features)}.")
         return requested
     for name, feature in features.items():
         if isinstance(feature, ImageFeature):
             return name
-    raise ValueError(f"No Image column found among {sorted(features)}; set data.image_column.")
+    raise UsageError(f"No Image column found among {sorted(features)}; set data.image_column.")
 
 
 def _label_column(dataset) -> tuple[str | None, list[str] | None]:
@@ -133,7 +135,7 @@ def load_hf_dataset(spec: str, split: str, streaming: bool = False):
         loaded = datasets.load_from_disk(target)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{target} has splits {sorted(loaded)}, not {split!r}.")
+                raise UsageError(f"{target} has splits {sorted(loaded)}, not {split!r}.")
             loaded = loaded[split]
         return loaded.to_iterable_dataset() if streaming else loaded
     return datasets.load_dataset(target, split=split, streaming=streaming)
@@ -165,7 +167,7 @@ def open_source(
         return hf_source(load_hf_dataset(spec, split), spec, image_column)
     if Path(spec).is_dir():
         return folder_source(spec)
-    raise ValueError(f"Data source {spec!r} is not 'demo', 'hf:<dataset>' or an existing image folder.")
+    raise UsageError(f"Data source {spec!r} is not 'demo', 'hf:<dataset>' or an existing image folder.")
 
 
 class SkipCounter:
@@ -217,7 +219,7 @@ def _sample(size: int, count: int, seed: int) -> list[int]:
 def split_off(source: ImageSource, count: int, seed: int = 0) -> tuple[ImageSource, ImageSource]:
     """(rest, held_out): `count` random images held out, disjoint from the rest."""
     if not 0 < count < len(source):
-        raise ValueError(f"Cannot hold out {count} of the {len(source)} images of {source.name}.")
+        raise UsageError(f"Cannot hold out {count} of the {len(source)} images of {source.name}.")
     held = set(random.Random(seed).sample(range(len(source)), count))
     rest = [i for i in range(len(source)) if i not in held]
     return subset(source, rest), subset(source, sorted(held))
@@ -251,7 +253,7 @@ def _mask_column(dataset, image_column: str, requested: str | None, spec: str) -
     features = dataset.features or {}
     if requested is not None:
         if requested not in features:
-            raise ValueError(f"Mask column {requested!r} not found in {spec}; the dataset has {sorted(features)}.")
+            raise UsageError(f"Mask column {requested!r} not found in {spec}; the dataset has {sorted(features)}.")
         return requested
     candidates = [
         name for name, feature in features.items() if isinstance(feature, ImageFeature) and name != image_column
@@ -259,7 +261,7 @@ def _mask_column(dataset, image_column: str, requested: str | None, spec: str) -
     named = [name for name in candidates if name in MASK_COLUMNS]
     if named or len(candidates) == 1:
         return (named or candidates)[0]
-    raise ValueError(
+    raise UsageError(
         f"{spec} has no mask column: a segmentation source needs an image column and a mask column (an Image "
         f"feature of class indices); its columns are {sorted(features)}"
         + (f". Several could be masks ({candidates}): set mask_column." if candidates else ".")
@@ -279,7 +281,7 @@ def _open_listed_mask(paths: list[str], index: int) -> Image.Image:
 def _folder_pairs(root: Path) -> SegmentationSource:
     images_dir, masks_dir = root / "images", root / "masks"
     if not (images_dir.is_dir() and masks_dir.is_dir()):
-        raise ValueError(
+        raise UsageError(
             f"{root} is not a segmentation folder: it needs an images/ folder and a masks/ folder holding, for each "
             "image, a mask of the same relative path with a .png suffix."
         )
@@ -288,7 +290,7 @@ def _folder_pairs(root: Path) -> SegmentationSource:
     missing = [(image, mask) for image, mask in zip(images, masks, strict=True) if not mask.is_file()]
     if missing:
         image, mask = missing[0]
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{len(missing)} of the {len(images)} images of {root} have no mask, e.g. {image} (expected {mask})."
         )
     return SegmentationSource(files_source(images, str(root)), partial(_open_listed_mask, [str(m) for m in masks]))
@@ -323,7 +325,7 @@ def open_segmentation_source(
         )
     if Path(spec).is_dir():
         return _folder_pairs(Path(spec))
-    raise ValueError(f"Segmentation source {spec!r} is not 'demo', 'hf:<dataset>' or an existing folder.")
+    raise UsageError(f"Segmentation source {spec!r} is not 'demo', 'hf:<dataset>' or an existing folder.")
 
 
 def subsample_segmentation(source: SegmentationSource, max_images: int | None, seed: int = 0) -> SegmentationSource:

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 from ..data.demo import demo_split_size
 from ..data.sources import ImageSource, open_source, subsample
-from ..features.extract import extract_to_folder, nested_dims
+from ..errors import UsageError
+from ..features.extract import extract_to_folder
 from ..features.loop import run_model
 from ..features.store import ExtractionSettings, iter_shards
+from ..modeling import matryoshka_dims_of, normalized_prefix
 
 # The official grid (`eval/linear.py` defaults), before scaling by batch size / 256.
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -46,7 +48,7 @@ def probe_inputs(model, pixel_values: torch.Tensor, n_blocks: int = max(N_LAST_B
     """(B, (n_blocks + 1) * D) rows: CLS of the last `n_blocks` blocks (oldest first), then the mean patch token of
     the last block; final-normed, in the model's Matryoshka basis, not cut."""
     if not hasattr(model, "get_intermediate_layers"):
-        raise ValueError(f"Linear probing reads intermediate blocks, and a {type(model).__name__} has none to give.")
+        raise UsageError(f"Linear probing reads intermediate blocks, and a {type(model).__name__} has none to give.")
     width = model.config.hidden_size
     layers = model.get_intermediate_layers(pixel_values, n_blocks, return_class_token=True)
     parts = [_in_basis(model, cls, width) for _, cls in layers]
@@ -138,7 +140,7 @@ def batch_order(num_rows: int, batch_size: int, steps: int, seed: int) -> Iterat
     generator = torch.Generator().manual_seed(seed)
     per_pass = num_rows // batch_size
     if per_pass == 0:
-        raise ValueError(f"The linear probe's batch_size {batch_size} exceeds the {num_rows} training images.")
+        raise UsageError(f"The linear probe's batch_size {batch_size} exceeds the {num_rows} training images.")
     done = 0
     while done < steps:
         order = torch.randperm(num_rows, generator=generator)
@@ -205,7 +207,7 @@ def build_grids(
 ) -> list[ClassifierGrid]:
     """The classifiers of one dim in the official order: n in `n_last_blocks`, pooling off then on, each lr."""
     if max(settings.n_last_blocks) > stored_blocks:
-        raise ValueError(f"n_last_blocks {settings.n_last_blocks} needs rows of more than {stored_blocks} blocks.")
+        raise UsageError(f"n_last_blocks {settings.n_last_blocks} needs rows of more than {stored_blocks} blocks.")
     learning_rates = scaled_learning_rates(settings.learning_rates, settings.batch_size)
     return [
         ClassifierGrid.create(
@@ -323,7 +325,7 @@ def logistic_regression_by_dim(
     results = []
     for dim in dims:
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
-            (F.normalize(x[:, :dim], dim=-1), y) for x, y in (train, val, test)
+            (normalized_prefix(x, dim), y) for x, y in (train, val, test)
         )
         best_c, best_accuracy, previous = c_values[0], -1.0, None
         for c in c_values:  # each fit starts from the previous C's solution (the grid is increasing)
@@ -351,7 +353,7 @@ def probe_rows(
     """Probe rows and labels of the readable images of a labelled source: computed in memory, or read from the
     extract shards under `settings.features_dir` (computing only the images not there yet)."""
     if source.labels is None:
-        raise ValueError(
+        raise UsageError(
             f"{source.name} [{split}] has no labels, and linear probing needs labelled images: a folder with one "
             "subfolder per class, an hf: dataset with a ClassLabel column, or 'demo'."
         )
@@ -382,7 +384,7 @@ def probe_rows(
             dim=(n_blocks + 1) * model.config.hidden_size,
             normalized=False,
             dtype="float32",
-            matryoshka_dims=nested_dims(model),
+            matryoshka_dims=matryoshka_dims_of(model.config),
         )
         extract_to_folder(
             model,
@@ -401,7 +403,7 @@ def probe_rows(
             rows.append(features[keep])
             ids.extend(shard_ids[i] for i in keep)
     if not ids:
-        raise ValueError(f"None of the {len(source)} images of {source.name} [{split}] could be read.")
+        raise UsageError(f"None of the {len(source)} images of {source.name} [{split}] could be read.")
     return ProbeData(torch.cat(rows), torch.tensor([label_of[i] for i in ids], dtype=torch.long))
 
 
@@ -456,10 +458,10 @@ def evaluate_linear(
     num_classes = len(train_source.class_names or []) or int(train.labels.max()) + 1
     for name, data in (("validation", val), ("test", test)):
         if int(data.labels.max()) >= num_classes:
-            raise ValueError(
+            raise UsageError(
                 f"The {name} labels reach {int(data.labels.max())}; the train source has {num_classes} classes."
             )
-    dims, width = nested_dims(model), model.config.hidden_size
+    dims, width = matryoshka_dims_of(model.config), model.config.hidden_size
     counts = {"train": len(train.rows), "validation": len(val.rows), "test": len(test.rows)}
     report = LinearReport("logistic" if settings.logistic else "linear", num_classes, counts, seconds=seconds)
     start = time.perf_counter()
@@ -477,7 +479,7 @@ def _hold_out(data: ProbeData, fraction: float, seed: int) -> tuple[ProbeData, P
     """(rest, held out): a fixed random `fraction` of the rows held out for choosing the classifier."""
     count = int(len(data.rows) * fraction)
     if not 0 < count < len(data.rows):
-        raise ValueError(
+        raise UsageError(
             f"held_out {fraction} of {len(data.rows)} train images leaves no validation or no training images; "
             "give a validation source (val) or more train images."
         )

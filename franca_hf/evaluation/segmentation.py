@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.sources import IGNORE_INDEX, SegmentationSource, SkipCounter, subsample_segmentation
-from ..features.extract import nested_dims
+from ..errors import UsageError
 from ..features.loop import run_model
+from ..modeling import matryoshka_dims_of
 from .matching import match_clusters
 
 VARIANTS = ("raw", "debiased")
@@ -52,15 +53,15 @@ def read_mask(source: SegmentationSource, position: int, size: int, num_classes:
     where = source.images.describe(position)
     mask = source.load_mask(position)
     if mask is None:
-        raise ValueError(f"The image {where} has no mask; every image of a segmentation source needs one.")
+        raise UsageError(f"The image {where} has no mask; every image of a segmentation source needs one.")
     if mask.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(
+        raise UsageError(
             f"The mask of {where} is a {mask.mode} image; masks are single-channel images of class indices "
             "(mode L, P or I)."
         )
     image = source.images.load(position)
     if mask.size != image.size:
-        raise ValueError(
+        raise UsageError(
             f"The mask of {where} is {mask.size[0]}x{mask.size[1]} pixels and its image "
             f"{image.size[0]}x{image.size[1]}; a mask must have its image's size."
         )
@@ -68,7 +69,7 @@ def read_mask(source: SegmentationSource, position: int, size: int, num_classes:
     if num_classes is not None:
         bad = (values >= num_classes) & (values != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(
+            raise UsageError(
                 f"The mask of {where} holds the value {int(values[bad][0])}, outside the classes 0..{num_classes - 1} "
                 f"(and {IGNORE_INDEX}, ignored pixels); set num_classes if the source has more classes."
             )
@@ -124,7 +125,7 @@ def dense_split(
         for name in variants:
             tokens[name].append(outputs[name])
     if not positions_done:
-        raise ValueError(f"None of the {len(source)} images of {source.images.name} could be read.")
+        raise UsageError(f"None of the {len(source)} images of {source.images.name} could be read.")
     masks = torch.stack([read_mask(source, p, size, num_classes) for p in positions_done])
     patch = model.config.patch_size
     return DenseSplit(
@@ -242,7 +243,7 @@ def cluster_miou(tokens: torch.Tensor, masks: torch.Tensor, grid, clusters: int,
 
     flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1).numpy().astype(np.float32)
     if len(flat) < clusters:
-        raise ValueError(
+        raise UsageError(
             f"K-means with {clusters} clusters needs at least as many patch tokens; the test split has {len(flat)}."
         )
     # the best of 3 seedings (by K-means objective): one seeding alone often merges two true clusters
@@ -264,7 +265,7 @@ def infer_num_classes(source: SegmentationSource, masks: torch.Tensor, settings:
         return len(source.class_names)
     labelled = masks[masks != IGNORE_INDEX]
     if labelled.numel() == 0:
-        raise ValueError(f"Every pixel of the train masks of {source.images.name} is {IGNORE_INDEX} (ignored).")
+        raise UsageError(f"Every pixel of the train masks of {source.images.name} is {IGNORE_INDEX} (ignored).")
     return int(labelled.max()) + 1
 
 
@@ -279,10 +280,10 @@ def evaluate_segmentation(
 ) -> tuple[SegmentationResult, DenseSplit]:
     """Linear segmentation probe and clustering mIoU at each dim (the model's Matryoshka dims when None), raw and
     debiased (when the model has RASA weights). Returns the result and the test split (for figures)."""
-    dims = list(dims or nested_dims(model))
+    dims = list(dims or matryoshka_dims_of(model.config))
     size = settings.image_size or model.config.image_size
     if size % model.config.patch_size:
-        raise ValueError(f"image_size {size} is not a multiple of the model's patch size {model.config.patch_size}.")
+        raise UsageError(f"image_size {size} is not a multiple of the model's patch size {model.config.patch_size}.")
     train_source = subsample_segmentation(train_source, settings.max_images, settings.seed)
     test_source = subsample_segmentation(test_source, settings.max_images, settings.seed)
     seconds = {}

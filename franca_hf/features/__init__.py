@@ -19,7 +19,6 @@ from .extract import (
     extract_to_folder,
     feature_kind,
     load_model_and_processor,
-    nested_dims,
     open_inputs,
     process_state,
 )
@@ -45,7 +44,6 @@ __all__ = [
     "input_device_and_dtype",
     "iter_shards",
     "load_model_and_processor",
-    "nested_dims",
     "open_inputs",
     "process_state",
     "quantize_int8",

@@ -19,7 +19,6 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from ..conversion.convert import resolve_model
-from ..conversion.export import make_image_processor
 from ..data.sources import (
     ImageSource,
     SkipCounter,
@@ -29,7 +28,10 @@ from ..data.sources import (
     hf_source,
     load_hf_dataset,
 )
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..fingerprint import check_same_model, model_fingerprint
+from ..modeling import matryoshka_dim_problem, matryoshka_dims_of
+from ..modeling.image_processing_franca import make_image_processor
 from .loop import embed_batch, run_model
 from .store import (
     DATA_DIR,
@@ -74,35 +76,30 @@ def open_inputs(
     datasets_specs = [item for item in inputs if item.startswith("hf:")]
     if datasets_specs:
         if len(inputs) > 1:
-            raise ValueError(f"Give one hf:<dataset> source alone, not together with other inputs; got {inputs}.")
+            raise UsageError(f"Give one hf:<dataset> source alone, not together with other inputs; got {inputs}.")
         return hf_source(load_hf_dataset(inputs[0], split), inputs[0], image_column)
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         return folder_source(inputs[0])
     return files_source(collect_image_paths(inputs), ", ".join(inputs))
 
 
-def nested_dims(model) -> list[int]:
-    """The CLS widths a model serves: its Matryoshka dims, or its full width alone (a model without them)."""
-    return list(getattr(model.config, "matryoshka_dims", None) or [model.config.hidden_size])
-
-
 def check_feature_flags(dense: bool, debiased: bool) -> None:
     """The errors (naming the CLI flags) that need no model: checked before one loads."""
     if debiased and not dense:
-        raise ValueError("--debiased applies to dense patch features; pass --dense as well.")
+        raise UsageError("--debiased applies to dense patch features; pass --dense as well.")
 
 
 def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
     """Errors (naming the CLI flags) for a request the model cannot serve, before any image is read."""
     check_feature_flags(dense, debiased)
     if debiased and not getattr(model, "has_rasa", False):
-        raise ValueError(
+        raise UsageError(
             "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
             "(`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
         )
-    allowed = nested_dims(model)
-    if dim is not None and dim not in allowed:
-        raise ValueError(f"--dim {dim} is not one of this model's Matryoshka dims {allowed}.")
+    problem = None if dim is None else matryoshka_dim_problem(dim, matryoshka_dims_of(model.config))
+    if problem:
+        raise UsageError(problem, setting="dim")
 
 
 def feature_kind(dense: bool, debiased: bool) -> str:
@@ -150,7 +147,7 @@ def extract_features(
         outputs.append(features.float().cpu())
         ids.extend(source.describe(p) for p in positions)
     if not outputs:
-        raise ValueError(f"None of the {len(source)} images could be read: {skips.failed[:3]}...")
+        raise UsageError(f"None of the {len(source)} images could be read: {skips.failed[:3]}...")
     return ExtractedFeatures(features=torch.cat(outputs), paths=ids, failed=skips.failed)
 
 
@@ -328,17 +325,17 @@ def extract_to_folder(
 def _existing_index(folder: Path, settings: ExtractionSettings) -> ExtractionIndex:
     """The committed state of `folder` (a fresh index when there is none); errors when the settings differ."""
     if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"--out {folder} is a file; extract writes a folder of Parquet shards there.")
+        raise OutputExistsError(f"--out {folder} is a file; extract writes a folder of Parquet shards there.")
     if not (folder / INDEX_FILE).is_file():
         if folder.is_dir() and any(folder.iterdir()):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"--out {folder} exists and is not a franca-hf extraction folder; choose a new or empty folder."
             )
         return ExtractionIndex(settings)
     index = ExtractionIndex.load(folder).with_progress(folder)
     differences = settings.differences(index.settings)
     if differences:
-        raise ValueError(
+        raise UsageError(
             f"--out {folder} holds features made with other settings, so this run cannot resume it ("
             + "; ".join(differences)
             + " [this run vs the folder]). Use the same flags, or a new --out folder."
@@ -415,9 +412,9 @@ def load_model_and_processor(
     state = process_state(device)
     device = torch.device(device) if device else state.device
     if int8 and dtype not in (None, torch.float32):
-        raise ValueError(f"--int8 quantises a float32 model; drop --dtype {str(dtype).removeprefix('torch.')}.")
+        raise UsageError(f"--int8 quantises a float32 model; drop --dtype {str(dtype).removeprefix('torch.')}.")
     if int8 and device.type != "cpu":
-        raise ValueError(
+        raise UsageError(
             f"--int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got --device {device}."
         )
     with state.main_process_first():  # a release name is downloaded and converted once, by the first process
@@ -438,7 +435,7 @@ def load_image_processor(path: str, config):
     if cached_file(path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False) is not None:
         return AutoImageProcessor.from_pretrained(path)
     if config.model_type != "franca":
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{path} has no {IMAGE_PROCESSOR_NAME}, and its {config.model_type!r} config does not say how to preprocess "
             "images; save the model's image processor into it (`processor.save_pretrained(folder)`)."
         )

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.sources import DECODE_ERRORS, ImageSource, SkipCounter
+from ..modeling import normalized_prefix
 
 Output = TypeVar("Output")
 
@@ -57,8 +57,9 @@ def embed_batch(
         return model.get_dense_features(pixel_values, debiased=debiased, dim=dim)
     if hasattr(model, "get_image_embeddings"):
         return model.get_image_embeddings(pixel_values, dim=dim, normalize=normalize)
-    pooled = model(pixel_values).pooler_output[:, :dim]
-    return F.normalize(pooled, dim=-1) if normalize else pooled
+    pooled = model(pixel_values).pooler_output
+    width = dim or pooled.shape[-1]
+    return normalized_prefix(pooled, width) if normalize else pooled[:, :width]
 
 
 class PreprocessedImages(Dataset):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputNotFoundError, UsageError
 from ..io import write_file_atomically
 
 FORMAT = "franca_hf.features"
@@ -147,12 +148,12 @@ class ExtractionIndex:
     def load(cls, folder: str | os.PathLike) -> "ExtractionIndex":
         path = Path(folder) / INDEX_FILE
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{folder} holds no {INDEX_FILE}: it is not a folder written by `franca-hf extract`."
             )
         document = json.loads(path.read_text())
         if document.get("format") != FORMAT or document.get("version") != FORMAT_VERSION:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is not a franca_hf features index of version {FORMAT_VERSION} "
                 f"(format {document.get('format')!r}, version {document.get('version')!r})."
             )

@@ -1,6 +1,15 @@
 """Pure model code: the transformers configuration and model classes of Franca."""
 
-from .configuration_franca import FRANCA_PRESETS, FrancaConfig, check_nested_dims, default_matryoshka_dims
+from .configuration_franca import (
+    FRANCA_PRESETS,
+    FrancaConfig,
+    FrancaPreset,
+    check_nested_dims,
+    default_matryoshka_dims,
+    matryoshka_dim_problem,
+    matryoshka_dims_of,
+    preset_architecture,
+)
 from .modeling_franca import (
     FrancaBackbone,
     FrancaModel,
@@ -8,12 +17,15 @@ from .modeling_franca import (
     FrancaPreTrainedModel,
     FrancaRASA,
     interpolate_position_table,
+    normalized_prefix,
     orthonormalize_rasa_weights,
     remove_position_directions,
 )
 
 __all__ = [
     "FRANCA_PRESETS",
+    "FrancaPreset",
+    "preset_architecture",
     "FrancaBackbone",
     "FrancaConfig",
     "FrancaModel",
@@ -23,6 +35,9 @@ __all__ = [
     "check_nested_dims",
     "default_matryoshka_dims",
     "interpolate_position_table",
+    "matryoshka_dim_problem",
+    "matryoshka_dims_of",
+    "normalized_prefix",
     "orthonormalize_rasa_weights",
     "remove_position_directions",
 ]

@@ -4,8 +4,9 @@ This file is self-contained on purpose: it is copied next to the weights of ever
 `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without the franca_hf package.
 """
 
+from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
@@ -14,13 +15,28 @@ FFN_TYPES = ("swiglu", "mlp")
 DROP_PATH_MODES = ("subset", "sample")
 MATRYOSHKA_BASES = ("prefix", "pca")
 
-# name -> (hidden_size, num_hidden_layers, num_attention_heads); every official Franca preset uses SwiGLU.
-FRANCA_PRESETS: dict[str, tuple[int, int, int]] = {
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_giant2": (1536, 40, 24),
+
+class FrancaPreset(NamedTuple):
+    """The architecture a preset names; every official Franca preset uses SwiGLU."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+FRANCA_PRESETS: dict[str, FrancaPreset] = {
+    "vit_small": FrancaPreset(384, 12, 6),
+    "vit_base": FrancaPreset(768, 12, 12),
+    "vit_large": FrancaPreset(1024, 24, 16),
+    "vit_giant2": FrancaPreset(1536, 40, 24),
 }
+
+
+def preset_architecture(name: str) -> FrancaPreset:
+    """Width, depth and heads of the preset `name`; the error lists the presets."""
+    if name not in FRANCA_PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(FRANCA_PRESETS)}.")
+    return FrancaPreset(*FRANCA_PRESETS[name])
 
 
 class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
@@ -111,12 +127,7 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "FrancaConfig":
         """A config for one of the official sizes (`vit_small`, `vit_base`, `vit_large`, `vit_giant2`)."""
-        if preset not in FRANCA_PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(FRANCA_PRESETS)}.")
-        hidden, layers, heads = FRANCA_PRESETS[preset]
-        values = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**preset_architecture(preset)._asdict(), **overrides})
 
     @property
     def ffn_hidden_size(self) -> int:
@@ -164,6 +175,22 @@ def default_matryoshka_dims(hidden_size: int) -> list[int]:
     return sorted({hidden_size // f for f in (16, 8, 4, 2, 1)} - {0})
 
 
+def matryoshka_dims_of(config) -> list[int]:
+    """The embedding widths a model serves: its config's `matryoshka_dims`, or `[hidden_size]` for a config without
+    them (a DINOv2 one, say)."""
+    return list(getattr(config, "matryoshka_dims", None) or [config.hidden_size])
+
+
+def matryoshka_dim_problem(dim: int, allowed: Sequence[int], name: str = "dim") -> str | None:
+    """None if the width `dim` is one of `allowed`, else the sentence that says so and lists them: the one check of
+    a requested Matryoshka width. `allowed` may be a `range` (any prefix, as k-NN baselines take)."""
+    if dim in allowed:
+        return None
+    if isinstance(allowed, range):
+        return f"{name}={dim} is not allowed; choose one between {allowed.start} and {allowed.stop - 1}."
+    return f"{name}={dim} is not allowed; choose one of {list(allowed)}."
+
+
 def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) -> list[int]:
     """`dims` as a list of ints if they are strictly increasing positive integers no larger than `width` (and ending
     at it when `end_at_width`); otherwise a ValueError that names `name` and says what is allowed."""
@@ -182,4 +209,13 @@ def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) ->
     return values
 
 
-__all__ = ["FrancaConfig", "FRANCA_PRESETS", "check_nested_dims", "default_matryoshka_dims"]
+__all__ = [
+    "FRANCA_PRESETS",
+    "FrancaConfig",
+    "FrancaPreset",
+    "check_nested_dims",
+    "default_matryoshka_dims",
+    "matryoshka_dim_problem",
+    "matryoshka_dims_of",
+    "preset_architecture",
+]

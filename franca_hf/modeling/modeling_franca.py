@@ -32,9 +32,15 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_franca import FrancaConfig
+from .configuration_franca import FrancaConfig, matryoshka_dim_problem
 
 logger = logging.get_logger(__name__)
+
+
+def normalized_prefix(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    """(..., W) embeddings already in the model's truncation basis -> (..., dim) their first `dim` channels,
+    L2-normalised: the one cut-then-normalise of a Matryoshka embedding."""
+    return F.normalize(embeddings[..., :dim], dim=-1)
 
 
 @dataclass
@@ -44,10 +50,9 @@ class FrancaModelOutput(ModelOutput):
     Args:
         last_hidden_state: (B, 1 + R + N, D) all tokens after the final LayerNorm: CLS, R registers, N patches
             (row-major). Never truncated.
-        pooler_output: `forward` without `matryoshka_dim`: (B, D) the final-normed CLS token. With
-            `matryoshka_dim=m`, and from `get_image_features`: (B, m) the Matryoshka embedding, the CLS token cut
-            to m dims in the model's basis, L2-normalised.
-        patch_tokens: (B, N, d) the final-normed patch tokens; with `matryoshka_dim` cut to d dims in the basis.
+        pooler_output: from `forward`: (B, D) the final-normed CLS token. From `get_image_features(dim=m)`: (B, m)
+            the Matryoshka embedding, the CLS token cut to m dims in the model's basis, L2-normalised.
+        patch_tokens: (B, N, D) the final-normed patch tokens (`get_dense_features(dim=m)` cuts them).
         debiased_patch_tokens: (B, N, d) the patch tokens with the RASA directions removed (at full width, then
             cut like `patch_tokens`); None when the model has no RASA weights.
         hidden_states: L + 1 tensors (B, 1 + R + N, D): the embeddings, then the output of every block, before the
@@ -61,18 +66,6 @@ class FrancaModelOutput(ModelOutput):
     debiased_patch_tokens: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-
-    @property
-    def patch_embeddings(self) -> torch.FloatTensor | None:
-        """Deprecated name of `patch_tokens` (franca_hf 0.1)."""
-        warnings.warn("`patch_embeddings` is now `patch_tokens`.", FutureWarning, stacklevel=2)
-        return self.patch_tokens
-
-    @property
-    def debiased_patch_embeddings(self) -> torch.FloatTensor | None:
-        """Deprecated name of `debiased_patch_tokens` (franca_hf 0.1)."""
-        warnings.warn("`debiased_patch_embeddings` is now `debiased_patch_tokens`.", FutureWarning, stacklevel=2)
-        return self.debiased_patch_tokens
 
 
 def interpolate_position_table(
@@ -568,11 +561,12 @@ class FrancaModel(FrancaPreTrainedModel):
     def has_rasa(self) -> bool:
         return self.rasa is not None
 
-    def _check_matryoshka_dim(self, dim: int | None) -> int:
+    def _check_matryoshka_dim(self, dim: int | None, name: str = "dim") -> int:
         if dim is None:
             return self.config.hidden_size
-        if dim not in self.config.matryoshka_dims:
-            raise ValueError(f"matryoshka_dim={dim} is not allowed; choose one of {self.config.matryoshka_dims}.")
+        problem = matryoshka_dim_problem(dim, self.config.matryoshka_dims, name)
+        if problem:
+            raise ValueError(problem)
         return dim
 
     def matryoshka_cut(self, tokens: torch.Tensor, dim: int, patches: bool = False) -> torch.Tensor:
@@ -595,19 +589,27 @@ class FrancaModel(FrancaPreTrainedModel):
         Args:
             pixel_values: (B, C, H, W) normalised images; H and W are cropped down to multiples of the patch size.
             bool_masked_pos: (B, N) True where the patch embedding is replaced by the mask token (training).
-            matryoshka_dim: return the Matryoshka embedding of this width (one of `config.matryoshka_dims`) as
-                `pooler_output` (L2-normalised) and cut `patch_tokens` / `debiased_patch_tokens` to it, in the
-                model's basis; `last_hidden_state` always keeps all D channels.
+            matryoshka_dim: deprecated, goes one release after this one: use `get_image_features(dim=)` /
+                `get_image_embeddings(dim=)` / `get_dense_features(dim=)`. Until then it cuts `pooler_output`
+                (then L2-normalised) and the patch tokens to this width in the model's basis.
             output_hidden_states, output_attentions, return_dict: as for every transformers model.
         """
-        dim = self._check_matryoshka_dim(matryoshka_dim)
+        if matryoshka_dim is not None:
+            warnings.warn(
+                "forward(matryoshka_dim=) is deprecated and goes one release after this one: use "
+                "get_image_features(dim=) / get_image_embeddings(dim=) / get_dense_features(dim=); forward's outputs "
+                "are then never cut.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        dim = self._check_matryoshka_dim(matryoshka_dim, "matryoshka_dim")
         embeddings = self._embed(self._prepare_pixels(pixel_values), bool_masked_pos)
         encoded = self.encoder(embeddings, return_dict=True, **kwargs)
         tokens = self.layernorm(encoded.last_hidden_state)
         cls, patches = tokens[:, 0], tokens[:, self._num_prefix_tokens() :]
         debiased = self.rasa(patches) if self.rasa is not None else None
         if matryoshka_dim is not None:
-            cls = F.normalize(self.matryoshka_cut(cls, dim), dim=-1)
+            cls = normalized_prefix(self.matryoshka_cut(cls, dim), dim)
             patches = self.matryoshka_cut(patches, dim, patches=True)
             debiased = self.matryoshka_cut(debiased, dim, patches=True) if debiased is not None else None
         return FrancaModelOutput(
@@ -636,7 +638,7 @@ class FrancaModel(FrancaPreTrainedModel):
         dim = self._check_matryoshka_dim(dim)
         out = self.forward(pixel_values, return_dict=True, **kwargs)
         embedding = self.matryoshka_cut(out.pooler_output, dim)
-        out.pooler_output = F.normalize(embedding, dim=-1) if normalize else embedding
+        out.pooler_output = normalized_prefix(embedding, dim) if normalize else embedding
         return out
 
     def get_image_embeddings(
@@ -658,8 +660,11 @@ class FrancaModel(FrancaPreTrainedModel):
                 "debiased=True needs RASA weights, and this model has none (config.rasa_steps == 0). "
                 "Convert with a RASA head (`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
             )
-        out = self.forward(pixel_values, matryoshka_dim=dim, return_dict=True)
+        cut_to = self._check_matryoshka_dim(dim)
+        out = self.forward(pixel_values, return_dict=True)
         patches = out.debiased_patch_tokens if debiased else out.patch_tokens
+        if dim is not None:  # in the model's basis, so a fitted one rotates even at full width
+            patches = self.matryoshka_cut(patches, cut_to, patches=True)
         if not as_grid:
             return patches
         height, width = (s - s % self.config.patch_size for s in pixel_values.shape[-2:])

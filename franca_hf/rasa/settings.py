@@ -1,4 +1,4 @@
-"""The settings of `franca-hf rasa` (`python -m franca_hf.rasa.train`) and their command-line arguments: cheap to
+"""The settings of `franca-hf rasa` (`python -m franca_hf.cli rasa`) and their command-line arguments: cheap to
 import, for the command line's help and usage errors (the training itself: `franca_hf.rasa.train`)."""
 
 import argparse
@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from ..errors import UsageError
+
 DESCRIPTION = """RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
 
     franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=8
-    accelerate launch -m franca_hf.rasa.train model=facebook/dinov2-base data=/voc out=dinov2_rasa
+    accelerate launch -m franca_hf.cli rasa model=facebook/dinov2-base data=/voc out=dinov2_rasa
 
 Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
 the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
@@ -49,21 +51,21 @@ class RasaSettings:
         model's `patch_size` when given."""
         for name in ("steps", "epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if patch_size is not None and self.resolution is not None:
             if self.resolution % patch_size or self.resolution < 2 * patch_size:
                 suggestion = max(2, round(self.resolution / patch_size)) * patch_size
-                raise ValueError(
+                raise UsageError(
                     f"resolution={self.resolution} must be a multiple of the model's patch size ({patch_size}) of at "
                     f"least 2 patches, e.g. resolution={suggestion}."
                 )
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.")
+            raise UsageError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.")
         for name in ("jitter_probability", "grayscale_probability", "blur_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.held_out_images < 4:
-            raise ValueError(
+            raise UsageError(
                 f"held_out_images must be >= 4 (two halves for the position probe), got {self.held_out_images}."
             )
 
@@ -88,44 +90,8 @@ class RasaRunSettings(RasaSettings):
     overwrite: bool = False
 
 
-# The flags of franca_hf 0.1, deprecated: each becomes its key=value setting (a note says so).
-LEGACY_FLAGS = {
-    "--model": "model",
-    "--data": "data",
-    "--split": "split",
-    "--out": "out",
-    "--steps": "steps",
-    "--epochs": "epochs",
-    "--lr": "lr",
-    "--batch-size": "batch_size",
-    "--resolution": "resolution",
-    "--jitter-prob": "jitter_probability",
-    "--grayscale-prob": "grayscale_probability",
-    "--blur-prob": "blur_probability",
-    "--held-out-images": "held_out_images",
-    "--max-images": "max_images",
-    "--num-workers": "num_workers",
-    "--seed": "seed",
-}
-LEGACY_SWITCHES = {"--official-steps": "orthogonal=false", "--overwrite": "overwrite=true"}
-
-
-class LegacySetting(argparse.Action):
-    """A 0.1 flag: appends its key=value setting to `legacy_settings` and its name to `legacy_flags`."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string in LEGACY_SWITCHES:
-            setting = LEGACY_SWITCHES[option_string]
-        elif option_string == "--crop-scale":
-            setting = f"crop_scale=[{values[0]},{values[1]}]"
-        else:
-            setting = f"{LEGACY_FLAGS[option_string]}={values}"
-        namespace.legacy_settings = [*(namespace.legacy_settings or []), setting]
-        namespace.legacy_flags = [*(namespace.legacy_flags or []), option_string]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `franca-hf rasa` (and `python -m franca_hf.rasa.train`)."""
+    """The arguments of `franca-hf rasa` (and `python -m franca_hf.cli rasa`)."""
     parser.epilog = (
         "Settings (key=value): "
         + ", ".join(f.name for f in dataclasses.fields(RasaRunSettings))
@@ -133,9 +99,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="a YAML file of settings (key: value), applied before the key=value ones")
     parser.add_argument("settings", nargs="*", help="key=value, e.g. model=runs/demo/teacher data=demo out=rasa")
-    for flag in LEGACY_FLAGS:
-        parser.add_argument(flag, action=LegacySetting, help=argparse.SUPPRESS)
-    parser.add_argument("--crop-scale", nargs=2, action=LegacySetting, help=argparse.SUPPRESS)
-    for flag in LEGACY_SWITCHES:
-        parser.add_argument(flag, nargs=0, action=LegacySetting, help=argparse.SUPPRESS)
-    parser.set_defaults(legacy_settings=None, legacy_flags=None)

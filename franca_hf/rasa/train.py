@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,17 +19,18 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..conversion.export import fill_model_folder, make_image_processor
+from ..conversion.export import fill_model_folder
+from ..data.augmented import AugmentedImages, EpochBatchSampler
 from ..data.sources import ImageSource, open_source, split_off, subsample
-from ..errors import USER_ERRORS, report
+from ..errors import USER_ERRORS, OutputExistsError, UsageError, report
 from ..features.loop import run_model
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
-from ..training.augment import IMAGENET_MEAN, IMAGENET_STD
-from ..training.data import AugmentedImages, EpochBatchSampler
+from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
+from ..settings import load_settings
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
-from .settings import DESCRIPTION, RasaRunSettings, RasaSettings, add_arguments
+from .settings import RasaRunSettings, RasaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def held_out_tokens(model, source: ImageSource, settings: RasaSettings, accelera
         mine.extend(zip(positions, tokens, strict=True))
     gathered = sorted((item for part in gather_object([mine]) for item in part), key=lambda pair: pair[0])
     if len(gathered) < 4:
-        raise ValueError(f"Only {len(gathered)} held-out images could be read; the probe needs at least 4.")
+        raise UsageError(f"Only {len(gathered)} held-out images could be read; the probe needs at least 4.")
     rows = settings.resolution // model.config.patch_size
     return torch.stack([tokens for _, tokens in gathered]), grid_coordinates(rows, rows)
 
@@ -190,7 +190,7 @@ def train_rasa(
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
     settings = settings.for_model(model.config)
     model.eval().requires_grad_(False).to(accelerator.device)
     width = model.config.hidden_size
@@ -292,26 +292,16 @@ def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
 
 def run(args: argparse.Namespace) -> int:
     """Train RASA directions with the parsed arguments; errors are printed once across processes, as one line."""
-    from ..training.config import load_settings
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.legacy_flags:
-            report(
-                "rasa",
-                f"{', '.join(args.legacy_flags)} are deprecated; write settings as key=value "
-                "(e.g. model=... data=... out=... steps=8).",
-                kind="warning",
-            )
-        overrides = [*(args.legacy_settings or []), *args.settings]
-        settings = load_settings(RasaRunSettings, args.config, overrides, bundled=None)
+        settings = load_settings(RasaRunSettings, args.config, args.settings)
         if Path(settings.out).exists() and not settings.overwrite:
-            raise FileExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
+            raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
         accelerator = Accelerator(cpu=not torch.accelerator.is_available())
         model, settings = load_model_for_rasa(settings, accelerator)
         source = open_source(settings.data, settings.split, seed=settings.seed)
         if settings.held_out_images >= len(source):
-            raise ValueError(
+            raise UsageError(
                 f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
                 f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves)."
             )
@@ -326,35 +316,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="franca-hf rasa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
 __all__ = [
     "FrozenTokens",
     "RasaReport",
-    "RasaRunSettings",
-    "RasaSettings",
     "augmentation",
-    "add_arguments",
-    "build_parser",
     "load_model_for_rasa",
     "run",
     "fit_position_predictor",
     "held_out_tokens",
-    "main",
     "train_rasa",
     "write_rasa_output",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

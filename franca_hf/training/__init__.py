@@ -30,7 +30,6 @@ __getattr__, __dir__ = lazy_exports(
             "IBOT_BOTTLENECK_DIM",
             "MatryoshkaHead",
             "WeightNormPrototypes",
-            "default_nesting_dims",
             "official_head_state_dict",
         ),
         "losses": (
@@ -92,7 +91,6 @@ __all__ = [
     "clip_grad_norm_per_module",
     "collate_masked_crops",
     "count_blocks",
-    "default_nesting_dims",
     "dino_global_loss",
     "dino_local_loss",
     "dino_loss",

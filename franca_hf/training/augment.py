@@ -39,10 +39,9 @@ from torchvision import transforms as v1
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as v2_functional
 
+from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD
 from .photometric import blur_solarize_normalize, finish_on_device
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 ASPECT_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the official pipeline
 FLIP_PROBABILITY = 0.5

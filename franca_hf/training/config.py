@@ -1,9 +1,7 @@
-"""Settings of the training-like commands, one system for all: typed dataclasses, filled from a YAML file (a bundled
-recipe by name, or a path) and `key=value` overrides by OmegaConf structured configs (unknown keys and wrong types
-are refused, naming the key), then cross-checked by the dataclass's own `validate()`.
+"""The settings of pretraining (`PretrainConfig`) and its bundled recipes, loaded by `franca_hf.settings` from a
+recipe name or YAML file and `section.key=value` overrides, then cross-checked by `PretrainConfig.validate()`.
 
-    load_config("demo", ["optim.total_steps=100"])               # franca-hf pretrain: PretrainConfig
-    load_settings(RasaRunSettings, None, ["model=...", "steps=8"])  # franca-hf rasa
+    load_config("demo", ["optim.total_steps=100"])  # franca-hf pretrain
 
 Override values are parsed as YAML: `1e-3`, `[0.32, 1.0]`, `true`, `null`. Pretraining's `model` section takes any
 architecture field of `FrancaConfig` (`ModelSettings` is derived from it, not repeated).
@@ -13,15 +11,13 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
-
-from ..modeling import FRANCA_PRESETS, FrancaConfig
+from ..errors import UsageError
+from ..modeling import FrancaConfig, preset_architecture
+from ..settings import load_settings
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-Settings = TypeVar("Settings")
 
 
 # FrancaConfig fields a recipe does not set: the grid and image size follow the global crops, the nesting follows the
@@ -199,16 +195,9 @@ class PretrainConfig:
         values = {name: getattr(self.model, name) for name in ARCHITECTURE_FIELDS}
         values = {name: value for name, value in values.items() if value is not None}
         if self.model.preset is not None:
-            if self.model.preset not in FRANCA_PRESETS:
-                raise ValueError(f"model.preset {self.model.preset!r} is not one of {sorted(FRANCA_PRESETS)}.")
-            sizes = zip(
-                ("hidden_size", "num_hidden_layers", "num_attention_heads"),
-                FRANCA_PRESETS[self.model.preset],
-                strict=True,
-            )
-            for name, size in sizes:
+            for name, size in self._preset_architecture().items():
                 if values.setdefault(name, size) != size:
-                    raise ValueError(
+                    raise UsageError(
                         f"model.{name}={values[name]} contradicts model.preset={self.model.preset} ({name} {size}); "
                         "set one or the other."
                     )
@@ -216,18 +205,19 @@ class PretrainConfig:
         values.update(position_grid_size=self.crops.global_size // patch, image_size=self.crops.global_size)
         return values
 
+    def _preset_architecture(self) -> dict[str, int]:
+        """`model.preset`'s width, depth and heads by field name."""
+        try:
+            return preset_architecture(self.model.preset)._asdict()
+        except ValueError as error:
+            raise UsageError(f"model.preset: {error}", setting="model.preset") from None
+
     def _disagreements_with(self, folder: FrancaConfig) -> list[str]:
         """What the `model` section sets differently from the `model.init_from` folder's architecture (which fixes it;
         only the stochastic depth may change)."""
         expected = {name: getattr(self.model, name) for name in ARCHITECTURE_FIELDS}
-        if self.model.preset in FRANCA_PRESETS:
-            expected.update(
-                zip(
-                    ("hidden_size", "num_hidden_layers", "num_attention_heads"),
-                    FRANCA_PRESETS[self.model.preset],
-                    strict=True,
-                )
-            )
+        if self.model.preset is not None:
+            expected.update(self._preset_architecture())
         return [
             f"model.{name}={value}, but the model.init_from folder has {name}={getattr(folder, name)} (the folder fixes "
             "the architecture: remove the setting or start from a matching folder)"
@@ -353,71 +343,10 @@ class PretrainConfig:
         ]
         problems += [message for ok, message in checks if not ok]
         if problems:
-            raise ValueError("Invalid pretraining config: " + "; ".join(problems) + ".")
-
-
-def resolve_config_path(name_or_path: str | Path, bundled: Path = CONFIG_DIR) -> Path:
-    """A bundled recipe name (see `list_configs()`) or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    recipe = bundled / f"{name_or_path}.yaml"
-    if recipe.is_file():
-        return recipe
-    raise ValueError(f"No config {str(name_or_path)!r}: give a YAML file or one of {list_configs(bundled)}.")
-
-
-def list_configs(bundled: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in bundled.glob("*.yaml"))
-
-
-def _explain(error: OmegaConfBaseException, source: str) -> ValueError:
-    """OmegaConf's error as one line that names the key, what was wrong and where it came from."""
-    key = getattr(error, "full_key", None) or getattr(error, "key", None)
-    message = str(error).splitlines()[0]
-    if isinstance(error, MissingMandatoryValue) and key:
-        message = f"{key} must be set ({key}=...)"
-    elif isinstance(error, ConfigKeyError) and key:
-        parent = getattr(error, "parent_node", None)
-        allowed = sorted(parent.keys()) if parent is not None else []
-        message = f"unknown key {key}" + (f"; allowed here: {allowed}" if allowed else "")
-    elif key:
-        message = f"{key}: {message}"
-    return ValueError(f"{source}: {message}.")
-
-
-def load_settings(
-    schema: type[Settings],
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    bundled: Path = CONFIG_DIR,
-) -> Settings:
-    """An instance of the dataclass `schema`: its defaults, then the YAML `config` (a bundled recipe name or a
-    path), then each `key=value` override, checked for keys and types, then `validate()` if the schema has one."""
-    merged = OmegaConf.structured(schema)
-    layers = []
-    if config is not None:
-        path = resolve_config_path(config, bundled)
-        layers.append((OmegaConf.load(path), str(path)))
-    for text in overrides:
-        key = text.split("=", 1)[0]
-        if "=" not in text or not key or key.startswith("-"):
-            raise ValueError(f"Override {text!r} must look like key=value (e.g. optim.total_steps=100).")
-        layers.append((OmegaConf.from_dotlist([text]), f"override {text!r}"))
-    for values, source in layers:
-        try:
-            merged = OmegaConf.merge(merged, values)
-        except OmegaConfBaseException as error:
-            raise _explain(error, source) from None
-    try:
-        settings = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:  # a required value left unset
-        raise _explain(error, "settings") from None
-    if hasattr(settings, "validate"):
-        settings.validate()
-    return settings
+            raise UsageError("Invalid pretraining config: " + "; ".join(problems) + ".")
 
 
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> "PretrainConfig":
-    """A pretraining recipe with `section.key=value` overrides, validated."""
-    return load_settings(PretrainConfig, name_or_path, overrides)
+    """A pretraining recipe (a bundled name, see `list_configs(CONFIG_DIR)`, or a YAML path) with `section.key=value`
+    overrides, validated."""
+    return load_settings(PretrainConfig, name_or_path, overrides, bundled=CONFIG_DIR)

@@ -5,10 +5,11 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..conversion.export import make_image_processor, save_model_folder
+from ..conversion.export import save_model_folder
 from ..conversion.model_card import render_model_card
 from ..matryoshka import MatryoshkaFit, with_matryoshka_basis
 from ..modeling import FrancaConfig, FrancaModel
+from ..modeling.image_processing_franca import make_image_processor
 from .config import PretrainConfig
 from .networks import Teacher
 

@@ -35,10 +35,6 @@ IBOT_BOTTLENECK_DIM = 256
 DEFAULT_NUM_PROTOTYPES = 131072
 
 
-# The official nesting list [D // 16, D // 8, D // 4, D // 2, D]: the model's Matryoshka dims (kept under its old name).
-default_nesting_dims = default_matryoshka_dims
-
-
 class WeightNormPrototypes(nn.Module):
     """Bias-free Linear whose rows are `weight_g * weight_v / ||weight_v||` (old-style weight norm along dim 0).
 

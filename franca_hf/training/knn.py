@@ -6,12 +6,11 @@ T = 0.07.
 """
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..conversion.export import make_image_processor
 from ..data.sources import ImageSource, open_source, subsample
+from ..errors import UsageError
 from ..features.loop import embed_batch, run_model
 from ..matryoshka import (
     MatryoshkaFit,
@@ -19,7 +18,8 @@ from ..matryoshka import (
     describe_data,
     minimum_images,
 )
-from ..modeling import FrancaModel
+from ..modeling import FrancaModel, normalized_prefix
+from ..modeling.image_processing_franca import make_image_processor
 from .config import PretrainConfig
 from .export import teacher_backbone_copy
 from .networks import Teacher
@@ -42,7 +42,7 @@ def embed_source(
     `num_workers` DataLoader workers decode (0: in this process, as the trainer's periodic evaluation does).
     """
     if source.labels is None:
-        raise ValueError(f"k-NN needs labels, and {source.name} has none.")
+        raise UsageError(f"k-NN needs labels, and {source.name} has none.")
     features, labels = [], []
     batches = run_model(
         model,
@@ -98,8 +98,7 @@ def knn_accuracy_by_dim(
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     accuracy = {}
     for dim in dims:
-        train = F.normalize(train_features[:, :dim], dim=-1)
-        test = F.normalize(test_features[:, :dim], dim=-1)
+        train, test = normalized_prefix(train_features, dim), normalized_prefix(test_features, dim)
         predicted = knn_predict(train, train_labels, test, num_classes, k, temperature)
         accuracy[dim] = 100.0 * (predicted == test_labels).float().mean().item()
     return accuracy
@@ -139,7 +138,7 @@ class KnnEvaluator:
         self.processor = make_image_processor(config.crops.global_size)
         train, needed = self.sources[0], minimum_images(width)
         if settings.fit_pca_on_export and len(train) < needed:
-            raise ValueError(
+            raise UsageError(
                 f"eval.fit_pca_on_export: a PCA basis of this {width}-dim model needs at least {needed} images, and "
                 f"the k-NN train split ({settings.knn_train}, eval.knn_max_images={settings.knn_max_images}) holds "
                 f"{len(train)}."

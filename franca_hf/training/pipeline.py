@@ -8,23 +8,16 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
+from ..data import load_hf_dataset, open_source
+from ..data.augmented import AugmentedImages, EpochBatchSampler, StreamedAugmentedImages, sample_seed, worker_index
+from ..errors import UsageError
+from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD
 from .augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     OFFICIAL_BLUR_PROBABILITIES,
     PAPER_BLUR_PROBABILITIES,
     MultiCropAugmentation,
 )
 from .config import PretrainConfig
-from .data import (
-    AugmentedImages,
-    EpochBatchSampler,
-    StreamedAugmentedImages,
-    load_hf_dataset,
-    open_source,
-    sample_seed,
-    worker_index,
-)
 from .masking import CyclicMaskGenerator, collate_masked_crops, stack_crop_major
 from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 
@@ -96,7 +89,7 @@ class StreamPosition:
         was checkpointed with other process or worker counts."""
         if self.saved is not None:
             if len(self.saved) != world_size:
-                raise ValueError(
+                raise UsageError(
                     f"This streamed run was checkpointed by {len(self.saved)} processes: resume it with "
                     f"{len(self.saved)} (each process's position in its part of the stream is saved)."
                 )
@@ -105,7 +98,7 @@ class StreamPosition:
             self.worker_batches = [0] * workers
         elif len(self.worker_batches) != workers:
             saved = len(self.worker_batches)
-            raise ValueError(
+            raise UsageError(
                 f"This streamed run was checkpointed with {saved} DataLoader worker(s) per process: resume it with "
                 f"data.num_workers={saved} (each worker's position in its part of the stream is saved)."
             )
@@ -193,7 +186,7 @@ class TrainingBatches:
         """Streamed data: this process's part of the stream, pass after pass, from its saved position."""
         config, data = self.config, self.config.data
         if not data.source.startswith("hf:"):
-            raise ValueError(f"data.streaming needs a Hugging Face dataset source ('hf:<name>'), got {data.source!r}.")
+            raise UsageError(f"data.streaming needs a Hugging Face dataset source ('hf:<name>'), got {data.source!r}.")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.stream.restore(rank, world, max(1, data.num_workers))
         stream = load_hf_dataset(data.source, data.split, streaming=True)

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,27 +21,21 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
-from ..errors import USER_ERRORS, report
+from ..errors import USER_ERRORS, UsageError, report
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config
-from .export import export_teacher, teacher_backbone_copy
+from .export import export_teacher
 from .knn import KnnEvaluator, format_knn_rows
 from .metrics import LossWindow, MetricsLog, NonFiniteLossError
 from .networks import (
-    FrancaNetworks,
     Student,
     Teacher,
-    backbone_config,
     build_networks,
     ema_update,
-    load_initial_backbone,
-    local_shard,
-    resize_position_table,
 )
 from .optim import apply_schedule, build_param_groups, clip_grad_norm_per_module
-from .pipeline import BatchCollator, TrainingBatches, batch_to_device, make_augmentation
-from .pretrain_arguments import DESCRIPTION, add_arguments
+from .pipeline import TrainingBatches, batch_to_device
 from .probes import evaluate_export
 from .schedules import FrancaSchedules, ScheduleValues, scaled_learning_rate
 
@@ -143,7 +136,7 @@ def prepare_networks(accelerator: Accelerator, student: Student, teacher: Teache
             accelerator.distributed_type.value,
         )
     if fsdp and not accelerator.is_fsdp2:
-        raise ValueError(
+        raise UsageError(
             "FSDP needs fsdp_version 2 (DTensor shards), so that the per-module gradient clipping and "
             "the teacher EMA see consistent shards: set fsdp_version: 2 in the Accelerate config."
         )
@@ -328,46 +321,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="franca-hf pretrain", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-__all__ = [  # the trainer's pieces, also importable from here (their home modules are named above)
-    "BatchCollator",
+__all__ = [
     "Due",
-    "FrancaNetworks",
-    "KnnEvaluator",
-    "NonFiniteLossError",
-    "Student",
-    "Teacher",
     "TrainState",
-    "TrainingBatches",
     "TrainingStep",
-    "backbone_config",
-    "batch_to_device",
-    "build_networks",
-    "ema_update",
-    "export_teacher",
-    "find_latest_checkpoint",
-    "load_initial_backbone",
-    "local_shard",
-    "main",
-    "make_augmentation",
+    "make_accelerator",
+    "make_schedules",
     "prepare_networks",
-    "resize_position_table",
-    "save_checkpoint",
-    "teacher_backbone_copy",
+    "run",
+    "shard_teacher",
     "train",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

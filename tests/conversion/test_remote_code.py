@@ -30,9 +30,12 @@ model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
 pixels = torch.load(pixels_file)
 with torch.no_grad():
-    out = model(pixels, matryoshka_dim=config.matryoshka_dims[2])
-torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls": out.pooler_output,
-            "patch": out.patch_tokens, "debiased": out.debiased_patch_tokens}, out_file)
+    dim = config.matryoshka_dims[2]
+    cls = model.get_image_embeddings(pixels, dim=dim)
+    patch = model.get_dense_features(pixels, dim=dim, as_grid=False)
+    debiased = model.get_dense_features(pixels, debiased=True, dim=dim, as_grid=False) if model.has_rasa else None
+torch.save({"class": type(model).__module__ + "." + type(model).__name__, "cls": cls, "patch": patch,
+            "debiased": debiased}, out_file)
 """
 
 
@@ -65,7 +68,9 @@ def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path
     assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("FrancaModel")
     model = AutoModel.from_pretrained(tiny_folder).eval()
     with torch.no_grad():
-        out = model(pixels, matryoshka_dim=32)
-    torch.testing.assert_close(remote["cls"], out.pooler_output, rtol=0, atol=1e-6)
-    torch.testing.assert_close(remote["patch"], out.patch_tokens, rtol=0, atol=1e-6)
-    torch.testing.assert_close(remote["debiased"], out.debiased_patch_tokens, rtol=0, atol=1e-6)
+        cls = model.get_image_embeddings(pixels, dim=32)
+        patch = model.get_dense_features(pixels, dim=32, as_grid=False)
+        debiased = model.get_dense_features(pixels, debiased=True, dim=32, as_grid=False)
+    torch.testing.assert_close(remote["cls"], cls, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["patch"], patch, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["debiased"], debiased, rtol=0, atol=1e-6)

@@ -5,7 +5,6 @@ import pickle
 import datasets
 from PIL import Image
 
-import franca_hf.training.data as training_data
 from franca_hf.data import collect_image_paths, files_source, folder_source, open_source, subset
 
 
@@ -37,11 +36,3 @@ def test_inputs_given_twice_are_collected_once(tmp_path):
     paths = collect_image_paths([tmp_path / "b.png", tmp_path, tmp_path / "a.png"])
     assert paths == [tmp_path / "b.png", tmp_path / "a.png"]
     assert len(files_source(paths)) == 2
-
-
-def test_old_import_paths_still_work():
-    from franca_hf.data import sources
-    from franca_hf.training.demo_data import load_demo_dataset
-
-    assert training_data.open_source is sources.open_source and training_data.SkipCounter is sources.SkipCounter
-    assert load_demo_dataset("test", num_images=10).num_rows == 10

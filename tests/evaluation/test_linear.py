@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import franca_hf
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data.demo import DEMO_CLASSES, generate_demo_images
 from franca_hf.evaluation.linear import (
     LinearSettings,
@@ -26,6 +25,7 @@ from franca_hf.evaluation.linear import (
     probe_inputs,
 )
 from franca_hf.features.store import ExtractionIndex
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 FIXTURE = Path(__file__).parent / "data" / "official_linear_grid.json"
 WIDTH = 32

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from franca_hf.cli import main
-from franca_hf.conversion.export import fill_model_folder, make_image_processor
+from franca_hf.conversion.export import fill_model_folder
 from franca_hf.data import IGNORE_INDEX, open_segmentation_source
 from franca_hf.data.demo import DEMO_SEGMENTATION_CLASSES, generate_demo_segmentation, load_demo_dataset
 from franca_hf.evaluation.matching import hungarian, match_clusters
@@ -22,6 +22,7 @@ from franca_hf.evaluation.segmentation import (
     mean_iou,
     show_predictions,
 )
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .test_linear import tiny_model, write_class_folder
 

@@ -2,7 +2,7 @@
 
 import json
 
-from franca_hf.training.pretrain import main
+from franca_hf.cli import main
 
 from ..training.test_pretrain import tiny_recipe  # noqa: F401  (the fixture)
 
@@ -19,7 +19,7 @@ def test_pretrain_evaluates_exports(tiny_recipe, tmp_path):  # noqa: F811
         "eval.probe_batch_size=16",
     ]
     overrides = [f"run.output_dir={tmp_path / 'run'}", "optim.total_steps=2", *evaluation]
-    assert main(["--config", str(tiny_recipe), *overrides]) == 0
+    assert main(["pretrain", "--config", str(tiny_recipe), *overrides]) == 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     dims = (2, 4, 8, 16, 32)
     expected = {f"linear_top1_dim_{d}" for d in dims} | {f"seg_miou_raw_dim_{d}" for d in dims}

@@ -205,7 +205,7 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     (tmp_path / "empty").mkdir()
     assert "No image files found" in error(*extract_command(tmp_path / "empty", tiny_folder, tmp_path / "x"))
     assert "--debiased applies to dense" in error(*extract_command(photos, tiny_folder, tmp_path / "x", "--debiased"))
-    assert "--dim 48 is not one of this model's Matryoshka dims [8, 16, 32, 64, 128]" in error(
+    assert "dim=48 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "x", "--dim", "48")
     )
     assert "--out names a folder" in error(*extract_command(photos, tiny_folder, tmp_path / "f.safetensors"))

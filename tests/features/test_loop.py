@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf import FrancaModel
-from franca_hf.conversion.export import make_image_processor
 from franca_hf.data import DECODE_ERRORS, SkipCounter, collect_image_paths, files_source
 from franca_hf.features import embed_batch, run_model
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from ..conftest import tiny_config
 

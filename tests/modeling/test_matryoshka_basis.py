@@ -38,17 +38,18 @@ def test_every_truncated_output_uses_the_basis():
     for dim in model.config.matryoshka_dims:
         expected = F.normalize(((cls - basis.cls_mean) @ basis.cls_rotation)[:, :dim], dim=-1)
         torch.testing.assert_close(model.get_image_embeddings(pixels, dim=dim), expected)
-        out = model(pixels, matryoshka_dim=dim)
+        out = model.get_image_features(pixels, dim=dim)
         torch.testing.assert_close(out.pooler_output, expected)
-        torch.testing.assert_close(model.get_image_features(pixels, dim=dim).pooler_output, expected)
-        torch.testing.assert_close(out.patch_tokens, ((patches - basis.patch_mean) @ basis.patch_rotation)[..., :dim])
+        cut_patches = model.get_dense_features(pixels, dim=dim, as_grid=False)
+        torch.testing.assert_close(cut_patches, ((patches - basis.patch_mean) @ basis.patch_rotation)[..., :dim])
         torch.testing.assert_close(
-            out.debiased_patch_tokens, ((debiased - basis.patch_mean) @ basis.patch_rotation)[..., :dim]
+            model.get_dense_features(pixels, debiased=True, dim=dim, as_grid=False),
+            ((debiased - basis.patch_mean) @ basis.patch_rotation)[..., :dim],
         )
         torch.testing.assert_close(out.last_hidden_state, full.last_hidden_state)  # hidden states stay raw
         grid = model.get_dense_features(pixels, dim=dim)
         assert grid.shape == (3, dim, 4, 5)
-        torch.testing.assert_close(grid.flatten(2).transpose(1, 2), out.patch_tokens)
+        torch.testing.assert_close(grid.flatten(2).transpose(1, 2), cut_patches)
 
 
 @torch.no_grad()

@@ -103,16 +103,6 @@ def test_image_features_follow_transformers_5():
         assert model.get_dense_features(pixels, debiased=True).shape == (2, 64, 4, 4)
 
 
-def test_old_output_names_still_work_with_a_warning():
-    model = FrancaModel(tiny_config(rasa_steps=1)).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 56, 56))
-    with pytest.warns(FutureWarning, match="now `patch_tokens`"):
-        assert out.patch_embeddings is out.patch_tokens
-    with pytest.warns(FutureWarning, match="now `debiased_patch_tokens`"):
-        assert out.debiased_patch_embeddings is out.debiased_patch_tokens
-
-
 @torch.no_grad()
 def test_dense_features(converted, reference):
     pixels = reference["70x126.pixel_values"]

@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NA
 from transformers.testing_utils import torch_device
 
 from franca_hf import FrancaBackbone, FrancaConfig, FrancaModel
-from franca_hf.conversion.export import make_image_processor
+from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .transformers_suite import SuiteUnavailable, load_common_tests, prepare_tiny_models
 

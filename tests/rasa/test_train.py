@@ -9,10 +9,11 @@ from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf import FrancaModel
 from franca_hf.data.sources import open_source, split_off, subsample
+from franca_hf.modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD
 from franca_hf.rasa import RasaDirections, evaluate_chain, grid_coordinates, official_rasa_chain, patch_tokens, probe_r2
 from franca_hf.rasa.probe import probe_sample_problem
-from franca_hf.rasa.train import RasaReport, RasaSettings, fit_position_predictor, train_rasa, write_rasa_output
-from franca_hf.training.augment import IMAGENET_MEAN, IMAGENET_STD
+from franca_hf.rasa.settings import RasaSettings
+from franca_hf.rasa.train import RasaReport, fit_position_predictor, train_rasa, write_rasa_output
 
 from ..conftest import assert_publishable_folder, tiny_config
 
@@ -224,32 +225,13 @@ def test_a_probe_on_too_few_held_out_images_or_tokens_is_flagged():
     assert probe_sample_problem(images=32, tokens_per_image=16, width=768).endswith(": 194 images here")
 
 
-def test_the_flags_of_0_1_still_work_with_a_deprecation_note(tiny_folder, tmp_path, capsys):
+def test_the_flags_of_0_1_are_refused(capsys):
     from franca_hf.cli import main
-    from franca_hf.rasa.train import build_parser
 
-    args = build_parser().parse_args(
-        [
-            "--model",
-            "m",
-            "--data=demo",
-            "--official-steps",
-            "--crop-scale",
-            "0.3",
-            "0.9",
-            "steps=2",
-            "--batch-size",
-            "8",
-        ]
-    )
-    assert args.legacy_settings == ["model=m", "data=demo", "orthogonal=false", "crop_scale=[0.3,0.9]", "batch_size=8"]
-    assert args.settings == ["steps=2"]
-    out = tmp_path / "old"
-    flags = ["--model", str(tiny_folder), "--data", "demo", "--out", str(out), "--steps", "1", "--epochs", "1"]
-    small = ["--batch-size", "16", "--held-out-images", "8", "--max-images", "32", "--num-workers", "0"]
-    assert main(["rasa", *flags, *small]) == 0
-    assert "--model, --data, --out, --steps, --epochs, --batch-size" in capsys.readouterr().err
-    assert FrancaModel.from_pretrained(out).config.rasa_steps == 11
+    with pytest.raises(SystemExit) as exited:
+        main(["rasa", "--model", "m", "--official-steps", "data=demo"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --model" in capsys.readouterr().err
 
 
 def test_augmentation_probabilities_are_settings():
@@ -301,10 +283,10 @@ def test_resolution_defaults_to_the_native_size_of_the_model():
 
 
 def test_a_release_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch, capsys):
-    from franca_hf.rasa.train import main
+    from franca_hf.cli import main
 
     monkeypatch.setenv("FRANCA_HF_RELEASE_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("FRANCA_HF_CACHE", str(tmp_path / "cache"))
-    assert main(["model=franca_vitb14_In21K", "data=demo", f"out={tmp_path / 'out'}"]) == 2
+    assert main(["rasa", "model=franca_vitb14_In21K", "data=demo", f"out={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("franca-hf rasa: error:") and "Traceback" not in err

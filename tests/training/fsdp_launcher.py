@@ -8,7 +8,7 @@ unchanged (the trainer, `benchmarks/training.py --fsdp`), except that every Acce
 right after construction, with the plugin those settings describe, as Accelerate itself would on GPUs:
 
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 \
-        tests/training/fsdp_launcher.py -m franca_hf.training.pretrain --config demo run.output_dir=runs/fsdp
+        tests/training/fsdp_launcher.py -m franca_hf.cli pretrain --config demo run.output_dir=runs/fsdp
 
 Runs killed at deterministic places (the trainer): `FRANCA_TEST_KILL_IN_STEP=<n>` SIGKILLs every process in optimizer
 step n (after the update, before the EMA); `FRANCA_TEST_KILL_IN_CHECKPOINT=<n>` halfway through writing checkpoint n

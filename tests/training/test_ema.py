@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from franca_hf import FrancaModel
-from franca_hf.training.pretrain import ema_update
+from franca_hf.training.networks import ema_update
 
 from ..conftest import tiny_config
 

@@ -59,17 +59,15 @@ def _fsdp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     ViT-L recipe and ImageNet-21K."""
     command = docs_fsdp_command()
     module = command.index("-m")
-    assert (
-        command[:3] == ["accelerate", "launch", "--config_file"]
-        and command[module + 1] == "franca_hf.training.pretrain"
-    )
+    assert command[:3] == ["accelerate", "launch", "--config_file"]
+    assert command[module + 1 : module + 3] == ["franca_hf.cli", "pretrain"]
     launch = command[3:module]
     launch[launch.index("--num_processes") + 1] = "2"
-    settings = [a for a in command[module + 2 :] if not a.startswith(("data.source=", "run.output_dir="))]
+    settings = [a for a in command[module + 3 :] if not a.startswith(("data.source=", "run.output_dir="))]
     settings[settings.index("--config") + 1] = str(recipe)
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / launch[0]),
-        *launch[1:], "--main_process_port", str(free_port()), str(LAUNCHER), "-m", "franca_hf.training.pretrain",
+        *launch[1:], "--main_process_port", str(free_port()), str(LAUNCHER), "-m", "franca_hf.cli", "pretrain",
         *settings, f"data.source={recipe.parent / 'images'}", f"run.output_dir={output}", *SETTINGS, *overrides,
     ]  # fmt: skip
 
@@ -78,7 +76,7 @@ def _ddp_command(recipe: Path, output: Path, *overrides: str) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *SETTINGS,
+        "-m", "franca_hf.cli", "pretrain", "--config", str(recipe), f"run.output_dir={output}", *SETTINGS,
         *overrides,
     ]  # fmt: skip
 

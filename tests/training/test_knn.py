@@ -6,8 +6,8 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf.cli import main
-from franca_hf.conversion.export import make_image_processor
-from franca_hf.training.data import open_source
+from franca_hf.data import open_source
+from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
 
 
@@ -62,4 +62,4 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     assert knn("--dims", "8", "32") == 0
     assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out
     assert knn("--dims", "64") == 2
-    assert "--dims must lie in 1..32 (the model's hidden size), got [64]" in capsys.readouterr().err
+    assert "dims=64 is not allowed; choose one between 1 and 32. (--dims)" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_two_nodes_pretrain_does_global_duties_once(tmp_path):
     recipe.write_text(TINY_CONFIG.replace("DATA", str(images)))
     output = tmp_path / "run"
     knn = [f"eval.knn_train={images}", f"eval.knn_test={images}", "optim.total_steps=2", "run.log_with=null"]
-    outputs = _two_nodes("-m", "franca_hf.training.pretrain", "--config", str(recipe), f"run.output_dir={output}", *knn)
+    outputs = _two_nodes("-m", "franca_hf.cli", "pretrain", "--config", str(recipe), f"run.output_dir={output}", *knn)
     main, other = _rank_zero_first(outputs, "teacher exported to")
     for printed in ("teacher k-NN at init", "teacher k-NN after 2 steps"):
         assert main.count(printed) == 1 and printed not in other

@@ -17,9 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModel
 
-from franca_hf.conversion.export import make_image_processor
-from franca_hf.training.config import list_configs, load_config
-from franca_hf.training.demo_data import load_demo_dataset
+from franca_hf.data.demo import load_demo_dataset
+from franca_hf.modeling.image_processing_franca import make_image_processor
+from franca_hf.settings import list_configs
+from franca_hf.training.config import CONFIG_DIR, load_config
 
 from ..conftest import assert_publishable_folder
 
@@ -55,7 +56,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
 
 
 def _command(recipe: Path, output: Path, *overrides: str, processes: int = 1) -> list[str]:
-    launcher = [sys.executable, "-m", "franca_hf.training.pretrain"]
+    launcher = [sys.executable, "-m", "franca_hf.cli", "pretrain"]
     if processes > 1:
         launcher = [
             sys.executable,
@@ -73,7 +74,8 @@ def _command(recipe: Path, output: Path, *overrides: str, processes: int = 1) ->
             "--main_process_port",
             str(29500 + os.getpid() % 1000),
             "-m",
-            "franca_hf.training.pretrain",
+            "franca_hf.cli",
+            "pretrain",
         ]
     return [*launcher, "--config", str(recipe), f"run.output_dir={output}", *overrides]
 
@@ -323,7 +325,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, t
 
 
 def test_recipes_load_and_bad_configs_are_explained():
-    for name in list_configs():
+    for name in list_configs(CONFIG_DIR):
         config = load_config(name)
         assert config.optim.total_steps > 0
     b14 = load_config("vitb14_in21k")

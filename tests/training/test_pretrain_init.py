@@ -11,7 +11,9 @@ from transformers import AutoModel
 from franca_hf.conversion.convert import convert_checkpoint
 from franca_hf.modeling import FrancaConfig
 from franca_hf.training.config import PretrainConfig
-from franca_hf.training.pretrain import TrainState, build_networks, export_teacher
+from franca_hf.training.export import export_teacher
+from franca_hf.training.networks import build_networks
+from franca_hf.training.pretrain import TrainState
 
 from ..conftest import RASA_CHECKPOINT, TEACHER_CHECKPOINT, assert_publishable_folder
 

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from franca_hf.training.config import load_config
-from franca_hf.training.pretrain import LossWindow, NonFiniteLossError
+from franca_hf.training.metrics import LossWindow, NonFiniteLossError
 
 from .test_pretrain import _command, _losses, _run, tiny_recipe  # noqa: F401  (tiny_recipe is a fixture)
 

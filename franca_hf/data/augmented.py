@@ -2,8 +2,8 @@
 sampling. Unreadable images are skipped and counted, never fatal: a training sample that cannot be decoded is
 replaced by the next readable one, so every process keeps the same batch size.
 
-The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) live in `franca_hf.data`
-and are re-exported here.
+The sources themselves (`open_source` and friends: the demo set, folders, `hf:` datasets) are in `sources.py`; this
+module sits beside them, below both trainers (pretraining and RASA), and imports torch.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -12,20 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..data.sources import (  # noqa: F401  (re-exported: the sources used to live here)
-    DECODE_ERRORS,
-    ImageSource,
-    SkipCounter,
-    _image_column,
-    collect_image_paths,
-    folder_source,
-    hf_source,
-    load_hf_dataset,
-    open_source,
-    split_off,
-    subsample,
-    subset,
-)
+from ..errors import UsageError
+from .sources import DECODE_ERRORS, ImageSource, SkipCounter, _image_column
 
 MAX_CONSECUTIVE_FAILURES = 100
 
@@ -152,7 +140,7 @@ class EpochBatchSampler:
     def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.batches_per_epoch = num_items // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UsageError(
                 f"The dataset has {num_items} images, fewer than one global batch "
                 f"({batch_size} per process x {world_size} processes)."
             )

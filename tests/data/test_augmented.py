@@ -7,18 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from franca_hf.data import folder_source, hf_source, load_hf_dataset, open_source, subsample
+from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler, StreamedAugmentedImages, worker_index
 from franca_hf.training.augment import MultiCropAugmentation
-from franca_hf.training.data import (
-    AugmentedImages,
-    EpochBatchSampler,
-    StreamedAugmentedImages,
-    folder_source,
-    hf_source,
-    load_hf_dataset,
-    open_source,
-    subsample,
-    worker_index,
-)
 from franca_hf.training.pipeline import StreamPosition
 
 
