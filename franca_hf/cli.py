@@ -355,10 +355,13 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .modeling.image_processing_franca import make_image_processor
-    from .visualize import read_image, visualize
+    from .data.sources import read_image
 
-    image = read_image(args.image)  # a bad file is refused before the model loads
+    image = read_image(args.image)  # a bad file is refused before torch and the model load
+
+    from .modeling.image_processing_franca import make_image_processor
+    from .visualize import visualize
+
     model, processor = _load_model(args)
     if args.size:
         processor = make_image_processor(args.size)

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.sources import DECODE_ERRORS, open_image
-from .errors import InputNotFoundError, UsageError
+from .data.sources import read_image
 from .io import write_file_atomically
 from .rasa.probe import grid_coordinates, linear_probe_r2
 
@@ -92,20 +91,6 @@ def render_comparison(
         canvas.paste(picture, (left, margin))
         draw.text((left, margin + height + 6), caption, fill="black", font=font)
     return canvas, r2
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """The RGB image of one image file; a folder, a missing file or one that does not decode (not an image, truncated)
-    is a one-line error naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; visualize draws one image file.")
-    if not path.is_file():
-        raise InputNotFoundError(f"{path} does not exist.")
-    try:
-        return open_image(path)
-    except DECODE_ERRORS as error:
-        raise UsageError(f"{path} cannot be read as an image ({error}).") from error
 
 
 def visualize(model, image_processor, image: Image.Image | str | Path, out_file: str | Path) -> dict[str, float | None]:

@@ -28,6 +28,10 @@ for argv in parse_errors + flag_errors:
             code = exit.code
     assert code in (0, 2) and (code == 0) == (argv[-1] == "--help"), (argv, code, err.getvalue())
     assert argv in parse_errors or "error: --" in err.getvalue(), (argv, err.getvalue())
+for argv in (["visualize", "missing.jpg", "--model", "m", "--out", "f.png"], ["visualize", ".", "--model", "m", "--out", "f.png"]):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(argv)
+    assert code == 2 and err.getvalue().startswith(f"franca-hf visualize: error: {{argv[1]}} "), (argv, err.getvalue())
 print(json.dumps([sorted(commands), [name for name in {HEAVY!r} if name in sys.modules]]))
 """
 

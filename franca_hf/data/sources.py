@@ -78,6 +78,20 @@ def open_image(path: str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """The RGB image of one image file; a folder, a missing file or one that does not decode (not an image, truncated)
+    is a one-line error naming the file (needs neither torch nor a model)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; visualize draws one image file.")
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} does not exist.")
+    try:
+        return open_image(path)
+    except DECODE_ERRORS as error:
+        raise UsageError(f"{path} cannot be read as an image ({error}).") from error
+
+
 def _open_listed(paths: list[str], index: int) -> Image.Image:
     return open_image(paths[index])
 
