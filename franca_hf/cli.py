@@ -131,12 +131,9 @@ def _count(number: int, noun: str) -> str:
 
 def _load_model(args: argparse.Namespace, path: str | None = None):
     """The model and image processor the model flags (`_add_model_flags`) ask for (from `path` once resolved)."""
-    from .conversion.export import WEIGHT_DTYPES
-    from .features import load_model_and_processor
+    from .features.settings import ModelSpec
 
-    return load_model_and_processor(
-        path or args.model, device=args.device, dtype=WEIGHT_DTYPES[args.dtype], int8=args.int8
-    )
+    return ModelSpec(path or args.model, args.device, args.dtype, args.int8).load()
 
 
 def _check_runtime_flags(args: argparse.Namespace) -> None:

@@ -7,47 +7,32 @@ or `hf:` datasets.
 * `extract_features`: the same in memory, for a few images.
 * `store`: the folder layout (`datasets.load_dataset(folder)` opens it) and its readers.
 * `quantize_int8`: int8 Linear layers for CPU inference.
+* `ModelSpec` (`settings`): which model a command runs and how (cheap to import, like this package: its names load
+  on first use).
 """
 
-from ..data.sources import DECODE_ERRORS, IMAGE_SUFFIXES, collect_image_paths
-from .extract import (
-    ExtractedFeatures,
-    ExtractionResult,
-    check_feature_flags,
-    check_feature_request,
-    extract_features,
-    extract_to_folder,
-    feature_kind,
-    load_model_and_processor,
-    open_inputs,
-    process_state,
-)
-from .loop import default_num_workers, embed_batch, input_device_and_dtype, run_model
-from .quantize import quantize_int8
-from .store import ExtractionIndex, ExtractionSettings, iter_shards, read_model_fingerprint, read_shard
+from ..lazy import lazy_exports
 
-__all__ = [
-    "DECODE_ERRORS",
-    "IMAGE_SUFFIXES",
-    "ExtractedFeatures",
-    "ExtractionIndex",
-    "ExtractionResult",
-    "ExtractionSettings",
-    "check_feature_flags",
-    "check_feature_request",
-    "collect_image_paths",
-    "default_num_workers",
-    "embed_batch",
-    "extract_features",
-    "extract_to_folder",
-    "feature_kind",
-    "input_device_and_dtype",
-    "iter_shards",
-    "load_model_and_processor",
-    "open_inputs",
-    "process_state",
-    "quantize_int8",
-    "read_model_fingerprint",
-    "read_shard",
-    "run_model",
-]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "extract": (
+            "ExtractedFeatures",
+            "ExtractionResult",
+            "check_feature_flags",
+            "check_feature_request",
+            "extract_features",
+            "extract_to_folder",
+            "feature_kind",
+            "load_model_and_processor",
+            "open_inputs",
+            "process_state",
+        ),
+        "loop": ("default_num_workers", "embed_batch", "input_device_and_dtype", "run_model"),
+        "quantize": ("quantize_int8",),
+        "settings": ("ModelSpec",),
+        "store": ("ExtractionIndex", "ExtractionSettings", "iter_shards", "read_model_fingerprint", "read_shard"),
+    },
+)
+
+__all__ = sorted(__dir__())

@@ -412,10 +412,12 @@ def load_model_and_processor(
     state = process_state(device)
     device = torch.device(device) if device else state.device
     if int8 and dtype not in (None, torch.float32):
-        raise UsageError(f"--int8 quantises a float32 model; drop --dtype {str(dtype).removeprefix('torch.')}.")
+        raise UsageError(
+            f"int8 quantises a float32 model; got dtype={str(dtype).removeprefix('torch.')}.", setting="int8"
+        )
     if int8 and device.type != "cpu":
         raise UsageError(
-            f"--int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got --device {device}."
+            f"int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got device={device}.", setting="int8"
         )
     with state.main_process_first():  # a release name is downloaded and converted once, by the first process
         path = resolve_model(name_or_path)

@@ -40,4 +40,4 @@ def test_extract_cli_int8(tiny_folder, tmp_path):
 
 def test_int8_errors_name_the_flags(tiny_folder, tmp_path, capsys):
     assert main([*extract_command(EXAMPLE_IMAGES, tiny_folder, tmp_path / "x", "--int8", "--dtype", "bfloat16")]) == 2
-    assert "--int8 quantises a float32 model; drop --dtype bfloat16" in capsys.readouterr().err
+    assert "int8 quantises a float32 model; got dtype=bfloat16. (--int8)" in capsys.readouterr().err
