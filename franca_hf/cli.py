@@ -293,62 +293,55 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    from .retrieval import IndexSettings, build_index, index_images, is_features_folder
+    from .features.settings import ModelSpec
+    from .retrieval_settings import AnnSettings, IndexSettings
 
-    knobs = ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")  # the flags that are IndexSettings fields
-    chosen = {key: getattr(args, key) for key in knobs if getattr(args, key) is not None}
-    settings = IndexSettings(**chosen) if chosen or not args.append else None
-    if len(args.images) == 1 and is_features_folder(args.images[0]):
-        model = _load_model(args)[0] if args.model else None
-        report = build_index(
-            args.images[0], args.out, settings, args.append, args.overwrite, model, args.allow_other_model
-        )
-        index, how = report.index, f"from the features in {args.images[0]}"
-        if report.appended:
-            how = f"appended {report.added} from the features in {args.images[0]}"
-    else:
-        if args.model is None:
-            raise UsageError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
-        if args.append:
-            raise UsageError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
-        model, processor = _load_model(args)
-        index = index_images(
-            model, processor, args.images, args.batch_size, num_workers=args.num_workers, settings=settings
-        )
-        index.save(args.out)
-        how = f"with {args.model}"
-    print(f"indexed {len(index)} images ({index.describe()}) {how} -> {args.out}")
+    knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")}
+    chosen = {key: value for key, value in knobs.items() if value is not None}
+    settings = IndexSettings(
+        args.images,
+        args.out,
+        model=ModelSpec(args.model, args.device, args.dtype, args.int8) if args.model else None,
+        ann=AnnSettings(**chosen) if chosen else None,
+        append=args.append,
+        overwrite=args.overwrite,
+        allow_other_model=args.allow_other_model,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    from .retrieval import index
+
+    result = index(settings)
+    how = f"appended {result.added} {result.source}" if result.appended else result.source
+    print(f"indexed {len(result.index)} images ({result.index.describe()}) {how} -> {args.out}")
 
 
 def _search(args: argparse.Namespace) -> None:
-    _require_at_least(1, k=args.k)
-    from .retrieval import default_funnel, load_index
+    from .features.settings import ModelSpec
+    from .retrieval_settings import SearchSettings
 
-    index = load_index(args.index, device=args.device or "cpu")
-    if args.dim is not None:
-        index.check_dim(args.dim)
-    model, processor = _load_model(args)
-    k = min(args.k, len(index))
-    if k < args.k:
-        print(
-            f"note: the index holds {len(index)} images, fewer than --k {args.k}; showing all of them.", file=sys.stderr
-        )
-    funnel = True if args.funnel else False if args.exact else None
-    paths, scores, indices = index.search_images(
-        args.queries, model, processor, k, args.dim, funnel, args.allow_other_model
+    settings = SearchSettings(
+        args.queries,
+        args.index,
+        ModelSpec(args.model, args.device, args.dtype, args.int8),
+        k=args.k,
+        dim=args.dim,
+        funnel=True if args.funnel else False if args.exact else None,
+        allow_other_model=args.allow_other_model,
     )
-    dim = args.dim or index.width
-    if index.settings.ann != "none" if funnel is None else funnel:
-        stages = default_funnel([d for d in index.dims if d <= dim], k)
-        how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
-    else:
-        how = f"exact, dim {dim}, cut in the model's basis"
-    print(f"top-{k} of {len(index)} images ({how})")
-    for query, row_scores, row_indices in zip(paths, scores.tolist(), indices.tolist(), strict=True):
+    from .retrieval import search
+
+    result = search(settings)
+    if result.clamped:
+        print(
+            f"note: the index holds {result.index_size} images, fewer than --k {args.k}; showing all of them.",
+            file=sys.stderr,
+        )
+    print(f"top-{result.k} of {result.index_size} images ({result.how})")
+    for query, row_scores, row_ids in zip(result.queries, result.scores.tolist(), result.ids, strict=True):
         print(query)
-        for rank, (score, position) in enumerate(zip(row_scores, row_indices, strict=True), start=1):
-            print(f"  {rank:2d}. {score:.4f}  {index.ids[position]}")
+        for rank, (score, id_) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
+            print(f"  {rank:2d}. {score:.4f}  {id_}")
 
 
 def _visualize(args: argparse.Namespace) -> None:
