@@ -189,9 +189,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     ]
     print("\n".join(header), flush=True)
 
-    exact, exact_build = build(
-        "ours, exact", lambda: EmbeddingIndex(database, dims=dims, settings=AnnSettings("none"))
-    )
+    exact, exact_build = build("ours, exact", lambda: EmbeddingIndex(database, dims=dims, settings=AnnSettings("none")))
     flat_full, flat_full_build = build("IndexFlatIP(D)", lambda: flat(unit))
     flat_small, flat_small_build = build("IndexFlatIP(D/16)", lambda: flat(small_unit))
     hnsw_settings = AnnSettings("hnsw", hnsw_m=args.hnsw_m, ef_search=args.ef_search)
