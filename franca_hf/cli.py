@@ -14,55 +14,38 @@ from .errors import USER_ERRORS, OutputExistsError, UsageError, report
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .conversion.convert import convert_checkpoint, convert_release
+    from .conversion.settings import ConvertSettings, PushSettings
 
-    if (args.checkpoint is None) == (args.release is None):
-        raise UsageError("Give either a CHECKPOINT file or --release NAME (not both).")
-    if args.release is not None:
-        if args.rasa is not None:
-            raise UsageError("--rasa is for local checkpoints; with --release use --with-rasa.")
-        fixed = [flag for flag, value in (("--preset", args.preset), ("--num-heads", args.num_heads)) if value]
-        if fixed:
-            raise UsageError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
-        folder = convert_release(
-            args.release,
-            out_dir=args.out,
-            with_rasa=args.with_rasa,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            base_url=args.base_url,
-            cache=args.cache_dir,
-            verify=not args.no_verify,
-        )
-        print(f"converted {args.release} -> {folder}")
-        _maybe_push(args, folder)
-        return
-    if args.out is None:
-        raise UsageError("--out DIR is required when converting a local checkpoint.")
-    result = convert_checkpoint(
+    push = PushSettings(args.push_to_hub, private=args.private, endpoint=args.endpoint) if args.push_to_hub else None
+    settings = ConvertSettings(
         args.checkpoint,
+        args.release,
         args.out,
         rasa=args.rasa,
+        with_rasa=args.with_rasa,
         preset=args.preset,
         num_heads=args.num_heads,
         dtype=args.dtype,
         overwrite=args.overwrite,
         verify=not args.no_verify,
+        base_url=args.base_url,
+        cache_dir=args.cache_dir,
+        push=push,
     )
-    print(f"converted {result.report.converted} tensors -> {result.folder}")
-    if result.report.skipped_heads:
-        print(f"skipped {len(result.report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
-    if result.parity:
-        print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in result.parity.items()}))
-    _maybe_push(args, result.folder)
+    from .conversion.convert import convert
 
-
-def _maybe_push(args: argparse.Namespace, folder) -> None:
-    if args.push_to_hub:
-        from .conversion.hub import push_to_hub
-
-        url = push_to_hub(folder, args.push_to_hub, private=args.private, endpoint=args.endpoint)
-        print(f"pushed to {args.push_to_hub}: {url}")
+    result = convert(settings)
+    if result.conversion is None:
+        print(f"converted {args.release} -> {result.folder}")
+    else:
+        report, parity = result.conversion.report, result.conversion.parity
+        print(f"converted {report.converted} tensors -> {result.folder}")
+        if report.skipped_heads:
+            print(f"skipped {len(report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
+        if parity:
+            print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in parity.items()}))
+    if result.commit_url is not None:
+        print(f"pushed to {args.push_to_hub}: {result.commit_url}")
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -278,18 +261,20 @@ def _fit_pca(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .conversion.hub import push_to_hub
+    from .conversion.settings import PushSettings
 
-    url = push_to_hub(
-        args.folder,
+    settings = PushSettings(
         args.repo_id,
+        args.folder,
         private=args.private,
         revision=args.revision,
         commit_message=args.message,
         base_model=args.base_model,
         endpoint=args.endpoint,
     )
-    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    from .conversion.hub import push
+
+    print(f"pushed {args.folder} to {args.repo_id}: {push(settings)}")
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -364,12 +349,9 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _releases(args: argparse.Namespace) -> None:
-    for release in RELEASES.values():
-        grid = f"{release.grid * 14}px" if release.grid else "?"
-        print(
-            f"{release.stem:34s} {release.tag}  {release.preset:10s} table {grid:6s} "
-            f"RASA {'yes' if release.has_rasa else 'no '}  {release.dataset}"
-        )
+    from .conversion.releases import release_table
+
+    print(release_table())
 
 
 def build_parser() -> argparse.ArgumentParser:

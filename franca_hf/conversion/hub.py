@@ -15,6 +15,7 @@ from ..errors import InputNotFoundError, UsageError
 from ..io import write_file_atomically
 from ..modeling import FrancaConfig
 from .model_card import render_model_card
+from .settings import PushSettings
 
 REQUIRED_FILES = (
     "config.json",
@@ -70,3 +71,19 @@ def push_to_hub(
         ignore_patterns=[".*"],
     )
     return commit.commit_url
+
+
+def push(settings: PushSettings) -> str:
+    """`franca-hf push`: `push_to_hub` with the settings; returns the commit URL."""
+    if settings.folder is None:
+        raise UsageError("folder is required: the Franca folder to upload.", setting="folder")
+    return push_to_hub(
+        settings.folder,
+        settings.repo_id,
+        private=settings.private,
+        revision=settings.revision,
+        token=settings.token,
+        commit_message=settings.commit_message,
+        base_model=settings.base_model,
+        endpoint=settings.endpoint,
+    )
