@@ -169,7 +169,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     """Time and score every operating point, ours beside plain FAISS, on one database; returns a Markdown block."""
     import faiss
 
-    from franca_hf.retrieval import AnnSettings
+    from franca_hf.retrieval_settings import AnnSettings
 
     database = torch.nn.functional.normalize(database.float(), dim=1)
     queries = torch.nn.functional.normalize(queries.float(), dim=1)

@@ -822,14 +822,11 @@ def search(settings: SearchSettings) -> SearchResult:
 
 
 __all__ = [
-    "AnnSettings",
     "BuildReport",
     "EmbeddingIndex",
     "IndexResult",
-    "IndexSettings",
     "ModelMismatchError",
     "SearchResult",
-    "SearchSettings",
     "build_index",
     "default_funnel",
     "index",

@@ -19,7 +19,6 @@ from franca_hf import FrancaModel, retrieval, retrieval_settings
 from franca_hf.cli import main
 from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.retrieval import (
-    AnnSettings,
     EmbeddingIndex,
     ModelMismatchError,
     build_index,
@@ -27,6 +26,7 @@ from franca_hf.retrieval import (
     index_from_features,
     index_images,
 )
+from franca_hf.retrieval_settings import AnnSettings
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
@@ -513,7 +513,8 @@ def test_an_interrupted_append_leaves_the_index_as_it_was(tmp_path, monkeypatch)
 PEAK_RSS = """
 import sys
 import faiss
-from franca_hf.retrieval import AnnSettings, build_index, index_from_features
+from franca_hf.retrieval import build_index, index_from_features
+from franca_hf.retrieval_settings import AnnSettings
 faiss.omp_set_num_threads(1)
 for features, out in zip(sys.argv[1::2], sys.argv[2::2]):
     open("/proc/self/clear_refs", "w").write("5")

@@ -10,7 +10,8 @@ from franca_hf import retrieval
 from franca_hf.cli import main
 from franca_hf.errors import UsageError
 from franca_hf.features import ModelSpec
-from franca_hf.retrieval import AnnSettings, EmbeddingIndex, IndexSettings, SearchSettings
+from franca_hf.retrieval import EmbeddingIndex
+from franca_hf.retrieval_settings import AnnSettings, IndexSettings, SearchSettings
 
 from .conftest import EXAMPLE_IMAGES
 
