@@ -7,6 +7,7 @@ without franca_hf installed. The Hub address follows huggingface_hub (`HF_ENDPOI
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -77,13 +78,4 @@ def push(settings: PushSettings) -> str:
     """`franca-hf push`: `push_to_hub` with the settings; returns the commit URL."""
     if settings.folder is None:
         raise UsageError("folder is required: the Franca folder to upload.", setting="folder")
-    return push_to_hub(
-        settings.folder,
-        settings.repo_id,
-        private=settings.private,
-        revision=settings.revision,
-        token=settings.token,
-        commit_message=settings.commit_message,
-        base_model=settings.base_model,
-        endpoint=settings.endpoint,
-    )
+    return push_to_hub(**asdict(settings))  # the settings are push_to_hub's arguments, by name
