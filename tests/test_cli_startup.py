@@ -18,6 +18,7 @@ flag_errors = [
     ["search", "q.jpg", "--index", "index.safetensors", "--model", "m", "--k", "0"],
     ["knn", "--model", "m", "--train", "demo", "--test", "demo", "--batch-size", "0"],
     ["fit-pca", "--model", "m", "--data", "demo", "--out", "pca", "--max-images", "0"],
+    ["convert", "checkpoint.pth"],
 ]
 parse_errors = [["--help"], *([name, "--help"] for name in commands), ["extract", "photos"], ["visualize", "x.jpg"]]
 for argv in parse_errors + flag_errors:
