@@ -18,6 +18,9 @@ A saved index is a folder (`MANIFEST_FILE` + the vectors as raw float32 + the id
 FAISS's own format). Opening one reads the manifest only; vectors are memory-mapped, ids and the FAISS index are
 read on first use. `build_index` streams a `franca-hf extract` folder's shards into one, with memory bounded by one
 shard plus the first stage, and `append=True` adds the shards that are new since the last build.
+
+`index(IndexSettings)` and `search(SearchSettings)` are the `franca-hf index` / `search` commands, one call each
+(their settings live in the cheap `franca_hf.retrieval_settings`).
 """
 
 import json
