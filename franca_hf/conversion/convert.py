@@ -290,28 +290,19 @@ class ConvertResult:
 def convert(settings: ConvertSettings) -> ConvertResult:
     """`franca-hf convert`: a local checkpoint (`convert_checkpoint`) or a release (`convert_release`) to a verified
     folder, then pushed to the Hub with `settings.push`."""
-    conversion = None
+    conversion, shared = None, {"dtype": settings.dtype, "overwrite": settings.overwrite, "verify": settings.verify}
     if settings.release is not None:
         folder = convert_release(
             settings.release,
-            out_dir=settings.out,
-            with_rasa=settings.with_rasa,
-            dtype=settings.dtype,
-            overwrite=settings.overwrite,
+            settings.out,
+            settings.with_rasa,
             base_url=settings.base_url,
             cache=settings.cache_dir,
-            verify=settings.verify,
+            **shared,
         )
     else:
         conversion = convert_checkpoint(
-            settings.checkpoint,
-            settings.out,
-            rasa=settings.rasa,
-            preset=settings.preset,
-            num_heads=settings.num_heads,
-            dtype=settings.dtype,
-            overwrite=settings.overwrite,
-            verify=settings.verify,
+            settings.checkpoint, settings.out, settings.rasa, settings.preset, settings.num_heads, **shared
         )
         folder = conversion.folder
     commit_url = push(replace(settings.push, folder=str(folder))) if settings.push is not None else None
