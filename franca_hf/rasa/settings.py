@@ -35,22 +35,27 @@ class RasaSettings:
         model's `patch_size` when given."""
         for name in ("steps", "epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}.", setting=name)
         if patch_size is not None and self.resolution is not None:
             if self.resolution % patch_size or self.resolution < 2 * patch_size:
                 suggestion = max(2, round(self.resolution / patch_size)) * patch_size
                 raise UsageError(
                     f"resolution={self.resolution} must be a multiple of the model's patch size ({patch_size}) of at "
-                    f"least 2 patches, e.g. resolution={suggestion}."
+                    f"least 2 patches, e.g. resolution={suggestion}.",
+                    setting="resolution",
                 )
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise UsageError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.")
+            raise UsageError(
+                f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}.",
+                setting="crop_scale",
+            )
         for name in ("jitter_probability", "grayscale_probability", "blur_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)}.", setting=name)
         if self.held_out_images < 4:
             raise UsageError(
-                f"held_out_images must be >= 4 (two halves for the position probe), got {self.held_out_images}."
+                f"held_out_images must be >= 4 (two halves for the position probe), got {self.held_out_images}.",
+                setting="held_out_images",
             )
 
     def for_model(self, config) -> "RasaSettings":

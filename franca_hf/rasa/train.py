@@ -188,7 +188,7 @@ def train_rasa(
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", setting="overwrite")
     settings = settings.for_model(model.config)
     model.eval().requires_grad_(False).to(accelerator.device)
     width = model.config.hidden_size
