@@ -559,11 +559,30 @@ def _add_visualize(commands: argparse._SubParsersAction) -> None:
     visualize.set_defaults(run=_visualize)
 
 
+def _add_training_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    run,
+    config: tuple[str | None, str],
+    settings: tuple[str, str],
+    **texts: str,
+) -> None:
+    """A command of the training grammar (`GRAMMAR`): a recipe, `--config` (default, help), then any number of
+    key=value settings, a positional (dest, help); `texts` are add_parser's help, description and epilog."""
+    command = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+    command.add_argument("--config", default=config[0], help=config[1])
+    command.add_argument(settings[0], nargs="*", help=settings[1])
+    command.set_defaults(run=run)
+
+
 def _add_pretrain(commands: argparse._SubParsersAction) -> None:
-    pretrain = commands.add_parser(
+    _add_training_command(
+        commands,
         "pretrain",
+        _pretrain,
+        config=("demo", "a bundled recipe (demo, vitb14_in21k, ...) or a YAML file"),
+        settings=("overrides", "section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)"),
         help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 Franca pretraining with Accelerate: DINO + iBOT with nested Matryoshka heads, Sinkhorn-Knopp targets, KoLeo,
 CyclicMask, an EMA teacher and multi-crop, from one CPU to many GPUs (docs/pretraining.md).
@@ -572,20 +591,16 @@ CyclicMask, an EMA teacher and multi-crop, from one CPU to many GPUs (docs/pretr
     franca-hf pretrain --config vitb14_in21k data.source=/data/in21k run.output_dir=runs/b14
 """,
     )
-    pretrain.add_argument("--config", default="demo", help="a bundled recipe (demo, vitb14_in21k, ...) or a YAML file")
-    pretrain.add_argument(
-        "overrides",
-        nargs="*",
-        help="section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)",
-    )
-    pretrain.set_defaults(run=_pretrain)
 
 
 def _add_rasa(commands: argparse._SubParsersAction) -> None:
-    rasa = commands.add_parser(
+    _add_training_command(
+        commands,
         "rasa",
+        _rasa,
+        config=(None, "a YAML file of settings (key: value), applied before the key=value ones"),
+        settings=("settings", "key=value, e.g. model=runs/demo/teacher data=demo out=rasa"),
         help="learn RASA position directions on a frozen Franca or DINOv2 backbone",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
 
@@ -606,9 +621,6 @@ Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the wh
             "and out are required."
         ),
     )
-    rasa.add_argument("--config", help="a YAML file of settings (key: value), applied before the key=value ones")
-    rasa.add_argument("settings", nargs="*", help="key=value, e.g. model=runs/demo/teacher data=demo out=rasa")
-    rasa.set_defaults(run=_rasa)
 
 
 def _add_knn(commands: argparse._SubParsersAction) -> None:
