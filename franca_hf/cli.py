@@ -397,11 +397,15 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _rasa(args: argparse.Namespace) -> None:
-    from .rasa.train import rasa
     from .settings import load_settings
 
+    settings = load_settings(
+        RasaRunSettings, args.config, args.settings
+    )  # a bad setting is answered before torch loads
+    from .rasa.train import rasa
+
     _log_to_stderr(franca_hf_level=logging.WARNING)
-    report = rasa(load_settings(RasaRunSettings, args.config, args.settings))
+    report = rasa(settings)
     if _is_main_process():
         print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
 
