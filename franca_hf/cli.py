@@ -399,9 +399,8 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _rasa(args: argparse.Namespace) -> None:
     from .settings import load_settings
 
-    settings = load_settings(
-        RasaRunSettings, args.config, args.settings
-    )  # a bad setting is answered before torch loads
+    # a bad setting is answered before torch loads
+    settings = load_settings(RasaRunSettings, args.config, args.settings)
     from .rasa.train import rasa
 
     _log_to_stderr(franca_hf_level=logging.WARNING)
