@@ -731,11 +731,20 @@ def _with_flag(error: Exception, parser: argparse.ArgumentParser, command: str) 
     setting = getattr(error, "setting", None)
     if setting is None:
         return str(error)
-    # argparse has no public lookup of a subcommand's actions by dest
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    actions = subcommands.choices[command]._actions
+    (subcommand,) = _subparsers(parser)  # argparse has no public lookup of a subcommand's actions by dest
+    actions = _actions(subcommand.choices[command])
     flags = [action.option_strings[0] for action in actions if action.dest == setting and action.option_strings]
     return f"{error} ({flags[0]})" if flags else str(error)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The arguments of `parser` and of its subcommands (`eval linear`, `eval seg`)."""
+    nested = [_actions(choice) for subcommands in _subparsers(parser) for choice in subcommands.choices.values()]
+    return [*parser._actions, *(action for actions in nested for action in actions)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from franca_hf.cli import GRAMMAR, build_parser, main
-from franca_hf.errors import RunStoppedError
+from franca_hf.cli import GRAMMAR, _with_flag, build_parser, main
+from franca_hf.errors import RunStoppedError, UsageError
 from franca_hf.rasa.settings import RasaRunSettings
 from franca_hf.training.config import load_config
 
@@ -122,3 +122,12 @@ def test_rasa_passes_its_settings_file_and_key_values_to_rasa_and_prints_the_rep
     )
     assert calls == [expected]
     assert json.loads(capsys.readouterr().out) == {"probe_r2": [0.9, 0.2], "cosine_to_raw": [1.0, 0.95]}
+
+
+def test_a_setting_named_by_a_usage_error_gets_its_flag_also_under_a_protocol():
+    parser = build_parser()
+    named = UsageError("epochs must be at least 1; got 0.", setting="epochs")
+    assert _with_flag(named, parser, "eval") == "epochs must be at least 1; got 0. (--epochs)"  # eval linear/seg
+    assert _with_flag(UsageError("dim=48 is not allowed.", setting="dim"), parser, "search").endswith("(--dim)")
+    # key=value settings are named as typed: nothing to add
+    assert _with_flag(UsageError("steps must be >= 1, got 0.", setting="steps"), parser, "rasa").endswith("got 0.")
