@@ -38,7 +38,7 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 from franca_hf import FrancaConfig, FrancaModel
 from franca_hf.data import files_source, open_source, subsample
 from franca_hf.features import (
-    ExtractionSettings,
+    ExtractionRecord,
     default_num_workers,
     extract_to_folder,
     load_model_and_processor,
@@ -99,10 +99,10 @@ def write_images(folder: Path, count: int) -> list[str]:
     return paths
 
 
-def run_extract(model, processor, paths, work: Path, batch: int, workers: int, settings) -> None:
+def run_extract(model, processor, paths, work: Path, batch: int, workers: int, record) -> None:
     out = work / "extract_out"
     extract_to_folder(
-        model, processor, files_source(paths), out, settings, batch_size=batch, num_workers=workers, progress=False
+        model, processor, files_source(paths), out, record, batch_size=batch, num_workers=workers, progress=False
     )
     shutil.rmtree(out)
 
@@ -124,7 +124,7 @@ def speed(args) -> None:
             (model, name), processor = random_vit_b(), make_image_processor(224)
         models = {"fp32": model, "int8": quantize_int8(model)}
         paths = write_images(work / "images", args.images)
-        settings = ExtractionSettings(
+        record = ExtractionRecord(
             model=name,
             sources=[str(work / "images")],
             split="train",
@@ -136,7 +136,7 @@ def speed(args) -> None:
         )
         workers = default_num_workers() if args.workers is None else args.workers
         methods = {
-            "franca-hf extract": lambda m, p=paths: run_extract(m, processor, p, work, args.batch, workers, settings),
+            "franca-hf extract": lambda m, p=paths: run_extract(m, processor, p, work, args.batch, workers, record),
             "pipeline loop": lambda m, p=paths: run_pipeline(m, processor, p, args.batch, workers),
         }
         print(

@@ -66,53 +66,32 @@ def _maybe_push(args: argparse.Namespace, folder) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    # checks of the flags alone come before the imports: a usage error answers without loading torch
-    if str(args.out).endswith(".safetensors"):
-        raise UsageError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
-    _check_runtime_flags(args)
-    _require_at_least(1, shard_size=args.shard_size)
-    from .features import (
-        ExtractionSettings,
-        check_feature_flags,
-        check_feature_request,
-        extract_to_folder,
-        feature_kind,
-        open_inputs,
-        process_state,
-    )
-    from .modeling import matryoshka_dims_of
+    from .features.settings import ExtractSettings, ModelSpec
 
-    check_feature_flags(args.dense, args.debiased)
-    source = open_inputs(args.images, split=args.split, image_column=args.image_column)
-    model, processor = _load_model(args)
-    check_feature_request(model, args.dim, args.dense, args.debiased)
-    settings = ExtractionSettings(
-        model=args.model,
-        sources=[str(item) for item in args.images],
+    settings = ExtractSettings(
+        images=args.images,
+        out=args.out,
+        model=ModelSpec(args.model, args.device, args.dtype, args.int8),
+        dim=args.dim,
+        dense=args.dense,
+        debiased=args.debiased,
+        normalize=not args.no_normalize,
+        features_dtype=args.features_dtype,
         split=args.split,
-        kind=feature_kind(args.dense, args.debiased),
-        dim=args.dim or model.config.hidden_size,
-        normalized=not args.no_normalize and not args.dense,
-        dtype=args.features_dtype,
-        matryoshka_dims=matryoshka_dims_of(model.config),
-        quantized="int8" if args.int8 else None,
-    )
-    result = extract_to_folder(
-        model,
-        processor,
-        source,
-        args.out,
-        settings,
+        image_column=args.image_column,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        shard_rows=args.shard_size,
+        shard_size=args.shard_size,
         allow_other_model=args.allow_other_model,
     )
-    if process_state().is_main_process:
-        index = result.index
+    from .features import extract  # after the settings: a usage error answers without loading torch
+
+    result = extract(settings)
+    if result.is_main_process:
+        index, record = result.index, result.index.settings
         resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
         print(
-            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {_count(index.rows, 'image')} "
+            f"wrote {record.kind} features ({record.dim} channels, {record.dtype}) of {_count(index.rows, 'image')} "
             f"in {_count(len(index.shards), 'shard')} to {args.out}{resumed}"
         )
         if index.failed:

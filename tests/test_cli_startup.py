@@ -27,7 +27,7 @@ for argv in parse_errors + flag_errors:
         except SystemExit as exit:
             code = exit.code
     assert code in (0, 2) and (code == 0) == (argv[-1] == "--help"), (argv, code, err.getvalue())
-    assert argv in parse_errors or "error: --" in err.getvalue(), (argv, err.getvalue())
+    assert argv in parse_errors or ("error: " in err.getvalue() and "--" in err.getvalue()), (argv, err.getvalue())
 for argv in (["visualize", "missing.jpg", "--model", "m", "--out", "f.png"], ["visualize", ".", "--model", "m", "--out", "f.png"]):
     with contextlib.redirect_stderr(io.StringIO()) as err:
         code = main(argv)

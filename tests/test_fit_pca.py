@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
-import franca_hf.features.extract
+import franca_hf.features.extraction
 from franca_hf import FrancaModel
 from franca_hf.cli import main
 from franca_hf.conversion.export import save_model_folder
@@ -121,7 +121,7 @@ def test_fit_pca_errors_name_the_flags(trained_folder, tmp_path, capsys, monkeyp
     def never_loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(franca_hf.features.extract, "load_model_and_processor", never_loaded)
+    monkeypatch.setattr(franca_hf.features.extraction, "load_model_and_processor", never_loaded)
     out = tmp_path / "out"
     assert "--max-images 10 is too few: a PCA basis of this 32-dim model needs at least 33 images" in error(
         *fit_pca(trained_folder, "demo", out, "--max-images", "10")

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from ..data.demo import demo_split_size
 from ..data.sources import ImageSource, open_source, subsample
 from ..errors import UsageError
-from ..features.extract import extract_to_folder
+from ..features.extraction import extract_to_folder
 from ..features.loop import run_model
-from ..features.store import ExtractionSettings, iter_shards
+from ..features.store import ExtractionRecord, iter_shards
 from ..modeling import matryoshka_dims_of, normalized_prefix
 
 # The official grid (`eval/linear.py` defaults), before scaling by batch size / 256.
@@ -376,7 +376,7 @@ def probe_rows(
             ids.extend(source.describe(p) for p in positions)
     else:
         folder = Path(settings.features_dir) / _folder_name(source.name, split)
-        extraction = ExtractionSettings(
+        extraction = ExtractionRecord(
             model=model_name,
             sources=[source.name],
             split=split,
@@ -504,7 +504,7 @@ def format_linear_report(report: LinearReport) -> str:
 
 def run_linear_evaluation(model: str, settings: LinearSettings, device: str | None = None) -> LinearReport:
     """`evaluate_linear` of a model folder, Hub id or release name (loaded with its image processor)."""
-    from ..features.extract import load_model_and_processor
+    from ..features.extraction import load_model_and_processor
 
     loaded, image_processor = load_model_and_processor(model, device=device)
     return evaluate_linear(loaded, image_processor, settings, model_name=model, progress=True)

@@ -395,7 +395,7 @@ def run_segmentation_evaluation(
     `show`, also the figure of that many test images (`show_predictions`) at `figure`."""
     from ..data.demo import demo_split_size
     from ..data.sources import open_segmentation_source
-    from ..features.extract import load_model_and_processor
+    from ..features.extraction import load_model_and_processor
 
     loaded, image_processor = load_model_and_processor(model, device=device)
     train, test = (

@@ -5,7 +5,7 @@ from pathlib import Path
 from ..data.sources import open_segmentation_source
 from ..evaluation.linear import LinearSettings, evaluate_linear
 from ..evaluation.segmentation import SegmentationSettings, evaluate_segmentation
-from ..features.extract import load_model_and_processor
+from ..features.extraction import load_model_and_processor
 from .config import PretrainConfig
 
 

@@ -1,0 +1,65 @@
+"""Each command's flags reach the settings of its one library call (the call captured, no model loaded), and the
+settings' own checks name the setting, which the command line follows with its flag."""
+
+import importlib
+
+import pytest
+
+from franca_hf.cli import main
+from franca_hf.errors import UsageError
+from franca_hf.features import ExtractSettings, ModelSpec
+
+
+class Called(Exception):
+    """Raised by a stand-in library call with the settings it was given."""
+
+
+def settings_of(monkeypatch, module: str, function: str, argv: list[str]):
+    """The settings object `franca-hf argv` passes to `module.function`."""
+
+    def capture(settings):
+        raise Called(settings)
+
+    monkeypatch.setattr(importlib.import_module(module), function, capture)
+    with pytest.raises(Called) as called:
+        main(argv)
+    return called.value.args[0]
+
+
+def test_every_extract_flag_reaches_its_setting(monkeypatch):
+    argv = ["extract", "a.jpg", "photos", "--model", "m", "--device", "cpu", "--dtype", "bfloat16", "--out", "f"]
+    argv += ["--dim", "16", "--dense", "--debiased", "--no-normalize", "--features-dtype", "float16", "--split", "val"]
+    argv += ["--image-column", "img", "--shard-size", "7", "--allow-other-model", "--batch-size", "3"]
+    argv += ["--num-workers", "2"]
+    settings = settings_of(monkeypatch, "franca_hf.features.extraction", "extract", argv)
+    assert settings == ExtractSettings(
+        images=["a.jpg", "photos"],
+        out="f",
+        model=ModelSpec("m", device="cpu", dtype="bfloat16"),
+        dim=16,
+        dense=True,
+        debiased=True,
+        normalize=False,
+        features_dtype="float16",
+        split="val",
+        image_column="img",
+        batch_size=3,
+        num_workers=2,
+        shard_size=7,
+        allow_other_model=True,
+    )
+    int8 = settings_of(monkeypatch, "franca_hf.features.extraction", "extract", [*argv[:5], "--out", "f", "--int8"])
+    assert int8.model == ModelSpec("m", int8=True)
+
+
+def test_extract_settings_name_the_setting_at_fault(capsys):
+    with pytest.raises(UsageError, match=r"^shard_size must be at least 1; got 0\.$") as raised:
+        ExtractSettings(["photos"], "features", ModelSpec("m"), shard_size=0)
+    assert raised.value.setting == "shard_size"
+    with pytest.raises(UsageError, match="features_dtype='bfloat16' is not one of") as raised:
+        ExtractSettings(["photos"], "features", ModelSpec("m"), features_dtype="bfloat16")
+    assert raised.value.setting == "features_dtype"
+    assert main(["extract", "photos", "--model", "m", "--out", "f", "--num-workers", "-1"]) == 2
+    assert (
+        capsys.readouterr().err == "franca-hf extract: error: num_workers must be at least 0; got -1. (--num-workers)\n"
+    )
