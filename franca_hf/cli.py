@@ -6,11 +6,10 @@ import functools
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
-from .errors import USER_ERRORS, OutputExistsError, UsageError, report
+from .errors import USER_ERRORS, UsageError, report
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -199,61 +198,28 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _fit_pca(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    _require_at_least(1, max_images=args.max_images)
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
-    from transformers import AutoConfig
+    from .features.settings import ModelSpec
+    from .matryoshka_settings import FitPcaSettings
 
-    from .conversion.convert import resolve_model
-    from .conversion.model_card import format_explained_variance
-    from .data import SkipCounter, open_source, subsample
-    from .matryoshka import describe_data, fit_matryoshka_basis, minimum_images, write_fitted_folder
-
-    path = resolve_model(args.model)
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "franca":
-        raise UsageError(
-            f"--model {args.model} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca "
-            "model (model_type 'franca')."
-        )
-    if config.matryoshka_basis == "pca" and not args.overwrite_basis:
-        fitted_on = (config.source_checkpoint or {}).get("matryoshka_pca", {}).get("data", "unknown data")
-        raise UsageError(
-            f"--model {args.model} already has a fitted Matryoshka basis (fitted on {fitted_on}); pass "
-            "--overwrite-basis to fit a new one in its place."
-        )
-    needed = minimum_images(config.hidden_size)
-    if args.max_images is not None and args.max_images < needed:
-        raise UsageError(
-            f"--max-images {args.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs at "
-            f"least {needed} images."
-        )
-    source = subsample(open_source(args.data, args.split, args.image_column), args.max_images)
-    if len(source) < needed:
-        raise UsageError(
-            f"--data {args.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
-            f"needs at least {needed}."
-        )
-    model, processor = _load_model(args, path)
-    described = describe_data(args.data, args.split)
-    skips = SkipCounter()
-    fit = fit_matryoshka_basis(
-        model,
-        source,
-        processor,
-        data=described,
+    settings = FitPcaSettings(
+        model=ModelSpec(args.model, args.device, args.dtype, args.int8),
+        data=args.data,
+        out=args.out,
+        max_images=args.max_images,
+        split=args.split,
+        image_column=args.image_column,
+        overwrite_basis=args.overwrite_basis,
+        overwrite=args.overwrite,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        skips=skips,
     )
-    del model  # the folder is written from the stored weights, in their stored dtype
-    folder = write_fitted_folder(path, fit, args.out, processor, overwrite=args.overwrite)
-    shares = fit.explained_variance(config.matryoshka_dims)
-    print(f"fitted a PCA basis on {fit.images} images of {described} -> {folder}")
-    if skips.count:
-        print(f"skipped {skips.count} unreadable images", file=sys.stderr)
-    print(format_explained_variance(shares))
+    from .matryoshka import fit_pca  # after the settings: a usage error answers without loading torch
+
+    result = fit_pca(settings)
+    print(f"fitted a PCA basis on {result.images} images of {result.data} -> {result.folder}")
+    if result.skipped:
+        print(f"skipped {result.skipped} unreadable images", file=sys.stderr)
+    print(result.explained_variance_table())
 
 
 def _push(args: argparse.Namespace) -> None:

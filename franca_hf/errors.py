@@ -40,7 +40,7 @@ USER_ERRORS = (UsageError, DownloadError)
 
 
 def require_at_least(minimum: int, **settings: int | None) -> None:
-    """A `UsageError` naming the first of `settings` given (not None) below `minimum`."""
+    """A `UsageError` naming the first of `settings` (name=value; None for unset) whose value is below `minimum`."""
     for name, value in settings.items():
         if value is not None and value < minimum:
             raise UsageError(f"{name} must be at least {minimum}; got {value}.", setting=name)

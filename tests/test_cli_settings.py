@@ -8,6 +8,7 @@ import pytest
 from franca_hf.cli import main
 from franca_hf.errors import UsageError
 from franca_hf.features import ExtractSettings, ModelSpec
+from franca_hf.matryoshka_settings import FitPcaSettings
 
 
 class Called(Exception):
@@ -63,3 +64,16 @@ def test_extract_settings_name_the_setting_at_fault(capsys):
     assert (
         capsys.readouterr().err == "franca-hf extract: error: num_workers must be at least 0; got -1. (--num-workers)\n"
     )
+
+
+def test_every_fit_pca_flag_reaches_its_setting(monkeypatch):
+    argv = ["fit-pca", "--model", "m", "--device", "cpu", "--int8", "--data", "hf:beans", "--out", "pca"]
+    argv += ["--max-images", "50", "--split", "val", "--image-column", "img", "--overwrite-basis", "--overwrite"]
+    argv += ["--batch-size", "4", "--num-workers", "1"]
+    settings = settings_of(monkeypatch, "franca_hf.matryoshka", "fit_pca", argv)
+    expected = FitPcaSettings(ModelSpec("m", "cpu", int8=True), "hf:beans", "pca", 50, "val", "img", True, True, 4, 1)
+    assert settings == expected
+    with pytest.raises(UsageError, match=r"^max_images must be at least 1; got 0\.$") as raised:
+        FitPcaSettings(ModelSpec("m"), "demo", "pca", max_images=0)
+    assert raised.value.setting == "max_images"
+

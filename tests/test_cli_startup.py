@@ -27,6 +27,7 @@ for argv in parse_errors + flag_errors:
         except SystemExit as exit:
             code = exit.code
     assert code in (0, 2) and (code == 0) == (argv[-1] == "--help"), (argv, code, err.getvalue())
+    # a flag error names its flag (library messages name the setting; the CLI appends "(--flag)")
     assert argv in parse_errors or ("error: " in err.getvalue() and "--" in err.getvalue()), (argv, err.getvalue())
 for argv in (["visualize", "missing.jpg", "--model", "m", "--out", "f.png"], ["visualize", ".", "--model", "m", "--out", "f.png"]):
     with contextlib.redirect_stderr(io.StringIO()) as err:
