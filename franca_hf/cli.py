@@ -297,20 +297,19 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .data.sources import read_image
+    from .features.settings import ModelSpec
+    from .visualize_settings import VisualizeSettings
 
-    image = read_image(args.image)  # a bad file is refused before torch and the model load
+    # a bad image file is refused here, before torch and the model load
+    settings = VisualizeSettings(
+        args.image, args.out, ModelSpec(args.model, args.device, args.dtype, args.int8), args.size
+    )
+    from .visualize import visualize_image
 
-    from .modeling.image_processing_franca import make_image_processor
-    from .visualize import visualize
-
-    model, processor = _load_model(args)
-    if args.size:
-        processor = make_image_processor(args.size)
-    r2 = visualize(model, processor, image, args.out)
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
+    result = visualize_image(settings)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.r2.items() if v is not None)
     print(
-        f"wrote {args.out}"
+        f"wrote {result.out}"
         + (f"; position-probe R²: {scores}" if scores else " (no position-probe R²: grid too small)")
     )
 

@@ -9,6 +9,9 @@ from franca_hf.cli import main
 from franca_hf.errors import UsageError
 from franca_hf.features import ExtractSettings, ModelSpec
 from franca_hf.matryoshka_settings import FitPcaSettings
+from franca_hf.visualize_settings import VisualizeSettings
+
+from .conftest import EXAMPLE_IMAGES
 
 
 class Called(Exception):
@@ -77,3 +80,12 @@ def test_every_fit_pca_flag_reaches_its_setting(monkeypatch):
         FitPcaSettings(ModelSpec("m"), "demo", "pca", max_images=0)
     assert raised.value.setting == "max_images"
 
+
+def test_every_visualize_flag_reaches_its_setting(monkeypatch, tmp_path):
+    image = str(EXAMPLE_IMAGES / "coffee.jpg")
+    argv = ["visualize", image, "--model", "m", "--device", "cpu", "--dtype", "float16", "--out", "f.png"]
+    settings = settings_of(monkeypatch, "franca_hf.visualize", "visualize_image", [*argv, "--size", "56"])
+    assert settings == VisualizeSettings(image, "f.png", ModelSpec("m", "cpu", "float16"), 56)
+    with pytest.raises(UsageError, match=r"^size must be at least 1; got 0\.$") as raised:
+        VisualizeSettings(image, "f.png", ModelSpec("m"), size=0)
+    assert raised.value.setting == "size"
