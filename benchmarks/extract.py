@@ -37,6 +37,7 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from franca_hf import FrancaConfig, FrancaModel
 from franca_hf.data import files_source, open_source, subsample
+from franca_hf.evaluation.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 from franca_hf.features import (
     ExtractionRecord,
     default_num_workers,
@@ -46,7 +47,6 @@ from franca_hf.features import (
 )
 from franca_hf.io import portable_path
 from franca_hf.modeling.image_processing_franca import make_image_processor
-from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 

@@ -128,39 +128,32 @@ def _require_at_least(minimum: int, **flags: int | None) -> None:
 
 
 def _knn(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    from .data import open_source, subsample
-    from .modeling import matryoshka_dim_problem, matryoshka_dims_of
-    from .modeling.image_processing_franca import make_image_processor
-    from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
+    from .evaluation.settings import KnnSettings
+    from .features.settings import ModelSpec
 
-    model, processor = _load_model(args)
-    width = model.config.hidden_size
-    # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
-    # not trained for them are a baseline for the Matryoshka ones
-    dims = args.dims or matryoshka_dims_of(model.config)
-    for dim in dims:
-        problem = matryoshka_dim_problem(dim, range(1, width + 1), "dims")
-        if problem:
-            raise UsageError(problem, setting="dims")
-    if args.crop_size:
-        processor = make_image_processor(args.crop_size)
-    splits = []
-    for spec, split in ((args.train, args.train_split), (args.test, args.test_split)):
-        source = subsample(open_source(spec, split), args.max_images)
-        embedded = embed_source(
-            model, source, processor, batch_size=args.batch_size, progress=True, num_workers=args.num_workers
-        )
-        splits.append(embedded)
-    (train_x, train_y), (test_x, test_y) = splits
-    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, args.k, args.temperature)
+    settings = KnnSettings(
+        model=ModelSpec(args.model, args.device, args.dtype, args.int8),
+        train=args.train,
+        test=args.test,
+        train_split=args.train_split,
+        test_split=args.test_split,
+        dims=tuple(args.dims) if args.dims else None,
+        k=args.k,
+        temperature=args.temperature,
+        max_images=args.max_images,
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    from .evaluation.knn import knn  # after the settings: a usage error answers without loading torch
+
+    result = knn(settings)
     int8 = " (int8)" if args.int8 else ""
     print(
         f"k-NN (k={args.k}, T={args.temperature}) of {args.model}{int8}: "
-        f"{len(train_x)} train / {len(test_x)} test images"
+        f"{result.train_images} train / {result.test_images} test images"
     )
-    truncation = "PCA basis" if getattr(model.config, "matryoshka_basis", "prefix") == "pca" else "prefix"
-    print(format_knn_table(accuracy, label=f"top-1 (%), {truncation}"))
+    print(result.table())
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from franca_hf.cli import main
 from franca_hf.errors import UsageError
+from franca_hf.evaluation.settings import KnnSettings
 from franca_hf.features import ExtractSettings, ModelSpec
 from franca_hf.matryoshka_settings import FitPcaSettings
 from franca_hf.visualize_settings import VisualizeSettings
@@ -89,3 +90,15 @@ def test_every_visualize_flag_reaches_its_setting(monkeypatch, tmp_path):
     with pytest.raises(UsageError, match=r"^size must be at least 1; got 0\.$") as raised:
         VisualizeSettings(image, "f.png", ModelSpec("m"), size=0)
     assert raised.value.setting == "size"
+
+
+def test_every_knn_flag_reaches_its_setting(monkeypatch):
+    argv = ["knn", "--model", "m", "--device", "cpu", "--int8", "--train", "demo", "--test", "hf:beans"]
+    argv += ["--train-split", "a", "--test-split", "b", "--dims", "8", "16", "--k", "5", "--temperature", "0.1"]
+    argv += ["--max-images", "30", "--crop-size", "64", "--batch-size", "4", "--num-workers", "1"]
+    settings = settings_of(monkeypatch, "franca_hf.evaluation.knn", "knn", argv)
+    model = ModelSpec("m", "cpu", int8=True)
+    assert settings == KnnSettings(model, "demo", "hf:beans", "a", "b", (8, 16), 5, 0.1, 30, 64, 4, 1)
+    with pytest.raises(UsageError, match=r"^temperature must be positive; got 0\.$") as raised:
+        KnnSettings(model, "demo", "demo", temperature=0)
+    assert raised.value.setting == "temperature"

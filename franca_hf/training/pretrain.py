@@ -22,11 +22,12 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
 from ..errors import USER_ERRORS, UsageError, report
+from ..evaluation.knn import format_knn_rows
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config
 from .export import export_teacher
-from .knn import KnnEvaluator, format_knn_rows
+from .knn import KnnEvaluator
 from .metrics import LossWindow, MetricsLog, NonFiniteLossError
 from .networks import (
     Student,
