@@ -37,7 +37,7 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from franca_hf import FrancaConfig, FrancaModel
 from franca_hf.data import files_source, open_source, subsample
-from franca_hf.evaluation.knn import embed_source, format_knn_table, knn_accuracy_by_dim
+from franca_hf.evaluation.nearest_neighbours import embed_source, format_knn_table, knn_accuracy_by_dim
 from franca_hf.features import (
     ExtractionRecord,
     default_num_workers,

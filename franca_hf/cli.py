@@ -145,7 +145,7 @@ def _knn(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    from .evaluation.knn import knn  # after the settings: a usage error answers without loading torch
+    from .evaluation.nearest_neighbours import knn  # after the settings: a usage error answers without loading torch
 
     result = knn(settings)
     int8 = " (int8)" if args.int8 else ""
@@ -157,37 +157,37 @@ def _knn(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .evaluation.settings import LinearSettings, SegmentationSettings
+    from .features.settings import ModelSpec
+
     common = {
         name: getattr(args, name)
         for name in ("train", "test", "train_split", "test_split", "max_images", "epochs", "batch_size")
     }
+    common["model"] = ModelSpec(args.model, args.device)
     if args.protocol == "seg":
-        from .evaluation.segmentation import (
-            SegmentationSettings,
-            format_segmentation_result,
-            run_segmentation_evaluation,
-        )
-
-        clusters = tuple(args.clusters) if args.clusters else None
-        columns = {"image_column": args.image_column, "mask_column": args.mask_column}
         settings = SegmentationSettings(
-            **common, **columns, num_classes=args.num_classes, image_size=args.image_size, clusters=clusters
+            **common,
+            image_column=args.image_column,
+            mask_column=args.mask_column,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            clusters=tuple(args.clusters) if args.clusters else None,
+            show=args.show,
+            figure=args.figure,
         )
-        result = run_segmentation_evaluation(args.model, settings, args.device, args.show, args.figure)
-        print(format_segmentation_result(result))
+        from .evaluation.segmentation import format_segmentation_result, run_segmentation_evaluation
+
+        print(format_segmentation_result(run_segmentation_evaluation(settings)))
         if args.show:
             print(f"wrote {args.figure}")
         return
-    from .evaluation.linear import LinearSettings, format_linear_report, run_linear_evaluation
-
     settings = LinearSettings(
-        **common,
-        val=args.val,
-        val_split=args.val_split,
-        features_dir=args.features_dir,
-        logistic=args.logistic,
+        **common, val=args.val, val_split=args.val_split, features_dir=args.features_dir, logistic=args.logistic
     )
-    print(format_linear_report(run_linear_evaluation(args.model, settings, args.device)))
+    from .evaluation.linear import format_linear_report, run_linear_evaluation
+
+    print(format_linear_report(run_linear_evaluation(settings)))
 
 
 def _fit_pca(args: argparse.Namespace) -> None:

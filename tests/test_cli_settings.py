@@ -7,7 +7,7 @@ import pytest
 
 from franca_hf.cli import main
 from franca_hf.errors import UsageError
-from franca_hf.evaluation.settings import KnnSettings
+from franca_hf.evaluation.settings import KnnSettings, LinearSettings, SegmentationSettings
 from franca_hf.features import ExtractSettings, ModelSpec
 from franca_hf.matryoshka_settings import FitPcaSettings
 from franca_hf.visualize_settings import VisualizeSettings
@@ -96,9 +96,44 @@ def test_every_knn_flag_reaches_its_setting(monkeypatch):
     argv = ["knn", "--model", "m", "--device", "cpu", "--int8", "--train", "demo", "--test", "hf:beans"]
     argv += ["--train-split", "a", "--test-split", "b", "--dims", "8", "16", "--k", "5", "--temperature", "0.1"]
     argv += ["--max-images", "30", "--crop-size", "64", "--batch-size", "4", "--num-workers", "1"]
-    settings = settings_of(monkeypatch, "franca_hf.evaluation.knn", "knn", argv)
+    settings = settings_of(monkeypatch, "franca_hf.evaluation.nearest_neighbours", "knn", argv)
     model = ModelSpec("m", "cpu", int8=True)
     assert settings == KnnSettings(model, "demo", "hf:beans", "a", "b", (8, 16), 5, 0.1, 30, 64, 4, 1)
     with pytest.raises(UsageError, match=r"^temperature must be positive; got 0\.$") as raised:
         KnnSettings(model, "demo", "demo", temperature=0)
     assert raised.value.setting == "temperature"
+
+
+def test_every_eval_flag_reaches_its_setting(monkeypatch):
+    common = ["--model", "m", "--train", "demo", "--test", "hf:t", "--train-split", "a", "--test-split", "b"]
+    common += ["--max-images", "30", "--epochs", "2", "--device", "cpu", "--batch-size", "4"]
+    argv = ["eval", "linear", *common, "--val", "hf:v", "--val-split", "c", "--features-dir", "probe", "--logistic"]
+    settings = settings_of(monkeypatch, "franca_hf.evaluation.linear", "run_linear_evaluation", argv)
+    shared = dict(
+        model=ModelSpec("m", "cpu"), train="demo", test="hf:t", train_split="a", test_split="b", max_images=30, epochs=2
+    )
+    expected = LinearSettings(**shared, batch_size=4, val="hf:v", val_split="c", features_dir="probe", logistic=True)
+    assert settings == expected
+    argv = ["eval", "seg", *common, "--image-column", "img", "--mask-column", "mask", "--num-classes", "5"]
+    argv += ["--image-size", "64", "--clusters", "5", "15", "--show", "3", "--figure", "f.png"]
+    settings = settings_of(monkeypatch, "franca_hf.evaluation.segmentation", "run_segmentation_evaluation", argv)
+    columns = dict(image_column="img", mask_column="mask")
+    assert settings == SegmentationSettings(
+        **shared, batch_size=4, **columns, num_classes=5, image_size=64, clusters=(5, 15), show=3, figure="f.png"
+    )
+    with pytest.raises(UsageError, match=r"^held_out is a fraction of the train images; got 1\.5\.$") as raised:
+        LinearSettings(held_out=1.5)
+    assert raised.value.setting == "held_out"
+
+
+def test_the_command_functions_are_not_shadowed_by_their_modules():
+    # importing a submodule binds its name on the package: a function named like its module would be hidden
+    import franca_hf.evaluation.nearest_neighbours
+    import franca_hf.features.extraction  # noqa: F401
+    from franca_hf.evaluation import knn
+    from franca_hf.features import extract
+
+    assert (knn.__module__, extract.__module__) == (
+        "franca_hf.evaluation.nearest_neighbours",
+        "franca_hf.features.extraction",
+    )

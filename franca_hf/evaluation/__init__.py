@@ -8,10 +8,16 @@ from ..lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "knn": ("KnnResult", "embed_source", "format_knn_rows", "format_knn_table", "knn", "knn_accuracy_by_dim"),
+        "nearest_neighbours": (
+            "KnnResult",
+            "embed_source",
+            "format_knn_rows",
+            "format_knn_table",
+            "knn",
+            "knn_accuracy_by_dim",
+        ),
         "linear": (
             "LinearReport",
-            "LinearSettings",
             "evaluate_linear",
             "format_linear_report",
             "probe_inputs",
@@ -21,13 +27,12 @@ __getattr__, __dir__ = lazy_exports(
         "matching": ("hungarian", "match_clusters"),
         "segmentation": (
             "SegmentationResult",
-            "SegmentationSettings",
             "evaluate_segmentation",
             "format_segmentation_result",
             "run_segmentation_evaluation",
             "show_predictions",
         ),
-        "settings": ("KnnSettings",),
+        "settings": ("KnnSettings", "LinearSettings", "SegmentationSettings"),
     },
 )
 

@@ -1,4 +1,4 @@
-"""The trainer's periodic k-NN evaluation (`franca_hf.evaluation.knn`'s protocol) of the teacher at every Matryoshka
+"""The trainer's periodic k-NN evaluation (`franca_hf.evaluation.nearest_neighbours`'s protocol) of the teacher at every Matryoshka
 dim, and the PCA truncation basis of the teacher fitted on the k-NN train split."""
 
 import torch
@@ -7,7 +7,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..data.sources import open_source, subsample
 from ..errors import UsageError
-from ..evaluation.knn import embed_source, knn_accuracy_by_dim
+from ..evaluation.nearest_neighbours import embed_source, knn_accuracy_by_dim
 from ..matryoshka import (
     MatryoshkaFit,
     accumulate_token_statistics,

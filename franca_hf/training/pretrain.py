@@ -22,7 +22,7 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
 from ..errors import USER_ERRORS, UsageError, report
-from ..evaluation.knn import format_knn_rows
+from ..evaluation.nearest_neighbours import format_knn_rows
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_config

@@ -7,8 +7,8 @@ from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf.cli import main
 from franca_hf.data import open_source
-from franca_hf.evaluation.knn import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
-from franca_hf.evaluation.knn import knn as knn_call
+from franca_hf.evaluation.nearest_neighbours import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
+from franca_hf.evaluation.nearest_neighbours import knn as knn_call
 from franca_hf.evaluation.settings import KnnSettings
 from franca_hf.features import ModelSpec
 from franca_hf.modeling.image_processing_franca import make_image_processor
