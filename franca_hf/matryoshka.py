@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .conversion.convert import resolve_model
 from .conversion.export import fill_model_folder
@@ -366,9 +366,30 @@ def fit_pca(settings: FitPcaSettings) -> FitPcaResult:
     """What `franca-hf fit-pca` does: fit the PCA truncation basis of a Franca model on `settings.data` and write the
     model with it as the folder `settings.out` (`fit_matryoshka_basis`, `write_fitted_folder`).
 
-    Refused before the model loads: an existing `out` without `overwrite`, a model that is not a Franca one, a
-    model that already has a basis without `overwrite_basis`, and fewer images than `minimum_images` of its width.
+    Refused before the model loads (`_checked_inputs`): an existing `out` without `overwrite`, a model that is not
+    a Franca one, a model that already has a basis without `overwrite_basis`, and fewer images than `minimum_images`
+    of its width.
     """
+    path, config, source = _checked_inputs(settings)
+    model, processor = dataclasses.replace(settings.model, name_or_path=path).load()
+    described = describe_data(settings.data, settings.split)
+    skips = SkipCounter()
+    fit = fit_matryoshka_basis(
+        model,
+        source,
+        processor,
+        data=described,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        skips=skips,
+    )
+    del model  # the folder is written from the stored weights, in their stored dtype
+    folder = write_fitted_folder(path, fit, settings.out, processor, overwrite=settings.overwrite)
+    return FitPcaResult(folder, fit.images, described, skips.count, fit.explained_variance(config.matryoshka_dims))
+
+
+def _checked_inputs(settings: FitPcaSettings) -> tuple[str, PretrainedConfig, ImageSource]:
+    """The model's resolved path and config and the images to fit on, once `fit_pca`'s checks have passed."""
     if Path(settings.out).exists() and not settings.overwrite:
         raise OutputExistsError(f"out={settings.out} already exists; set overwrite to replace it.", setting="out")
     name = settings.model.name_or_path
@@ -401,21 +422,7 @@ def fit_pca(settings: FitPcaSettings) -> FitPcaResult:
             f"needs at least {needed}.",
             setting="data",
         )
-    model, processor = dataclasses.replace(settings.model, name_or_path=path).load()
-    described = describe_data(settings.data, settings.split)
-    skips = SkipCounter()
-    fit = fit_matryoshka_basis(
-        model,
-        source,
-        processor,
-        data=described,
-        batch_size=settings.batch_size,
-        num_workers=settings.num_workers,
-        skips=skips,
-    )
-    del model  # the folder is written from the stored weights, in their stored dtype
-    folder = write_fitted_folder(path, fit, settings.out, processor, overwrite=settings.overwrite)
-    return FitPcaResult(folder, fit.images, described, skips.count, fit.explained_variance(config.matryoshka_dims))
+    return path, config, source
 
 
 __all__ = [
