@@ -466,9 +466,9 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(fitted_fo
 def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:
     """An extract folder of CLS rows, one shard per block (ids "row-N"), written with the extractor's own shard and
     index writers; shards from an earlier call stay (a resumed extraction). Returns all the ids in order."""
-    from franca_hf.features.store import ExtractionIndex, ExtractionSettings, write_shard
+    from franca_hf.features.store import ExtractionIndex, ExtractionRecord, write_shard
 
-    settings = ExtractionSettings("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
+    settings = ExtractionRecord("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
     extraction = ExtractionIndex.load(folder) if (folder / "extraction.json").exists() else ExtractionIndex(settings)
     row = extraction.rows
     for number, block in enumerate(blocks, start=len(extraction.shards)):
