@@ -113,7 +113,7 @@ def main() -> None:
         student,
         teacher,
         optimizer,
-        make_schedules(config, 1),
+        make_schedules(config.optim, 1),
         config.objective.sinkhorn_iterations,
         config.optim.clip_grad,
     )

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import USER_ERRORS, UsageError, report
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
-from .config import PretrainConfig, load_config
+from .config import OptimSettings, PretrainConfig, load_config
 from .export import export_teacher
 from .knn import KnnEvaluator, format_knn_rows
 from .masking import MaskedCrops
@@ -179,9 +179,8 @@ def shard_teacher(accelerator: Accelerator, teacher: Teacher) -> Teacher:
     return teacher
 
 
-def make_schedules(config: PretrainConfig, processes: int) -> FrancaSchedules:
-    """The recipe's schedules, the learning rate scaled by the global batch (sqrt rule)."""
-    optim = config.optim
+def make_schedules(optim: OptimSettings, processes: int) -> FrancaSchedules:
+    """The recipe's schedules, the learning rate scaled by the global batch of `processes` (sqrt rule)."""
     global_batch = optim.batch_size_per_device * processes * optim.gradient_accumulation_steps
     return FrancaSchedules.from_settings(optim, scaled_learning_rate(optim.base_lr, global_batch))
 
@@ -251,7 +250,7 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         student,
         teacher,
         optimizer,
-        make_schedules(config, accelerator.num_processes),
+        make_schedules(optim, accelerator.num_processes),
         config.objective.sinkhorn_iterations,
         optim.clip_grad,
     )
