@@ -33,6 +33,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from recording import add_docs_flag, recorded
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from franca_hf import FrancaConfig, FrancaModel
@@ -266,13 +267,15 @@ def main() -> None:
         action="store_true",
         help="instead: model forward, torch dynamic int8 vs torchao int8 (needs torchao)",
     )
+    add_docs_flag(parser, "docs/extraction.md", "extract-benchmark")
     args = parser.parse_args()
-    if args.torchao:
-        torchao_forward(args)
-    elif args.quality:
-        quality(args)
-    else:
-        speed(args)
+    with recorded(args.docs, "extract-benchmark"):
+        if args.torchao:
+            torchao_forward(args)
+        elif args.quality:
+            quality(args)
+        else:
+            speed(args)
 
 
 if __name__ == "__main__":

@@ -14,55 +14,38 @@ from .errors import USER_ERRORS, OutputExistsError, UsageError, report
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .conversion.convert import convert_checkpoint, convert_release
+    from .conversion.settings import ConvertSettings, PushSettings
 
-    if (args.checkpoint is None) == (args.release is None):
-        raise UsageError("Give either a CHECKPOINT file or --release NAME (not both).")
-    if args.release is not None:
-        if args.rasa is not None:
-            raise UsageError("--rasa is for local checkpoints; with --release use --with-rasa.")
-        fixed = [flag for flag, value in (("--preset", args.preset), ("--num-heads", args.num_heads)) if value]
-        if fixed:
-            raise UsageError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
-        folder = convert_release(
-            args.release,
-            out_dir=args.out,
-            with_rasa=args.with_rasa,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            base_url=args.base_url,
-            cache=args.cache_dir,
-            verify=not args.no_verify,
-        )
-        print(f"converted {args.release} -> {folder}")
-        _maybe_push(args, folder)
-        return
-    if args.out is None:
-        raise UsageError("--out DIR is required when converting a local checkpoint.")
-    result = convert_checkpoint(
+    push = PushSettings(args.push_to_hub, private=args.private, endpoint=args.endpoint) if args.push_to_hub else None
+    settings = ConvertSettings(
         args.checkpoint,
+        args.release,
         args.out,
         rasa=args.rasa,
+        with_rasa=args.with_rasa,
         preset=args.preset,
         num_heads=args.num_heads,
         dtype=args.dtype,
         overwrite=args.overwrite,
         verify=not args.no_verify,
+        base_url=args.base_url,
+        cache_dir=args.cache_dir,
+        push=push,
     )
-    print(f"converted {result.report.converted} tensors -> {result.folder}")
-    if result.report.skipped_heads:
-        print(f"skipped {len(result.report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
-    if result.parity:
-        print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in result.parity.items()}))
-    _maybe_push(args, result.folder)
+    from .conversion.convert import convert
 
-
-def _maybe_push(args: argparse.Namespace, folder) -> None:
-    if args.push_to_hub:
-        from .conversion.hub import push_to_hub
-
-        url = push_to_hub(folder, args.push_to_hub, private=args.private, endpoint=args.endpoint)
-        print(f"pushed to {args.push_to_hub}: {url}")
+    result = convert(settings)
+    if result.conversion is None:
+        print(f"converted {args.release} -> {result.folder}")
+    else:
+        report, parity = result.conversion.report, result.conversion.parity
+        print(f"converted {report.converted} tensors -> {result.folder}")
+        if report.skipped_heads:
+            print(f"skipped {len(report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
+        if parity:
+            print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in parity.items()}))
+    if result.commit_url is not None:
+        print(f"pushed to {args.push_to_hub}: {result.commit_url}")
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -278,77 +261,72 @@ def _fit_pca(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .conversion.hub import push_to_hub
+    from .conversion.settings import PushSettings
 
-    url = push_to_hub(
-        args.folder,
+    settings = PushSettings(
         args.repo_id,
+        args.folder,
         private=args.private,
         revision=args.revision,
         commit_message=args.message,
         base_model=args.base_model,
         endpoint=args.endpoint,
     )
-    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    from .conversion.hub import push
+
+    print(f"pushed {args.folder} to {args.repo_id}: {push(settings)}")
 
 
 def _index(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    from .retrieval import IndexSettings, build_index, index_images, is_features_folder
+    from .features.settings import ModelSpec
+    from .retrieval_settings import AnnSettings, IndexSettings
 
-    knobs = ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")  # the flags that are IndexSettings fields
-    chosen = {key: getattr(args, key) for key in knobs if getattr(args, key) is not None}
-    settings = IndexSettings(**chosen) if chosen or not args.append else None
-    if len(args.images) == 1 and is_features_folder(args.images[0]):
-        model = _load_model(args)[0] if args.model else None
-        report = build_index(
-            args.images[0], args.out, settings, args.append, args.overwrite, model, args.allow_other_model
-        )
-        index, how = report.index, f"from the features in {args.images[0]}"
-        if report.appended:
-            how = f"appended {report.added} from the features in {args.images[0]}"
-    else:
-        if args.model is None:
-            raise UsageError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
-        if args.append:
-            raise UsageError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
-        model, processor = _load_model(args)
-        index = index_images(
-            model, processor, args.images, args.batch_size, num_workers=args.num_workers, settings=settings
-        )
-        index.save(args.out)
-        how = f"with {args.model}"
-    print(f"indexed {len(index)} images ({index.describe()}) {how} -> {args.out}")
+    knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")}
+    chosen = {key: value for key, value in knobs.items() if value is not None}
+    settings = IndexSettings(
+        args.images,
+        args.out,
+        model=ModelSpec(args.model, args.device, args.dtype, args.int8) if args.model else None,
+        ann=AnnSettings(**chosen) if chosen else None,
+        append=args.append,
+        overwrite=args.overwrite,
+        allow_other_model=args.allow_other_model,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    from .retrieval import index
+
+    result = index(settings)
+    how = f"appended {result.added} {result.source}" if result.appended else result.source
+    print(f"indexed {len(result.index)} images ({result.index.describe()}) {how} -> {args.out}")
 
 
 def _search(args: argparse.Namespace) -> None:
-    _require_at_least(1, k=args.k)
-    from .retrieval import default_funnel, load_index
+    from .features.settings import ModelSpec
+    from .retrieval_settings import SearchSettings
 
-    index = load_index(args.index, device=args.device or "cpu")
-    if args.dim is not None:
-        index.check_dim(args.dim)
-    model, processor = _load_model(args)
-    k = min(args.k, len(index))
-    if k < args.k:
-        print(
-            f"note: the index holds {len(index)} images, fewer than --k {args.k}; showing all of them.", file=sys.stderr
-        )
-    funnel = True if args.funnel else False if args.exact else None
-    paths, scores, indices = index.search_images(
-        args.queries, model, processor, k, args.dim, funnel, args.allow_other_model
+    settings = SearchSettings(
+        args.queries,
+        args.index,
+        ModelSpec(args.model, args.device, args.dtype, args.int8),
+        k=args.k,
+        dim=args.dim,
+        funnel=True if args.funnel else False if args.exact else None,
+        allow_other_model=args.allow_other_model,
     )
-    dim = args.dim or index.width
-    if index.settings.ann != "none" if funnel is None else funnel:
-        stages = default_funnel([d for d in index.dims if d <= dim], k)
-        how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
-    else:
-        how = f"exact, dim {dim}, cut in the model's basis"
-    print(f"top-{k} of {len(index)} images ({how})")
-    for query, row_scores, row_indices in zip(paths, scores.tolist(), indices.tolist(), strict=True):
+    from .retrieval import search
+
+    result = search(settings)
+    if result.clamped:
+        print(
+            f"note: the index holds {result.index_size} images, fewer than --k {args.k}; showing all of them.",
+            file=sys.stderr,
+        )
+    print(f"top-{result.k} of {result.index_size} images ({result.how})")
+    for query, row_scores, row_ids in zip(result.queries, result.scores.tolist(), result.ids, strict=True):
         print(query)
-        for rank, (score, position) in enumerate(zip(row_scores, row_indices, strict=True), start=1):
-            print(f"  {rank:2d}. {score:.4f}  {index.ids[position]}")
+        for rank, (score, id_) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
+            print(f"  {rank:2d}. {score:.4f}  {id_}")
 
 
 def _visualize(args: argparse.Namespace) -> None:
@@ -371,12 +349,9 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _releases(args: argparse.Namespace) -> None:
-    for release in RELEASES.values():
-        grid = f"{release.grid * 14}px" if release.grid else "?"
-        print(
-            f"{release.stem:34s} {release.tag}  {release.preset:10s} table {grid:6s} "
-            f"RASA {'yes' if release.has_rasa else 'no '}  {release.dataset}"
-        )
+    from .conversion.releases import release_table
+
+    print(release_table())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,13 @@ class DownloadError(RuntimeError):
 USER_ERRORS = (UsageError, DownloadError)
 
 
+def require_at_least(minimum: int, **settings: int | None) -> None:
+    """A `UsageError` naming the first of `settings` (name=value; None for unset) whose value is below `minimum`."""
+    for name, value in settings.items():
+        if value is not None and value < minimum:
+            raise UsageError(f"{name} must be at least {minimum}; got {value}.", setting=name)
+
+
 def is_first_process_of_node() -> bool:
     """True in a single process and in the process of local rank 0 of each node under a launcher."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
