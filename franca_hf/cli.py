@@ -1,16 +1,25 @@
-"""`franca-hf <command>`: a thin command line over the franca_hf Python API."""
+"""`franca-hf <command>`: a thin command line over the franca_hf Python API; each command calls one library function
+and prints what it returns."""
 
 # Parsing imports nothing heavy: torch and transformers load inside the command that runs (benchmarks/cli_startup.py).
 import argparse
-import functools
-import importlib
+import dataclasses
 import json
+import logging
+import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
-from .errors import USER_ERRORS, OutputExistsError, UsageError, report
+from .errors import USER_ERRORS, OutputExistsError, RunStoppedError, UsageError, report
+from .rasa.settings import RasaRunSettings
+
+GRAMMAR = (
+    "Training commands (pretrain, rasa) take a recipe (--config) and key=value settings; every other command takes "
+    "--flags."
+)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -354,10 +363,60 @@ def _releases(args: argparse.Namespace) -> None:
     print(release_table())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="franca-hf", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _pretrain(args: argparse.Namespace) -> None:
+    from .training.config import load_config
+    from .training.pretrain import train
 
+    _log_to_stderr(franca_hf_level=logging.INFO)
+    train(load_config(args.config, args.overrides), config_name=Path(args.config).stem)
+
+
+def _rasa(args: argparse.Namespace) -> None:
+    from .settings import load_settings
+
+    # a bad setting is answered before torch loads
+    settings = load_settings(RasaRunSettings, args.config, args.settings)
+    from .rasa.train import rasa
+
+    _log_to_stderr(franca_hf_level=logging.WARNING)
+    report = rasa(settings)
+    if _is_main_process():
+        print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
+
+
+def _log_to_stderr(franca_hf_level: int) -> None:
+    """Training commands log progress notes (franca_hf's at `franca_hf_level`) and every library's warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("franca_hf").setLevel(franca_hf_level)
+
+
+def _is_main_process() -> bool:
+    """True in a single process and in the process of global rank 0 under a launcher (`accelerate launch`)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="franca-hf", description=__doc__, epilog=GRAMMAR)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (
+        _add_convert,
+        _add_extract,
+        _add_push,
+        _add_index,
+        _add_search,
+        _add_visualize,
+        _add_pretrain,
+        _add_rasa,
+        _add_knn,
+        _add_eval,
+        _add_fit_pca,
+        _add_releases,
+    ):
+        add_command(commands)
+    return parser
+
+
+def _add_convert(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser("convert", help="convert an official checkpoint or release to an HF folder")
     convert.add_argument("checkpoint", nargs="?", help="official .pth file ({'teacher': state_dict})")
     convert.add_argument("--rasa", help="official RASA head .pth to include")
@@ -376,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--endpoint", help="with --push-to-hub: Hub address (default $HF_ENDPOINT)")
     convert.set_defaults(run=_convert)
 
+
+def _add_extract(commands: argparse._SubParsersAction) -> None:
     extract = commands.add_parser(
         "extract",
         help="embed images into resumable Parquet shards (datasets.load_dataset opens the folder)",
@@ -409,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(extract, batch_size=32)
     extract.set_defaults(run=_extract)
 
+
+def _add_push(commands: argparse._SubParsersAction) -> None:
     push = commands.add_parser("push", help="upload a Franca folder (with a fresh model card) to the Hub")
     push.add_argument("folder", help="folder written by convert, the trainer or rasa")
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
@@ -419,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--endpoint", help="Hub address (default $HF_ENDPOINT or https://huggingface.co)")
     push.set_defaults(run=_push)
 
+
+def _add_index(commands: argparse._SubParsersAction) -> None:
     index = commands.add_parser("index", help="a Matryoshka retrieval index of images or of an extract folder")
     index.add_argument("images", nargs="+", help="image files or folders, or one folder written by `franca-hf extract`")
     _add_model_flags(
@@ -440,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(index, batch_size=32)
     index.set_defaults(run=_index)
 
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="find the images of an index closest to query images")
     search.add_argument("queries", nargs="+", help="query image files or folders")
     search.add_argument(
@@ -458,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--allow-other-model", action="store_true", help="skip the model fingerprint check")
     search.set_defaults(run=_search)
 
+
+def _add_visualize(commands: argparse._SubParsersAction) -> None:
     visualize = commands.add_parser(
         "visualize", help="the image and PCA maps of its patch features (raw, and RASA-debiased when available)"
     )
@@ -467,13 +536,72 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
     visualize.set_defaults(run=_visualize)
 
-    # Their arguments are defined by their modules, which also run as `accelerate launch -m <module>`.
-    for name, arguments_module, trainer_module, help_text in TRAINING_COMMANDS:
-        command = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        arguments = importlib.import_module(arguments_module)
-        command.description = arguments.DESCRIPTION
-        arguments.add_arguments(command)
-        command.set_defaults(run=functools.partial(_train, trainer_module))
+
+def _add_training_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    run,
+    config: tuple[str | None, str],
+    settings: tuple[str, str],
+    **texts: str,
+) -> None:
+    """A command of the training grammar (`GRAMMAR`): a recipe, `--config` (default, help), then any number of
+    key=value settings, a positional (dest, help); `texts` are add_parser's help, description and epilog."""
+    command = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+    command.add_argument("--config", default=config[0], help=config[1])
+    command.add_argument(settings[0], nargs="*", help=settings[1])
+    command.set_defaults(run=run)
+
+
+def _add_pretrain(commands: argparse._SubParsersAction) -> None:
+    _add_training_command(
+        commands,
+        "pretrain",
+        _pretrain,
+        config=("demo", "a bundled recipe (demo, vitb14_in21k, ...) or a YAML file"),
+        settings=("overrides", "section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)"),
+        help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
+        description="""\
+Franca pretraining with Accelerate: DINO + iBOT with nested Matryoshka heads, Sinkhorn-Knopp targets, KoLeo,
+CyclicMask, an EMA teacher and multi-crop, from one CPU to many GPUs (docs/pretraining.md).
+
+    accelerate launch -m franca_hf.cli pretrain --config demo [section.key=value ...]
+    franca-hf pretrain --config vitb14_in21k data.source=/data/in21k run.output_dir=runs/b14
+""",
+    )
+
+
+def _add_rasa(commands: argparse._SubParsersAction) -> None:
+    _add_training_command(
+        commands,
+        "rasa",
+        _rasa,
+        config=(None, "a YAML file of settings (key: value), applied before the key=value ones"),
+        settings=("settings", "key=value, e.g. model=runs/demo/teacher data=demo out=rasa"),
+        help="learn RASA position directions on a frozen Franca or DINOv2 backbone",
+        description="""\
+RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
+
+    franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=8
+    accelerate launch -m franca_hf.cli rasa model=facebook/dinov2-base data=/voc out=dinov2_rasa
+
+Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
+the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
+to 0), then freezes it into the chain. After every step a fresh linear probe, fitted on half of the held-out images
+and scored on the other half, gives the R² of position still linearly decodable; the mean cosine similarity between
+raw and debiased tokens shows how much else changed. Progress is saved after every step; a rerun resumes.
+
+Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the whole chain; for DINOv2 models, a
+`rasa_directions.safetensors` file to use with `franca_hf.rasa.RasaDirections`.
+""",
+        epilog=textwrap.fill(
+            f"Settings (key=value): {', '.join(f.name for f in dataclasses.fields(RasaRunSettings))}. model, data "
+            "and out are required."
+        ),
+    )
+
+
+def _add_knn(commands: argparse._SubParsersAction) -> None:
     knn = commands.add_parser("knn", help="k-NN accuracy of any model's CLS features at every Matryoshka dim")
     _add_model_flags(knn)
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
@@ -493,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(knn, batch_size=64)
     knn.set_defaults(run=_knn)
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="linear probing and dense (segmentation) evaluation at every dim")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     linear = protocols.add_parser("linear", help="the official linear protocol (or --logistic) per Matryoshka dim")
@@ -521,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     segmentation.add_argument("--show", type=int, default=0, help="figure of this many test images")
     segmentation.add_argument("--figure", default="segmentation.png", help="where --show writes its PNG")
 
+
+def _add_fit_pca(commands: argparse._SubParsersAction) -> None:
     fit_pca = commands.add_parser(
         "fit-pca",
         help="fit a PCA truncation basis for Matryoshka embeddings, written with the model as a new folder",
@@ -543,9 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(fit_pca, batch_size=32)
     fit_pca.set_defaults(run=_fit_pca)
 
+
+def _add_releases(commands: argparse._SubParsersAction) -> None:
     releases = commands.add_parser("releases", help="list the official Franca releases")
     releases.set_defaults(run=_releases)
-    return parser
 
 
 def _add_model_flags(
@@ -567,39 +700,26 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
     )
 
 
-# (command, arguments module, trainer module, help): commands whose DESCRIPTION and add_arguments() live in a module
-# cheap to import, and whose run() lives in the trainer module (multi-process: `accelerate launch -m franca_hf.cli COMMAND`)
-TRAINING_COMMANDS = (
-    (
-        "pretrain",
-        "franca_hf.training.pretrain_arguments",
-        "franca_hf.training.pretrain",
-        "pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
-    ),
-    (
-        "rasa",
-        "franca_hf.rasa.settings",
-        "franca_hf.rasa.train",
-        "learn RASA position directions on a frozen Franca or DINOv2 backbone",
-    ),
-)
-
-
-def _train(trainer_module: str, args: argparse.Namespace) -> int:
-    return importlib.import_module(trainer_module).run(args)
-
-
 def _with_flag(error: Exception, parser: argparse.ArgumentParser, command: str) -> str:
     """The message of a usage error, followed by the flag of `command` that sets the setting it names, if one does:
     library messages name settings (`dim=48 ...`), the command line spells them as flags (`(--dim)`)."""
     setting = getattr(error, "setting", None)
     if setting is None:
         return str(error)
-    # argparse has no public lookup of a subcommand's actions by dest
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    actions = subcommands.choices[command]._actions
+    (subcommand,) = _subparsers(parser)  # argparse has no public lookup of a subcommand's actions by dest
+    actions = _actions(subcommand.choices[command])
     flags = [action.option_strings[0] for action in actions if action.dest == setting and action.option_strings]
     return f"{error} ({flags[0]})" if flags else str(error)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The arguments of `parser` and of its subcommands (`eval linear`, `eval seg`)."""
+    nested = [_actions(choice) for subcommands in _subparsers(parser) for choice in subcommands.choices.values()]
+    return [*parser._actions, *(action for actions in nested for action in actions)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -610,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         report(args.command, _with_flag(error, parser, args.command))
         return 2
+    except RunStoppedError as error:
+        report(args.command, error, kind="stopped")
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """User errors apart from bugs, and how the command-line entry points report them.
 
 A `UsageError` is a request the user can fix (a setting, an input, an output in the way): the command line prints it
-as one line, `franca-hf COMMAND: error: ...`, with exit code 2 and no traceback. Any other exception is a bug or an
+as one line, `franca-hf COMMAND: error: ...`, with exit code 2 and no traceback; a `RunStoppedError` (a training
+run that stopped itself) as `franca-hf COMMAND: stopped: ...` with exit code 3. Any other exception is a bug or an
 environment failure and keeps its traceback. Only the first process of each node prints (under a launcher the
 processes of a node make the same checks and fail alike; another node may fail on its own, as in downloading a release
 into its cache).
@@ -30,6 +31,10 @@ class OutputExistsError(UsageError, FileExistsError):
 
 class InputNotFoundError(UsageError, FileNotFoundError):
     """An input path the user named does not exist or is not what it should be."""
+
+
+class RunStoppedError(RuntimeError):
+    """A run stopped itself on a condition the user must see (a non-finite loss), keeping what it saved before."""
 
 
 class DownloadError(RuntimeError):

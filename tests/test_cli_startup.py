@@ -34,6 +34,10 @@ for argv in (["visualize", "missing.jpg", "--model", "m", "--out", "f.png"], ["v
     with contextlib.redirect_stderr(io.StringIO()) as err:
         code = main(argv)
     assert code == 2 and err.getvalue().startswith(f"franca-hf visualize: error: {{argv[1]}} "), (argv, err.getvalue())
+for argv in (["rasa", "model=m", "data=demo", "out=o", "stepz=3"], ["rasa", "model=m", "data=demo", "out=o", "steps=0"]):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(argv)
+    assert code == 2 and err.getvalue().startswith("franca-hf rasa: error: "), (argv, err.getvalue())
 print(json.dumps([sorted(commands), [name for name in {HEAVY!r} if name in sys.modules]]))
 """
 

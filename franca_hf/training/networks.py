@@ -127,8 +127,8 @@ def load_initial_backbone(
     if backbone.matryoshka_basis is not None:
         logger.warning(
             "model.init_from %s holds a Matryoshka PCA basis fitted to its backbone as it is now; training changes "
-            "the backbone, so it is dropped. Refit it on the exported teacher (eval.fit_pca_on_export, or franca-hf "
-            "fit-pca --model <output_dir>/teacher --data <images> --out <folder>).",
+            "the backbone, so it is dropped. Refit it on the exported teacher: eval.fit_pca_on_export=true, or "
+            "`franca-hf fit-pca` of <output_dir>/teacher on your images.",
             folder,
         )
         backbone.matryoshka_basis = None

@@ -1,5 +1,5 @@
-"""Franca pretraining with Accelerate, the code behind `franca-hf pretrain` (what it does and its arguments:
-`franca_hf.training.pretrain_arguments`).
+"""Franca pretraining with Accelerate. `franca-hf pretrain --config RECIPE KEY=VALUE...` runs
+`train(load_config(RECIPE, [KEY=VALUE, ...]), config_name=Path(RECIPE).stem)` (docs/pretraining.md).
 
 `train()` reads top to bottom: set up (networks `networks.py`, data `pipeline.py`, optimizer and schedules), resume
 from the latest checkpoint, then per micro-batch one `TrainingStep` (teacher targets, student loss, backward; at an
@@ -8,7 +8,6 @@ optimizer step, per-module clipping, the update and the teacher's EMA), and at t
 the device (`metrics.LossWindow`) and are reduced over processes, and checked for NaN/inf, only at those steps.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -21,14 +20,14 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
-from ..errors import USER_ERRORS, UsageError, report
+from ..errors import UsageError
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
-from .config import OptimSettings, PretrainConfig, load_config
+from .config import OptimSettings, PretrainConfig
 from .export import export_teacher
 from .knn import KnnEvaluator, format_knn_rows
 from .masking import MaskedCrops
-from .metrics import LossWindow, MetricsLog, NonFiniteLossError
+from .metrics import LossWindow, MetricsLog
 from .networks import (
     Student,
     Teacher,
@@ -309,22 +308,6 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train with the parsed arguments; errors are printed once across processes, as one line."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("franca_hf").setLevel(logging.INFO)
-    try:
-        config = load_config(args.config, args.overrides)
-        train(config, Path(args.config).stem)
-    except USER_ERRORS as error:
-        report("pretrain", error)
-        return 2
-    except NonFiniteLossError as error:
-        report("pretrain", error, kind="stopped")
-        return 3
-    return 0
-
-
 __all__ = [
     "Due",
     "TrainState",
@@ -332,7 +315,6 @@ __all__ = [
     "make_accelerator",
     "make_schedules",
     "prepare_networks",
-    "run",
     "shard_teacher",
     "train",
 ]
