@@ -38,8 +38,9 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from franca_hf import FrancaConfig, FrancaModel
 from franca_hf.data import files_source, open_source, subsample
+from franca_hf.evaluation.nearest_neighbours import embed_source, format_knn_table, knn_accuracy_by_dim
 from franca_hf.features import (
-    ExtractionSettings,
+    ExtractionRecord,
     default_num_workers,
     extract_to_folder,
     load_model_and_processor,
@@ -47,7 +48,6 @@ from franca_hf.features import (
 )
 from franca_hf.io import portable_path
 from franca_hf.modeling.image_processing_franca import make_image_processor
-from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -100,10 +100,10 @@ def write_images(folder: Path, count: int) -> list[str]:
     return paths
 
 
-def run_extract(model, processor, paths, work: Path, batch: int, workers: int, settings) -> None:
+def run_extract(model, processor, paths, work: Path, batch: int, workers: int, record) -> None:
     out = work / "extract_out"
     extract_to_folder(
-        model, processor, files_source(paths), out, settings, batch_size=batch, num_workers=workers, progress=False
+        model, processor, files_source(paths), out, record, batch_size=batch, num_workers=workers, progress=False
     )
     shutil.rmtree(out)
 
@@ -125,7 +125,7 @@ def speed(args) -> None:
             (model, name), processor = random_vit_b(), make_image_processor(224)
         models = {"fp32": model, "int8": quantize_int8(model)}
         paths = write_images(work / "images", args.images)
-        settings = ExtractionSettings(
+        record = ExtractionRecord(
             model=name,
             sources=[str(work / "images")],
             split="train",
@@ -137,7 +137,7 @@ def speed(args) -> None:
         )
         workers = default_num_workers() if args.workers is None else args.workers
         methods = {
-            "franca-hf extract": lambda m, p=paths: run_extract(m, processor, p, work, args.batch, workers, settings),
+            "franca-hf extract": lambda m, p=paths: run_extract(m, processor, p, work, args.batch, workers, record),
             "pipeline loop": lambda m, p=paths: run_pipeline(m, processor, p, args.batch, workers),
         }
         print(

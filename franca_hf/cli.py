@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
-from .errors import USER_ERRORS, OutputExistsError, RunStoppedError, UsageError, report
+from .errors import USER_ERRORS, RunStoppedError, report
 from .rasa.settings import RasaRunSettings
 
 GRAMMAR = (
@@ -58,53 +58,32 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    # checks of the flags alone come before the imports: a usage error answers without loading torch
-    if str(args.out).endswith(".safetensors"):
-        raise UsageError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
-    _check_runtime_flags(args)
-    _require_at_least(1, shard_size=args.shard_size)
-    from .features import (
-        ExtractionSettings,
-        check_feature_flags,
-        check_feature_request,
-        extract_to_folder,
-        feature_kind,
-        open_inputs,
-        process_state,
-    )
-    from .modeling import matryoshka_dims_of
+    from .features.settings import ExtractSettings
 
-    check_feature_flags(args.dense, args.debiased)
-    source = open_inputs(args.images, split=args.split, image_column=args.image_column)
-    model, processor = _load_model(args)
-    check_feature_request(model, args.dim, args.dense, args.debiased)
-    settings = ExtractionSettings(
-        model=args.model,
-        sources=[str(item) for item in args.images],
+    settings = ExtractSettings(
+        images=args.images,
+        out=args.out,
+        model=_model_spec(args),
+        dim=args.dim,
+        dense=args.dense,
+        debiased=args.debiased,
+        normalize=not args.no_normalize,
+        features_dtype=args.features_dtype,
         split=args.split,
-        kind=feature_kind(args.dense, args.debiased),
-        dim=args.dim or model.config.hidden_size,
-        normalized=not args.no_normalize and not args.dense,
-        dtype=args.features_dtype,
-        matryoshka_dims=matryoshka_dims_of(model.config),
-        quantized="int8" if args.int8 else None,
-    )
-    result = extract_to_folder(
-        model,
-        processor,
-        source,
-        args.out,
-        settings,
+        image_column=args.image_column,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        shard_rows=args.shard_size,
+        shard_size=args.shard_size,
         allow_other_model=args.allow_other_model,
     )
-    if process_state().is_main_process:
-        index = result.index
+    from .features import extract  # after the settings: a usage error answers without loading torch
+
+    result = extract(settings)
+    if result.is_main_process:
+        index, record = result.index, result.index.settings
         resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
         print(
-            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {_count(index.rows, 'image')} "
+            f"wrote {record.kind} features ({record.dim} channels, {record.dtype}) of {_count(index.rows, 'image')} "
             f"in {_count(len(index.shards), 'shard')} to {args.out}{resumed}"
         )
         if index.failed:
@@ -121,152 +100,97 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'s' * (number != 1)}"
 
 
-def _load_model(args: argparse.Namespace, path: str | None = None):
-    """The model and image processor the model flags (`_add_model_flags`) ask for (from `path` once resolved)."""
+def _model_spec(args: argparse.Namespace):
+    """The model the model flags (`_add_model_flags`) name, and how to run it."""
     from .features.settings import ModelSpec
 
-    return ModelSpec(path or args.model, args.device, args.dtype, args.int8).load()
-
-
-def _check_runtime_flags(args: argparse.Namespace) -> None:
-    """The flags of `_add_runtime_flags`."""
-    _require_at_least(1, batch_size=args.batch_size)
-    _require_at_least(0, num_workers=args.num_workers)
-
-
-def _require_at_least(minimum: int, **flags: int | None) -> None:
-    """An error naming the flag (`shard_size` -> --shard-size) of the first value given below `minimum`."""
-    for name, value in flags.items():
-        if value is not None and value < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
+    return ModelSpec(args.model, args.device, args.dtype, args.int8)
 
 
 def _knn(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    from .data import open_source, subsample
-    from .modeling import matryoshka_dim_problem, matryoshka_dims_of
-    from .modeling.image_processing_franca import make_image_processor
-    from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
+    from .evaluation.settings import KnnSettings
 
-    model, processor = _load_model(args)
-    width = model.config.hidden_size
-    # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
-    # not trained for them are a baseline for the Matryoshka ones
-    dims = args.dims or matryoshka_dims_of(model.config)
-    for dim in dims:
-        problem = matryoshka_dim_problem(dim, range(1, width + 1), "dims")
-        if problem:
-            raise UsageError(problem, setting="dims")
-    if args.crop_size:
-        processor = make_image_processor(args.crop_size)
-    splits = []
-    for spec, split in ((args.train, args.train_split), (args.test, args.test_split)):
-        source = subsample(open_source(spec, split), args.max_images)
-        embedded = embed_source(
-            model, source, processor, batch_size=args.batch_size, progress=True, num_workers=args.num_workers
-        )
-        splits.append(embedded)
-    (train_x, train_y), (test_x, test_y) = splits
-    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, args.k, args.temperature)
+    settings = KnnSettings(
+        model=_model_spec(args),
+        train=args.train,
+        test=args.test,
+        train_split=args.train_split,
+        test_split=args.test_split,
+        dims=tuple(args.dims) if args.dims else None,
+        k=args.k,
+        temperature=args.temperature,
+        max_images=args.max_images,
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    from .evaluation.nearest_neighbours import knn  # after the settings: a usage error answers without loading torch
+
+    result = knn(settings)
     int8 = " (int8)" if args.int8 else ""
     print(
         f"k-NN (k={args.k}, T={args.temperature}) of {args.model}{int8}: "
-        f"{len(train_x)} train / {len(test_x)} test images"
+        f"{result.train_images} train / {result.test_images} test images"
     )
-    truncation = "PCA basis" if getattr(model.config, "matryoshka_basis", "prefix") == "pca" else "prefix"
-    print(format_knn_table(accuracy, label=f"top-1 (%), {truncation}"))
+    print(result.table())
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .evaluation.settings import LinearSettings, SegmentationSettings
+    from .features.settings import ModelSpec
+
     common = {
         name: getattr(args, name)
         for name in ("train", "test", "train_split", "test_split", "max_images", "epochs", "batch_size")
     }
+    common["model"] = ModelSpec(args.model, args.device)
     if args.protocol == "seg":
-        from .evaluation.segmentation import (
-            SegmentationSettings,
-            format_segmentation_result,
-            run_segmentation_evaluation,
-        )
-
-        clusters = tuple(args.clusters) if args.clusters else None
-        columns = {"image_column": args.image_column, "mask_column": args.mask_column}
         settings = SegmentationSettings(
-            **common, **columns, num_classes=args.num_classes, image_size=args.image_size, clusters=clusters
+            **common,
+            image_column=args.image_column,
+            mask_column=args.mask_column,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            clusters=tuple(args.clusters) if args.clusters else None,
+            show=args.show,
+            figure=args.figure,
         )
-        result = run_segmentation_evaluation(args.model, settings, args.device, args.show, args.figure)
-        print(format_segmentation_result(result))
+        from .evaluation.segmentation import format_segmentation_result, run_segmentation_evaluation
+
+        print(format_segmentation_result(run_segmentation_evaluation(settings)))
         if args.show:
             print(f"wrote {args.figure}")
         return
-    from .evaluation.linear import LinearSettings, format_linear_report, run_linear_evaluation
-
     settings = LinearSettings(
-        **common,
-        val=args.val,
-        val_split=args.val_split,
-        features_dir=args.features_dir,
-        logistic=args.logistic,
+        **common, val=args.val, val_split=args.val_split, features_dir=args.features_dir, logistic=args.logistic
     )
-    print(format_linear_report(run_linear_evaluation(args.model, settings, args.device)))
+    from .evaluation.linear import format_linear_report, run_linear_evaluation
+
+    print(format_linear_report(run_linear_evaluation(settings)))
 
 
 def _fit_pca(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    _require_at_least(1, max_images=args.max_images)
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
-    from transformers import AutoConfig
+    from .matryoshka_settings import FitPcaSettings
 
-    from .conversion.convert import resolve_model
-    from .conversion.model_card import format_explained_variance
-    from .data import SkipCounter, open_source, subsample
-    from .matryoshka import describe_data, fit_matryoshka_basis, minimum_images, write_fitted_folder
-
-    path = resolve_model(args.model)
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "franca":
-        raise UsageError(
-            f"--model {args.model} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca "
-            "model (model_type 'franca')."
-        )
-    if config.matryoshka_basis == "pca" and not args.overwrite_basis:
-        fitted_on = (config.source_checkpoint or {}).get("matryoshka_pca", {}).get("data", "unknown data")
-        raise UsageError(
-            f"--model {args.model} already has a fitted Matryoshka basis (fitted on {fitted_on}); pass "
-            "--overwrite-basis to fit a new one in its place."
-        )
-    needed = minimum_images(config.hidden_size)
-    if args.max_images is not None and args.max_images < needed:
-        raise UsageError(
-            f"--max-images {args.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs at "
-            f"least {needed} images."
-        )
-    source = subsample(open_source(args.data, args.split, args.image_column), args.max_images)
-    if len(source) < needed:
-        raise UsageError(
-            f"--data {args.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
-            f"needs at least {needed}."
-        )
-    model, processor = _load_model(args, path)
-    described = describe_data(args.data, args.split)
-    skips = SkipCounter()
-    fit = fit_matryoshka_basis(
-        model,
-        source,
-        processor,
-        data=described,
+    settings = FitPcaSettings(
+        model=_model_spec(args),
+        data=args.data,
+        out=args.out,
+        max_images=args.max_images,
+        split=args.split,
+        image_column=args.image_column,
+        overwrite_basis=args.overwrite_basis,
+        overwrite=args.overwrite,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        skips=skips,
     )
-    del model  # the folder is written from the stored weights, in their stored dtype
-    folder = write_fitted_folder(path, fit, args.out, processor, overwrite=args.overwrite)
-    shares = fit.explained_variance(config.matryoshka_dims)
-    print(f"fitted a PCA basis on {fit.images} images of {described} -> {folder}")
-    if skips.count:
-        print(f"skipped {skips.count} unreadable images", file=sys.stderr)
-    print(format_explained_variance(shares))
+    from .matryoshka import fit_pca  # after the settings: a usage error answers without loading torch
+
+    result = fit_pca(settings)
+    print(f"fitted a PCA basis on {result.images} images of {result.data} -> {result.folder}")
+    if result.skipped:
+        print(f"skipped {result.skipped} unreadable images", file=sys.stderr)
+    print(result.explained_variance_table())
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -287,7 +211,6 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    from .features.settings import ModelSpec
     from .retrieval_settings import AnnSettings, IndexSettings
 
     knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")}
@@ -295,7 +218,7 @@ def _index(args: argparse.Namespace) -> None:
     settings = IndexSettings(
         args.images,
         args.out,
-        model=ModelSpec(args.model, args.device, args.dtype, args.int8) if args.model else None,
+        model=_model_spec(args) if args.model else None,
         ann=AnnSettings(**chosen) if chosen else None,
         append=args.append,
         overwrite=args.overwrite,
@@ -311,13 +234,12 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from .features.settings import ModelSpec
     from .retrieval_settings import SearchSettings
 
     settings = SearchSettings(
         args.queries,
         args.index,
-        ModelSpec(args.model, args.device, args.dtype, args.int8),
+        _model_spec(args),
         k=args.k,
         dim=args.dim,
         funnel=True if args.funnel else False if args.exact else None,
@@ -339,20 +261,16 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .data.sources import read_image
+    from .visualize_settings import VisualizeSettings
 
-    image = read_image(args.image)  # a bad file is refused before torch and the model load
+    # a bad image file is refused here, before torch and the model load
+    settings = VisualizeSettings(args.image, args.out, _model_spec(args), args.size)
+    from .visualize import visualize_image
 
-    from .modeling.image_processing_franca import make_image_processor
-    from .visualize import visualize
-
-    model, processor = _load_model(args)
-    if args.size:
-        processor = make_image_processor(args.size)
-    r2 = visualize(model, processor, image, args.out)
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
+    result = visualize_image(settings)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.r2.items() if v is not None)
     print(
-        f"wrote {args.out}"
+        f"wrote {result.out}"
         + (f"; position-probe R²: {scores}" if scores else " (no position-probe R²: grid too small)")
     )
 

@@ -780,6 +780,9 @@ def index(settings: IndexSettings) -> IndexResult:
             "append adds the new shards of an extract folder (`franca_hf.features.extract`); extract the images first.",
             setting="append",
         )
+    out = Path(settings.out)
+    if (out / MANIFEST_FILE).exists() and not settings.overwrite:
+        raise OutputExistsError(f"{out} already holds an index; pass overwrite=True to replace it.", "overwrite")
     model, processor = settings.model.load()
     embedded = index_images(
         model, processor, images, settings.batch_size, num_workers=settings.num_workers, settings=settings.ann

@@ -348,7 +348,22 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--funnel", "--dim", "32", "--k", "3"]) == 0
     assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3, first stage none)" in capsys.readouterr().out
     # an index with an ANN first stage searches with the funnel unless told --exact
-    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index), "--ann", "hnsw"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(EXAMPLE_IMAGES),
+                "--model",
+                str(tiny_folder),
+                "--out",
+                str(index),
+                "--ann",
+                "hnsw",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert "first stage hnsw M=32 efSearch=64 at 8 dims" in capsys.readouterr().out
     assert main([*search, "--k", "2"]) == 0
     assert "top-2 of 4 images (funnel 8:40 > 32:10 > 128:2, first stage hnsw)" in capsys.readouterr().out
@@ -374,6 +389,17 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
     )
     from_images = tmp_path / "images"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images)]) == 0
+    capsys.readouterr()
+    # images into a folder that already holds an index: refused before the model loads, replaced with --overwrite
+    photo = EXAMPLE_IMAGES / "coffee.jpg"
+    assert main(["index", str(photo), "--model", str(tmp_path / "no-model"), "--out", str(from_images)]) == 2
+    assert "already holds an index; pass overwrite=True to replace it. (--overwrite)" in capsys.readouterr().err
+    assert len(EmbeddingIndex.load(from_images)) == 4
+    replaced = ["index", str(photo), "--model", str(tiny_folder), "--out", str(from_images), "--overwrite"]
+    assert main(replaced) == 0 and len(EmbeddingIndex.load(from_images)) == 1
+    assert (
+        main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images), "--overwrite"]) == 0
+    )
     capsys.readouterr()
 
     built = index_from_features(features)
@@ -440,9 +466,9 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(fitted_fo
 def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:
     """An extract folder of CLS rows, one shard per block (ids "row-N"), written with the extractor's own shard and
     index writers; shards from an earlier call stay (a resumed extraction). Returns all the ids in order."""
-    from franca_hf.features.store import ExtractionIndex, ExtractionSettings, write_shard
+    from franca_hf.features.store import ExtractionIndex, ExtractionRecord, write_shard
 
-    settings = ExtractionSettings("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
+    settings = ExtractionRecord("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
     extraction = ExtractionIndex.load(folder) if (folder / "extraction.json").exists() else ExtractionIndex(settings)
     row = extraction.rows
     for number, block in enumerate(blocks, start=len(extraction.shards)):

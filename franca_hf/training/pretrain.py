@@ -21,11 +21,12 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..evaluation.nearest_neighbours import format_knn_rows
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import OptimSettings, PretrainConfig
 from .export import export_teacher
-from .knn import KnnEvaluator, format_knn_rows
+from .knn import KnnEvaluator
 from .masking import MaskedCrops
 from .metrics import LossWindow, MetricsLog
 from .networks import (
