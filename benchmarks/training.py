@@ -37,11 +37,11 @@ from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler
 from franca_hf.training.config import load_config
 from franca_hf.training.networks import build_networks
 from franca_hf.training.optim import build_param_groups
-from franca_hf.training.pipeline import BatchCollator, batch_to_device, make_augmentation
+from franca_hf.training.pipeline import BatchCollator, CollatedBatch, batch_to_device, make_augmentation
 from franca_hf.training.pretrain import TrainingStep, make_schedules, prepare_networks
 
 
-def synthetic_or_demo_batch(config, batch_size: int) -> dict:
+def synthetic_or_demo_batch(config, batch_size: int) -> CollatedBatch:
     """One collated batch: the demo images for the demo config, random images otherwise (no dataset needed)."""
     if config.data.source == "demo":
         source = open_source("demo", demo_num_images=max(batch_size, 64))
@@ -54,7 +54,7 @@ def synthetic_or_demo_batch(config, batch_size: int) -> dict:
         source = ImageSource("random", lambda i: images[i], len(images))
     dataset = AugmentedImages(source, make_augmentation(config), seed=0)
     indices = next(iter(EpochBatchSampler(len(source), batch_size)))
-    return BatchCollator(config)([dataset[key] for key in indices])
+    return BatchCollator(config.crops, config.objective, config.patch_size)([dataset[key] for key in indices])
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -113,16 +113,25 @@ def main() -> None:
             betas=tuple(config.optim.betas),
         )
         student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
-        training_step = TrainingStep(accelerator, student, teacher, optimizer, make_schedules(config, 1), config)
-        batch = batch_to_device(synthetic_or_demo_batch(config, batch_size), config, device)
+        training_step = TrainingStep(
+            accelerator,
+            student,
+            teacher,
+            optimizer,
+            make_schedules(config.optim, 1),
+            config.objective.sinkhorn_iterations,
+            config.optim.clip_grad,
+        )
+        collated = synthetic_or_demo_batch(config, batch_size)
+        crops = batch_to_device(collated, config.crops.blur_kernel_size, device).crops
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
         def franca_step() -> None:
-            training_step(batch, config.optim.warmup_steps)  # (a step past warm-up: a non-zero learning rate)
+            training_step(crops, config.optim.warmup_steps)  # (a step past warm-up: a non-zero learning rate)
 
         def backbone_step() -> None:
             with autocast:
-                loss = student.backbone(batch["global_crops"]).pooler_output.float().square().mean()
+                loss = student.backbone(crops["global_crops"]).pooler_output.float().square().mean()
             loss.backward()
             student.zero_grad(set_to_none=True)
 

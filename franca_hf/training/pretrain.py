@@ -24,9 +24,10 @@ from ..errors import UsageError
 from ..evaluation.nearest_neighbours import format_knn_rows
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
-from .config import PretrainConfig
+from .config import OptimSettings, PretrainConfig
 from .export import export_teacher
 from .knn import KnnEvaluator
+from .masking import MaskedCrops
 from .metrics import LossWindow, MetricsLog
 from .networks import (
     Student,
@@ -58,29 +59,40 @@ class TrainState:
 
 
 class TrainingStep:
-    """One micro-batch of the Franca objective: this step's schedule, the teacher's Sinkhorn targets, the student's
-    loss and its backward; at an optimizer step (`accelerator.sync_gradients`) per-module gradient clipping, the
-    optimizer update and the teacher's EMA. Returns the loss parts (on the device) and the schedule values."""
+    """One micro-batch of the Franca objective: this step's schedule, the teacher's Sinkhorn targets (with
+    `sinkhorn_iterations`), the student's loss and its backward; at an optimizer step (`accelerator.sync_gradients`)
+    per-module gradient clipping (to `clip_grad`), the optimizer update and the teacher's EMA. Returns the loss parts
+    (on the device) and the schedule values."""
 
-    def __init__(self, accelerator: Accelerator, student, teacher, optimizer, schedules, config: PretrainConfig):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        student: Student,
+        teacher: Teacher,
+        optimizer: torch.optim.Optimizer,
+        schedules: FrancaSchedules,
+        sinkhorn_iterations: int,
+        clip_grad: float,
+    ):
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
-        self.optimizer, self.schedules, self.config = optimizer, schedules, config
+        self.optimizer, self.schedules = optimizer, schedules
+        self.sinkhorn_iterations, self.clip_grad = sinkhorn_iterations, clip_grad
         self.unwrapped = accelerator.unwrap_model(student)
         self.modules = {name: getattr(self.unwrapped, name) for name in ("backbone", "dino_head", "ibot_head")}
 
-    def __call__(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], ScheduleValues]:
+    def __call__(self, batch: MaskedCrops, step: int) -> tuple[dict[str, torch.Tensor], ScheduleValues]:
         accelerator, values = self.accelerator, self.schedules(step)
         apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
         with accelerator.accumulate(self.student):
             # both forwards under the step's autocast: Accelerate autocasts a prepared model's forward under DDP,
             # not under FSDP2 (where it relies on a MixedPrecisionPolicy, which `prepare_networks` clears)
             with accelerator.autocast():
-                targets = self.teacher(batch, values.teacher_temperature, self.config.objective.sinkhorn_iterations)
+                targets = self.teacher(batch, values.teacher_temperature, self.sinkhorn_iterations)
                 parts = self.student(batch, *targets)
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
-                clip_grad_norm_per_module(self.modules, self.config.optim.clip_grad)
+                clip_grad_norm_per_module(self.modules, self.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
@@ -167,24 +179,10 @@ def shard_teacher(accelerator: Accelerator, teacher: Teacher) -> Teacher:
     return teacher
 
 
-def make_schedules(config: PretrainConfig, processes: int) -> FrancaSchedules:
-    """The recipe's schedules, the learning rate scaled by the global batch (sqrt rule)."""
-    optim = config.optim
+def make_schedules(optim: OptimSettings, processes: int) -> FrancaSchedules:
+    """The recipe's schedules, the learning rate scaled by the global batch of `processes` (sqrt rule)."""
     global_batch = optim.batch_size_per_device * processes * optim.gradient_accumulation_steps
-    return FrancaSchedules(
-        scaled_learning_rate(optim.base_lr, global_batch),
-        optim.total_steps,
-        optim.warmup_steps,
-        optim.min_lr,
-        optim.weight_decay,
-        optim.weight_decay_end,
-        optim.teacher_momentum,
-        optim.teacher_momentum_end,
-        optim.teacher_temperature_start,
-        optim.teacher_temperature,
-        optim.teacher_temperature_warmup_steps,
-        optim.freeze_last_layer_steps,
-    )
+    return FrancaSchedules.from_settings(optim, scaled_learning_rate(optim.base_lr, global_batch))
 
 
 def train(config: PretrainConfig, config_name: str = "custom") -> dict:
@@ -248,20 +246,26 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         state.knn_at_init = (evaluate_knn("teacher k-NN at init") or {}).get("prefix")
 
     training_step = TrainingStep(
-        accelerator, student, teacher, optimizer, make_schedules(config, accelerator.num_processes), config
+        accelerator,
+        student,
+        teacher,
+        optimizer,
+        make_schedules(optim, accelerator.num_processes),
+        config.objective.sinkhorn_iterations,
+        optim.clip_grad,
     )
     window = LossWindow(accelerator, checkpoints)
     progress = tqdm(
         total=optim.total_steps, initial=state.step, desc="pretrain", disable=not accelerator.is_main_process
     )
     while state.step < optim.total_steps:
-        batch = batch_to_device(next(batches), config, accelerator.device)
-        parts, values = training_step(batch, state.step)
+        batch = batch_to_device(next(batches), config.crops.blur_kernel_size, accelerator.device)
+        parts, values = training_step(batch.crops, state.step)
         window.add(  # numbered as the optimizer step it belongs to, as logs and checkpoints count it (1-based)
             state.step + 1,
             parts,
-            batch["skipped_images"],
-            batch["global_crops"].shape[0] // 2 * accelerator.num_processes,
+            batch.skipped_images,
+            batch.crops["global_crops"].shape[0] // 2 * accelerator.num_processes,
         )
         if not accelerator.sync_gradients:
             continue
