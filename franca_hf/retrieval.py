@@ -37,7 +37,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from .errors import InputNotFoundError, OutputExistsError, UsageError
 from .features import extract_features
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
-from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
+from .fingerprint import check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
 from .modeling import (
     FrancaModel,
@@ -831,7 +831,6 @@ __all__ = [
     "BuildReport",
     "EmbeddingIndex",
     "IndexResult",
-    "ModelMismatchError",
     "SearchResult",
     "build_index",
     "default_funnel",

@@ -185,17 +185,69 @@ def make_schedules(optim: OptimSettings, processes: int) -> FrancaSchedules:
     return FrancaSchedules.from_settings(optim, scaled_learning_rate(optim.base_lr, global_batch))
 
 
-def train(config: PretrainConfig, config_name: str = "custom") -> dict:
-    """Run (or resume) pretraining; returns the summary written to `<output_dir>/summary.json`."""
-    output_dir, optim = Path(config.run.output_dir), config.optim
+def start_run(config: PretrainConfig) -> Accelerator:
+    """The run's Accelerator, every process seeded alike (the same initial weights), `config.json` written to the
+    output folder and the trackers started."""
     accelerator = make_accelerator(config)
-    set_seed(config.run.seed)  # the same initial weights in every process
+    set_seed(config.run.seed)
     if accelerator.is_main_process:
+        output_dir = Path(config.run.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     accelerator.init_trackers(
         "franca", config={f"{s}.{k}": str(v) for s, d in config.to_dict().items() for k, v in d.items()}
     )
+    return accelerator
+
+
+@dataclass
+class TeacherEvaluations:
+    """The teacher's evaluations during a run, logged at the run's current step: k-NN with prefixes and in a fitted
+    Matryoshka basis (`KnnEvaluator`; None when the recipe has no k-NN data), and `eval.linear` / `eval.seg` of each
+    exported teacher."""
+
+    accelerator: Accelerator
+    config: PretrainConfig
+    teacher: Teacher
+    evaluator: KnnEvaluator | None
+    log: MetricsLog
+    state: TrainState
+
+    def knn(self, title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict] | None:
+        """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
+        title) where a result exists, i.e. on the main process."""
+        accuracy = self.evaluator(self.accelerator, self.teacher, basis)
+        if accuracy is not None:
+            names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
+            self.log(
+                self.state.step,
+                {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()},
+            )
+            if title and self.accelerator.is_main_process:  # (`accelerator.print` prints once per node)
+                labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
+                print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
+        return accuracy
+
+    def export(self, folder: Path) -> dict[str, float]:
+        """`eval.linear` / `eval.seg` of an exported teacher folder, by the main process alone; logged."""
+        metrics = {}
+        if (self.config.eval.linear or self.config.eval.seg) and self.accelerator.is_main_process:
+            metrics = evaluate_export(folder, self.config, self.accelerator.device)
+            self.log(self.state.step, metrics)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def fitted_basis(self) -> MatryoshkaFit | None:
+        """A Matryoshka PCA basis of the teacher fitted on the k-NN train split, with `eval.fit_pca_on_export`."""
+        if not self.config.eval.fit_pca_on_export:
+            return None
+        return self.evaluator.fit_basis(self.accelerator, self.teacher)
+
+
+def train(config: PretrainConfig, config_name: str = "custom") -> dict:
+    """Run (or resume) pretraining; returns the summary written to `<output_dir>/summary.json`."""
+    output_dir, optim = Path(config.run.output_dir), config.optim
+    accelerator = start_run(config)
 
     student, teacher = build_networks(config)
     set_seed(config.run.seed, device_specific=True)  # drop path differs between processes, as with any DDP run
@@ -218,32 +270,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
     log = MetricsLog(accelerator, output_dir)
 
-    def evaluate_knn(title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict] | None:
-        """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
-        title) where a result exists, i.e. on the main process."""
-        accuracy = evaluator(accelerator, teacher, basis)
-        if accuracy is not None:
-            names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
-            log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
-            if title and accelerator.is_main_process:  # (`accelerator.print` prints once per node)
-                labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
-                print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
-        return accuracy
-
-    def evaluate_teacher(folder: Path) -> dict[str, float]:
-        """`eval.linear` / `eval.seg` of an exported teacher, by the main process alone; logged."""
-        metrics = {}
-        if (config.eval.linear or config.eval.seg) and accelerator.is_main_process:
-            metrics = evaluate_export(folder, config, accelerator.device)
-            log(state.step, metrics)
-        accelerator.wait_for_everyone()
-        return metrics
-
-    def fitted_basis() -> MatryoshkaFit | None:
-        return evaluator.fit_basis(accelerator, teacher) if config.eval.fit_pca_on_export else None
-
+    evaluations = TeacherEvaluations(accelerator, config, teacher, evaluator, log, state)
     if evaluator is not None and state.step == 0:
-        state.knn_at_init = (evaluate_knn("teacher k-NN at init") or {}).get("prefix")
+        state.knn_at_init = (evaluations.knn("teacher k-NN at init") or {}).get("prefix")
 
     training_step = TrainingStep(
         accelerator,
@@ -282,14 +311,15 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
             log(state.step, {**averages, **schedule, "skipped_images": state.skipped_images})
             progress.set_postfix(loss=f"{averages['loss']:.3f}", lr=f"{values.lr:.2e}")
         if due.knn:
-            evaluate_knn()
+            evaluations.knn()
         if due.checkpoint:
             save_checkpoint(accelerator, state, batches, checkpoints, config.run.keep_checkpoints)
         if due.export:
-            evaluate_teacher(export_teacher(accelerator, teacher, config, state, config_name, fitted_basis()))
+            basis = evaluations.fitted_basis()
+            evaluations.export(export_teacher(accelerator, teacher, config, state, config_name, basis))
     progress.close()
 
-    basis = fitted_basis()
+    basis = evaluations.fitted_basis()
     folder = export_teacher(accelerator, teacher, config, state, config_name, basis)
     summary = {
         "knn_at_init": state.knn_at_init,
@@ -297,9 +327,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         "skipped_images": state.skipped_images,
         "teacher_folder": str(folder),
     }
-    summary.update(evaluate_teacher(folder))
+    summary.update(evaluations.export(folder))
     if evaluator is not None:
-        final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis) or {}  # {} off the main process
+        final = evaluations.knn(f"teacher k-NN after {state.step} steps", basis) or {}  # {} off the main process
         summary["knn_final"] = final.get("prefix")
         if "pca" in final:
             summary["knn_final_pca"] = final["pca"]
