@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from franca_hf import FrancaModel, retrieval, retrieval_settings
 from franca_hf.cli import main
+from franca_hf.fingerprint import ModelMismatchError
 from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.retrieval import (
     EmbeddingIndex,
-    ModelMismatchError,
     build_index,
     default_funnel,
     index_from_features,
