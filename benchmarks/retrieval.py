@@ -215,7 +215,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
         return run
 
     def ours(index: EmbeddingIndex, stages):
-        return lambda q: index.funnel_search(torch.from_numpy(q), K, stages)[1]
+        return lambda q: index.funnel_search(q, K, stages)[1]
 
     def plain_small(q: np.ndarray):
         return flat_small.search(np.ascontiguousarray(q[:, :small]) / np.linalg.norm(q[:, :small], axis=1)[:, None], K)
@@ -223,12 +223,12 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     flat_bytes, small_bytes = size * width * 4, size * small * 4
     full = ("exact full width", flat_full_build, flat_bytes)
     methods = [
-        (*full[:1], "ours: `search`", lambda q: exact.search(torch.from_numpy(q), K)[1], exact_build, 0),
+        (*full[:1], "ours: `search`", lambda q: exact.search(q, K)[1], exact_build, 0),
         (*full[:1], "FAISS `IndexFlatIP(D)`", lambda q: flat_full.search(q, K)[1], *full[1:]),
         (
             "exact at D/16",
             f"ours: `search(dim={small})`",
-            lambda q: exact.search(torch.from_numpy(q), K, small)[1],
+            lambda q: exact.search(q, K, small)[1],
             0,
             small_bytes,
         ),

@@ -205,7 +205,8 @@ class EmbeddingIndex:
         settings: how the first stage is built (`IndexSettings`; "auto" by size when None).
         model: `model_fingerprint` of the model that made the vectors; `search_images` checks it.
         model_name: that model as given (for messages).
-        device: "cuda" runs FAISS on the GPU when faiss-gpu is installed.
+        device: "cuda" runs FAISS on the GPU when faiss-gpu is installed and sees one (`faiss_on_gpu`), on the CPU
+            otherwise.
     """
 
     def __init__(
@@ -252,6 +253,7 @@ class EmbeddingIndex:
         self._first = None  # the FAISS first stage, built or read on first use
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
+        self._prefix_masks: dict[tuple[int, ...], np.ndarray] = {}  # by query width and cuts: _checked_queries
 
     def __len__(self) -> int:
         return self.manifest.rows
@@ -296,15 +298,16 @@ class EmbeddingIndex:
         """Exact top-k by cosine similarity of the `dim`-channel prefixes (D when None).
 
         Args:
-            queries: (Q, D) full-width queries, or (Q, dim) ones already cut to the prefix.
+            queries: (Q, D) full-width queries, or (Q, dim) ones already cut to the prefix; a torch tensor or a
+                numpy array.
         Returns:
             scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`.
         """
         dim = self.width if dim is None else dim
         self.check_dim(dim)  # raises on a dim that is not allowed
         self._check_k(k)
-        scores, indices = self._exact(self._unit_queries(queries, [dim])[0], dim, k)
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+        array, norms = self._checked_queries(queries, [dim])
+        return cosines(*self._exact(array, dim, k), norms[:, :1])
 
     def funnel_search(
         self, queries: torch.Tensor, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
@@ -314,7 +317,8 @@ class EmbeddingIndex:
         `dim_i`, exactly, and the last one's top k is returned.
 
         Args:
-            queries: (Q, D) full-width queries, or (Q, d) ones cut to the last stage's dim d.
+            queries: (Q, D) full-width queries, or (Q, d) ones cut to the last stage's dim d; a torch tensor or a
+                numpy array.
             stages: [(dim_1, size_1), …]: dims allowed and strictly increasing, sizes non-increasing and >= k
                 (sizes above N act as N). `default_funnel(self.dims, k)` when None.
         Returns:
@@ -323,18 +327,19 @@ class EmbeddingIndex:
         self._check_k(k)
         stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
         self._check_stages(stages, k)
-        units = self._unit_queries(queries, [dim for dim, _ in stages])
+        array, norms = self._checked_queries(queries, [dim for dim, _ in stages])
+        # An inner-product ranking ignores the query's scale: every stage ranks with the raw query prefix, and only
+        # the scores of the last stage are divided by that prefix's norm (cosines).
         first_dim, first_size = stages[0]
         size = min(first_size, len(self))
         if first_dim == self.dims[0] and self.settings.ann != "none":
-            scores, indices = self._approximate(units[0], size)
+            scores, indices = self._approximate(array[:, :first_dim], size)
         else:
-            scores, indices = self._exact(units[0], first_dim, size)
-        for unit, (dim, size) in zip(units[1:], stages[1:], strict=True):
-            scores, indices = self._rerank(unit, indices, dim, size)
-        if scores.shape[1] != k:  # a last stage keeping more than k
-            scores, indices = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(indices[:, :k])
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+            scores, indices = self._exact(array, first_dim, size)
+        for dim, size in stages[1:]:
+            scores, indices = self._rerank(array, indices, dim, size)
+        last = len(stages) - 1
+        return cosines(scores[:, :k], indices[:, :k], norms[:, last : last + 1])
 
     def search_images(
         self,
@@ -424,14 +429,14 @@ class EmbeddingIndex:
         return self._unit_prefixes[dim]
 
     def _exact(self, queries: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (Q, k) by inner product of the unit `dim` prefixes with the queries' `dim` prefixes, any scale."""
         import faiss
 
-        database = self._unit_prefix(dim)
-        if self.device.type == "cuda" and hasattr(faiss, "knn_gpu"):
-            scores, indices = faiss.knn_gpu(gpu_resources(), queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
-        else:
-            scores, indices = faiss.knn(queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return scores, indices
+        database, cut = self._unit_prefix(dim), np.ascontiguousarray(queries[:, :dim])
+        if faiss_on_gpu(self.device):
+            gpu = self.device.index or 0
+            return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
+        return faiss.knn(cut, database, k, metric=faiss.METRIC_INNER_PRODUCT)
 
     def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -453,14 +458,27 @@ class EmbeddingIndex:
         return scores, indices
 
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of the shortlisted rows (Q, S) at prefix `dim`; keeps the best `size` of each, descending."""
+        """The best `size` of the shortlisted rows (Q, S) of each query, descending, by their cosine with the query at
+        prefix `dim` times that query prefix's norm (queries: (Q, width) C-contiguous, any scale)."""
+        if dim == self.width and self.manifest.unit:
+            import faiss
+
+            # FAISS reads the shortlisted rows in place (the memory map too) and keeps the best: no gathered copy.
+            # The last argument, the row stride of `rows`, is needed: its default is the database size, not S.
+            rows = np.ascontiguousarray(rows, dtype=np.int64)
+            (queries_count, shortlist), size = rows.shape, min(size, rows.shape[1])
+            scores, picked = np.empty((queries_count, size), np.float32), np.empty((queries_count, size), np.int64)
+            pointers = [faiss.swig_ptr(a) for a in (queries, self._array, rows, scores, picked)]
+            faiss.knn_inner_products_by_idx(
+                *pointers[:3], dim, queries_count, len(self), shortlist, size, *pointers[3:], shortlist
+            )
+            return scores, picked
         # reads only the shortlisted rows; whole rows are gathered twice as fast as row segments
         candidates = self._array.take(rows, axis=0) if dim == self.width else self._array[rows.reshape(-1), :dim]
         candidates = candidates.reshape(*rows.shape, dim)
         # a batched matrix-vector product (BLAS) is ~3x faster than einsum's loops at these sizes
-        scores = np.matmul(candidates, queries[:, :, None])[:, :, 0]
-        if not (dim == self.width and self.manifest.unit):
-            scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
+        scores = np.matmul(candidates, queries[:, :dim, None])[:, :, 0]
+        scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
         pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
         query_rows = np.arange(len(rows))[:, None]
         return scores[query_rows, pick], rows[query_rows, pick]
@@ -475,42 +493,37 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self):
             raise UsageError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
-    def _unit_queries(self, queries: torch.Tensor, dims: list[int]) -> list[np.ndarray]:
-        """The queries' unit prefixes at increasing `dims`, (Q, dim) float32 C-contiguous each, after checking their
-        shape and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
+    def _checked_queries(self, queries: torch.Tensor | np.ndarray, dims: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The queries as a (Q, width) float32 C-contiguous array and the (Q, n) norms of their prefixes at increasing
+        `dims` (then of the full query, for an index of unit-norm embeddings), after checking their shape, that no
+        prefix is zero or non-finite and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
         widths = sorted({dims[-1], self.width})
         if queries.ndim != 2 or queries.shape[1] not in widths:
             raise ValueError(
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
-        array = queries.numpy(force=True).astype(np.float32, copy=False)
+        array = queries if isinstance(queries, np.ndarray) else queries.numpy(force=True)
+        array = np.ascontiguousarray(array, dtype=np.float32)
         check_unit = self.manifest.unit and array.shape[1] == self.width
-        # one pass gives the norms of every stage's prefix and of the full query
-        norms = prefix_norms(array, dims if not check_unit or dims[-1] == self.width else [*dims, self.width])
-        full = norms[:, -1]
-        # two reductions settle the common case (every norm in range); the elementwise tests only find the culprit
-        if check_unit and len(array) and not (full.min() >= 1 - UNIT_TOLERANCE and full.max() <= 1 + UNIT_TOLERANCE):
-            far = np.abs(full - 1) > UNIT_TOLERANCE
-            if far.any():
-                row = int(np.flatnonzero(far)[0])
-                raise ValueError(
-                    f"Query {row} has norm {norms[row, -1]:.4g}, but this index holds unit-norm Matryoshka "
-                    "embeddings: the query is not one of them (the raw CLS of `model(...).pooler_output` or "
-                    "pipeline('image-feature-extraction') is, say). Embed queries with "
-                    "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, "
-                    "model, processor)."
-                )
-        norms = norms[:, : len(dims)]
-        # prefix norms never exceed the full norm, so unit-checked queries only need their smallest norm tested
-        if len(array) and not (norms.min() > 0 and (check_unit or np.isfinite(norms.max()))):
-            bad = ~np.isfinite(norms) | (norms == 0)
-            stage = int(np.flatnonzero(bad.any(axis=0))[0])
-            row = int(np.flatnonzero(bad[:, stage])[0])
-            raise ValueError(
-                f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined."
-            )
-        return [array[:, :dim] / norms[:, i, None] for i, dim in enumerate(dims)]  # new C-contiguous arrays
+        cuts = dims if not check_unit or dims[-1] == self.width else [*dims, self.width]
+        key = (array.shape[1], *cuts)
+        mask = self._prefix_masks.get(key)
+        if mask is None:  # (query width, n): column i sums the first cuts[i] channels
+            mask = (np.arange(array.shape[1])[:, None] < np.array(cuts)).astype(np.float32)
+            self._prefix_masks[key] = mask
+        norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
+        if len(array):
+            # prefix norms grow with the prefix, so the first column's least and the last's range settle every stage
+            low, high = norms.min(axis=0).tolist(), norms.max(axis=0).tolist()
+            if check_unit:
+                fine = low[0] > 0 and 1 - UNIT_TOLERANCE <= low[-1] and high[-1] <= 1 + UNIT_TOLERANCE
+            else:
+                fine = low[0] > 0 and math.isfinite(high[-1])
+            if not fine:  # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
+                norms = prefix_norms(array, cuts)
+                refuse_bad_queries(norms, dims, check_unit)
+        return array, norms
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
@@ -528,6 +541,33 @@ def prefix_norms(queries: np.ndarray, dims: Sequence[int]) -> np.ndarray:
     """(Q, len(dims)) L2 norms of the queries' prefixes at strictly increasing `dims`, from one pass over them."""
     segments = np.add.reduceat(np.square(queries[:, : dims[-1]]), [0, *dims[:-1]], axis=1)
     return np.sqrt(np.cumsum(segments, axis=1))
+
+
+def refuse_bad_queries(norms: np.ndarray, dims: Sequence[int], check_unit: bool) -> None:
+    """A ValueError naming the first query whose full norm is not 1 (when `check_unit`: norms' last column is the full
+    norm) or, else, the first stage and query whose prefix norm at `dims` (norms' first columns) is zero or
+    non-finite; nothing when there is none."""
+    if check_unit:
+        far = np.abs(norms[:, -1] - 1) > UNIT_TOLERANCE
+        if far.any():
+            row = int(np.flatnonzero(far)[0])
+            raise ValueError(
+                f"Query {row} has norm {norms[row, -1]:.4g}, but this index holds unit-norm Matryoshka embeddings: "
+                "the query is not one of them (the raw CLS of `model(...).pooler_output` or "
+                "pipeline('image-feature-extraction') is, say). Embed queries with "
+                "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, model, "
+                "processor)."
+            )
+    bad = ~np.isfinite(norms[:, : len(dims)]) | (norms[:, : len(dims)] == 0)
+    if bad.any():
+        stage = int(np.flatnonzero(bad.any(axis=0))[0])
+        row = int(np.flatnonzero(bad[:, stage])[0])
+        raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined.")
+
+
+def cosines(scores: np.ndarray, indices: np.ndarray, norms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search results as tensors: `scores` (Q, k) of raw query prefixes divided by their norms (Q, 1), indices."""
+    return torch.from_numpy(scores / norms), torch.from_numpy(np.ascontiguousarray(indices))
 
 
 def new_first_stage(settings: IndexSettings, dim: int):
@@ -588,6 +628,30 @@ def remove_stale_first_stages(folder: Path, keep: str | None) -> None:
             path.unlink()
 
 
+def faiss_on_gpu(device: torch.device) -> bool:
+    """Whether FAISS runs on the GPU for `device`: a CUDA device, a FAISS build with GPU support (faiss-gpu; faiss-cpu
+    has `knn_gpu` too, but no GPU resources) and a GPU that it sees. A CUDA device without them warns once."""
+    import faiss
+
+    if device.type != "cuda":
+        return False
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return True
+    global _WARNED_NO_FAISS_GPU
+    if not _WARNED_NO_FAISS_GPU:
+        logger.warning(
+            "device %s: this FAISS (%s) has no GPU support or sees no GPU, so FAISS searches on the CPU; install "
+            "faiss-gpu for GPU search.",
+            device,
+            getattr(faiss, "__version__", "unknown version"),
+        )
+        _WARNED_NO_FAISS_GPU = True
+    return False
+
+
+_WARNED_NO_FAISS_GPU = False
+
+
 def gpu_resources():
     """One FAISS GPU resource object per process."""
     import faiss
@@ -602,10 +666,10 @@ _GPU_RESOURCES = None
 
 
 def on_device(index, device: torch.device):
-    """`index` moved to the GPU when `device` is CUDA and faiss-gpu is installed (HNSW stays on the CPU)."""
+    """`index` moved to the GPU when FAISS runs there (`faiss_on_gpu`); HNSW stays on the CPU."""
     import faiss
 
-    if device.type != "cuda" or not hasattr(faiss, "index_cpu_to_gpu") or isinstance(index, faiss.IndexHNSW):
+    if isinstance(index, faiss.IndexHNSW) or not faiss_on_gpu(device):
         return index
     return faiss.index_cpu_to_gpu(gpu_resources(), device.index or 0, index)
 
