@@ -515,11 +515,12 @@ class EmbeddingIndex:
         norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
         if len(array):
             # prefix norms grow with the prefix, so the first column's least and the last's range settle every stage
-            low, high = norms.min(axis=0).tolist(), norms.max(axis=0).tolist()
+            # (in Python floats: numpy calls cost more than the comparisons themselves for a few queries)
+            first, last = norms[:, 0].tolist(), norms[:, -1].tolist()
             if check_unit:
-                fine = low[0] > 0 and 1 - UNIT_TOLERANCE <= low[-1] and high[-1] <= 1 + UNIT_TOLERANCE
+                fine = min(first) > 0 and 1 - UNIT_TOLERANCE <= min(last) and max(last) <= 1 + UNIT_TOLERANCE
             else:
-                fine = low[0] > 0 and math.isfinite(high[-1])
+                fine = min(first) > 0 and math.isfinite(max(last))
             if not fine:  # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
                 norms = prefix_norms(array, cuts)
                 refuse_bad_queries(norms, dims, check_unit)
