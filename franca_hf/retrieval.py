@@ -314,7 +314,9 @@ class EmbeddingIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k by a cascade of prefixes: stage 1 keeps `size_1` candidates at `dim_1` (with the first-stage engine
         when dim_1 is dims[0], else exactly), each later stage keeps the best `size_i` of the previous shortlist at
-        `dim_i`, exactly, and the last one's top k is returned.
+        `dim_i`, exactly, and the last one's top k is returned. A first stage that finds fewer than `size_1` rows (an
+        IVF-PQ probing few cells, say) shortlists those; should fewer than k be found in all, the results end in
+        index -1 with score -inf, as FAISS pads them.
 
         Args:
             queries: (Q, D) full-width queries, or (Q, d) ones cut to the last stage's dim d; a torch tensor or a
@@ -450,11 +452,8 @@ class EmbeddingIndex:
                 params = faiss.SearchParametersIVF(nprobe=self.settings.nprobe)
             self._search_parameters[size] = params
         scores, indices = first.search(queries, size, params=params)
-        # a graph or inverted lists can return fewer than `size` hits (-1): repeat the best one so reranks stay dense
-        if indices.min() < 0:
-            missing = indices < 0
-            indices = np.where(missing, indices[:, :1], indices)
-            scores = np.where(missing, -np.inf, scores).astype(np.float32)
+        if padded(indices):  # a graph or inverted lists found fewer than `size` rows
+            scores[indices < 0] = -np.inf
         return scores, indices
 
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -469,9 +468,11 @@ class EmbeddingIndex:
             (queries_count, shortlist), size = rows.shape, min(size, rows.shape[1])
             scores, picked = np.empty((queries_count, size), np.float32), np.empty((queries_count, size), np.int64)
             pointers = [faiss.swig_ptr(a) for a in (queries, self._array, rows, scores, picked)]
-            faiss.knn_inner_products_by_idx(
+            faiss.knn_inner_products_by_idx(  # stops at a shortlist's padding
                 *pointers[:3], dim, queries_count, len(self), shortlist, size, *pointers[3:], shortlist
             )
+            if padded(picked):  # fewer than `size` rows shortlisted: FAISS's empty slots, here as in the first stage
+                scores[picked < 0] = -np.inf
             return scores, picked
         # reads only the shortlisted rows; whole rows are gathered twice as fast as row segments
         candidates = self._array.take(rows, axis=0) if dim == self.width else self._array[rows.reshape(-1), :dim]
@@ -479,6 +480,8 @@ class EmbeddingIndex:
         # a batched matrix-vector product (BLAS) is ~3x faster than einsum's loops at these sizes
         scores = np.matmul(candidates, queries[:, :dim, None])[:, :, 0]
         scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
+        if padded(rows):  # the padding gathered the last row: it ranks last and stays padding
+            scores[rows < 0] = -np.inf
         pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
         query_rows = np.arange(len(rows))[:, None]
         return scores[query_rows, pick], rows[query_rows, pick]
@@ -542,6 +545,12 @@ def prefix_norms(queries: np.ndarray, dims: Sequence[int]) -> np.ndarray:
     """(Q, len(dims)) L2 norms of the queries' prefixes at strictly increasing `dims`, from one pass over them."""
     segments = np.add.reduceat(np.square(queries[:, : dims[-1]]), [0, *dims[:-1]], axis=1)
     return np.sqrt(np.cumsum(segments, axis=1))
+
+
+def padded(rows: np.ndarray) -> bool:
+    """Whether result rows (Q, S) hold padding (-1): FAISS pads a result list shorter than S at its end (score
+    -inf here), and the reranks keep it there."""
+    return min(rows[:, -1].tolist(), default=0) < 0
 
 
 def refuse_bad_queries(norms: np.ndarray, dims: Sequence[int], check_unit: bool) -> None:

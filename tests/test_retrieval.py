@@ -250,6 +250,30 @@ def test_ann_first_stages_find_the_exact_top_k_after_the_rerank(ann):
     torch.testing.assert_close(scores.double(), similarity.gather(1, found), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("unit", [False, True], ids=["any norm", "unit norm"])
+def test_a_first_stage_finding_fewer_rows_than_asked_shortlists_those(unit):
+    """IVF-PQ probing 1 of 16 cells finds 100-330 rows where the funnel asks for 400: the reranks rank what it found
+    (the exact top-k among those rows, no row twice), and results beyond it are index -1 with score -inf."""
+    database, queries = gaussian(3000, 4, decay=1.0)
+    queries = database[:4] + 0.01 * queries
+    if unit:
+        database, queries = F.normalize(database, dim=1), F.normalize(queries, dim=1)
+    settings = IndexSettings(ann="ivfpq", nlist=16, nprobe=1, pq_bytes=4)
+    index = EmbeddingIndex(database, dims=DIMS, settings=settings)
+    found_first = index.first_stage().search(F.normalize(queries[:, :8], dim=1).numpy(), 400)[1]
+    counts = (found_first >= 0).sum(axis=1)
+    assert 10 < counts.min() and counts.max() < 400
+    similarity = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
+    for k in (10, 400):
+        scores, found = index.funnel_search(queries, k, [(8, 400), (32, 400), (128, k)])
+        for query, count in enumerate(counts.tolist()):
+            rows = torch.from_numpy(found_first[query, :count])
+            best = similarity[query, rows].topk(min(k, count))
+            assert torch.equal(found[query, : min(k, count)], rows[best.indices])
+            torch.testing.assert_close(scores[query, : min(k, count)].double(), best.values, atol=1e-6, rtol=0)
+            assert (found[query, count:] == -1).all() and (scores[query, count:] == -torch.inf).all()
+
+
 def test_a_cuda_device_without_faiss_gpu_searches_on_the_cpu(tmp_path, caplog, monkeypatch):
     """faiss-cpu (installed here) has `knn_gpu` but no GPU resources: an index opened for a CUDA device (`franca-hf
     search --device cuda`) searches on the CPU with the CPU's results and one warning, instead of failing."""
