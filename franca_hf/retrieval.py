@@ -294,7 +294,9 @@ class EmbeddingIndex:
         self.check_dim(dim)
         return torch.from_numpy(self._unit_prefix(dim))
 
-    def search(self, queries: torch.Tensor, k: int = 10, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int = 10, dim: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k by cosine similarity of the `dim`-channel prefixes (D when None).
 
         Args:
@@ -310,7 +312,7 @@ class EmbeddingIndex:
         return cosines(*self._exact(array, dim, k), norms[:, :1])
 
     def funnel_search(
-        self, queries: torch.Tensor, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
+        self, queries: torch.Tensor | np.ndarray, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k by a cascade of prefixes: stage 1 keeps `size_1` candidates at `dim_1` (with the first-stage engine
         when dim_1 is dims[0], else exactly), each later stage keeps the best `size_i` of the previous shortlist at
@@ -500,8 +502,8 @@ class EmbeddingIndex:
         """The queries as a (Q, width) float32 C-contiguous array and the (Q, n) norms of their prefixes at increasing
         `dims` (then of the full query, for an index of unit-norm embeddings), after checking their shape, that no
         prefix is zero or non-finite and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
-        widths = sorted({dims[-1], self.width})
-        if queries.ndim != 2 or queries.shape[1] not in widths:
+        if queries.ndim != 2 or queries.shape[1] not in (self.width, dims[-1]):
+            widths = sorted({dims[-1], self.width})
             raise ValueError(
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
@@ -515,15 +517,16 @@ class EmbeddingIndex:
         if mask is None:  # (query width, n): column i sums the first cuts[i] channels
             mask = (np.arange(array.shape[1])[:, None] < np.array(cuts)).astype(np.float32)
             self._prefix_masks[key] = mask
-        norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
+        with np.errstate(invalid="ignore"):  # a non-finite channel makes inf x 0: judged below, not warned of
+            norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
         if len(array):
-            # prefix norms grow with the prefix, so the first column's least and the last's range settle every stage
-            # (in Python floats: numpy calls cost more than the comparisons themselves for a few queries)
+            # prefix norms grow with the prefix, so the first column and the last settle every stage (in Python
+            # floats, NaN failing every comparison: numpy calls cost more than the tests themselves for a few queries)
             first, last = norms[:, 0].tolist(), norms[:, -1].tolist()
             if check_unit:
-                fine = min(first) > 0 and 1 - UNIT_TOLERANCE <= min(last) and max(last) <= 1 + UNIT_TOLERANCE
+                fine = all(n > 0 for n in first) and all(1 - UNIT_TOLERANCE <= n <= 1 + UNIT_TOLERANCE for n in last)
             else:
-                fine = min(first) > 0 and math.isfinite(max(last))
+                fine = all(n > 0 for n in first) and math.isfinite(sum(last))
             if not fine:  # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
                 norms = prefix_norms(array, cuts)
                 refuse_bad_queries(norms, dims, check_unit)

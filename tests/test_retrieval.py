@@ -427,6 +427,24 @@ def test_bad_search_inputs_raise_clear_errors(call, message):
         call(EmbeddingIndex(database, dims=DIMS, settings=EXACT), queries)
 
 
+def test_query_checks_name_the_first_bad_stage_and_ignore_channels_no_stage_reads():
+    """A zero or non-finite query prefix is named at the first stage it spoils; a non-finite channel past the last
+    stage's prefix is never read, so it does not matter (the checks screen every prefix norm with one product, where
+    inf x 0 is NaN, then look again channel by channel)."""
+    database, queries = gaussian(100, 3, decay=1.0)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    stages = [(8, 50), (32, 20), (64, 5)]
+    for channel, value, stage in ((20, float("nan"), 32), (3, float("inf"), 8), (40, float("-inf"), 64)):
+        spoiled = queries.clone()
+        spoiled[1, channel] = value
+        with pytest.raises(ValueError, match=rf"Query 1 has a zero or non-finite prefix of length {stage};"):
+            index.funnel_search(spoiled, 5, stages)
+    spoiled = queries.clone()
+    spoiled[1, 100] = float("inf")
+    for got, want in zip(index.funnel_search(spoiled, 5, stages), index.funnel_search(queries, 5, stages), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_bad_index_inputs_raise_clear_errors():
     database, _ = gaussian(10, 1, decay=1.0)
     with pytest.raises(ValueError, match=r"non-empty \(N, D\) float tensor; got shape \(0, 128\)"):
