@@ -520,13 +520,13 @@ class EmbeddingIndex:
         with np.errstate(invalid="ignore"):  # a non-finite channel makes inf x 0: judged below, not warned of
             norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
         if len(array):
-            # prefix norms grow with the prefix, so the first column and the last settle every stage (in Python
-            # floats, NaN failing every comparison: numpy calls cost more than the tests themselves for a few queries)
+            # Prefix norms grow with the prefix, so the least of the first column and the last column settle every
+            # stage: a non-finite channel of any stage makes its row's last norm inf or NaN, and so their sum. In
+            # Python floats: numpy calls cost more than these tests for a few queries.
             first, last = norms[:, 0].tolist(), norms[:, -1].tolist()
+            fine = math.isfinite(sum(last)) and min(first) > 0
             if check_unit:
-                fine = all(n > 0 for n in first) and all(1 - UNIT_TOLERANCE <= n <= 1 + UNIT_TOLERANCE for n in last)
-            else:
-                fine = all(n > 0 for n in first) and math.isfinite(sum(last))
+                fine = fine and 1 - UNIT_TOLERANCE <= min(last) and max(last) <= 1 + UNIT_TOLERANCE
             if not fine:  # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
                 norms = prefix_norms(array, cuts)
                 refuse_bad_queries(norms, dims, check_unit)
