@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 from franca_hf import FrancaModel
 from franca_hf.data import open_source, subsample
 from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler
+from franca_hf.evaluation.nearest_neighbours import embed_source, knn_accuracy_by_dim
 from franca_hf.io import portable_path, write_file_atomically
 from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.training.checkpoints import find_latest_checkpoint
 from franca_hf.training.config import load_config
-from franca_hf.training.knn import embed_source, knn_accuracy_by_dim
 from franca_hf.training.networks import backbone_config, build_networks
 from franca_hf.training.pipeline import make_augmentation
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from recording import add_docs_flag, recorded
 from torch.utils.benchmark import Timer
 
 from franca_hf.training.augment import OFFICIAL_BLUR_PROBABILITIES, MultiCropAugmentation
@@ -152,73 +153,74 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per batch on the device")
     parser.add_argument("--core", type=int, help="the CPU core to pin to (default: the first one allowed)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    add_docs_flag(parser, "docs/pretraining.md", "augment-benchmark")
     args = parser.parse_args()
-
-    core = args.core if args.core is not None else min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
-    images = [path.read_bytes() for path in args.images]
-    sizes = ", ".join(
-        f"{p.name} {decode(d).size[0]}x{decode(d).size[1]}" for p, d in zip(args.images, images, strict=True)
-    )
-    recipe = dict(num_local_crops=args.local_crops, blur_probabilities=OFFICIAL_BLUR_PROBABILITIES)
-    ours = MultiCropAugmentation(args.global_size, args.local_size, **recipe)
-    pipelines = {"franca_hf MultiCropAugmentation": ours}
-    official = None
-    if args.official is None:
-        print(
-            "official baseline missing: pass --official PATH or set FRANCA_OFFICIAL_DIR to a valeoai/Franca "
-            "checkout; reporting franca_hf alone (no ratio)"
+    with recorded(args.docs, "augment-benchmark"):
+        core = args.core if args.core is not None else min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
+        images = [path.read_bytes() for path in args.images]
+        sizes = ", ".join(
+            f"{p.name} {decode(d).size[0]}x{decode(d).size[1]}" for p, d in zip(args.images, images, strict=True)
         )
-    else:
-        official = load_official(Path(args.official))(
-            (0.32, 1.0), (0.05, 0.32), args.local_crops, args.global_size, args.local_size
-        )
-        pipelines = {"official DataAugmentationDINO": official, **pipelines}
-    worker = None
-    if args.device:
-        worker = MultiCropAugmentation(args.global_size, args.local_size, photometric_on_device=True, **recipe)
-        pipelines["franca_hf worker part (device mode)"] = worker
-
-    print(
-        f"core {core}, torch {torch.__version__} ({torch.get_num_threads()} thread), images: {sizes}; "
-        f"2 x {args.global_size} px + {args.local_crops} x {args.local_size} px crops, decode included"
-    )
-    rates = {name: [] for name in pipelines}
-    for pipeline in pipelines.values():  # warm-up
-        images_per_second(pipeline, images, 4)
-    for _ in range(args.rounds):
-        for name, pipeline in pipelines.items():
-            rates[name].append(images_per_second(pipeline, images, args.per_round))
-    results = {"images_per_second_per_core": {name: statistics.median(values) for name, values in rates.items()}}
-    for name, values in rates.items():
-        print(
-            f"{name:38s} {statistics.median(values):7.1f} images/s per core "
-            f"(rounds: {min(values):.1f}-{max(values):.1f})"
-        )
-    if official is not None:
-        ratios = [
-            a / b
-            for a, b in zip(
-                rates["franca_hf MultiCropAugmentation"], rates["official DataAugmentationDINO"], strict=True
+        recipe = dict(num_local_crops=args.local_crops, blur_probabilities=OFFICIAL_BLUR_PROBABILITIES)
+        ours = MultiCropAugmentation(args.global_size, args.local_size, **recipe)
+        pipelines = {"franca_hf MultiCropAugmentation": ours}
+        official = None
+        if args.official is None:
+            print(
+                "official baseline missing: pass --official PATH or set FRANCA_OFFICIAL_DIR to a valeoai/Franca "
+                "checkout; reporting franca_hf alone (no ratio)"
             )
-        ]
-        results["speed_ratio"] = statistics.median(ratios)
+        else:
+            official = load_official(Path(args.official))(
+                (0.32, 1.0), (0.05, 0.32), args.local_crops, args.global_size, args.local_size
+            )
+            pipelines = {"official DataAugmentationDINO": official, **pipelines}
+        worker = None
+        if args.device:
+            worker = MultiCropAugmentation(args.global_size, args.local_size, photometric_on_device=True, **recipe)
+            pipelines["franca_hf worker part (device mode)"] = worker
+
         print(
-            f"speed ratio franca_hf / official: {statistics.median(ratios):.2f} "
-            f"(rounds: {min(ratios):.2f}-{max(ratios):.2f})"
+            f"core {core}, torch {torch.__version__} ({torch.get_num_threads()} thread), images: {sizes}; "
+            f"2 x {args.global_size} px + {args.local_crops} x {args.local_size} px crops, decode included"
         )
-        print(compare_outputs(official, ours, images, args.compare_seeds))
-    if args.device:
-        device = torch.device(args.device)
-        rate, identical = device_rate(worker, ours, images, args.batch, device, args.rounds)
-        results.update(device=str(device), device_images_per_second=rate, device_identical_to_cpu=identical)
-        print(
-            f"device photometric path ({device}, batch {args.batch} images): {rate:.0f} images/s; "
-            f"crops {'bit-identical to' if identical else 'DIFFERENT from'} the CPU (PIL) path's for the same seeds"
-        )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        rates = {name: [] for name in pipelines}
+        for pipeline in pipelines.values():  # warm-up
+            images_per_second(pipeline, images, 4)
+        for _ in range(args.rounds):
+            for name, pipeline in pipelines.items():
+                rates[name].append(images_per_second(pipeline, images, args.per_round))
+        results = {"images_per_second_per_core": {name: statistics.median(values) for name, values in rates.items()}}
+        for name, values in rates.items():
+            print(
+                f"{name:38s} {statistics.median(values):7.1f} images/s per core "
+                f"(rounds: {min(values):.1f}-{max(values):.1f})"
+            )
+        if official is not None:
+            ratios = [
+                a / b
+                for a, b in zip(
+                    rates["franca_hf MultiCropAugmentation"], rates["official DataAugmentationDINO"], strict=True
+                )
+            ]
+            results["speed_ratio"] = statistics.median(ratios)
+            print(
+                f"speed ratio franca_hf / official: {statistics.median(ratios):.2f} "
+                f"(rounds: {min(ratios):.2f}-{max(ratios):.2f})"
+            )
+            print(compare_outputs(official, ours, images, args.compare_seeds))
+        if args.device:
+            device = torch.device(args.device)
+            rate, identical = device_rate(worker, ours, images, args.batch, device, args.rounds)
+            results.update(device=str(device), device_images_per_second=rate, device_identical_to_cpu=identical)
+            print(
+                f"device photometric path ({device}, batch {args.batch} images): {rate:.0f} images/s; "
+                f"crops {'bit-identical to' if identical else 'DIFFERENT from'} the CPU (PIL) path's for the same seeds"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from recording import add_docs_flag, recorded
+
 CASES = {
     "franca-hf --help": [sys.executable, "-m", "franca_hf.cli", "--help"],
     "franca-hf extract --help": [sys.executable, "-m", "franca_hf.cli", "extract", "--help"],
@@ -31,16 +33,18 @@ def wall_time(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    rounds = parser.parse_args().rounds
-    times = {name: [] for name in CASES}
-    for _ in range(rounds):
-        for name, command in CASES.items():
-            times[name].append(wall_time(command))
-    baseline = statistics.median(times["accelerate --help"])
-    print(f"{'command':50s} {'median s':>9s} {'vs accelerate --help':>21s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:50s} {median:9.2f} {median / baseline:20.2f}x")
+    add_docs_flag(parser, "docs/model.md", "cli-startup-benchmark")
+    args = parser.parse_args()
+    with recorded(args.docs, "cli-startup-benchmark"):
+        times = {name: [] for name in CASES}
+        for _ in range(args.rounds):
+            for name, command in CASES.items():
+                times[name].append(wall_time(command))
+        baseline = statistics.median(times["accelerate --help"])
+        print(f"{'command':50s} {'median s':>9s} {'vs accelerate --help':>21s}")
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"{name:50s} {median:9.2f} {median / baseline:20.2f}x")
 
 
 if __name__ == "__main__":

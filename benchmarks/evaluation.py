@@ -19,12 +19,13 @@ import torch
 
 from franca_hf.data import open_segmentation_source, open_source, subsample, subsample_segmentation
 from franca_hf.data.demo import demo_split_size
-from franca_hf.evaluation.linear import C_VALUES, LinearSettings, evaluate_linear
-from franca_hf.evaluation.segmentation import SegmentationSettings, evaluate_segmentation
-from franca_hf.features.extract import load_model_and_processor
+from franca_hf.evaluation.linear import evaluate_linear
+from franca_hf.evaluation.nearest_neighbours import embed_source, knn_accuracy_by_dim
+from franca_hf.evaluation.segmentation import evaluate_segmentation
+from franca_hf.evaluation.settings import C_VALUES, LinearSettings, SegmentationSettings
+from franca_hf.features.extraction import load_model_and_processor
 from franca_hf.io import replace_marked_block
 from franca_hf.matryoshka import without_matryoshka_basis
-from franca_hf.training.knn import embed_source, knn_accuracy_by_dim
 
 
 def timed(function, *args, **kwargs):

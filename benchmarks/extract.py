@@ -33,12 +33,14 @@ import psutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from recording import add_docs_flag, recorded
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from franca_hf import FrancaConfig, FrancaModel
 from franca_hf.data import files_source, open_source, subsample
+from franca_hf.evaluation.nearest_neighbours import embed_source, format_knn_table, knn_accuracy_by_dim
 from franca_hf.features import (
-    ExtractionSettings,
+    ExtractionRecord,
     default_num_workers,
     extract_to_folder,
     load_model_and_processor,
@@ -46,7 +48,6 @@ from franca_hf.features import (
 )
 from franca_hf.io import portable_path
 from franca_hf.modeling.image_processing_franca import make_image_processor
-from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -99,10 +100,10 @@ def write_images(folder: Path, count: int) -> list[str]:
     return paths
 
 
-def run_extract(model, processor, paths, work: Path, batch: int, workers: int, settings) -> None:
+def run_extract(model, processor, paths, work: Path, batch: int, workers: int, record) -> None:
     out = work / "extract_out"
     extract_to_folder(
-        model, processor, files_source(paths), out, settings, batch_size=batch, num_workers=workers, progress=False
+        model, processor, files_source(paths), out, record, batch_size=batch, num_workers=workers, progress=False
     )
     shutil.rmtree(out)
 
@@ -124,7 +125,7 @@ def speed(args) -> None:
             (model, name), processor = random_vit_b(), make_image_processor(224)
         models = {"fp32": model, "int8": quantize_int8(model)}
         paths = write_images(work / "images", args.images)
-        settings = ExtractionSettings(
+        record = ExtractionRecord(
             model=name,
             sources=[str(work / "images")],
             split="train",
@@ -136,7 +137,7 @@ def speed(args) -> None:
         )
         workers = default_num_workers() if args.workers is None else args.workers
         methods = {
-            "franca-hf extract": lambda m, p=paths: run_extract(m, processor, p, work, args.batch, workers, settings),
+            "franca-hf extract": lambda m, p=paths: run_extract(m, processor, p, work, args.batch, workers, record),
             "pipeline loop": lambda m, p=paths: run_pipeline(m, processor, p, args.batch, workers),
         }
         print(
@@ -266,13 +267,15 @@ def main() -> None:
         action="store_true",
         help="instead: model forward, torch dynamic int8 vs torchao int8 (needs torchao)",
     )
+    add_docs_flag(parser, "docs/extraction.md", "extract-benchmark")
     args = parser.parse_args()
-    if args.torchao:
-        torchao_forward(args)
-    elif args.quality:
-        quality(args)
-    else:
-        speed(args)
+    with recorded(args.docs, "extract-benchmark"):
+        if args.torchao:
+            torchao_forward(args)
+        elif args.quality:
+            quality(args)
+        else:
+            speed(args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from recording import add_docs_flag, recorded
 from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf import FrancaConfig, FrancaModel
@@ -110,62 +111,64 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the forward-memory measurements")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory-of", choices=["FrancaModel", "Dinov2Model"], help=argparse.SUPPRESS)
+    add_docs_flag(parser, "docs/model.md", "inference-benchmark")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    models, pixels = build(args)
-    if args.memory_of:  # child process: report one model's forward memory
-        print(forward_memory_mib(models[args.memory_of], pixels))
-        return
-    franca, dinov2 = models["FrancaModel"], models["Dinov2Model"]
-    with torch.inference_mode():
-        gap = (franca(pixels).last_hidden_state - dinov2(pixels).last_hidden_state).abs().max().item()
-    print(
-        f"{args.preset} (patch 14, SwiGLU), batch {args.batch}, {args.size}px, {args.dtype}, {args.device}, "
-        f"{args.threads} threads, "
-        f"torch {torch.__version__}; max |Franca - Dinov2| = {gap:.1e}"
-    )
-
-    def timed(model) -> float:
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    with recorded(None if args.memory_of else args.docs, "inference-benchmark"):
+        torch.set_num_threads(args.threads)
+        models, pixels = build(args)
+        if args.memory_of:  # child process: report one model's forward memory
+            print(forward_memory_mib(models[args.memory_of], pixels))
+            return
+        franca, dinov2 = models["FrancaModel"], models["Dinov2Model"]
         with torch.inference_mode():
-            model(pixels)
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    timed(franca), timed(dinov2)  # warm-up
-    times = {"FrancaModel": [], "Dinov2Model": []}
-    for _ in range(args.rounds):  # interleaved so both see the same machine load
-        times["FrancaModel"].append(timed(franca))
-        times["Dinov2Model"].append(timed(dinov2))
-    memory = {
-        name: float(
-            subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--memory-of", name],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()[-1]
+            gap = (franca(pixels).last_hidden_state - dinov2(pixels).last_hidden_state).abs().max().item()
+        print(
+            f"{args.preset} (patch 14, SwiGLU), batch {args.batch}, {args.size}px, {args.dtype}, {args.device}, "
+            f"{args.threads} threads, "
+            f"torch {torch.__version__}; max |Franca - Dinov2| = {gap:.1e}"
         )
-        for name in ([] if args.no_memory else times)
-    }
-    for name, values in times.items():
-        median = statistics.median(values)
-        used = f"  forward memory {memory[name]:.0f} MiB" if name in memory else ""
-        print(f"{name:12s} median {median:.3f} s  ({args.batch / median:.2f} img/s){used}")
-    ratios = [d / f for f, d in zip(times["FrancaModel"], times["Dinov2Model"], strict=True)]
-    print(
-        f"speed ratio Franca/Dinov2 (>1 = Franca faster): median {statistics.median(ratios):.3f} "
-        f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
-    )
-    if memory:
-        print(f"memory ratio Franca/Dinov2: {memory['FrancaModel'] / memory['Dinov2Model']:.2f}")
-    if args.json:
-        rates = {name: args.batch / statistics.median(values) for name, values in times.items()}
-        summary = {"images_per_second": rates, "speed_ratio": statistics.median(ratios), "forward_mib": memory}
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+        def timed(model) -> float:
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model(pixels)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        timed(franca), timed(dinov2)  # warm-up
+        times = {"FrancaModel": [], "Dinov2Model": []}
+        for _ in range(args.rounds):  # interleaved so both see the same machine load
+            times["FrancaModel"].append(timed(franca))
+            times["Dinov2Model"].append(timed(dinov2))
+        memory = {
+            name: float(
+                subprocess.run(
+                    [sys.executable, __file__, *sys.argv[1:], "--memory-of", name],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()[-1]
+            )
+            for name in ([] if args.no_memory else times)
+        }
+        for name, values in times.items():
+            median = statistics.median(values)
+            used = f"  forward memory {memory[name]:.0f} MiB" if name in memory else ""
+            print(f"{name:12s} median {median:.3f} s  ({args.batch / median:.2f} img/s){used}")
+        ratios = [d / f for f, d in zip(times["FrancaModel"], times["Dinov2Model"], strict=True)]
+        print(
+            f"speed ratio Franca/Dinov2 (>1 = Franca faster): median {statistics.median(ratios):.3f} "
+            f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
+        if memory:
+            print(f"memory ratio Franca/Dinov2: {memory['FrancaModel'] / memory['Dinov2Model']:.2f}")
+        if args.json:
+            rates = {name: args.batch / statistics.median(values) for name, values in times.items()}
+            summary = {"images_per_second": rates, "speed_ratio": statistics.median(ratios), "forward_mib": memory}
+            Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ from transformers import AutoImageProcessor, AutoModel
 import franca_hf  # noqa: F401  (registers the Auto classes)
 from franca_hf.conversion.export import save_model_folder
 from franca_hf.data import open_source, subsample
+from franca_hf.evaluation.nearest_neighbours import format_knn_rows, knn_predict
 from franca_hf.io import portable_path, replace_marked_block
 from franca_hf.matryoshka import MatryoshkaFit, PrincipalBasis, with_matryoshka_basis
-from franca_hf.training.knn import format_knn_rows, knn_predict
 
 BACKGROUND = 10  # the demo has classes 0..9
 

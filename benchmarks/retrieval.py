@@ -169,7 +169,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     """Time and score every operating point, ours beside plain FAISS, on one database; returns a Markdown block."""
     import faiss
 
-    from franca_hf.retrieval import IndexSettings
+    from franca_hf.retrieval_settings import AnnSettings
 
     database = torch.nn.functional.normalize(database.float(), dim=1)
     queries = torch.nn.functional.normalize(queries.float(), dim=1)
@@ -189,17 +189,15 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     ]
     print("\n".join(header), flush=True)
 
-    exact, exact_build = build(
-        "ours, exact", lambda: EmbeddingIndex(database, dims=dims, settings=IndexSettings("none"))
-    )
+    exact, exact_build = build("ours, exact", lambda: EmbeddingIndex(database, dims=dims, settings=AnnSettings("none")))
     flat_full, flat_full_build = build("IndexFlatIP(D)", lambda: flat(unit))
     flat_small, flat_small_build = build("IndexFlatIP(D/16)", lambda: flat(small_unit))
-    hnsw_settings = IndexSettings("hnsw", hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    hnsw_settings = AnnSettings("hnsw", hnsw_m=args.hnsw_m, ef_search=args.ef_search)
     hnsw, hnsw_build = build(
         "ours, HNSW at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=hnsw_settings))
     )
     if size >= IVFPQ_MIN_ROWS:
-        ivf_settings = IndexSettings("ivfpq", nprobe=args.nprobe)
+        ivf_settings = AnnSettings("ivfpq", nprobe=args.nprobe)
         ivfpq, ivfpq_build = build(
             "ours, IVF-PQ at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=ivf_settings))
         )

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from recording import add_docs_flag, recorded
 
 from franca_hf.training import plain_sinkhorn_knopp, sinkhorn_knopp
 
@@ -57,39 +58,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-level", action="store_true", help="also time each level alone, with its peak memory")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    add_docs_flag(parser, "docs/objective.md", "sinkhorn-benchmark")
     args = parser.parse_args()
+    with recorded(args.docs, "sinkhorn-benchmark"):
+        device = torch.device(args.device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        sizes = [args.prototypes >> (args.levels - 1 - level) for level in range(args.levels)]
+        # Logits of the scale of the official heads (|logit| ~ 1), so that the plain version stays finite.
+        logits = [torch.randn(args.batch, size, device=device, generator=generator) * 0.3 for size in sizes]
 
-    device = torch.device(args.device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    sizes = [args.prototypes >> (args.levels - 1 - level) for level in range(args.levels)]
-    # Logits of the scale of the official heads (|logit| ~ 1), so that the plain version stays finite.
-    logits = [torch.randn(args.batch, size, device=device, generator=generator) * 0.3 for size in sizes]
+        def project():
+            return sinkhorn_knopp(logits, args.temperature)
 
-    def project():
-        return sinkhorn_knopp(logits, args.temperature)
+        def plain():
+            return plain_sinkhorn_knopp(logits, args.temperature)
 
-    def plain():
-        return plain_sinkhorn_knopp(logits, args.temperature)
-
-    max_error = max(
-        float((a - b).abs().max() / b.abs().max()) for a, b in zip(project(), plain(), strict=True)
-    )  # also warms up
-    plain_s = _median_seconds(plain, device, args.repeats)
-    project_s = _median_seconds(project, device, args.repeats)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"B={args.batch} prototypes per level={sizes} T={args.temperature} repeats={args.repeats}")
-    print(f"plain   (baseline): {plain_s * 1e3:9.1f} ms")
-    print(f"project           : {project_s * 1e3:9.1f} ms")
-    print(f"ratio project/plain: {project_s / plain_s:.2f}  (max relative difference {max_error:.1e})")
-    results = {"batch": args.batch, "project_ms": project_s * 1e3, "plain_ms": plain_s * 1e3, "levels": []}
-    for level in logits if args.per_level else []:
-        seconds = _median_seconds(lambda level=level: sinkhorn_knopp([level], args.temperature), device, args.repeats)
-        peak = _peak_memory_mib(lambda level=level: sinkhorn_knopp([level], args.temperature), device)
-        results["levels"].append({"prototypes": level.shape[1], "ms": seconds * 1e3, "peak_mib": peak})
-        memory = f"{peak:8.0f} MiB peak" if peak is not None else "(peak memory: CUDA only)"
-        print(f"level K={level.shape[1]:7d}: {seconds * 1e3:9.1f} ms  {memory}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        max_error = max(
+            float((a - b).abs().max() / b.abs().max()) for a, b in zip(project(), plain(), strict=True)
+        )  # also warms up
+        plain_s = _median_seconds(plain, device, args.repeats)
+        project_s = _median_seconds(project, device, args.repeats)
+        print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+        print(f"B={args.batch} prototypes per level={sizes} T={args.temperature} repeats={args.repeats}")
+        print(f"plain   (baseline): {plain_s * 1e3:9.1f} ms")
+        print(f"project           : {project_s * 1e3:9.1f} ms")
+        print(f"ratio project/plain: {project_s / plain_s:.2f}  (max relative difference {max_error:.1e})")
+        results = {"batch": args.batch, "project_ms": project_s * 1e3, "plain_ms": plain_s * 1e3, "levels": []}
+        for level in logits if args.per_level else []:
+            seconds = _median_seconds(
+                lambda level=level: sinkhorn_knopp([level], args.temperature), device, args.repeats
+            )
+            peak = _peak_memory_mib(lambda level=level: sinkhorn_knopp([level], args.temperature), device)
+            results["levels"].append({"prototypes": level.shape[1], "ms": seconds * 1e3, "peak_mib": peak})
+            memory = f"{peak:8.0f} MiB peak" if peak is not None else "(peak memory: CUDA only)"
+            print(f"level K={level.shape[1]:7d}: {seconds * 1e3:9.1f} ms  {memory}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 from PIL import Image
+from recording import add_docs_flag, recorded
 from torch.utils.flop_counter import FlopCounterMode
 
 from franca_hf.data import ImageSource, open_source
@@ -36,11 +37,11 @@ from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler
 from franca_hf.training.config import load_config
 from franca_hf.training.networks import build_networks
 from franca_hf.training.optim import build_param_groups
-from franca_hf.training.pipeline import BatchCollator, batch_to_device, make_augmentation
+from franca_hf.training.pipeline import BatchCollator, CollatedBatch, batch_to_device, make_augmentation
 from franca_hf.training.pretrain import TrainingStep, make_schedules, prepare_networks
 
 
-def synthetic_or_demo_batch(config, batch_size: int) -> dict:
+def synthetic_or_demo_batch(config, batch_size: int) -> CollatedBatch:
     """One collated batch: the demo images for the demo config, random images otherwise (no dataset needed)."""
     if config.data.source == "demo":
         source = open_source("demo", demo_num_images=max(batch_size, 64))
@@ -53,7 +54,7 @@ def synthetic_or_demo_batch(config, batch_size: int) -> dict:
         source = ImageSource("random", lambda i: images[i], len(images))
     dataset = AugmentedImages(source, make_augmentation(config), seed=0)
     indices = next(iter(EpochBatchSampler(len(source), batch_size)))
-    return BatchCollator(config)([dataset[key] for key in indices])
+    return BatchCollator(config.crops, config.objective, config.patch_size)([dataset[key] for key in indices])
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -89,99 +90,114 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for --dtype (for the MFU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 as the trainer (under an FSDP2 Accelerate config)")
+    add_docs_flag(parser, "docs/pretraining.md", "training-benchmark")
     args = parser.parse_args()
-    config = load_config(args.config)
-    batch_size = args.batch or config.optim.batch_size_per_device
-    # the trainer's own step (`TrainingStep`: schedule, teacher targets, student loss, backward, per-module clipping,
-    # AdamW, EMA) under the trainer's Accelerator settings
-    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
-    device = accelerator.device
-    if args.fsdp and accelerator.distributed_type != DistributedType.FSDP:
-        raise SystemExit(
-            f"--fsdp: Accelerate runs this as {accelerator.distributed_type.value}, not FSDP; launch it with "
-            "accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 (on a GPU)."
+    with recorded(args.docs, "training-benchmark"):
+        config = load_config(args.config)
+        batch_size = args.batch or config.optim.batch_size_per_device
+        # the trainer's own step (`TrainingStep`: schedule, teacher targets, student loss, backward, per-module clipping,
+        # AdamW, EMA) under the trainer's Accelerator settings
+        accelerator = Accelerator(
+            cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no"
         )
-    torch.manual_seed(0)
-    student, teacher = build_networks(config)
-    optimizer = torch.optim.AdamW(
-        build_param_groups(student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
-        betas=tuple(config.optim.betas),
-    )
-    student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
-    training_step = TrainingStep(accelerator, student, teacher, optimizer, make_schedules(config, 1), config)
-    batch = batch_to_device(synthetic_or_demo_batch(config, batch_size), config, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+        device = accelerator.device
+        if args.fsdp and accelerator.distributed_type != DistributedType.FSDP:
+            raise SystemExit(
+                f"--fsdp: Accelerate runs this as {accelerator.distributed_type.value}, not FSDP; launch it with "
+                "accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 (on a GPU)."
+            )
+        torch.manual_seed(0)
+        student, teacher = build_networks(config)
+        optimizer = torch.optim.AdamW(
+            build_param_groups(student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
+            betas=tuple(config.optim.betas),
+        )
+        student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
+        training_step = TrainingStep(
+            accelerator,
+            student,
+            teacher,
+            optimizer,
+            make_schedules(config.optim, 1),
+            config.objective.sinkhorn_iterations,
+            config.optim.clip_grad,
+        )
+        collated = synthetic_or_demo_batch(config, batch_size)
+        crops = batch_to_device(collated, config.crops.blur_kernel_size, device).crops
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
-    def franca_step() -> None:
-        training_step(batch, config.optim.warmup_steps)  # (a step past warm-up: a non-zero learning rate)
+        def franca_step() -> None:
+            training_step(crops, config.optim.warmup_steps)  # (a step past warm-up: a non-zero learning rate)
 
-    def backbone_step() -> None:
-        with autocast:
-            loss = student.backbone(batch["global_crops"]).pooler_output.float().square().mean()
-        loss.backward()
-        student.zero_grad(set_to_none=True)
+        def backbone_step() -> None:
+            with autocast:
+                loss = student.backbone(crops["global_crops"]).pooler_output.float().square().mean()
+            loss.backward()
+            student.zero_grad(set_to_none=True)
 
-    def timed(step) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps_per_round):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.steps_per_round
-
-    steps = (
-        {"franca step": franca_step} if args.fsdp else {"franca step": franca_step, "backbone fwd+bwd": backbone_step}
-    )
-    for step in steps.values():  # warm-up
-        step()
-    with FlopCounterMode(display=False) as counter:
-        franca_step()
-    step_flops = counter.get_total_flops()
-    results = {name: [] for name in steps}
-    memory = {}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+        def timed(step) -> float:
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            results[name].append(timed(step))
-            memory[name] = max(memory.get(name, 0.0), peak_memory_mib(device))
-    print(
-        f"{args.config}{' (FSDP2)' if args.fsdp else ''}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
-        f"{config.crops.local_number} local), {args.device}, {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    for name, times in results.items():
-        median = statistics.median(times)
-        where = "peak allocated" if device.type == "cuda" else "process peak RSS"
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / args.steps_per_round
+
+        steps = (
+            {"franca step": franca_step}
+            if args.fsdp
+            else {"franca step": franca_step, "backbone fwd+bwd": backbone_step}
+        )
+        for step in steps.values():  # warm-up
+            step()
+        with FlopCounterMode(display=False) as counter:
+            franca_step()
+        step_flops = counter.get_total_flops()
+        results = {name: [] for name in steps}
+        memory = {}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                results[name].append(timed(step))
+                memory[name] = max(memory.get(name, 0.0), peak_memory_mib(device))
         print(
-            f"{name:18s} {median * 1000:8.1f} ms/step  {batch_size / median:8.1f} images/s  "
-            f"{where} {memory[name]:.0f} MiB"
+            f"{args.config}{' (FSDP2)' if args.fsdp else ''}: batch {batch_size} images (2 global crops of {config.crops.global_size} px + "
+            f"{config.crops.local_number} local), {args.device}, {args.dtype}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"
         )
-    if not args.fsdp:
-        ratio = statistics.median(
-            f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True)
-        )
-        print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
-    step_seconds = statistics.median(results["franca step"])
-    achieved = step_flops / step_seconds / 1e12
-    peak = peak_tflops(device, args.peak_tflops)
-    mfu = achieved / peak if peak else None
-    utilisation = f", MFU {100 * mfu:.1f} % of {peak:.0f} TFLOP/s" if mfu is not None else ""
-    print(f"franca step: {step_flops / 1e9:.1f} GFLOP per step, {achieved:.3f} TFLOP/s{utilisation}")
-    if args.json and accelerator.is_main_process:
-        summary = {
-            "batch": batch_size,
-            "step_ms": step_seconds * 1e3,
-            "images_per_second": batch_size / step_seconds,
-            "peak_mib": memory["franca step"],
-            "peak_kind": "allocated" if device.type == "cuda" else "process RSS",
-            "tflop_per_step": step_flops / 1e12,
-            "mfu": mfu,
-            "distributed_type": accelerator.distributed_type.value,
-        }
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        for name, times in results.items():
+            median = statistics.median(times)
+            where = "peak allocated" if device.type == "cuda" else "process peak RSS"
+            print(
+                f"{name:18s} {median * 1000:8.1f} ms/step  {batch_size / median:8.1f} images/s  "
+                f"{where} {memory[name]:.0f} MiB"
+            )
+        if not args.fsdp:
+            ratio = statistics.median(
+                f / b for f, b in zip(results["franca step"], results["backbone fwd+bwd"], strict=True)
+            )
+            print(f"franca step / backbone fwd+bwd time ratio: {ratio:.2f}")
+        step_seconds = statistics.median(results["franca step"])
+        achieved = step_flops / step_seconds / 1e12
+        peak = peak_tflops(device, args.peak_tflops)
+        mfu = achieved / peak if peak else None
+        utilisation = f", MFU {100 * mfu:.1f} % of {peak:.0f} TFLOP/s" if mfu is not None else ""
+        print(f"franca step: {step_flops / 1e9:.1f} GFLOP per step, {achieved:.3f} TFLOP/s{utilisation}")
+        if args.json and accelerator.is_main_process:
+            summary = {
+                "batch": batch_size,
+                "step_ms": step_seconds * 1e3,
+                "images_per_second": batch_size / step_seconds,
+                "peak_mib": memory["franca step"],
+                "peak_kind": "allocated" if device.type == "cuda" else "process RSS",
+                "tflop_per_step": step_flops / 1e12,
+                "mfu": mfu,
+                "distributed_type": accelerator.distributed_type.value,
+            }
+            Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

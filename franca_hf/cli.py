@@ -1,118 +1,89 @@
-"""`franca-hf <command>`: a thin command line over the franca_hf Python API."""
+"""`franca-hf <command>`: a thin command line over the franca_hf Python API; each command calls one library function
+and prints what it returns."""
 
 # Parsing imports nothing heavy: torch and transformers load inside the command that runs (benchmarks/cli_startup.py).
 import argparse
-import functools
-import importlib
+import dataclasses
 import json
+import logging
+import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
-from .errors import USER_ERRORS, OutputExistsError, UsageError, report
+from .errors import USER_ERRORS, RunStoppedError, report
+from .rasa.settings import RasaRunSettings
+
+GRAMMAR = (
+    "Training commands (pretrain, rasa) take a recipe (--config) and key=value settings; every other command takes "
+    "--flags."
+)
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .conversion.convert import convert_checkpoint, convert_release
+    from .conversion.settings import ConvertSettings, PushSettings
 
-    if (args.checkpoint is None) == (args.release is None):
-        raise UsageError("Give either a CHECKPOINT file or --release NAME (not both).")
-    if args.release is not None:
-        if args.rasa is not None:
-            raise UsageError("--rasa is for local checkpoints; with --release use --with-rasa.")
-        fixed = [flag for flag, value in (("--preset", args.preset), ("--num-heads", args.num_heads)) if value]
-        if fixed:
-            raise UsageError(f"{' and '.join(fixed)}: only for local checkpoints; a release fixes its architecture.")
-        folder = convert_release(
-            args.release,
-            out_dir=args.out,
-            with_rasa=args.with_rasa,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            base_url=args.base_url,
-            cache=args.cache_dir,
-            verify=not args.no_verify,
-        )
-        print(f"converted {args.release} -> {folder}")
-        _maybe_push(args, folder)
-        return
-    if args.out is None:
-        raise UsageError("--out DIR is required when converting a local checkpoint.")
-    result = convert_checkpoint(
+    push = PushSettings(args.push_to_hub, private=args.private, endpoint=args.endpoint) if args.push_to_hub else None
+    settings = ConvertSettings(
         args.checkpoint,
+        args.release,
         args.out,
         rasa=args.rasa,
+        with_rasa=args.with_rasa,
         preset=args.preset,
         num_heads=args.num_heads,
         dtype=args.dtype,
         overwrite=args.overwrite,
         verify=not args.no_verify,
+        base_url=args.base_url,
+        cache_dir=args.cache_dir,
+        push=push,
     )
-    print(f"converted {result.report.converted} tensors -> {result.folder}")
-    if result.report.skipped_heads:
-        print(f"skipped {len(result.report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
-    if result.parity:
-        print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in result.parity.items()}))
-    _maybe_push(args, result.folder)
+    from .conversion.convert import convert
 
-
-def _maybe_push(args: argparse.Namespace, folder) -> None:
-    if args.push_to_hub:
-        from .conversion.hub import push_to_hub
-
-        url = push_to_hub(folder, args.push_to_hub, private=args.private, endpoint=args.endpoint)
-        print(f"pushed to {args.push_to_hub}: {url}")
+    result = convert(settings)
+    if result.conversion is None:
+        print(f"converted {args.release} -> {result.folder}")
+    else:
+        report, parity = result.conversion.report, result.conversion.parity
+        print(f"converted {report.converted} tensors -> {result.folder}")
+        if report.skipped_heads:
+            print(f"skipped {len(report.skipped_heads)} training-head tensors (dino_head.*, ibot_head.*)")
+        if parity:
+            print("max abs error vs the original weights: " + json.dumps({k: f"{v:.2e}" for k, v in parity.items()}))
+    if result.commit_url is not None:
+        print(f"pushed to {args.push_to_hub}: {result.commit_url}")
 
 
 def _extract(args: argparse.Namespace) -> None:
-    # checks of the flags alone come before the imports: a usage error answers without loading torch
-    if str(args.out).endswith(".safetensors"):
-        raise UsageError(f"--out names a folder (Parquet shards and an index go there), not a file; got {args.out}.")
-    _check_runtime_flags(args)
-    _require_at_least(1, shard_size=args.shard_size)
-    from .features import (
-        ExtractionSettings,
-        check_feature_flags,
-        check_feature_request,
-        extract_to_folder,
-        feature_kind,
-        open_inputs,
-        process_state,
-    )
-    from .modeling import matryoshka_dims_of
+    from .features.settings import ExtractSettings
 
-    check_feature_flags(args.dense, args.debiased)
-    source = open_inputs(args.images, split=args.split, image_column=args.image_column)
-    model, processor = _load_model(args)
-    check_feature_request(model, args.dim, args.dense, args.debiased)
-    settings = ExtractionSettings(
-        model=args.model,
-        sources=[str(item) for item in args.images],
+    settings = ExtractSettings(
+        images=args.images,
+        out=args.out,
+        model=_model_spec(args),
+        dim=args.dim,
+        dense=args.dense,
+        debiased=args.debiased,
+        normalize=not args.no_normalize,
+        features_dtype=args.features_dtype,
         split=args.split,
-        kind=feature_kind(args.dense, args.debiased),
-        dim=args.dim or model.config.hidden_size,
-        normalized=not args.no_normalize and not args.dense,
-        dtype=args.features_dtype,
-        matryoshka_dims=matryoshka_dims_of(model.config),
-        quantized="int8" if args.int8 else None,
-    )
-    result = extract_to_folder(
-        model,
-        processor,
-        source,
-        args.out,
-        settings,
+        image_column=args.image_column,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        shard_rows=args.shard_size,
+        shard_size=args.shard_size,
         allow_other_model=args.allow_other_model,
     )
-    if process_state().is_main_process:
-        index = result.index
+    from .features import extract  # after the settings: a usage error answers without loading torch
+
+    result = extract(settings)
+    if result.is_main_process:
+        index, record = result.index, result.index.settings
         resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
         print(
-            f"wrote {settings.kind} features ({settings.dim} channels, {settings.dtype}) of {_count(index.rows, 'image')} "
+            f"wrote {record.kind} features ({record.dim} channels, {record.dtype}) of {_count(index.rows, 'image')} "
             f"in {_count(len(index.shards), 'shard')} to {args.out}{resumed}"
         )
         if index.failed:
@@ -129,260 +100,241 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'s' * (number != 1)}"
 
 
-def _load_model(args: argparse.Namespace, path: str | None = None):
-    """The model and image processor the model flags (`_add_model_flags`) ask for (from `path` once resolved)."""
+def _model_spec(args: argparse.Namespace):
+    """The model the model flags (`_add_model_flags`) name, and how to run it."""
     from .features.settings import ModelSpec
 
-    return ModelSpec(path or args.model, args.device, args.dtype, args.int8).load()
-
-
-def _check_runtime_flags(args: argparse.Namespace) -> None:
-    """The flags of `_add_runtime_flags`."""
-    _require_at_least(1, batch_size=args.batch_size)
-    _require_at_least(0, num_workers=args.num_workers)
-
-
-def _require_at_least(minimum: int, **flags: int | None) -> None:
-    """An error naming the flag (`shard_size` -> --shard-size) of the first value given below `minimum`."""
-    for name, value in flags.items():
-        if value is not None and value < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}; got {value}.")
+    return ModelSpec(args.model, args.device, args.dtype, args.int8)
 
 
 def _knn(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    from .data import open_source, subsample
-    from .modeling import matryoshka_dim_problem, matryoshka_dims_of
-    from .modeling.image_processing_franca import make_image_processor
-    from .training.knn import embed_source, format_knn_table, knn_accuracy_by_dim
+    from .evaluation.settings import KnnSettings
 
-    model, processor = _load_model(args)
-    width = model.config.hidden_size
-    # any transformers backbone whose pooler_output is its CLS embedding (Franca, DINOv2, ...); prefixes of a model
-    # not trained for them are a baseline for the Matryoshka ones
-    dims = args.dims or matryoshka_dims_of(model.config)
-    for dim in dims:
-        problem = matryoshka_dim_problem(dim, range(1, width + 1), "dims")
-        if problem:
-            raise UsageError(problem, setting="dims")
-    if args.crop_size:
-        processor = make_image_processor(args.crop_size)
-    splits = []
-    for spec, split in ((args.train, args.train_split), (args.test, args.test_split)):
-        source = subsample(open_source(spec, split), args.max_images)
-        embedded = embed_source(
-            model, source, processor, batch_size=args.batch_size, progress=True, num_workers=args.num_workers
-        )
-        splits.append(embedded)
-    (train_x, train_y), (test_x, test_y) = splits
-    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, args.k, args.temperature)
+    settings = KnnSettings(
+        model=_model_spec(args),
+        train=args.train,
+        test=args.test,
+        train_split=args.train_split,
+        test_split=args.test_split,
+        dims=tuple(args.dims) if args.dims else None,
+        k=args.k,
+        temperature=args.temperature,
+        max_images=args.max_images,
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    from .evaluation.nearest_neighbours import knn  # after the settings: a usage error answers without loading torch
+
+    result = knn(settings)
     int8 = " (int8)" if args.int8 else ""
     print(
         f"k-NN (k={args.k}, T={args.temperature}) of {args.model}{int8}: "
-        f"{len(train_x)} train / {len(test_x)} test images"
+        f"{result.train_images} train / {result.test_images} test images"
     )
-    truncation = "PCA basis" if getattr(model.config, "matryoshka_basis", "prefix") == "pca" else "prefix"
-    print(format_knn_table(accuracy, label=f"top-1 (%), {truncation}"))
+    print(result.table())
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .evaluation.settings import LinearSettings, SegmentationSettings
+    from .features.settings import ModelSpec
+
     common = {
         name: getattr(args, name)
         for name in ("train", "test", "train_split", "test_split", "max_images", "epochs", "batch_size")
     }
+    common["model"] = ModelSpec(args.model, args.device)
     if args.protocol == "seg":
-        from .evaluation.segmentation import (
-            SegmentationSettings,
-            format_segmentation_result,
-            run_segmentation_evaluation,
-        )
-
-        clusters = tuple(args.clusters) if args.clusters else None
-        columns = {"image_column": args.image_column, "mask_column": args.mask_column}
         settings = SegmentationSettings(
-            **common, **columns, num_classes=args.num_classes, image_size=args.image_size, clusters=clusters
+            **common,
+            image_column=args.image_column,
+            mask_column=args.mask_column,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            clusters=tuple(args.clusters) if args.clusters else None,
+            show=args.show,
+            figure=args.figure,
         )
-        result = run_segmentation_evaluation(args.model, settings, args.device, args.show, args.figure)
-        print(format_segmentation_result(result))
+        from .evaluation.segmentation import format_segmentation_result, run_segmentation_evaluation
+
+        print(format_segmentation_result(run_segmentation_evaluation(settings)))
         if args.show:
             print(f"wrote {args.figure}")
         return
-    from .evaluation.linear import LinearSettings, format_linear_report, run_linear_evaluation
-
     settings = LinearSettings(
-        **common,
-        val=args.val,
-        val_split=args.val_split,
-        features_dir=args.features_dir,
-        logistic=args.logistic,
+        **common, val=args.val, val_split=args.val_split, features_dir=args.features_dir, logistic=args.logistic
     )
-    print(format_linear_report(run_linear_evaluation(args.model, settings, args.device)))
+    from .evaluation.linear import format_linear_report, run_linear_evaluation
+
+    print(format_linear_report(run_linear_evaluation(settings)))
 
 
 def _fit_pca(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    _require_at_least(1, max_images=args.max_images)
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"--out {args.out} already exists; pass --overwrite to replace it.")
-    from transformers import AutoConfig
+    from .matryoshka_settings import FitPcaSettings
 
-    from .conversion.convert import resolve_model
-    from .conversion.model_card import format_explained_variance
-    from .data import SkipCounter, open_source, subsample
-    from .matryoshka import describe_data, fit_matryoshka_basis, minimum_images, write_fitted_folder
-
-    path = resolve_model(args.model)
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "franca":
-        raise UsageError(
-            f"--model {args.model} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca "
-            "model (model_type 'franca')."
-        )
-    if config.matryoshka_basis == "pca" and not args.overwrite_basis:
-        fitted_on = (config.source_checkpoint or {}).get("matryoshka_pca", {}).get("data", "unknown data")
-        raise UsageError(
-            f"--model {args.model} already has a fitted Matryoshka basis (fitted on {fitted_on}); pass "
-            "--overwrite-basis to fit a new one in its place."
-        )
-    needed = minimum_images(config.hidden_size)
-    if args.max_images is not None and args.max_images < needed:
-        raise UsageError(
-            f"--max-images {args.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs at "
-            f"least {needed} images."
-        )
-    source = subsample(open_source(args.data, args.split, args.image_column), args.max_images)
-    if len(source) < needed:
-        raise UsageError(
-            f"--data {args.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
-            f"needs at least {needed}."
-        )
-    model, processor = _load_model(args, path)
-    described = describe_data(args.data, args.split)
-    skips = SkipCounter()
-    fit = fit_matryoshka_basis(
-        model,
-        source,
-        processor,
-        data=described,
+    settings = FitPcaSettings(
+        model=_model_spec(args),
+        data=args.data,
+        out=args.out,
+        max_images=args.max_images,
+        split=args.split,
+        image_column=args.image_column,
+        overwrite_basis=args.overwrite_basis,
+        overwrite=args.overwrite,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        skips=skips,
     )
-    del model  # the folder is written from the stored weights, in their stored dtype
-    folder = write_fitted_folder(path, fit, args.out, processor, overwrite=args.overwrite)
-    shares = fit.explained_variance(config.matryoshka_dims)
-    print(f"fitted a PCA basis on {fit.images} images of {described} -> {folder}")
-    if skips.count:
-        print(f"skipped {skips.count} unreadable images", file=sys.stderr)
-    print(format_explained_variance(shares))
+    from .matryoshka import fit_pca  # after the settings: a usage error answers without loading torch
+
+    result = fit_pca(settings)
+    print(f"fitted a PCA basis on {result.images} images of {result.data} -> {result.folder}")
+    if result.skipped:
+        print(f"skipped {result.skipped} unreadable images", file=sys.stderr)
+    print(result.explained_variance_table())
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .conversion.hub import push_to_hub
+    from .conversion.settings import PushSettings
 
-    url = push_to_hub(
-        args.folder,
+    settings = PushSettings(
         args.repo_id,
+        args.folder,
         private=args.private,
         revision=args.revision,
         commit_message=args.message,
         base_model=args.base_model,
         endpoint=args.endpoint,
     )
-    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    from .conversion.hub import push
+
+    print(f"pushed {args.folder} to {args.repo_id}: {push(settings)}")
 
 
 def _index(args: argparse.Namespace) -> None:
-    _check_runtime_flags(args)
-    from .retrieval import IndexSettings, build_index, index_images, is_features_folder
+    from .retrieval_settings import AnnSettings, IndexSettings
 
-    knobs = ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")  # the flags that are IndexSettings fields
-    chosen = {key: getattr(args, key) for key in knobs if getattr(args, key) is not None}
-    settings = IndexSettings(**chosen) if chosen or not args.append else None
-    if len(args.images) == 1 and is_features_folder(args.images[0]):
-        model = _load_model(args)[0] if args.model else None
-        report = build_index(
-            args.images[0], args.out, settings, args.append, args.overwrite, model, args.allow_other_model
-        )
-        index, how = report.index, f"from the features in {args.images[0]}"
-        if report.appended:
-            how = f"appended {report.added} from the features in {args.images[0]}"
-    else:
-        if args.model is None:
-            raise UsageError("--model is required to embed images (it is not needed for a `franca-hf extract` folder).")
-        if args.append:
-            raise UsageError("--append adds the new shards of a `franca-hf extract` folder; extract the images first.")
-        model, processor = _load_model(args)
-        index = index_images(
-            model, processor, args.images, args.batch_size, num_workers=args.num_workers, settings=settings
-        )
-        index.save(args.out)
-        how = f"with {args.model}"
-    print(f"indexed {len(index)} images ({index.describe()}) {how} -> {args.out}")
+    knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")}
+    chosen = {key: value for key, value in knobs.items() if value is not None}
+    settings = IndexSettings(
+        args.images,
+        args.out,
+        model=_model_spec(args) if args.model else None,
+        ann=AnnSettings(**chosen) if chosen else None,
+        append=args.append,
+        overwrite=args.overwrite,
+        allow_other_model=args.allow_other_model,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    from .retrieval import index
+
+    result = index(settings)
+    how = f"appended {result.added} {result.source}" if result.appended else result.source
+    print(f"indexed {len(result.index)} images ({result.index.describe()}) {how} -> {args.out}")
 
 
 def _search(args: argparse.Namespace) -> None:
-    _require_at_least(1, k=args.k)
-    from .retrieval import default_funnel, load_index
+    from .retrieval_settings import SearchSettings
 
-    index = load_index(args.index, device=args.device or "cpu")
-    if args.dim is not None:
-        index.check_dim(args.dim)
-    model, processor = _load_model(args)
-    k = min(args.k, len(index))
-    if k < args.k:
-        print(
-            f"note: the index holds {len(index)} images, fewer than --k {args.k}; showing all of them.", file=sys.stderr
-        )
-    funnel = True if args.funnel else False if args.exact else None
-    paths, scores, indices = index.search_images(
-        args.queries, model, processor, k, args.dim, funnel, args.allow_other_model
+    settings = SearchSettings(
+        args.queries,
+        args.index,
+        _model_spec(args),
+        k=args.k,
+        dim=args.dim,
+        funnel=True if args.funnel else False if args.exact else None,
+        allow_other_model=args.allow_other_model,
     )
-    dim = args.dim or index.width
-    if index.settings.ann != "none" if funnel is None else funnel:
-        stages = default_funnel([d for d in index.dims if d <= dim], k)
-        how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
-    else:
-        how = f"exact, dim {dim}, cut in the model's basis"
-    print(f"top-{k} of {len(index)} images ({how})")
-    for query, row_scores, row_indices in zip(paths, scores.tolist(), indices.tolist(), strict=True):
+    from .retrieval import search
+
+    result = search(settings)
+    if result.clamped:
+        print(
+            f"note: the index holds {result.index_size} images, fewer than --k {args.k}; showing all of them.",
+            file=sys.stderr,
+        )
+    print(f"top-{result.k} of {result.index_size} images ({result.how})")
+    for query, row_scores, row_ids in zip(result.queries, result.scores.tolist(), result.ids, strict=True):
         print(query)
-        for rank, (score, position) in enumerate(zip(row_scores, row_indices, strict=True), start=1):
-            print(f"  {rank:2d}. {score:.4f}  {index.ids[position]}")
+        for rank, (score, id_) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
+            print(f"  {rank:2d}. {score:.4f}  {id_}")
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from .data.sources import read_image
+    from .visualize_settings import VisualizeSettings
 
-    image = read_image(args.image)  # a bad file is refused before torch and the model load
+    # a bad image file is refused here, before torch and the model load
+    settings = VisualizeSettings(args.image, args.out, _model_spec(args), args.size)
+    from .visualize import visualize_image
 
-    from .modeling.image_processing_franca import make_image_processor
-    from .visualize import visualize
-
-    model, processor = _load_model(args)
-    if args.size:
-        processor = make_image_processor(args.size)
-    r2 = visualize(model, processor, image, args.out)
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in r2.items() if v is not None)
+    result = visualize_image(settings)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.r2.items() if v is not None)
     print(
-        f"wrote {args.out}"
+        f"wrote {result.out}"
         + (f"; position-probe R²: {scores}" if scores else " (no position-probe R²: grid too small)")
     )
 
 
 def _releases(args: argparse.Namespace) -> None:
-    for release in RELEASES.values():
-        grid = f"{release.grid * 14}px" if release.grid else "?"
-        print(
-            f"{release.stem:34s} {release.tag}  {release.preset:10s} table {grid:6s} "
-            f"RASA {'yes' if release.has_rasa else 'no '}  {release.dataset}"
-        )
+    from .conversion.releases import release_table
+
+    print(release_table())
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .training.config import load_config
+    from .training.pretrain import train
+
+    _log_to_stderr(franca_hf_level=logging.INFO)
+    train(load_config(args.config, args.overrides), config_name=Path(args.config).stem)
+
+
+def _rasa(args: argparse.Namespace) -> None:
+    from .settings import load_settings
+
+    # a bad setting is answered before torch loads
+    settings = load_settings(RasaRunSettings, args.config, args.settings)
+    from .rasa.train import rasa
+
+    _log_to_stderr(franca_hf_level=logging.WARNING)
+    report = rasa(settings)
+    if _is_main_process():
+        print(json.dumps({"probe_r2": report.probe_r2, "cosine_to_raw": report.cosine_to_raw}))
+
+
+def _log_to_stderr(franca_hf_level: int) -> None:
+    """Training commands log progress notes (franca_hf's at `franca_hf_level`) and every library's warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("franca_hf").setLevel(franca_hf_level)
+
+
+def _is_main_process() -> bool:
+    """True in a single process and in the process of global rank 0 under a launcher (`accelerate launch`)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="franca-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="franca-hf", description=__doc__, epilog=GRAMMAR)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (
+        _add_convert,
+        _add_extract,
+        _add_push,
+        _add_index,
+        _add_search,
+        _add_visualize,
+        _add_pretrain,
+        _add_rasa,
+        _add_knn,
+        _add_eval,
+        _add_fit_pca,
+        _add_releases,
+    ):
+        add_command(commands)
+    return parser
 
+
+def _add_convert(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser("convert", help="convert an official checkpoint or release to an HF folder")
     convert.add_argument("checkpoint", nargs="?", help="official .pth file ({'teacher': state_dict})")
     convert.add_argument("--rasa", help="official RASA head .pth to include")
@@ -401,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--endpoint", help="with --push-to-hub: Hub address (default $HF_ENDPOINT)")
     convert.set_defaults(run=_convert)
 
+
+def _add_extract(commands: argparse._SubParsersAction) -> None:
     extract = commands.add_parser(
         "extract",
         help="embed images into resumable Parquet shards (datasets.load_dataset opens the folder)",
@@ -434,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(extract, batch_size=32)
     extract.set_defaults(run=_extract)
 
+
+def _add_push(commands: argparse._SubParsersAction) -> None:
     push = commands.add_parser("push", help="upload a Franca folder (with a fresh model card) to the Hub")
     push.add_argument("folder", help="folder written by convert, the trainer or rasa")
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
@@ -444,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--endpoint", help="Hub address (default $HF_ENDPOINT or https://huggingface.co)")
     push.set_defaults(run=_push)
 
+
+def _add_index(commands: argparse._SubParsersAction) -> None:
     index = commands.add_parser("index", help="a Matryoshka retrieval index of images or of an extract folder")
     index.add_argument("images", nargs="+", help="image files or folders, or one folder written by `franca-hf extract`")
     _add_model_flags(
@@ -465,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(index, batch_size=32)
     index.set_defaults(run=_index)
 
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="find the images of an index closest to query images")
     search.add_argument("queries", nargs="+", help="query image files or folders")
     search.add_argument(
@@ -483,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--allow-other-model", action="store_true", help="skip the model fingerprint check")
     search.set_defaults(run=_search)
 
+
+def _add_visualize(commands: argparse._SubParsersAction) -> None:
     visualize = commands.add_parser(
         "visualize", help="the image and PCA maps of its patch features (raw, and RASA-debiased when available)"
     )
@@ -492,13 +454,72 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
     visualize.set_defaults(run=_visualize)
 
-    # Their arguments are defined by their modules, which also run as `accelerate launch -m <module>`.
-    for name, arguments_module, trainer_module, help_text in TRAINING_COMMANDS:
-        command = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        arguments = importlib.import_module(arguments_module)
-        command.description = arguments.DESCRIPTION
-        arguments.add_arguments(command)
-        command.set_defaults(run=functools.partial(_train, trainer_module))
+
+def _add_training_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    run,
+    config: tuple[str | None, str],
+    settings: tuple[str, str],
+    **texts: str,
+) -> None:
+    """A command of the training grammar (`GRAMMAR`): a recipe, `--config` (default, help), then any number of
+    key=value settings, a positional (dest, help); `texts` are add_parser's help, description and epilog."""
+    command = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+    command.add_argument("--config", default=config[0], help=config[1])
+    command.add_argument(settings[0], nargs="*", help=settings[1])
+    command.set_defaults(run=run)
+
+
+def _add_pretrain(commands: argparse._SubParsersAction) -> None:
+    _add_training_command(
+        commands,
+        "pretrain",
+        _pretrain,
+        config=("demo", "a bundled recipe (demo, vitb14_in21k, ...) or a YAML file"),
+        settings=("overrides", "section.key=value, e.g. optim.total_steps=200 (model takes any FrancaConfig field)"),
+        help="pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
+        description="""\
+Franca pretraining with Accelerate: DINO + iBOT with nested Matryoshka heads, Sinkhorn-Knopp targets, KoLeo,
+CyclicMask, an EMA teacher and multi-crop, from one CPU to many GPUs (docs/pretraining.md).
+
+    accelerate launch -m franca_hf.cli pretrain --config demo [section.key=value ...]
+    franca-hf pretrain --config vitb14_in21k data.source=/data/in21k run.output_dir=runs/b14
+""",
+    )
+
+
+def _add_rasa(commands: argparse._SubParsersAction) -> None:
+    _add_training_command(
+        commands,
+        "rasa",
+        _rasa,
+        config=(None, "a YAML file of settings (key: value), applied before the key=value ones"),
+        settings=("settings", "key=value, e.g. model=runs/demo/teacher data=demo out=rasa"),
+        help="learn RASA position directions on a frozen Franca or DINOv2 backbone",
+        description="""\
+RASA post-training: learn the directions that carry absolute patch position and remove them, on a frozen ViT.
+
+    franca-hf rasa model=runs/demo/teacher data=demo out=runs/demo/teacher_rasa steps=8
+    accelerate launch -m franca_hf.cli rasa model=facebook/dinov2-base data=/voc out=dinov2_rasa
+
+Step t trains a fresh bias-free Linear(D, 2) + sigmoid on the currently debiased final-normed patch tokens to regress
+the normalised grid coordinates (row / (rows - 1), col / (cols - 1)) with MSE (AdamW without weight decay, cosine lr
+to 0), then freezes it into the chain. After every step a fresh linear probe, fitted on half of the held-out images
+and scored on the other half, gives the R² of position still linearly decodable; the mean cosine similarity between
+raw and debiased tokens shows how much else changed. Progress is saved after every step; a rerun resumes.
+
+Output: for a FrancaModel, an HF folder whose `debiased_patch_tokens` use the whole chain; for DINOv2 models, a
+`rasa_directions.safetensors` file to use with `franca_hf.rasa.RasaDirections`.
+""",
+        epilog=textwrap.fill(
+            f"Settings (key=value): {', '.join(f.name for f in dataclasses.fields(RasaRunSettings))}. model, data "
+            "and out are required."
+        ),
+    )
+
+
+def _add_knn(commands: argparse._SubParsersAction) -> None:
     knn = commands.add_parser("knn", help="k-NN accuracy of any model's CLS features at every Matryoshka dim")
     _add_model_flags(knn)
     knn.add_argument("--train", required=True, help="labelled images: 'demo', a class-per-folder tree, or hf:<dataset>")
@@ -518,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(knn, batch_size=64)
     knn.set_defaults(run=_knn)
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="linear probing and dense (segmentation) evaluation at every dim")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     linear = protocols.add_parser("linear", help="the official linear protocol (or --logistic) per Matryoshka dim")
@@ -546,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     segmentation.add_argument("--show", type=int, default=0, help="figure of this many test images")
     segmentation.add_argument("--figure", default="segmentation.png", help="where --show writes its PNG")
 
+
+def _add_fit_pca(commands: argparse._SubParsersAction) -> None:
     fit_pca = commands.add_parser(
         "fit-pca",
         help="fit a PCA truncation basis for Matryoshka embeddings, written with the model as a new folder",
@@ -568,9 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(fit_pca, batch_size=32)
     fit_pca.set_defaults(run=_fit_pca)
 
+
+def _add_releases(commands: argparse._SubParsersAction) -> None:
     releases = commands.add_parser("releases", help="list the official Franca releases")
     releases.set_defaults(run=_releases)
-    return parser
 
 
 def _add_model_flags(
@@ -592,39 +618,26 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int) -> None
     )
 
 
-# (command, arguments module, trainer module, help): commands whose DESCRIPTION and add_arguments() live in a module
-# cheap to import, and whose run() lives in the trainer module (multi-process: `accelerate launch -m franca_hf.cli COMMAND`)
-TRAINING_COMMANDS = (
-    (
-        "pretrain",
-        "franca_hf.training.pretrain_arguments",
-        "franca_hf.training.pretrain",
-        "pretrain with Accelerate: --config demo|vitb14_in21k|... [section.key=value ...]",
-    ),
-    (
-        "rasa",
-        "franca_hf.rasa.settings",
-        "franca_hf.rasa.train",
-        "learn RASA position directions on a frozen Franca or DINOv2 backbone",
-    ),
-)
-
-
-def _train(trainer_module: str, args: argparse.Namespace) -> int:
-    return importlib.import_module(trainer_module).run(args)
-
-
 def _with_flag(error: Exception, parser: argparse.ArgumentParser, command: str) -> str:
     """The message of a usage error, followed by the flag of `command` that sets the setting it names, if one does:
     library messages name settings (`dim=48 ...`), the command line spells them as flags (`(--dim)`)."""
     setting = getattr(error, "setting", None)
     if setting is None:
         return str(error)
-    # argparse has no public lookup of a subcommand's actions by dest
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    actions = subcommands.choices[command]._actions
+    (subcommand,) = _subparsers(parser)  # argparse has no public lookup of a subcommand's actions by dest
+    actions = _actions(subcommand.choices[command])
     flags = [action.option_strings[0] for action in actions if action.dest == setting and action.option_strings]
     return f"{error} ({flags[0]})" if flags else str(error)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The arguments of `parser` and of its subcommands (`eval linear`, `eval seg`)."""
+    nested = [_actions(choice) for subcommands in _subparsers(parser) for choice in subcommands.choices.values()]
+    return [*parser._actions, *(action for actions in nested for action in actions)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -635,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         report(args.command, _with_flag(error, parser, args.command))
         return 2
+    except RunStoppedError as error:
+        report(args.command, error, kind="stopped")
+        return 3
 
 
 if __name__ == "__main__":

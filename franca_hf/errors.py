@@ -1,7 +1,8 @@
 """User errors apart from bugs, and how the command-line entry points report them.
 
 A `UsageError` is a request the user can fix (a setting, an input, an output in the way): the command line prints it
-as one line, `franca-hf COMMAND: error: ...`, with exit code 2 and no traceback. Any other exception is a bug or an
+as one line, `franca-hf COMMAND: error: ...`, with exit code 2 and no traceback; a `RunStoppedError` (a training
+run that stopped itself) as `franca-hf COMMAND: stopped: ...` with exit code 3. Any other exception is a bug or an
 environment failure and keeps its traceback. Only the first process of each node prints (under a launcher the
 processes of a node make the same checks and fail alike; another node may fail on its own, as in downloading a release
 into its cache).
@@ -32,11 +33,22 @@ class InputNotFoundError(UsageError, FileNotFoundError):
     """An input path the user named does not exist or is not what it should be."""
 
 
+class RunStoppedError(RuntimeError):
+    """A run stopped itself on a condition the user must see (a non-finite loss), keeping what it saved before."""
+
+
 class DownloadError(RuntimeError):
     """A release file could not be downloaded (the network or the mirror, not the request)."""
 
 
 USER_ERRORS = (UsageError, DownloadError)
+
+
+def require_at_least(minimum: int, **settings: int | None) -> None:
+    """A `UsageError` naming the first of `settings` (name=value; None for unset) whose value is below `minimum`."""
+    for name, value in settings.items():
+        if value is not None and value < minimum:
+            raise UsageError(f"{name} must be at least {minimum}; got {value}.", setting=name)
 
 
 def is_first_process_of_node() -> bool:

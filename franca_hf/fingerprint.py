@@ -113,6 +113,6 @@ def check_same_model(
     )
     raise ModelMismatchError(
         f"{what} holds embeddings of the model {stored_model} (fingerprint {stored}); {change}, and the embeddings "
-        "of the two do not mix. Use the model that made them, or set allow_other_model (CLI: --allow-other-model) "
-        "to use this one anyway."
+        "of the two do not mix. Use the model that made them, or set allow_other_model=True to use this one anyway.",
+        setting="allow_other_model",
     )

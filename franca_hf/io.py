@@ -42,7 +42,7 @@ def write_folder_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], N
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", "overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:

@@ -1,4 +1,4 @@
-"""A fitted Matryoshka truncation basis (PCA) for a FrancaModel: what `franca-hf fit-pca` runs.
+"""A fitted Matryoshka truncation basis (PCA) for a FrancaModel: what `franca-hf fit-pca` runs (`fit_pca`).
 
 Cutting an embedding to its first m channels only works where training made those prefixes meaningful. A checkpoint
 trained with projection heads (the released Franca weights, any `project`-layout teacher) cuts better in a basis
@@ -12,10 +12,12 @@ tokens), by decreasing variance. The model then stores the mean and the rotation
 * `accumulate_token_statistics`: one pass over an image source (`franca_hf.features.run_model`), CLS and patch tokens.
 * `fit_matryoshka_basis`: that pass and the decomposition, as a `MatryoshkaFit`.
 * `with_matryoshka_basis`: a new FrancaModel holding a fit; `write_fitted_folder`: a complete folder with it.
+* `fit_pca(FitPcaSettings)`: the command in one call (checks, the fit, the folder).
 
 Imports nothing from `franca_hf.training`.
 """
 
+import dataclasses
 import math
 import os
 import shutil
@@ -24,12 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, PretrainedConfig
 
+from .conversion.convert import resolve_model
 from .conversion.export import fill_model_folder
-from .data.sources import ImageSource, SkipCounter
-from .errors import UsageError
+from .conversion.model_card import format_explained_variance
+from .data.sources import ImageSource, SkipCounter, open_source, subsample
+from .errors import OutputExistsError, UsageError
 from .features.loop import input_device_and_dtype, run_model
 from .io import write_folder_atomically
+from .matryoshka_settings import FitPcaSettings
 from .modeling import FrancaConfig, FrancaModel
 
 BASIS_PREFIX = "matryoshka_basis."
@@ -340,14 +346,95 @@ def write_fitted_folder(
     return write_folder_atomically(out_dir, fill, overwrite=overwrite)
 
 
+@dataclass
+class FitPcaResult:
+    """What `fit_pca` wrote: the new folder, the images fitted on (`data` describes them), the unreadable images
+    skipped, and the share (0..1) of the variance kept at each Matryoshka dim ({"cls": {m: share}, "patches": ...})."""
+
+    folder: Path
+    images: int
+    data: str
+    skipped: int
+    explained_variance: dict[str, dict[int, float]]
+
+    def explained_variance_table(self) -> str:
+        """The Markdown table the model card shows."""
+        return format_explained_variance(self.explained_variance)
+
+
+def fit_pca(settings: FitPcaSettings) -> FitPcaResult:
+    """What `franca-hf fit-pca` does: fit the PCA truncation basis of a Franca model on `settings.data` and write the
+    model with it as the folder `settings.out` (`fit_matryoshka_basis`, `write_fitted_folder`).
+
+    Refused before the model loads (`_checked_inputs`): an existing `out` without `overwrite`, a model that is not
+    a Franca one, a model that already has a basis without `overwrite_basis`, and fewer images than `minimum_images`
+    of its width.
+    """
+    path, config, source = _checked_inputs(settings)
+    model, processor = dataclasses.replace(settings.model, name_or_path=path).load()
+    described = describe_data(settings.data, settings.split)
+    skips = SkipCounter()
+    fit = fit_matryoshka_basis(
+        model,
+        source,
+        processor,
+        data=described,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        skips=skips,
+    )
+    del model  # the folder is written from the stored weights, in their stored dtype
+    folder = write_fitted_folder(path, fit, settings.out, processor, overwrite=settings.overwrite)
+    return FitPcaResult(folder, fit.images, described, skips.count, fit.explained_variance(config.matryoshka_dims))
+
+
+def _checked_inputs(settings: FitPcaSettings) -> tuple[str, PretrainedConfig, ImageSource]:
+    """The model's resolved path and config and the images to fit on, once `fit_pca`'s checks have passed."""
+    if Path(settings.out).exists() and not settings.overwrite:
+        raise OutputExistsError(f"out={settings.out} already exists; set overwrite to replace it.", setting="out")
+    name = settings.model.name_or_path
+    path = resolve_model(name)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "franca":
+        raise UsageError(
+            f"model={name} is a {config.model_type!r} model; fit-pca fits the truncation basis of a Franca model "
+            "(model_type 'franca').",
+            setting="model",
+        )
+    if config.matryoshka_basis == "pca" and not settings.overwrite_basis:
+        fitted_on = (config.source_checkpoint or {}).get(PROVENANCE_KEY, {}).get("data", "unknown data")
+        raise UsageError(
+            f"model={name} already has a fitted Matryoshka basis (fitted on {fitted_on}); set overwrite_basis to fit "
+            "a new one in its place.",
+            setting="overwrite_basis",
+        )
+    needed = minimum_images(config.hidden_size)
+    if settings.max_images is not None and settings.max_images < needed:
+        raise UsageError(
+            f"max_images={settings.max_images} is too few: a PCA basis of this {config.hidden_size}-dim model needs "
+            f"at least {needed} images.",
+            setting="max_images",
+        )
+    source = subsample(open_source(settings.data, settings.split, settings.image_column), settings.max_images)
+    if len(source) < needed:
+        raise UsageError(
+            f"data={settings.data} holds {len(source)} images; a PCA basis of this {config.hidden_size}-dim model "
+            f"needs at least {needed}.",
+            setting="data",
+        )
+    return path, config, source
+
+
 __all__ = [
     "CovarianceAccumulator",
+    "FitPcaResult",
     "MatryoshkaFit",
     "PrincipalBasis",
     "TokenStatistics",
     "accumulate_token_statistics",
     "describe_data",
     "fit_matryoshka_basis",
+    "fit_pca",
     "minimum_images",
     "with_matryoshka_basis",
     "write_fitted_folder",

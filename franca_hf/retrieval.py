@@ -18,6 +18,9 @@ A saved index is a folder (`MANIFEST_FILE` + the vectors as raw float32 + the id
 FAISS's own format). Opening one reads the manifest only; vectors are memory-mapped, ids and the FAISS index are
 read on first use. `build_index` streams a `franca-hf extract` folder's shards into one, with memory bounded by one
 shard plus the first stage, and `append=True` adds the shards that are new since the last build.
+
+`index(IndexSettings)` and `search(SearchSettings)` are the `franca-hf index` / `search` commands, one call each
+(their settings live in the cheap `franca_hf.retrieval_settings`).
 """
 
 import json
@@ -35,7 +38,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from .errors import InputNotFoundError, OutputExistsError, UsageError
 from .features import extract_features
 from .features.store import INDEX_FILE, ExtractionIndex, read_shard
-from .fingerprint import ModelMismatchError, check_same_model, model_fingerprint
+from .fingerprint import check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
 from .modeling import (
     FrancaModel,
@@ -44,6 +47,7 @@ from .modeling import (
     matryoshka_dim_problem,
     matryoshka_dims_of,
 )
+from .retrieval_settings import AnnSettings, IndexSettings, SearchSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,73 +56,10 @@ FORMAT_VERSION = 2
 MANIFEST_FILE = "index.json"
 VECTORS_FILE = "vectors.f32"
 IDS_FILE = "ids.jsonl"
-ANN_KINDS = ("auto", "none", "hnsw", "ivfpq")
 # rows normalised at a time when a first stage or a prefix copy is filled from the full-width vectors
 FILL_BLOCK = 65536
 # a row of the full-width vectors has norm 1 within this when it is "the embedding" (`get_image_embeddings`)
 UNIT_TOLERANCE = 1e-3
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """How the first stage of an index is built and searched (defaults measured in docs/retrieval.md).
-
-    Attributes:
-        ann: "none" (exact scan of the unit dims[0] prefixes), "hnsw" (a graph over them), "ivfpq" (product-quantised
-            codes in inverted lists, for collections past RAM), or "auto": none below `exact_below` rows, hnsw while
-            its graph fits in a quarter of this machine's RAM, ivfpq past that.
-        hnsw_m: HNSW neighbours per node (M): more, better recall, more memory (about 8·M bytes a row).
-        ef_construction: HNSW candidate list while building.
-        ef_search: HNSW candidate list while searching; at least the shortlist size is used.
-        nlist: IVF cells; 0 picks a power of two near 4·sqrt(N).
-        nprobe: IVF cells visited per query.
-        pq_bytes: bytes per row of the PQ code (sub-quantizers of 8 bits); 0 picks dims[0] / 2.
-        exact_below: the row count from which "auto" builds an ANN first stage.
-    """
-
-    ann: str = "auto"
-    hnsw_m: int = 32
-    ef_construction: int = 40
-    ef_search: int = 64
-    nlist: int = 0
-    nprobe: int = 64
-    pq_bytes: int = 0
-    exact_below: int = 200_000
-
-    def __post_init__(self):
-        if self.ann not in ANN_KINDS:
-            raise UsageError(f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.")
-        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1; got {getattr(self, name)}.")
-        for name in ("nlist", "pq_bytes", "exact_below"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.")
-
-    def resolve(self, rows: int, first_dim: int) -> "IndexSettings":
-        """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
-        ann = self.ann
-        if ann == "auto":
-            graph_bytes = rows * (4 * first_dim + 8 * self.hnsw_m)
-            ann = "none" if rows < self.exact_below else "hnsw" if graph_bytes < physical_memory() / 4 else "ivfpq"
-        nlist = self.nlist or 2 ** max(4, round(math.log2(4 * math.sqrt(rows))))
-        pq_bytes = self.pq_bytes or max(1, first_dim // 2)
-        if ann == "ivfpq" and first_dim % pq_bytes:
-            raise UsageError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.")
-        return replace(self, ann=ann, nlist=nlist, pq_bytes=pq_bytes)
-
-    def describe(self, first_dim: int) -> str:
-        """What a resolved first stage is, in words: 'hnsw M=32 at 48 dims', say."""
-        if self.ann == "hnsw":
-            return f"hnsw M={self.hnsw_m} efSearch={self.ef_search} at {first_dim} dims"
-        if self.ann == "ivfpq":
-            return f"ivfpq nlist={self.nlist} nprobe={self.nprobe} PQ{self.pq_bytes} at {first_dim} dims"
-        return f"exact at {first_dim} dims"
-
-
-def physical_memory() -> int:
-    """Bytes of RAM on this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
@@ -153,7 +94,7 @@ class IndexManifest:
     Attributes:
         rows, width: the full-width vectors are (rows, width) float32 in `VECTORS_FILE`.
         dims: allowed prefix lengths.
-        settings: the resolved `IndexSettings`.
+        settings: the resolved `AnnSettings`.
         first_stage: file of the FAISS first stage (None for "none", which scans the vectors).
         unit: every full-width row has unit norm (the index holds `get_image_embeddings` outputs).
         model: `model_fingerprint` of the model that made the vectors, when known.
@@ -202,7 +143,7 @@ class EmbeddingIndex:
         ids: N names (image paths, say); "0" … "N-1" when None.
         dims: allowed prefix lengths, strictly increasing and ending at D; Franca's [D/16, D/8, D/4, D/2, D] when
             None. Use `model.config.matryoshka_dims` for embeddings of a FrancaModel.
-        settings: how the first stage is built (`IndexSettings`; "auto" by size when None).
+        settings: how the first stage is built (`AnnSettings`; "auto" by size when None).
         model: `model_fingerprint` of the model that made the vectors; `search_images` checks it.
         model_name: that model as given (for messages).
         device: "cuda" runs FAISS on the GPU when faiss-gpu is installed and sees one (`faiss_on_gpu`), on the CPU
@@ -214,7 +155,7 @@ class EmbeddingIndex:
         vectors: torch.Tensor | np.ndarray,
         ids: Sequence[str] | None = None,
         dims: Sequence[int] | None = None,
-        settings: IndexSettings | None = None,
+        settings: AnnSettings | None = None,
         model: str | None = None,
         model_name: str | None = None,
         device: str | torch.device = "cpu",
@@ -242,14 +183,14 @@ class EmbeddingIndex:
                     block, dim, start, self._ids and self._ids[start : start + FILL_BLOCK]
                 )  # raises on a zero or non-finite prefix, naming the row
             unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
-        resolved = (settings or IndexSettings()).resolve(size, dims[0])
+        resolved = (settings or AnnSettings()).resolve(size, dims[0])
         manifest = IndexManifest(size, width, dims, asdict(resolved), None, unit, model, model_name)
         self._init(manifest, None, device)
 
     def _init(self, manifest: IndexManifest, folder: Path | None, device) -> None:
         self.manifest, self.folder, self.device = manifest, folder, torch.device(device)
         self.dims: list[int] = manifest.dims
-        self.settings = IndexSettings(**manifest.settings)
+        self.settings = AnnSettings(**manifest.settings)
         self._first = None  # the FAISS first stage, built or read on first use
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
@@ -583,7 +524,7 @@ def cosines(scores: np.ndarray, indices: np.ndarray, norms: np.ndarray) -> tuple
     return torch.from_numpy(scores / norms), torch.from_numpy(np.ascontiguousarray(indices))
 
 
-def new_first_stage(settings: IndexSettings, dim: int):
+def new_first_stage(settings: AnnSettings, dim: int):
     """An empty FAISS index of resolved `settings` over `dim`-channel unit vectors (inner product)."""
     import faiss
 
@@ -702,7 +643,7 @@ def index_images(
     batch_size: int = 32,
     progress: bool = True,
     num_workers: int | None = 0,
-    settings: IndexSettings | None = None,
+    settings: AnnSettings | None = None,
 ) -> EmbeddingIndex:
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
@@ -726,7 +667,7 @@ def _extraction(folder: Path) -> ExtractionIndex:
     if extraction.settings.kind != "cls":
         raise UsageError(
             f"{folder} holds {extraction.settings.kind} patch features; an index needs CLS embeddings (extract "
-            "without --dense)."
+            "them with dense=False)."
         )
     if not extraction.rows:
         raise UsageError(f"{folder} holds no embedded image yet (failed: {len(extraction.failed)}).")
@@ -745,7 +686,7 @@ def _extraction_dims(extraction: ExtractionIndex) -> list[int]:
     return [d for d in settings.matryoshka_dims if d <= settings.dim]
 
 
-def index_from_features(folder: str | os.PathLike, settings: IndexSettings | None = None) -> EmbeddingIndex:
+def index_from_features(folder: str | os.PathLike, settings: AnnSettings | None = None) -> EmbeddingIndex:
     """An in-memory index of the CLS rows of a `franca-hf extract` folder, without embedding anything again.
 
     Its dims are the extracting model's Matryoshka dims up to the stored width (`--dim`). An interrupted extraction
@@ -775,7 +716,7 @@ class BuildReport:
 def build_index(
     features: str | os.PathLike,
     out: str | os.PathLike,
-    settings: IndexSettings | None = None,
+    settings: AnnSettings | None = None,
     append: bool = False,
     overwrite: bool = False,
     model: FrancaModel | None = None,
@@ -799,7 +740,9 @@ def build_index(
     dims = _extraction_dims(extraction)
     if append:
         if settings is not None:
-            raise UsageError("An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).")
+            raise UsageError(
+                "An append keeps the index's own settings; do not pass settings (ann, hnsw_m, ...).", setting="ann"
+            )
         index = EmbeddingIndex.load(out)
         manifest = index.manifest
         if manifest.dims != dims or manifest.width != extraction.settings.dim:
@@ -813,8 +756,8 @@ def build_index(
         first = index.first_stage() if manifest.settings["ann"] != "none" else None
     else:
         if (out / MANIFEST_FILE).exists() and not overwrite:
-            raise OutputExistsError(f"{out} already holds an index; pass overwrite=True (CLI: --overwrite) or append.")
-        resolved = (settings or IndexSettings()).resolve(extraction.rows, dims[0])
+            raise OutputExistsError(f"{out} already holds an index; pass overwrite=True or append=True.", "overwrite")
+        resolved = (settings or AnnSettings()).resolve(extraction.rows, dims[0])
         manifest = IndexManifest(
             0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name
         )
@@ -887,14 +830,91 @@ def load_index(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
     return EmbeddingIndex.load(path, device)
 
 
+@dataclass(frozen=True)
+class IndexResult(BuildReport):
+    """What `index` did (a `BuildReport`; images embedded now are all `added`) and, in words, where the rows came
+    from: "from the features in photos_features", "with facebook/franca-vitb14"."""
+
+    source: str
+
+
+def index(settings: IndexSettings) -> IndexResult:
+    """`franca-hf index`: the index folder `settings.out` of an extract folder's CLS rows (streamed by `build_index`;
+    appended to with `settings.append`) or of image files embedded with `settings.model` (`index_images`)."""
+    images = settings.images
+    if len(images) == 1 and is_features_folder(images[0]):
+        features, model = images[0], settings.model.load()[0] if settings.model is not None else None
+        build = build_index(
+            features, settings.out, settings.ann, settings.append, settings.overwrite, model, settings.allow_other_model
+        )
+        return IndexResult(build.index, build.added, build.appended, f"from the features in {features}")
+    if settings.model is None:
+        raise UsageError(
+            "model is required to embed images (an extract folder, `franca_hf.features.extract`, needs none).",
+            setting="model",
+        )
+    if settings.append:
+        raise UsageError(
+            "append adds the new shards of an extract folder (`franca_hf.features.extract`); extract the images first.",
+            setting="append",
+        )
+    out = Path(settings.out)
+    if (out / MANIFEST_FILE).exists() and not settings.overwrite:
+        raise OutputExistsError(f"{out} already holds an index; pass overwrite=True to replace it.", "overwrite")
+    model, processor = settings.model.load()
+    embedded = index_images(
+        model, processor, images, settings.batch_size, num_workers=settings.num_workers, settings=settings.ann
+    )
+    embedded.save(settings.out)
+    return IndexResult(embedded, len(embedded), False, f"with {settings.model.name_or_path}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What `search` found for each query image that could be read (`queries`): the ids of its `k` nearest images,
+    best first, and their cosine scores (Q, k); `how` it searched, in words; `k` is at most the index's
+    `index_size` images (`clamped` when the settings asked for more)."""
+
+    queries: list[str]
+    ids: list[list[str]]
+    scores: torch.Tensor
+    how: str
+    k: int
+    clamped: bool
+    index_size: int
+
+
+def search(settings: SearchSettings) -> SearchResult:
+    """`franca-hf search`: the nearest images of `settings.index` to each query image, embedded with
+    `settings.model` (`EmbeddingIndex.search_images`), the index searched on the model's device."""
+    index = load_index(settings.index, device=settings.model.device or "cpu")
+    if settings.dim is not None:
+        index.check_dim(settings.dim)
+    model, processor = settings.model.load()
+    k = min(settings.k, len(index))
+    paths, scores, indices = index.search_images(
+        settings.queries, model, processor, k, settings.dim, settings.funnel, settings.allow_other_model
+    )
+    dim = settings.dim or index.width
+    if index.settings.ann != "none" if settings.funnel is None else settings.funnel:
+        stages = default_funnel([d for d in index.dims if d <= dim], k)
+        how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
+    else:
+        how = f"exact, dim {dim}, cut in the model's basis"
+    ids = [[index.ids[position] for position in row] for row in indices.tolist()]
+    return SearchResult(paths, ids, scores, how, k, k < settings.k, len(index))
+
+
 __all__ = [
     "BuildReport",
     "EmbeddingIndex",
-    "IndexSettings",
-    "ModelMismatchError",
+    "IndexResult",
+    "SearchResult",
     "build_index",
     "default_funnel",
+    "index",
     "index_from_features",
     "index_images",
     "load_index",
+    "search",
 ]

@@ -9,6 +9,7 @@ to fit and score: no R² is reported, with a warning.
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.sources import read_image
 from .io import write_file_atomically
+from .modeling.image_processing_franca import make_image_processor
 from .rasa.probe import grid_coordinates, linear_probe_r2
+from .visualize_settings import VisualizeSettings
 
 logger = logging.getLogger(__name__)
 PANEL_SIDE = 320
@@ -56,7 +59,7 @@ def probe_grid_problem(rows: int, cols: int, patch_size: int) -> str | None:
     side = MIN_PROBE_GRID * patch_size
     return (
         f"the patch grid is {rows}x{cols}; a position probe on one image needs at least {MIN_PROBE_GRID}x"
-        f"{MIN_PROBE_GRID} patches to mean anything (use images of at least {side}x{side} pixels, CLI: --size {side})"
+        f"{MIN_PROBE_GRID} patches to mean anything (use images of at least {side}x{side} pixels, e.g. size={side})"
     )
 
 
@@ -108,6 +111,25 @@ def visualize(model, image_processor, image: Image.Image | str | Path, out_file:
     canvas, r2 = render_comparison(model, pixels.to(model.device, model.dtype), shown)
     write_file_atomically(out_file, lambda staging: canvas.save(staging, format="PNG"))
     return r2
+
+
+@dataclass
+class VisualizeResult:
+    """What `visualize_image` wrote: the PNG, and the position-probe R² of each feature panel ("raw", and
+    "RASA-debiased" for models with RASA weights; None where the patch grid is too small to measure it)."""
+
+    out: Path
+    r2: dict[str, float | None]
+
+
+def visualize_image(settings: VisualizeSettings) -> VisualizeResult:
+    """What `franca-hf visualize` does: load the model (with an image processor of `settings.size` when given) and
+    write the figure of `settings.image` to `settings.out` (`visualize`)."""
+    image = settings.image if isinstance(settings.image, Image.Image) else read_image(settings.image)
+    model, processor = settings.model.load()
+    if settings.size:
+        processor = make_image_processor(settings.size)
+    return VisualizeResult(Path(settings.out), visualize(model, processor, image, settings.out))
 
 
 def _as_picture(pixels: torch.Tensor, image_processor) -> Image.Image:

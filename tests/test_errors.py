@@ -14,7 +14,7 @@ from franca_hf.errors import InputNotFoundError, OutputExistsError, UsageError
 from .conftest import EXAMPLE_IMAGES
 from .features.conftest import extract_command
 
-EXTRACT = importlib.import_module("franca_hf.features.extract")
+EXTRACT = importlib.import_module("franca_hf.features.extraction")
 
 
 def _extract_args(tiny_folder, out, *extra: str) -> list[str]:
@@ -38,17 +38,17 @@ def test_a_planted_internal_bug_keeps_its_traceback_instead_of_passing_for_a_use
 def test_a_user_error_through_the_same_command_is_one_line_with_exit_code_2(tiny_folder, tmp_path, capsys):
     assert main(_extract_args(tiny_folder, tmp_path / "out", "--batch-size", "0")) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["franca-hf extract: error: --batch-size must be at least 1; got 0."]
+    assert lines == ["franca-hf extract: error: batch_size must be at least 1; got 0. (--batch-size)"]
 
 
 PLANTED_RUN = """
 import sys
-import franca_hf.features.extract as extract
+import franca_hf.features.extraction as extraction
 
 def planted_bug(*args, **kwargs):
     raise ValueError("planted bug deep in the extraction loop")
 
-extract.embed_batch = planted_bug
+extraction.embed_batch = planted_bug
 from franca_hf.cli import main
 sys.exit(main(sys.argv[1:]))
 """

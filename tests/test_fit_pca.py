@@ -10,10 +10,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
-import franca_hf.features.extract
+import franca_hf.features.extraction
 from franca_hf import FrancaModel
 from franca_hf.cli import main
 from franca_hf.conversion.export import save_model_folder
+from franca_hf.features import ModelSpec
+from franca_hf.matryoshka import fit_pca as fit_pca_call
+from franca_hf.matryoshka_settings import FitPcaSettings
 from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .conftest import assert_publishable_folder, tiny_config
@@ -90,7 +93,7 @@ def test_fit_pca_folder_loads_everywhere_with_identical_features(trained_folder,
 
     # a folder that has a basis is refitted only on request, and the new fit replaces the old one on the card
     assert main(fit_pca(out, "demo", tmp_path / "again", "--max-images", "100")) == 2
-    assert "already has a fitted Matryoshka basis (fitted on demo (split train)); pass --overwrite-basis" in (
+    assert "already has a fitted Matryoshka basis (fitted on demo (split train)); set overwrite_basis" in (
         capsys.readouterr().err
     )
     command = fit_pca(out, "demo", out, "--max-images", "100", "--split", "test", "--overwrite-basis", "--overwrite")
@@ -98,6 +101,26 @@ def test_fit_pca_folder_loads_everywhere_with_identical_features(trained_folder,
     refit = json.loads((out / "config.json").read_text())["source_checkpoint"]["matryoshka_pca"]
     assert refit["data"] == "demo (split test)" and refit["images"] == 100
     assert "Fitted on 100 images of demo (split test)" in (out / "README.md").read_text()
+
+
+def test_the_fit_pca_call_writes_what_the_command_writes(trained_folder, tmp_path, capsys):
+    make_images(tmp_path / "images", 33, size=32)
+    assert main(fit_pca(trained_folder, tmp_path / "images", tmp_path / "cli", "--batch-size", "33")) == 0
+    printed = capsys.readouterr().out
+    options = {"batch_size": 33, "num_workers": 0}
+    result = fit_pca_call(
+        FitPcaSettings(ModelSpec(str(trained_folder)), str(tmp_path / "images"), tmp_path / "call", **options)
+    )
+
+    assert result.folder == tmp_path / "call" and result.images == 33 and result.skipped == 0
+    assert printed == (
+        f"fitted a PCA basis on 33 images of {tmp_path / 'images'} -> {tmp_path / 'cli'}\n"
+        f"{result.explained_variance_table()}\n"
+    )
+    cli, call = (load_file(tmp_path / name / "model.safetensors") for name in ("cli", "call"))
+    assert cli.keys() == call.keys() and all(torch.equal(cli[name], call[name]) for name in cli)
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("cli", "call")]
+    assert configs[0] == configs[1] and configs[0]["matryoshka_basis"] == "pca"
 
 
 def test_fit_pca_on_a_release_name_keeps_its_license_and_rasa(tmp_path, tiny_release_server):
@@ -121,22 +144,26 @@ def test_fit_pca_errors_name_the_flags(trained_folder, tmp_path, capsys, monkeyp
     def never_loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(franca_hf.features.extract, "load_model_and_processor", never_loaded)
+    monkeypatch.setattr(franca_hf.features.extraction, "load_model_and_processor", never_loaded)
     out = tmp_path / "out"
-    assert "--max-images 10 is too few: a PCA basis of this 32-dim model needs at least 33 images" in error(
-        *fit_pca(trained_folder, "demo", out, "--max-images", "10")
+    assert (
+        "max_images=10 is too few: a PCA basis of this 32-dim model needs at least 33 images. (--max-images)"
+        in error(*fit_pca(trained_folder, "demo", out, "--max-images", "10"))
     )
     make_images(tmp_path / "few", 20)
-    assert f"--data {tmp_path / 'few'} holds 20 images; a PCA basis of this 32-dim model needs at least 33" in error(
-        *fit_pca(trained_folder, tmp_path / "few", out)
+    assert (
+        f"data={tmp_path / 'few'} holds 20 images; a PCA basis of this 32-dim model needs at least 33. (--data)"
+        in error(*fit_pca(trained_folder, tmp_path / "few", out))
     )
     (tmp_path / "empty").mkdir()
     assert "No image files found" in error(*fit_pca(trained_folder, tmp_path / "empty", out))
     assert "is not 'demo', 'hf:<dataset>' or an existing image folder" in error(
         *fit_pca(trained_folder, tmp_path / "nope", out)
     )
-    assert "--batch-size must be at least 1" in error(*fit_pca(trained_folder, "demo", out, "--batch-size", "0"))
-    assert f"--out {trained_folder} already exists; pass --overwrite" in error(
+    assert "batch_size must be at least 1; got 0. (--batch-size)" in error(
+        *fit_pca(trained_folder, "demo", out, "--batch-size", "0")
+    )
+    assert f"out={trained_folder} already exists; set overwrite to replace it. (--out)" in error(
         *fit_pca(trained_folder, "demo", trained_folder)
     )
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(

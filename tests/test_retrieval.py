@@ -15,18 +15,18 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from franca_hf import FrancaModel, retrieval
+from franca_hf import FrancaModel, retrieval, retrieval_settings
 from franca_hf.cli import main
+from franca_hf.fingerprint import ModelMismatchError
 from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.retrieval import (
     EmbeddingIndex,
-    IndexSettings,
-    ModelMismatchError,
     build_index,
     default_funnel,
     index_from_features,
     index_images,
 )
+from franca_hf.retrieval_settings import AnnSettings
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
@@ -62,7 +62,7 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2).float().mean().item()
 
 
-EXACT = IndexSettings(ann="none")
+EXACT = AnnSettings(ann="none")
 
 
 @pytest.fixture(autouse=True)
@@ -210,8 +210,8 @@ def test_prefix_vectors_are_truncated_then_normalised():
 
 ANN = {
     "none": EXACT,
-    "hnsw": IndexSettings(ann="hnsw", hnsw_m=16),
-    "ivfpq": IndexSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4),
+    "hnsw": AnnSettings(ann="hnsw", hnsw_m=16),
+    "ivfpq": AnnSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4),
 }
 
 
@@ -258,7 +258,7 @@ def test_a_first_stage_finding_fewer_rows_than_asked_shortlists_those(unit):
     queries = database[:4] + 0.01 * queries
     if unit:
         database, queries = F.normalize(database, dim=1), F.normalize(queries, dim=1)
-    settings = IndexSettings(ann="ivfpq", nlist=16, nprobe=1, pq_bytes=4)
+    settings = AnnSettings(ann="ivfpq", nlist=16, nprobe=1, pq_bytes=4)
     index = EmbeddingIndex(database, dims=DIMS, settings=settings)
     found_first = index.first_stage().search(F.normalize(queries[:, :8], dim=1).numpy(), 400)[1]
     counts = (found_first >= 0).sum(axis=1)
@@ -360,15 +360,15 @@ def test_faiss_on_gpu_decides_by_device_build_and_gpus_seen(gpus, tmp_path, monk
 
 
 def test_auto_settings_choose_by_size(monkeypatch):
-    assert IndexSettings().resolve(1000, 48).ann == "none"
-    assert IndexSettings().resolve(1_000_000, 48).ann == "hnsw"
-    monkeypatch.setattr(retrieval, "physical_memory", lambda: 2**30)  # 1 GiB: a 1M-row graph does not fit
-    resolved = IndexSettings().resolve(1_000_000, 48)
+    assert AnnSettings().resolve(1000, 48).ann == "none"
+    assert AnnSettings().resolve(1_000_000, 48).ann == "hnsw"
+    monkeypatch.setattr(retrieval_settings, "physical_memory", lambda: 2**30)  # 1 GiB: a 1M-row graph does not fit
+    resolved = AnnSettings().resolve(1_000_000, 48)
     assert (resolved.ann, resolved.nlist, resolved.pq_bytes) == ("ivfpq", 4096, 24)
     with pytest.raises(ValueError, match="ann='flat' is not an index kind; choose one of auto, none, hnsw, ivfpq"):
-        IndexSettings(ann="flat")
+        AnnSettings(ann="flat")
     with pytest.raises(ValueError, match="pq_bytes=5 must divide the first-stage width 48"):
-        IndexSettings(ann="ivfpq", pq_bytes=5).resolve(10, 48)
+        AnnSettings(ann="ivfpq", pq_bytes=5).resolve(10, 48)
 
 
 def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
@@ -527,7 +527,22 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--funnel", "--dim", "32", "--k", "3"]) == 0
     assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3, first stage none)" in capsys.readouterr().out
     # an index with an ANN first stage searches with the funnel unless told --exact
-    assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(index), "--ann", "hnsw"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(EXAMPLE_IMAGES),
+                "--model",
+                str(tiny_folder),
+                "--out",
+                str(index),
+                "--ann",
+                "hnsw",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert "first stage hnsw M=32 efSearch=64 at 8 dims" in capsys.readouterr().out
     assert main([*search, "--k", "2"]) == 0
     assert "top-2 of 4 images (funnel 8:40 > 32:10 > 128:2, first stage hnsw)" in capsys.readouterr().out
@@ -537,9 +552,9 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--dim", "10"]) == 2
     assert "This index: dim=10 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in capsys.readouterr().err
     assert main([*search, "--k", "0"]) == 2
-    assert "--k must be at least 1; got 0" in capsys.readouterr().err
+    assert "k must be at least 1; got 0. (--k)" in capsys.readouterr().err
     assert main(["index", str(EXAMPLE_IMAGES), "--out", str(index)]) == 2
-    assert "--model is required to embed images" in capsys.readouterr().err
+    assert "model is required to embed images" in capsys.readouterr().err
 
 
 def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_path, capsys):
@@ -553,6 +568,17 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
     )
     from_images = tmp_path / "images"
     assert main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images)]) == 0
+    capsys.readouterr()
+    # images into a folder that already holds an index: refused before the model loads, replaced with --overwrite
+    photo = EXAMPLE_IMAGES / "coffee.jpg"
+    assert main(["index", str(photo), "--model", str(tmp_path / "no-model"), "--out", str(from_images)]) == 2
+    assert "already holds an index; pass overwrite=True to replace it. (--overwrite)" in capsys.readouterr().err
+    assert len(EmbeddingIndex.load(from_images)) == 4
+    replaced = ["index", str(photo), "--model", str(tiny_folder), "--out", str(from_images), "--overwrite"]
+    assert main(replaced) == 0 and len(EmbeddingIndex.load(from_images)) == 1
+    assert (
+        main(["index", str(EXAMPLE_IMAGES), "--model", str(tiny_folder), "--out", str(from_images), "--overwrite"]) == 0
+    )
     capsys.readouterr()
 
     built = index_from_features(features)
@@ -569,7 +595,7 @@ def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_pa
         in capsys.readouterr().out
     )
     assert main(["index", str(features), "--out", str(out)]) == 2
-    assert "already holds an index; pass overwrite=True (CLI: --overwrite) or append" in capsys.readouterr().err
+    assert "already holds an index; pass overwrite=True or append=True. (--overwrite)" in capsys.readouterr().err
     torch.testing.assert_close(EmbeddingIndex.load(out).vectors, direct.vectors)
     # search takes the extraction folder or the index file
     for index in (features, out):
@@ -619,9 +645,9 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(fitted_fo
 def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:
     """An extract folder of CLS rows, one shard per block (ids "row-N"), written with the extractor's own shard and
     index writers; shards from an earlier call stay (a resumed extraction). Returns all the ids in order."""
-    from franca_hf.features.store import ExtractionIndex, ExtractionSettings, write_shard
+    from franca_hf.features.store import ExtractionIndex, ExtractionRecord, write_shard
 
-    settings = ExtractionSettings("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
+    settings = ExtractionRecord("synthetic", ["synthetic"], "", "cls", WIDTH, False, "float32", DIMS)
     extraction = ExtractionIndex.load(folder) if (folder / "extraction.json").exists() else ExtractionIndex(settings)
     row = extraction.rows
     for number, block in enumerate(blocks, start=len(extraction.shards)):
@@ -692,11 +718,12 @@ def test_an_interrupted_append_leaves_the_index_as_it_was(tmp_path, monkeypatch)
 PEAK_RSS = """
 import sys
 import faiss
-from franca_hf.retrieval import IndexSettings, build_index, index_from_features
+from franca_hf.retrieval import build_index, index_from_features
+from franca_hf.retrieval_settings import AnnSettings
 faiss.omp_set_num_threads(1)
 for features, out in zip(sys.argv[1::2], sys.argv[2::2]):
     open("/proc/self/clear_refs", "w").write("5")
-    build_index(features, out, IndexSettings(ann="ivfpq", nlist=16, pq_bytes=2), progress=False)
+    build_index(features, out, AnnSettings(ann="ivfpq", nlist=16, pq_bytes=2), progress=False)
     print("peak_rss_kib", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 open("/proc/self/clear_refs", "w").write("5")
 index_from_features(sys.argv[-2])  # the control: the in-memory index of the largest folder holds all its vectors
@@ -847,7 +874,7 @@ def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_fo
         f"franca-hf search: error: The index {index_folder} holds embeddings of the model {tiny_folder} (fingerprint "
         f"{index.model}); this run's model {fitted_folder} has fingerprint {model_fingerprint(other)}"
     ) in refusal
-    assert "set allow_other_model (CLI: --allow-other-model)" in refusal
+    assert "or set allow_other_model=True to use this one anyway. (--allow-other-model)" in refusal
     assert main([*search, "--model", str(fitted_folder), "--allow-other-model"]) == 0
     assert main([*search, "--model", str(tiny_folder)]) == 0
 

@@ -9,8 +9,16 @@ from PIL import Image
 
 from franca_hf import FrancaModel
 from franca_hf.cli import main
+from franca_hf.features import ModelSpec
 from franca_hf.modeling.image_processing_franca import make_image_processor
-from franca_hf.visualize import MIN_PROBE_GRID, PANEL_SIDE, render_comparison, single_image_probe_r2
+from franca_hf.visualize import (
+    MIN_PROBE_GRID,
+    PANEL_SIDE,
+    render_comparison,
+    single_image_probe_r2,
+    visualize_image,
+)
+from franca_hf.visualize_settings import VisualizeSettings
 
 from .conftest import EXAMPLE_IMAGES, tiny_config
 
@@ -41,6 +49,18 @@ def test_visualize_shows_the_image_raw_and_debiased_maps(tiny_folder, tmp_path, 
     assert (shown.mean((0, 1)) - expected.mean((0, 1))).abs().max() < 25  # the same colours
 
 
+def test_the_visualize_call_draws_what_the_command_draws(tiny_folder, tmp_path, capsys):
+    image = EXAMPLE_IMAGES / "chelsea_cat.jpg"
+    argv = ["visualize", str(image), "--model", str(tiny_folder), "--out", str(tmp_path / "cli.png"), "--size", "112"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = visualize_image(VisualizeSettings(image, tmp_path / "call.png", ModelSpec(str(tiny_folder)), size=112))
+
+    assert result.out == tmp_path / "call.png" and set(result.r2) == {"raw", "RASA-debiased"}
+    assert printed.startswith(f"wrote {tmp_path / 'cli.png'}; position-probe R²: raw {result.r2['raw']:.3f}, ")
+    assert (tmp_path / "cli.png").read_bytes() == result.out.read_bytes()
+
+
 def test_a_model_without_rasa_gets_the_raw_map(tmp_path, capsys):
     folder = tmp_path / "plain"
     FrancaModel(tiny_config()).save_pretrained(folder)
@@ -62,7 +82,7 @@ def test_small_grids_get_no_r2_but_a_warning(tiny_folder, tmp_path, capsys, capl
             + ["--size", "56"]
         )
     assert code == 0
-    assert "the patch grid is 4x4" in caplog.text and f"--size {MIN_PROBE_GRID * 14}" in caplog.text
+    assert "the patch grid is 4x4" in caplog.text and f"size={MIN_PROBE_GRID * 14})" in caplog.text
     assert "no position-probe R²: grid too small" in capsys.readouterr().out
     _, r2 = render_comparison(FrancaModel(tiny_config()).eval(), torch.randn(1, 3, 56, 56))
     assert r2 == {"raw": None}

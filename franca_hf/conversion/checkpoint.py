@@ -162,7 +162,8 @@ def infer_config_values(
     if not values["num_attention_heads"]:
         raise CheckpointError(
             f"Cannot infer the head count of a {hidden}-wide model (official presets use heads of 64, and {hidden} "
-            "is not a multiple of 64): pass --num-heads or --preset."
+            "is not a multiple of 64): set num_heads or preset.",
+            setting="num_heads",
         )
     if hidden % values["num_attention_heads"]:
         raise CheckpointError(f"hidden size {hidden} is not divisible by {values['num_attention_heads']} heads.")

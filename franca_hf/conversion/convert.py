@@ -3,7 +3,7 @@
 import fcntl
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +24,10 @@ from .checkpoint import (
     load_torch_file,
 )
 from .export import WEIGHT_DTYPES, fill_model_folder
+from .hub import push
 from .model_card import render_model_card
 from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
+from .settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
@@ -138,9 +140,9 @@ def convert_checkpoint(
     """
     out_dir = Path(out_dir)
     if dtype not in WEIGHT_DTYPES:
-        raise UsageError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.")
+        raise UsageError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.", setting="dtype")
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", "overwrite")
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))
     values = infer_config_values(original, num_heads=num_heads, preset=preset)
     rasa_weights = load_rasa_weights(rasa, values["hidden_size"]) if rasa is not None else None
@@ -273,3 +275,35 @@ def resolve_model(name_or_path: str, cache: str | Path | None = None, progress: 
             convert_release(name_or_path, with_rasa=RELEASES[name_or_path].has_rasa, cache=cache, progress=progress)
         )
     return name_or_path
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `convert` did: the folder (for a release without `out`, the cached one, converted now or before); the
+    conversion of a local checkpoint (None for a release); the commit URL of the push (None without one)."""
+
+    folder: Path
+    conversion: ConversionResult | None
+    commit_url: str | None
+
+
+def convert(settings: ConvertSettings) -> ConvertResult:
+    """`franca-hf convert`: a local checkpoint (`convert_checkpoint`) or a release (`convert_release`) to a verified
+    folder, then pushed to the Hub with `settings.push`."""
+    conversion, shared = None, {"dtype": settings.dtype, "overwrite": settings.overwrite, "verify": settings.verify}
+    if settings.release is not None:
+        folder = convert_release(
+            settings.release,
+            settings.out,
+            settings.with_rasa,
+            base_url=settings.base_url,
+            cache=settings.cache_dir,
+            **shared,
+        )
+    else:
+        conversion = convert_checkpoint(
+            settings.checkpoint, settings.out, settings.rasa, settings.preset, settings.num_heads, **shared
+        )
+        folder = conversion.folder
+    commit_url = push(replace(settings.push, folder=str(folder))) if settings.push is not None else None
+    return ConvertResult(folder, conversion, commit_url)

@@ -7,6 +7,7 @@ without franca_hf installed. The Hub address follows huggingface_hub (`HF_ENDPOI
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -15,6 +16,7 @@ from ..errors import InputNotFoundError, UsageError
 from ..io import write_file_atomically
 from ..modeling import FrancaConfig
 from .model_card import render_model_card
+from .settings import PushSettings
 
 REQUIRED_FILES = (
     "config.json",
@@ -70,3 +72,10 @@ def push_to_hub(
         ignore_patterns=[".*"],
     )
     return commit.commit_url
+
+
+def push(settings: PushSettings) -> str:
+    """`franca-hf push`: `push_to_hub` with the settings; returns the commit URL."""
+    if settings.folder is None:
+        raise UsageError("folder is required: the Franca folder to upload.", setting="folder")
+    return push_to_hub(**asdict(settings))  # the settings are push_to_hub's arguments, by name

@@ -86,8 +86,35 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
     derived = official and "trained_with" in source
     generic = f"Franca {architecture_name(config)}"
     name = f"{generic}, trained on from {source['release']}" if derived else source.get("release") or generic
-    dataset = source.get("dataset")
-    data = ModelCardData(
+    where = repo_id or "path/to/this/folder"
+    lines = [
+        f"# {name}",
+        "",
+        "[Franca](https://arxiv.org/abs/2507.14137) is a fully open vision foundation model: a DINOv2-style ViT "
+        "trained with nested Matryoshka clustering, CyclicMask and RASA positional debiasing. This folder is in the "
+        "Hugging Face transformers format produced by franca_hf; the official code and weights are at "
+        "[valeoai/Franca](https://github.com/valeoai/Franca).",
+        "",
+        *_checkpoint_section(config, source),
+        *_rasa_section(source, where),
+    ]
+    if config.matryoshka_basis == "pca":
+        fit = source.get("matryoshka_pca")
+        lines += ["", "## Matryoshka truncation basis", ""] + (
+            _basis_section(fit, where) if fit else ["The basis is not fitted yet (identity): embeddings are prefixes."]
+        )
+    lines += _verification_section(source.get("parity"))
+    lines += _usage_section(config, where)
+    if official:
+        lines += _license_section(derived)
+    lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    data = _card_data(official, source.get("dataset"), base_model)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).content
+
+
+def _card_data(official: bool, dataset: str | None, base_model: str | None) -> ModelCardData:
+    """The card's YAML metadata: library, task, license (the official RAIL one for official weights), datasets."""
+    return ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license="other" if official else "apache-2.0",
@@ -97,18 +124,12 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         datasets=[_HUB_DATASETS[dataset]] if dataset in _HUB_DATASETS else None,
         base_model=base_model,
     )
-    where = repo_id or "path/to/this/folder"
+
+
+def _checkpoint_section(config: FrancaConfig, source: dict) -> list[str]:
+    """The architecture, position table, Matryoshka and RASA settings, then the provenance rows that are known."""
     grid = config.position_grid_size
-    crop, patch = config.image_size, config.patch_size
-    crop_grid = crop // patch  # patches per side of the processor's crop
     lines = [
-        f"# {name}",
-        "",
-        "[Franca](https://arxiv.org/abs/2507.14137) is a fully open vision foundation model: a DINOv2-style ViT "
-        "trained with nested Matryoshka clustering, CyclicMask and RASA positional debiasing. This folder is in the "
-        "Hugging Face transformers format produced by franca_hf; the official code and weights are at "
-        "[valeoai/Franca](https://github.com/valeoai/Franca).",
-        "",
         "## Checkpoint",
         "",
         "| | |",
@@ -130,39 +151,49 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         ("RASA file", "rasa_file"),
         ("RASA sha256", "rasa_sha256"),
     ]
-    lines += [f"| {label} | `{source[key]}` |" for label, key in provenance if source.get(key)]
-    if source.get("dropped_rasa_steps"):
-        lines += [
-            "",
-            "## RASA",
-            "",
-            f"The folder this model started from held {source['dropped_rasa_steps']} RASA steps, fitted to its "
-            "backbone. Training changed the backbone, so they were dropped: they would no longer remove its position "
-            "information. Refit them on this folder (the backbone stays frozen):",
-            "",
-            "```bash",
-            f"franca-hf rasa model={where} data=<images> out=<folder with RASA>",
-            "```",
-        ]
-    fit = source.get("matryoshka_pca")
-    if config.matryoshka_basis == "pca":
-        lines += ["", "## Matryoshka truncation basis", ""] + (
-            _basis_section(fit, where) if fit else ["The basis is not fitted yet (identity): embeddings are prefixes."]
-        )
-    parity = source.get("parity")
-    if parity:
-        lines += [
-            "",
-            "## Verification",
-            "",
-            "The converter compared this model with a direct evaluation of the original weights on random "
-            "inputs (fp32, max abs error):",
-            "",
-            "| output | max abs error |",
-            "|---|---|",
-        ]
-        lines += [f"| {k} | {v:.2e} |" for k, v in sorted(parity.items())]
-    lines += [
+    return lines + [f"| {label} | `{source[key]}` |" for label, key in provenance if source.get(key)]
+
+
+def _rasa_section(source: dict, where: str) -> list[str]:
+    """Why the RASA steps of the folder training started from were dropped, and how to refit them (if they were)."""
+    if not source.get("dropped_rasa_steps"):
+        return []
+    return [
+        "",
+        "## RASA",
+        "",
+        f"The folder this model started from held {source['dropped_rasa_steps']} RASA steps, fitted to its "
+        "backbone. Training changed the backbone, so they were dropped: they would no longer remove its position "
+        "information. Refit them on this folder (the backbone stays frozen):",
+        "",
+        "```bash",
+        f"franca-hf rasa model={where} data=<images> out=<folder with RASA>",
+        "```",
+    ]
+
+
+def _verification_section(parity: dict | None) -> list[str]:
+    """The converter's max abs errors against a direct evaluation of the original weights, if it measured them."""
+    if not parity:
+        return []
+    return [
+        "",
+        "## Verification",
+        "",
+        "The converter compared this model with a direct evaluation of the original weights on random "
+        "inputs (fp32, max abs error):",
+        "",
+        "| output | max abs error |",
+        "|---|---|",
+        *(f"| {k} | {v:.2e} |" for k, v in sorted(parity.items())),
+    ]
+
+
+def _usage_section(config: FrancaConfig, where: str) -> list[str]:
+    """A runnable snippet with the output shapes of this model at its processor's crop, and what the crop is."""
+    crop, patch = config.image_size, config.patch_size
+    crop_grid = crop // patch  # patches per side of the processor's crop
+    lines = [
         "",
         "## Usage",
         "",
@@ -185,7 +216,7 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
             "dense = model.get_dense_features(**inputs, debiased=True)  "
             f"# (1, {config.hidden_size}, {crop_grid}, {crop_grid}) RASA-debiased"
         )
-    lines += [
+    return lines + [
         "```",
         "",
         f"The image processor resizes and centre-crops to {crop}x{crop} px ({crop_grid}x{crop_grid} patches of "
@@ -193,18 +224,19 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
         "nearest smaller multiple.",
         "",
     ]
-    if official:
-        lines += [
-            "## License",
-            "",
-            (
-                "These weights were trained on from valeo.ai's release, which is"
-                if derived
-                else "The weights are released by valeo.ai"
-            )
-            + f" under the Franca research-only RAIL license ([LICENSE_MODEL]({OFFICIAL_LICENSE_LINK})): "
-            "non-commercial research use only.",
-            "",
-        ]
-    lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).content
+
+
+def _license_section(derived: bool) -> list[str]:
+    """The research-only RAIL license of official weights (and of weights trained on from them)."""
+    return [
+        "## License",
+        "",
+        (
+            "These weights were trained on from valeo.ai's release, which is"
+            if derived
+            else "The weights are released by valeo.ai"
+        )
+        + f" under the Franca research-only RAIL license ([LICENSE_MODEL]({OFFICIAL_LICENSE_LINK})): "
+        "non-commercial research use only.",
+        "",
+    ]

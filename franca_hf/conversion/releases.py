@@ -83,6 +83,18 @@ RELEASES: dict[str, Release] = {
 }
 
 
+def release_table() -> str:
+    """The official releases, one line each: name, tag, preset, position table side, RASA head, data."""
+    lines = []
+    for release in RELEASES.values():
+        grid = f"{release.grid * 14}px" if release.grid else "?"
+        lines.append(
+            f"{release.stem:34s} {release.tag}  {release.preset:10s} table {grid:6s} "
+            f"RASA {'yes' if release.has_rasa else 'no '}  {release.dataset}"
+        )
+    return "\n".join(lines)
+
+
 def get_release(name: str) -> Release:
     """Look a release up by its stem; the error lists every known name."""
     if name not in RELEASES:

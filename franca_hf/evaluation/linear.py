@@ -32,16 +32,11 @@ import torch.nn.functional as F
 from ..data.demo import demo_split_size
 from ..data.sources import ImageSource, open_source, subsample
 from ..errors import UsageError
-from ..features.extract import extract_to_folder
+from ..features.extraction import extract_to_folder
 from ..features.loop import run_model
-from ..features.store import ExtractionSettings, iter_shards
+from ..features.store import ExtractionRecord, iter_shards
 from ..modeling import matryoshka_dims_of, normalized_prefix
-
-# The official grid (`eval/linear.py` defaults), before scaling by batch size / 256.
-LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
-N_LAST_BLOCKS = (1, 4)
-# The official C grid of `eval/log_regression.py`.
-C_VALUES = tuple(float(c) for c in 10 ** torch.linspace(-6, 5, 45, dtype=torch.float64))
+from .settings import C_VALUES, N_LAST_BLOCKS, LinearSettings
 
 
 def probe_inputs(model, pixel_values: torch.Tensor, n_blocks: int = max(N_LAST_BLOCKS)) -> torch.Tensor:
@@ -157,37 +152,6 @@ class ProbeData:
 
     rows: torch.Tensor
     labels: torch.Tensor
-
-
-@dataclass
-class LinearSettings:
-    """Linear probing: the sources, where to cache features, and the protocol (defaults: the official ones, except
-    `epochs`, counted in passes over the training rows rather than in official 1250-iteration epochs).
-
-    The classifier (or C) is chosen on `val` when given, else on `held_out` of the train rows (a fixed random part,
-    as the official log regression does), and scored on `test`. `features_dir` keeps the probe rows of each split
-    as extract shards (`franca_hf.features.extract_to_folder`; reused and resumed by later runs); in memory when None.
-    """
-
-    train: str = "demo"
-    test: str = "demo"
-    val: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    val_split: str = "validation"
-    held_out: float = 0.1
-    max_images: int | None = None  # per split
-    demo_num_images: int | None = None  # images per split of "demo"; None: `demo_split_size(split, max_images)`
-    features_dir: str | None = None
-    logistic: bool = False  # the log-regression variant instead of the grid of linear classifiers
-    epochs: int = 10
-    batch_size: int = 128
-    learning_rates: tuple[float, ...] = LEARNING_RATES
-    n_last_blocks: tuple[int, ...] = N_LAST_BLOCKS
-    c_values: tuple[float, ...] = C_VALUES
-    seed: int = 0
-    embed_batch_size: int = 64
-    num_workers: int | None = 0
 
 
 @dataclass
@@ -376,7 +340,7 @@ def probe_rows(
             ids.extend(source.describe(p) for p in positions)
     else:
         folder = Path(settings.features_dir) / _folder_name(source.name, split)
-        extraction = ExtractionSettings(
+        extraction = ExtractionRecord(
             model=model_name,
             sources=[source.name],
             split=split,
@@ -502,9 +466,9 @@ def format_linear_report(report: LinearReport) -> str:
     return "\n".join(lines)
 
 
-def run_linear_evaluation(model: str, settings: LinearSettings, device: str | None = None) -> LinearReport:
-    """`evaluate_linear` of a model folder, Hub id or release name (loaded with its image processor)."""
-    from ..features.extract import load_model_and_processor
-
-    loaded, image_processor = load_model_and_processor(model, device=device)
-    return evaluate_linear(loaded, image_processor, settings, model_name=model, progress=True)
+def run_linear_evaluation(settings: LinearSettings) -> LinearReport:
+    """What `franca-hf eval linear` does: `evaluate_linear` of `settings.model` (loaded with its image processor)."""
+    if settings.model is None:
+        raise UsageError("run_linear_evaluation needs the model to evaluate: set model.", setting="model")
+    loaded, image_processor = settings.model.load()
+    return evaluate_linear(loaded, image_processor, settings, model_name=settings.model.name_or_path, progress=True)

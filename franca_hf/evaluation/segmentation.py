@@ -27,6 +27,7 @@ from ..errors import UsageError
 from ..features.loop import run_model
 from ..modeling import matryoshka_dims_of
 from .matching import match_clusters
+from .settings import SegmentationSettings
 
 VARIANTS = ("raw", "debiased")
 
@@ -150,28 +151,6 @@ def mean_iou(matrix: torch.Tensor) -> float:
     union = matrix.sum(0) + matrix.sum(1) - true_positive
     present = union > 0
     return (true_positive[present] / union[present]).mean().item() * 100
-
-
-@dataclass
-class SegmentationSettings:
-    """The dense evaluation: sources, probe training, clustering."""
-
-    train: str = "demo"
-    test: str = "demo"
-    train_split: str = "train"
-    test_split: str = "test"
-    image_column: str | None = None
-    mask_column: str | None = None
-    num_classes: int | None = None  # None: the source's class names, else the largest train mask value + 1
-    image_size: int | None = None  # None: the model's config.image_size
-    max_images: int | None = None  # per split
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 1e-2
-    clusters: tuple[int, ...] | None = None  # None: (C, 3C)
-    seed: int = 0
-    embed_batch_size: int = 32
-    num_workers: int | None = 0
 
 
 @dataclass
@@ -384,20 +363,16 @@ def format_segmentation_result(result: SegmentationResult) -> str:
     return "\n".join(lines)
 
 
-def run_segmentation_evaluation(
-    model: str,
-    settings: SegmentationSettings,
-    device: str | None = None,
-    show: int = 0,
-    figure: str | Path = "segmentation.png",
-) -> SegmentationResult:
-    """`evaluate_segmentation` of a model folder, Hub id or release name on `settings.train` / `settings.test`; with
-    `show`, also the figure of that many test images (`show_predictions`) at `figure`."""
+def run_segmentation_evaluation(settings: SegmentationSettings) -> SegmentationResult:
+    """What `franca-hf eval seg` does: `evaluate_segmentation` of `settings.model` on `settings.train` /
+    `settings.test`; with `settings.show`, also the figure of that many test images (`show_predictions`) at
+    `settings.figure`."""
+    if settings.model is None:
+        raise UsageError("run_segmentation_evaluation needs the model to evaluate: set model.", setting="model")
     from ..data.demo import demo_split_size
     from ..data.sources import open_segmentation_source
-    from ..features.extract import load_model_and_processor
 
-    loaded, image_processor = load_model_and_processor(model, device=device)
+    loaded, image_processor = settings.model.load()
     train, test = (
         open_segmentation_source(
             spec,
@@ -410,8 +385,7 @@ def run_segmentation_evaluation(
         for spec, split in ((settings.train, settings.train_split), (settings.test, settings.test_split))
     )
     result, test_split = evaluate_segmentation(loaded, image_processor, train, test, settings, progress=True)
-    if show:
-        show_predictions(
-            test_split, subsample_segmentation(test, settings.max_images, settings.seed), result, show, figure
-        )
+    if settings.show:
+        test_images = subsample_segmentation(test, settings.max_images, settings.seed)
+        show_predictions(test_split, test_images, result, settings.show, settings.figure)
     return result

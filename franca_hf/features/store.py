@@ -47,8 +47,8 @@ CARD_FILE = "README.md"
 
 
 @dataclass
-class ExtractionSettings:
-    """What a folder of features holds; a resumed run must ask for the same.
+class ExtractionRecord:
+    """What a folder of features holds (`settings` in its `extraction.json`); a resumed run must ask for the same.
 
     Attributes:
         model: the model as given (folder, Hub id or release name).
@@ -82,28 +82,16 @@ class ExtractionSettings:
         if self.resolved_sources is None:
             self.resolved_sources = [resolve_location(source) for source in self.sources]
 
-    # what a different value of each setting is called on the command line
-    FLAGS = {
-        "model": "--model",
-        "sources": "IMAGES",
-        "split": "--split",
-        "kind": "--dense/--debiased",
-        "dim": "--dim",
-        "normalized": "--no-normalize",
-        "dtype": "--features-dtype",
-        "quantized": "--int8",
-    }
-
-    def differences(self, other: "ExtractionSettings") -> list[str]:
-        """Human-readable `flag: this vs other` for every setting that differs (matryoshka_dims follows model;
-        model and sources are compared by what they point to, see `resolved_model`)."""
+    def differences(self, other: "ExtractionRecord") -> list[str]:
+        """`field: this vs other` for every field that differs (matryoshka_dims follows model, the resolved
+        fields follow theirs; model and sources are compared by what they point to, see `resolved_model`)."""
         mine, theirs = asdict(self), asdict(other)
         differences = []
-        for key, flag in self.FLAGS.items():
+        for key in ("model", "sources", "split", "kind", "dim", "normalized", "dtype", "quantized"):
             compared = f"resolved_{key}" if key in ("model", "sources") else key
             if mine[compared] != theirs[compared]:
                 shown = key if mine[key] != theirs[key] else compared  # the same words for other places
-                differences.append(f"{flag} ({key}): {mine[shown]!r} vs {theirs[shown]!r}")
+                differences.append(f"{shown}: {mine[shown]!r} vs {theirs[shown]!r}")
         return differences
 
 
@@ -121,7 +109,7 @@ class ExtractionIndex:
     """`extraction.json`: settings, the model's fingerprint (`franca_hf.fingerprint`; None in folders written before
     fingerprints), committed shards [{"file", "rows"}], unreadable images [(id, reason)]."""
 
-    settings: ExtractionSettings
+    settings: ExtractionRecord
     shards: list[dict] = field(default_factory=list)
     failed: list[list[str]] = field(default_factory=list)
     complete: bool = False
@@ -158,7 +146,7 @@ class ExtractionIndex:
                 f"(format {document.get('format')!r}, version {document.get('version')!r})."
             )
         return cls(
-            ExtractionSettings(**document["settings"]),
+            ExtractionRecord(**document["settings"]),
             document["shards"],
             document["failed"],
             document["complete"],
@@ -210,7 +198,7 @@ class ProgressLog:
             os.fsync(log.fileno())
 
 
-def shard_features(settings: ExtractionSettings, row_shape: tuple[int, ...], class_names: list[str] | None):
+def shard_features(settings: ExtractionRecord, row_shape: tuple[int, ...], class_names: list[str] | None):
     """The `datasets.Features` of a shard: id, label (when labelled), features."""
     from datasets import Array3D, ClassLabel, Features, List, Value
 
@@ -226,7 +214,7 @@ def shard_features(settings: ExtractionSettings, row_shape: tuple[int, ...], cla
 
 def write_shard(
     path: Path,
-    settings: ExtractionSettings,
+    settings: ExtractionRecord,
     ids: list[str],
     features: np.ndarray,
     labels: list[int] | None,

@@ -658,7 +658,8 @@ class FrancaModel(FrancaPreTrainedModel):
         if debiased and self.rasa is None:
             raise ValueError(
                 "debiased=True needs RASA weights, and this model has none (config.rasa_steps == 0). "
-                "Convert with a RASA head (`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
+                "Convert the checkpoint with its RASA head (franca_hf's `convert_checkpoint(..., rasa=head)`) or "
+                "train one (`franca-hf rasa`)."
             )
         cut_to = self._check_matryoshka_dim(dim)
         out = self.forward(pixel_values, return_dict=True)

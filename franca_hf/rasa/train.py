@@ -1,8 +1,7 @@
-"""RASA post-training, the code behind `franca-hf rasa` (what it does and its settings: `franca_hf.rasa.settings`):
+"""RASA post-training (docs/rasa.md): `rasa(RasaRunSettings)` is `franca-hf rasa key=value ...` in one call; under it,
 `train_rasa` trains the chain of position directions on a frozen backbone, resuming after every step, and
 `write_rasa_output` writes the debiased model or the directions file."""
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,12 +21,11 @@ from tqdm.auto import tqdm
 from ..conversion.export import fill_model_folder
 from ..data.augmented import AugmentedImages, EpochBatchSampler
 from ..data.sources import ImageSource, open_source, split_off, subsample
-from ..errors import USER_ERRORS, OutputExistsError, UsageError, report
+from ..errors import OutputExistsError, UsageError
 from ..features.loop import run_model
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
-from ..settings import load_settings
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
 from .settings import RasaRunSettings, RasaSettings
@@ -190,7 +188,7 @@ def train_rasa(
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: overwrite=true) to replace it.")
+        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", setting="overwrite")
     settings = settings.for_model(model.config)
     model.eval().requires_grad_(False).to(accelerator.device)
     width = model.config.hidden_size
@@ -290,30 +288,24 @@ def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
     return AutoModel.from_pretrained(path), resolved
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train RASA directions with the parsed arguments; errors are printed once across processes, as one line."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = load_settings(RasaRunSettings, args.config, args.settings)
-        if Path(settings.out).exists() and not settings.overwrite:
-            raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.")
-        accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-        model, settings = load_model_for_rasa(settings, accelerator)
-        source = open_source(settings.data, settings.split, seed=settings.seed)
-        if settings.held_out_images >= len(source):
-            raise UsageError(
-                f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
-                f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves)."
-            )
-        train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
-        train = subsample(train, settings.max_images, seed=settings.seed)
-        _, measured = train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)
-    except USER_ERRORS as error:
-        report("rasa", error)
-        return 2
-    if accelerator.is_main_process:
-        print(json.dumps({"probe_r2": measured.probe_r2, "cosine_to_raw": measured.cosine_to_raw}))
-    return 0
+def rasa(settings: RasaRunSettings) -> RasaReport:
+    """`franca-hf rasa` in one call: load the model, hold `held_out_images` of `data` out for the position probe,
+    train `steps` directions on (at most `max_images` of) the rest and write `out`; the report of every process.
+    Usage errors (`UsageError`) come before the weights load where the settings alone decide them."""
+    if Path(settings.out).exists() and not settings.overwrite:
+        raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.", setting="out")
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    model, settings = load_model_for_rasa(settings, accelerator)
+    source = open_source(settings.data, settings.split, seed=settings.seed)
+    if settings.held_out_images >= len(source):
+        raise UsageError(
+            f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
+            f"{len(source)} images; set held_out_images below that (at least 4, the probe's two halves).",
+            setting="held_out_images",
+        )
+    train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
+    train = subsample(train, settings.max_images, seed=settings.seed)
+    return train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)[1]
 
 
 __all__ = [
@@ -321,7 +313,7 @@ __all__ = [
     "RasaReport",
     "augmentation",
     "load_model_for_rasa",
-    "run",
+    "rasa",
     "fit_position_predictor",
     "held_out_tokens",
     "train_rasa",

@@ -45,6 +45,7 @@ __getattr__, __dir__ = lazy_exports(
         ),
         "masking": (
             "CyclicMaskGenerator",
+            "MaskedCrops",
             "collate_masked_crops",
             "mask_token_weights",
         ),
@@ -80,6 +81,7 @@ __all__ = [
     "DINOLossOutput",
     "FrancaSchedules",
     "LevelLosses",
+    "MaskedCrops",
     "MatryoshkaHead",
     "MultiCropAugmentation",
     "ParamGroupSettings",

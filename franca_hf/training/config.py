@@ -35,6 +35,13 @@ _NOT_FROM_RECIPES = {
 }
 # Fields a recipe may set when it starts from a folder: stochastic depth, and initial values that loaded weights replace.
 _FREE_WITH_INIT_FROM = {"drop_path_rate", "drop_path_mode", "layerscale_value", "initializer_range"}
+
+
+def _failed(checks: Sequence[tuple[bool, str]]) -> list[str]:
+    """The messages of the (ok, message) checks that failed."""
+    return [message for ok, message in checks if not ok]
+
+
 ARCHITECTURE_FIELDS = [
     name for name in FrancaConfig.__annotations__ if not name.startswith("_") and name not in _NOT_FROM_RECIPES
 ]
@@ -66,6 +73,17 @@ class HeadSettings:
     ibot_bottleneck_dim: int = 256
     init_std: float = 0.02  # official; narrow heads (small demos) need more, see MatryoshkaHead
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each message naming its key."""
+        return _failed(
+            [
+                (
+                    self.mode in ("project", "slice", "shared"),
+                    f"heads.mode must be project, slice or shared, got {self.mode!r}",
+                )
+            ]
+        )
+
 
 @dataclass
 class DataSettings:
@@ -79,6 +97,15 @@ class DataSettings:
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
     augment_on_device: bool = False  # workers decode and crop (uint8); colour, blur, normalisation batched on device
     demo_num_images: int = 5000  # per split of the demo source (training and k-NN)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each message naming its key."""
+        return _failed(
+            [
+                (self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}"),
+                (self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}"),
+            ]
+        )
 
 
 @dataclass
@@ -97,6 +124,37 @@ class CropSettings:
     blur_kernel_size: int = 9
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
+    def problems(self, patch: int | None) -> list[str]:
+        """What is wrong with these settings, each message naming its key; `patch`: the backbone's patch size, which
+        the crop sizes must be multiples of (None: unknown, not checked)."""
+        smallest = min(self.global_size, self.local_size if self.local_number else self.global_size)
+        return _failed(
+            [
+                (self.blur in ("paper", "official"), f"crops.blur must be 'paper' or 'official', got {self.blur!r}"),
+                (
+                    patch is None or self.global_size % patch == 0,
+                    f"crops.global_size ({self.global_size}) must be a multiple of the patch size ({patch})",
+                ),
+                (
+                    patch is None or self.local_number == 0 or self.local_size % patch == 0,
+                    f"crops.local_size ({self.local_size}) must be a multiple of the patch size ({patch})",
+                ),
+                (
+                    self.blur_kernel_size % 2 == 1 and self.blur_kernel_size // 2 < smallest,
+                    f"crops.blur_kernel_size ({self.blur_kernel_size}) must be odd, with half of it below the "
+                    "smallest crop size",
+                ),
+                (
+                    all(
+                        len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
+                        for scale in (self.global_scale, self.local_scale)
+                    ),
+                    f"crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1, got "
+                    f"{self.global_scale} and {self.local_scale}",
+                ),
+            ]
+        )
+
 
 @dataclass
 class ObjectiveSettings:
@@ -107,6 +165,25 @@ class ObjectiveSettings:
     mask_probability: float = 0.5
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.65])
     sinkhorn_iterations: int = 3
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each message naming its key."""
+        return _failed(
+            [
+                (
+                    0.0 <= self.mask_probability <= 1.0,
+                    f"objective.mask_probability must be in [0, 1], got {self.mask_probability}",
+                ),
+                (
+                    len(self.mask_ratio) == 2 and 0.0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1.0,
+                    f"objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1, got {self.mask_ratio}",
+                ),
+                (
+                    self.student_temperature > 0,
+                    f"objective.student_temperature must be > 0, got {self.student_temperature}",
+                ),
+            ]
+        )
 
 
 @dataclass
@@ -132,6 +209,27 @@ class OptimSettings:
     patch_embed_lr_mult: float = 0.2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each message naming its key."""
+        return _failed(
+            [
+                (self.total_steps > 0, f"optim.total_steps must be > 0, got {self.total_steps}"),
+                (
+                    0 <= self.warmup_steps <= self.total_steps,
+                    f"optim.warmup_steps ({self.warmup_steps}) must be between 0 and optim.total_steps "
+                    f"({self.total_steps})",
+                ),
+                (
+                    self.batch_size_per_device >= 2,
+                    f"optim.batch_size_per_device must be >= 2 (KoLeo needs pairs), got {self.batch_size_per_device}",
+                ),
+                (
+                    self.gradient_accumulation_steps >= 1,
+                    f"optim.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}",
+                ),
+            ]
+        )
+
 
 @dataclass
 class EvalSettings:
@@ -153,6 +251,34 @@ class EvalSettings:
     probe_epochs: int = 10
     probe_batch_size: int = 128  # of the linear classifiers (their lrs scale with it) and of the segmentation heads
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each message naming its key."""
+        return _failed(
+            [
+                (
+                    self.knn_every is None or self.knn_every > 0,
+                    f"eval.knn_every must be > 0 or null, got {self.knn_every}",
+                ),
+                (
+                    (self.knn_train is None) == (self.knn_test is None),
+                    "set both eval.knn_train and eval.knn_test, or neither",
+                ),
+                (
+                    not self.fit_pca_on_export or self.knn_train is not None,
+                    "eval.fit_pca_on_export fits on the k-NN train split: set eval.knn_train and eval.knn_test",
+                ),
+                (
+                    not (self.linear or self.seg) or self.knn_train is not None,
+                    "eval.linear and eval.seg evaluate on the k-NN sources: set eval.knn_train and eval.knn_test",
+                ),
+                (
+                    self.probe_epochs >= 1 and self.probe_batch_size >= 1,
+                    f"eval.probe_epochs and eval.probe_batch_size must be >= 1, got {self.probe_epochs} and "
+                    f"{self.probe_batch_size}",
+                ),
+            ]
+        )
+
 
 @dataclass
 class RunSettings:
@@ -165,6 +291,24 @@ class RunSettings:
     export_every: int | None = None  # optimizer steps between HF exports of the teacher (always at the end)
     log_every: int = 10
     log_with: str | None = "tensorboard"  # an Accelerate tracker, or null
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each message naming its key."""
+        return _failed(
+            [
+                (
+                    self.mixed_precision in ("no", "bf16", "fp16"),
+                    f"run.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
+                ),
+                (self.checkpoint_every > 0, f"run.checkpoint_every must be > 0, got {self.checkpoint_every}"),
+                (self.log_every > 0, f"run.log_every must be > 0, got {self.log_every}"),
+                (
+                    self.export_every is None or self.export_every > 0,
+                    f"run.export_every must be > 0 or null, got {self.export_every}",
+                ),
+                (self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            ]
+        )
 
 
 @dataclass
@@ -225,123 +369,33 @@ class PretrainConfig:
             if value is not None and name not in _FREE_WITH_INIT_FROM and value != getattr(folder, name)
         ]
 
-    def validate(self) -> None:
-        """Cross-field checks with messages that name the keys, their values and what is allowed."""
-        problems = []
-        model, crops, optim, run = self.model, self.crops, self.optim, self.run
-        patch = None
-        if model.init_from is not None:
+    def _model_problems(self) -> tuple[list[str], int | None]:
+        """What is wrong with the `model` section (alone, or against the `model.init_from` folder), and the patch size
+        it gives (None when it gives none)."""
+        if self.model.init_from is not None:
             try:
-                folder = FrancaConfig.from_pretrained(model.init_from)
+                folder = FrancaConfig.from_pretrained(self.model.init_from)
             except OSError as error:
-                problems.append(
-                    f"model.init_from ({model.init_from}) is neither a model folder nor a Hub model: {error}"
-                )
-            else:
-                patch = folder.patch_size
-                problems += self._disagreements_with(folder)
-        else:
-            try:
-                settings = self.backbone_settings()
-            except ValueError as error:
-                problems.append(str(error).rstrip("."))
-            else:
-                try:
-                    patch = FrancaConfig(**settings).patch_size
-                except ValueError as error:  # FrancaConfig's own checks, which name the field without its section
-                    problems.append(f"model: {str(error).rstrip('.')}")
-        checks = [
-            (
-                self.heads.mode in ("project", "slice", "shared"),
-                f"heads.mode must be project, slice or shared, got {self.heads.mode!r}",
-            ),
-            (crops.blur in ("paper", "official"), f"crops.blur must be 'paper' or 'official', got {crops.blur!r}"),
-            (
-                run.mixed_precision in ("no", "bf16", "fp16"),
-                f"run.mixed_precision must be no, bf16 or fp16, got {run.mixed_precision!r}",
-            ),
-            (optim.total_steps > 0, f"optim.total_steps must be > 0, got {optim.total_steps}"),
-            (
-                0 <= optim.warmup_steps <= optim.total_steps,
-                f"optim.warmup_steps ({optim.warmup_steps}) must be between 0 and optim.total_steps "
-                f"({optim.total_steps})",
-            ),
-            (
-                optim.batch_size_per_device >= 2,
-                f"optim.batch_size_per_device must be >= 2 (KoLeo needs pairs), got {optim.batch_size_per_device}",
-            ),
-            (
-                optim.gradient_accumulation_steps >= 1,
-                f"optim.gradient_accumulation_steps must be >= 1, got {optim.gradient_accumulation_steps}",
-            ),
-            (
-                patch is None or crops.global_size % patch == 0,
-                f"crops.global_size ({crops.global_size}) must be a multiple of the patch size ({patch})",
-            ),
-            (
-                patch is None or crops.local_number == 0 or crops.local_size % patch == 0,
-                f"crops.local_size ({crops.local_size}) must be a multiple of the patch size ({patch})",
-            ),
-            (run.checkpoint_every > 0, f"run.checkpoint_every must be > 0, got {run.checkpoint_every}"),
-            (run.log_every > 0, f"run.log_every must be > 0, got {run.log_every}"),
-            (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
-            (self.data.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.data.prefetch_factor}"),
-            (
-                crops.blur_kernel_size % 2 == 1
-                and crops.blur_kernel_size // 2
-                < min(crops.global_size, crops.local_size if crops.local_number else crops.global_size),
-                f"crops.blur_kernel_size ({crops.blur_kernel_size}) must be odd, with half of it below the smallest "
-                "crop size",
-            ),
-            (
-                run.export_every is None or run.export_every > 0,
-                f"run.export_every must be > 0 or null, got {run.export_every}",
-            ),
-            (
-                self.eval.knn_every is None or self.eval.knn_every > 0,
-                f"eval.knn_every must be > 0 or null, got {self.eval.knn_every}",
-            ),
-            (
-                0.0 <= self.objective.mask_probability <= 1.0,
-                f"objective.mask_probability must be in [0, 1], got {self.objective.mask_probability}",
-            ),
-            (
-                len(self.objective.mask_ratio) == 2
-                and 0.0 <= self.objective.mask_ratio[0] <= self.objective.mask_ratio[1] <= 1.0,
-                f"objective.mask_ratio must be [low, high] with 0 <= low <= high <= 1, got {self.objective.mask_ratio}",
-            ),
-            (
-                all(
-                    len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
-                    for scale in (crops.global_scale, crops.local_scale)
-                ),
-                f"crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1, got "
-                f"{crops.global_scale} and {crops.local_scale}",
-            ),
-            (
-                self.objective.student_temperature > 0,
-                f"objective.student_temperature must be > 0, got {self.objective.student_temperature}",
-            ),
-            (run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {run.keep_checkpoints}"),
-            (
-                (self.eval.knn_train is None) == (self.eval.knn_test is None),
-                "set both eval.knn_train and eval.knn_test, or neither",
-            ),
-            (
-                not self.eval.fit_pca_on_export or self.eval.knn_train is not None,
-                "eval.fit_pca_on_export fits on the k-NN train split: set eval.knn_train and eval.knn_test",
-            ),
-            (
-                not (self.eval.linear or self.eval.seg) or self.eval.knn_train is not None,
-                "eval.linear and eval.seg evaluate on the k-NN sources: set eval.knn_train and eval.knn_test",
-            ),
-            (
-                self.eval.probe_epochs >= 1 and self.eval.probe_batch_size >= 1,
-                f"eval.probe_epochs and eval.probe_batch_size must be >= 1, got {self.eval.probe_epochs} and "
-                f"{self.eval.probe_batch_size}",
-            ),
-        ]
-        problems += [message for ok, message in checks if not ok]
+                return [
+                    f"model.init_from ({self.model.init_from}) is neither a model folder nor a Hub model: {error}"
+                ], None
+            return self._disagreements_with(folder), folder.patch_size
+        try:
+            settings = self.backbone_settings()
+        except ValueError as error:
+            return [str(error).rstrip(".")], None
+        try:
+            return [], FrancaConfig(**settings).patch_size
+        except ValueError as error:  # FrancaConfig's own checks, which name the field without its section
+            return [f"model: {str(error).rstrip('.')}"], None
+
+    def validate(self) -> None:
+        """Every section's checks, and the crop sizes against the model's patch size; the message names the keys,
+        their values and what is allowed."""
+        problems, patch = self._model_problems()
+        problems += self.crops.problems(patch)
+        for section in (self.heads, self.data, self.objective, self.optim, self.eval, self.run):
+            problems += section.problems()
         if problems:
             raise UsageError("Invalid pretraining config: " + "; ".join(problems) + ".")
 

@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from typing import TypedDict
 
 import torch
 
@@ -63,6 +64,17 @@ class CyclicMaskGenerator:
         return ~torch.roll(keep, shifts=shift, dims=(0, 1))
 
 
+class MaskedCrops(TypedDict):
+    """A collated multi-crop batch with the iBOT masks of its global crops (`collate_masked_crops`). The crops are
+    crop-major (all first crops, then all second ...); M is the number of masked tokens."""
+
+    global_crops: torch.Tensor  # (2B, C, H, W)
+    local_crops: torch.Tensor  # (LB, C, h, w); (0, C, H, W) without local crops
+    masks: torch.Tensor  # (2B, T) bool, True = masked
+    mask_indices: torch.Tensor  # (M,) indices of the masked tokens in the flattened masks
+    mask_weights: torch.Tensor  # (M,) 1 / masked tokens of the token's image
+
+
 def mask_token_weights(masks: torch.Tensor) -> torch.Tensor:
     """(N, T) bool masks -> (number of masked tokens,) weights 1 / (masked tokens of the token's image)."""
     counts = masks.sum(dim=-1, keepdim=True).clamp(min=1)
@@ -86,7 +98,7 @@ def collate_masked_crops(
     rng: random.Random,
     mask_probability: float = MASK_PROBABILITY,
     mask_ratio_range: tuple[float, float] = MASK_RATIO_RANGE,
-) -> dict[str, torch.Tensor | int]:
+) -> MaskedCrops:
     """Stack multi-crop samples crop-major and draw the iBOT masks of the global crops.
 
     `int(N * mask_probability)` of the N = 2 * B global crops are masked; masked crop i draws its ratio uniformly in
@@ -99,10 +111,7 @@ def collate_masked_crops(
         mask_generator: grid of the global crops (global size // patch size).
         rng: source of the mask ratios, the masks and the shuffle.
     Returns:
-        dict with "global_crops" (2B, C, H, W) and "local_crops" (LB, C, h, w) (empty when L = 0), both crop-major
-        (all first crops, then all second ...); "masks" (2B, T) bool; "mask_indices" (M,) indices of the masked tokens in the
-        flattened masks; "mask_weights" (M,) 1 / masked tokens of their image; "num_masked" (1,) = M;
-        "upperbound" (int) >= M, the sum of the masked crops' maximal counts (a static buffer size).
+        `MaskedCrops`: the crops (local crops empty when L = 0), the masks and the masked tokens' indices and weights.
     """
     if not samples:
         raise ValueError("Cannot collate an empty batch.")
@@ -122,21 +131,17 @@ def collate_masked_crops(
     num_tokens = mask_generator.num_patches
     num_masked_images = int(num_images * mask_probability)
     bounds = torch.linspace(low, high, num_masked_images + 1).tolist()
-    masks = []
-    upperbound = 0
-    for lower_ratio, upper_ratio in pairwise(bounds):
-        masks.append(mask_generator(int(num_tokens * rng.uniform(lower_ratio, upper_ratio)), rng).flatten())
-        upperbound += int(num_tokens * upper_ratio)
+    masks = [
+        mask_generator(int(num_tokens * rng.uniform(lower_ratio, upper_ratio)), rng).flatten()
+        for lower_ratio, upper_ratio in pairwise(bounds)
+    ]
     masks += [torch.zeros(num_tokens, dtype=torch.bool)] * (num_images - num_masked_images)
     rng.shuffle(masks)
     masks = torch.stack(masks)
-    mask_indices = masks.flatten().nonzero().flatten()
-    return {
-        "global_crops": global_crops,
-        "local_crops": local_crops,
-        "masks": masks,
-        "mask_indices": mask_indices,
-        "mask_weights": mask_token_weights(masks),
-        "num_masked": torch.tensor([mask_indices.numel()], dtype=torch.long),
-        "upperbound": upperbound,
-    }
+    return MaskedCrops(
+        global_crops=global_crops,
+        local_crops=local_crops,
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=mask_token_weights(masks),
+    )

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..errors import RunStoppedError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(RunStoppedError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 

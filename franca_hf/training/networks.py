@@ -12,6 +12,7 @@ from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from .config import ObjectiveSettings, PretrainConfig
 from .heads import MatryoshkaHead
 from .losses import dino_loss, ibot_loss, koleo_loss
+from .masking import MaskedCrops
 from .sinkhorn import sinkhorn_knopp
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,8 @@ class FrancaNetworks(nn.Module):
 
 class Teacher(FrancaNetworks):
     @torch.no_grad()
-    def forward(self, batch: dict, temperature: float, iterations: int):
-        """Sinkhorn targets per level for a collated batch (`collate_masked_crops`): DINO (2B, K_l) in the teacher's
+    def forward(self, batch: MaskedCrops, temperature: float, iterations: int):
+        """Sinkhorn targets per level for a collated batch: DINO (2B, K_l) in the teacher's
         crop order, iBOT (M, K_l) of the masked tokens."""
         out = self.backbone(batch["global_crops"])
         masked_patches = out.patch_tokens.flatten(0, 1)[batch["mask_indices"]]
@@ -46,7 +47,7 @@ class Student(FrancaNetworks):
         self.dino_weight, self.ibot_weight = objective.dino_weight, objective.ibot_weight
         self.koleo_weight, self.temperature = objective.koleo_weight, objective.student_temperature
 
-    def forward(self, batch: dict, dino_targets, ibot_targets):
+    def forward(self, batch: MaskedCrops, dino_targets, ibot_targets):
         """The whole student loss for a collated batch and the teacher's targets. Returns a dict of scalars: `loss`
         and its parts (per level for DINO and iBOT)."""
         local_crops = batch["local_crops"]
@@ -126,8 +127,8 @@ def load_initial_backbone(
     if backbone.matryoshka_basis is not None:
         logger.warning(
             "model.init_from %s holds a Matryoshka PCA basis fitted to its backbone as it is now; training changes "
-            "the backbone, so it is dropped. Refit it on the exported teacher (eval.fit_pca_on_export, or franca-hf "
-            "fit-pca --model <output_dir>/teacher --data <images> --out <folder>).",
+            "the backbone, so it is dropped. Refit it on the exported teacher: eval.fit_pca_on_export=true, or "
+            "`franca-hf fit-pca` of <output_dir>/teacher on your images.",
             folder,
         )
         backbone.matryoshka_basis = None

@@ -2,6 +2,8 @@
 (where the device photometric path finishes the crops), and the resumable stream of batches of one process."""
 
 import random
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -17,8 +19,8 @@ from .augment import (
     PAPER_BLUR_PROBABILITIES,
     MultiCropAugmentation,
 )
-from .config import PretrainConfig
-from .masking import CyclicMaskGenerator, collate_masked_crops, stack_crop_major
+from .config import CropSettings, ObjectiveSettings, PretrainConfig
+from .masking import CyclicMaskGenerator, MaskedCrops, collate_masked_crops, stack_crop_major
 from .photometric import PHOTOMETRIC_FIELDS, finish_on_device
 
 
@@ -39,41 +41,73 @@ def make_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
     )
 
 
+class PhotometricRows(NamedTuple):
+    """The crops' photometric parameter rows (columns `PHOTOMETRIC_FIELDS`, drawn by the workers), crop-major like the
+    crops: what `finish_on_device` needs to finish uint8 crops (`data.augment_on_device`)."""
+
+    global_rows: torch.Tensor  # (2B, len(PHOTOMETRIC_FIELDS))
+    local_rows: torch.Tensor  # (LB, len(PHOTOMETRIC_FIELDS)); no rows without local crops
+
+
+class CollatedBatch(NamedTuple):
+    """One collated batch as a DataLoader worker delivers it (`BatchCollator`). A NamedTuple: DataLoader's
+    `pin_memory` and Accelerate's `send_to_device` rebuild it with its type (a dataclass would need its own
+    `pin_memory`)."""
+
+    crops: MaskedCrops  # normalised float crops; uint8 ones while `photometric` is set
+    photometric: PhotometricRows | None  # data.augment_on_device, until `batch_to_device` finishes the crops
+    skipped_images: int  # unreadable images skipped to fill the batch
+    worker: int  # the DataLoader worker that collated it (what a streamed run's resume position counts)
+
+
 class BatchCollator:
     """Stacks the crops crop-major, draws the CyclicMask iBOT masks with an RNG seeded by the batch's samples (so a
     resumed or re-sharded run masks the same way), and counts the images skipped to build the batch. With
-    `data.augment_on_device` it also stacks the crops' photometric parameter rows ("global_photometric",
-    "local_photometric"), crop-major like the crops."""
+    `data.augment_on_device` it also stacks the crops' photometric parameter rows.
 
-    def __init__(self, config: PretrainConfig):
-        self.generator = CyclicMaskGenerator(config.crops.global_size // config.patch_size)
-        self.probability, self.ratio = config.objective.mask_probability, tuple(config.objective.mask_ratio)
+    Args:
+        crops: the crop settings (the global crops' size sets the mask grid).
+        objective: the mask probability and ratio range.
+        patch_size: the backbone's patch size.
+    """
 
-    def __call__(self, samples):
+    def __init__(self, crops: CropSettings, objective: ObjectiveSettings, patch_size: int):
+        self.generator = CyclicMaskGenerator(crops.global_size // patch_size)
+        self.probability, self.ratio = objective.mask_probability, tuple(objective.mask_ratio)
+
+    def __call__(self, samples) -> CollatedBatch:
         rng = random.Random(sample_seed(*(seed for _, _, seed in samples)))
-        batch = collate_masked_crops(samples, self.generator, rng, self.probability, self.ratio)
         crops = [sample for sample, _, _ in samples]
+        photometric = None
         if "global_photometric" in crops[0]:  # data.augment_on_device: uint8 crops and their parameter rows
-            for key in ("global_photometric", "local_photometric"):
-                rows = stack_crop_major(crops, key)
-                batch[key] = rows if rows is not None else torch.empty(0, len(PHOTOMETRIC_FIELDS))
-        batch["skipped_images"] = sum(skipped for _, skipped, _ in samples)
-        batch["worker"] = worker_index()  # (collated in the worker) what a streamed run's resume position counts
-        return batch
-
-
-def batch_to_device(batch: dict, config: PretrainConfig, device: torch.device) -> dict:
-    """The collated batch on `device` (asynchronous copies from pinned memory). With `data.augment_on_device` the
-    uint8 crops are finished there: colour jitter, grayscale, blur, solarisation and normalisation, batched, with the
-    parameter rows drawn by the workers (which stay on CPU)."""
-    rows = {key: batch.pop(key) for key in ("global_photometric", "local_photometric") if key in batch}
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    for key, parameters in rows.items():
-        crops = key.replace("photometric", "crops")
-        batch[crops] = finish_on_device(
-            batch[crops], parameters, config.crops.blur_kernel_size, IMAGENET_MEAN, IMAGENET_STD
+            local_rows = stack_crop_major(crops, "local_photometric")
+            photometric = PhotometricRows(
+                global_rows=stack_crop_major(crops, "global_photometric"),
+                local_rows=torch.empty(0, len(PHOTOMETRIC_FIELDS)) if local_rows is None else local_rows,
+            )
+        return CollatedBatch(
+            crops=collate_masked_crops(samples, self.generator, rng, self.probability, self.ratio),
+            photometric=photometric,
+            skipped_images=sum(skipped for _, skipped, _ in samples),
+            worker=worker_index(),  # (collated in the worker)
         )
-    return batch
+
+
+def batch_to_device(batch: CollatedBatch, blur_kernel_size: int, device: torch.device) -> CollatedBatch:
+    """The batch with its crops on `device` (asynchronous copies from pinned memory). With photometric rows
+    (`data.augment_on_device`) the uint8 crops are finished there: colour jitter, grayscale, blur
+    (`crops.blur_kernel_size`), solarisation and normalisation, batched, with the rows the workers drew (which stay on
+    CPU); the returned batch has no rows left."""
+    crops: MaskedCrops = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.crops.items()}
+    rows = batch.photometric
+    if rows is not None:
+        crops["global_crops"] = finish_on_device(
+            crops["global_crops"], rows.global_rows, blur_kernel_size, IMAGENET_MEAN, IMAGENET_STD
+        )
+        crops["local_crops"] = finish_on_device(
+            crops["local_crops"], rows.local_rows, blur_kernel_size, IMAGENET_MEAN, IMAGENET_STD
+        )
+    return batch._replace(crops=crops, photometric=None)
 
 
 class StreamPosition:
@@ -103,15 +137,15 @@ class StreamPosition:
                 f"data.num_workers={saved} (each worker's position in its part of the stream is saved)."
             )
 
-    def passes(self, loader: DataLoader):
+    def passes(self, loader: DataLoader) -> Iterator[CollatedBatch]:
         """Endless batches of `loader` (over a `StreamedAugmentedImages`), pass after pass, from this position;
-        each batch's "worker" entry says which worker's count it advances."""
+        each batch's `worker` says which worker's count it advances."""
         while True:
             loader.dataset.start(self.epoch, self.worker_batches)
             produced = False
             for batch in loader:
                 produced = True
-                self.worker_batches[batch["worker"]] += 1
+                self.worker_batches[batch.worker] += 1
                 yield batch
             if not produced and not any(loader.dataset.worker_batches):  # (a resumed pass may have had nothing left)
                 raise RuntimeError(
@@ -151,7 +185,7 @@ class TrainingBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> CollatedBatch:
         if self._batches is None:
             self._batches = self._streamed() if self.config.data.streaming else self._epochs()
         batch = next(self._batches)
@@ -161,7 +195,7 @@ class TrainingBatches:
     def _loader_args(self) -> dict:
         data = self.config.data
         return dict(
-            collate_fn=BatchCollator(self.config),
+            collate_fn=BatchCollator(self.config.crops, self.config.objective, self.config.patch_size),
             num_workers=data.num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
             prefetch_factor=data.prefetch_factor if data.num_workers else None,

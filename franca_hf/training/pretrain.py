@@ -1,5 +1,5 @@
-"""Franca pretraining with Accelerate, the code behind `franca-hf pretrain` (what it does and its arguments:
-`franca_hf.training.pretrain_arguments`).
+"""Franca pretraining with Accelerate. `franca-hf pretrain --config RECIPE KEY=VALUE...` runs
+`train(load_config(RECIPE, [KEY=VALUE, ...]), config_name=Path(RECIPE).stem)` (docs/pretraining.md).
 
 `train()` reads top to bottom: set up (networks `networks.py`, data `pipeline.py`, optimizer and schedules), resume
 from the latest checkpoint, then per micro-batch one `TrainingStep` (teacher targets, student loss, backward; at an
@@ -8,7 +8,6 @@ optimizer step, per-module clipping, the update and the teacher's EMA), and at t
 the device (`metrics.LossWindow`) and are reduced over processes, and checked for NaN/inf, only at those steps.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -21,13 +20,15 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from tqdm.auto import tqdm
 
-from ..errors import USER_ERRORS, UsageError, report
+from ..errors import UsageError
+from ..evaluation.nearest_neighbours import format_knn_rows
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
-from .config import PretrainConfig, load_config
+from .config import OptimSettings, PretrainConfig
 from .export import export_teacher
-from .knn import KnnEvaluator, format_knn_rows
-from .metrics import LossWindow, MetricsLog, NonFiniteLossError
+from .knn import KnnEvaluator
+from .masking import MaskedCrops
+from .metrics import LossWindow, MetricsLog
 from .networks import (
     Student,
     Teacher,
@@ -58,29 +59,40 @@ class TrainState:
 
 
 class TrainingStep:
-    """One micro-batch of the Franca objective: this step's schedule, the teacher's Sinkhorn targets, the student's
-    loss and its backward; at an optimizer step (`accelerator.sync_gradients`) per-module gradient clipping, the
-    optimizer update and the teacher's EMA. Returns the loss parts (on the device) and the schedule values."""
+    """One micro-batch of the Franca objective: this step's schedule, the teacher's Sinkhorn targets (with
+    `sinkhorn_iterations`), the student's loss and its backward; at an optimizer step (`accelerator.sync_gradients`)
+    per-module gradient clipping (to `clip_grad`), the optimizer update and the teacher's EMA. Returns the loss parts
+    (on the device) and the schedule values."""
 
-    def __init__(self, accelerator: Accelerator, student, teacher, optimizer, schedules, config: PretrainConfig):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        student: Student,
+        teacher: Teacher,
+        optimizer: torch.optim.Optimizer,
+        schedules: FrancaSchedules,
+        sinkhorn_iterations: int,
+        clip_grad: float,
+    ):
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
-        self.optimizer, self.schedules, self.config = optimizer, schedules, config
+        self.optimizer, self.schedules = optimizer, schedules
+        self.sinkhorn_iterations, self.clip_grad = sinkhorn_iterations, clip_grad
         self.unwrapped = accelerator.unwrap_model(student)
         self.modules = {name: getattr(self.unwrapped, name) for name in ("backbone", "dino_head", "ibot_head")}
 
-    def __call__(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], ScheduleValues]:
+    def __call__(self, batch: MaskedCrops, step: int) -> tuple[dict[str, torch.Tensor], ScheduleValues]:
         accelerator, values = self.accelerator, self.schedules(step)
         apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
         with accelerator.accumulate(self.student):
             # both forwards under the step's autocast: Accelerate autocasts a prepared model's forward under DDP,
             # not under FSDP2 (where it relies on a MixedPrecisionPolicy, which `prepare_networks` clears)
             with accelerator.autocast():
-                targets = self.teacher(batch, values.teacher_temperature, self.config.objective.sinkhorn_iterations)
+                targets = self.teacher(batch, values.teacher_temperature, self.sinkhorn_iterations)
                 parts = self.student(batch, *targets)
             accelerator.backward(parts["loss"])
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
-                clip_grad_norm_per_module(self.modules, self.config.optim.clip_grad)
+                clip_grad_norm_per_module(self.modules, self.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
@@ -167,37 +179,75 @@ def shard_teacher(accelerator: Accelerator, teacher: Teacher) -> Teacher:
     return teacher
 
 
-def make_schedules(config: PretrainConfig, processes: int) -> FrancaSchedules:
-    """The recipe's schedules, the learning rate scaled by the global batch (sqrt rule)."""
-    optim = config.optim
+def make_schedules(optim: OptimSettings, processes: int) -> FrancaSchedules:
+    """The recipe's schedules, the learning rate scaled by the global batch of `processes` (sqrt rule)."""
     global_batch = optim.batch_size_per_device * processes * optim.gradient_accumulation_steps
-    return FrancaSchedules(
-        scaled_learning_rate(optim.base_lr, global_batch),
-        optim.total_steps,
-        optim.warmup_steps,
-        optim.min_lr,
-        optim.weight_decay,
-        optim.weight_decay_end,
-        optim.teacher_momentum,
-        optim.teacher_momentum_end,
-        optim.teacher_temperature_start,
-        optim.teacher_temperature,
-        optim.teacher_temperature_warmup_steps,
-        optim.freeze_last_layer_steps,
-    )
+    return FrancaSchedules.from_settings(optim, scaled_learning_rate(optim.base_lr, global_batch))
 
 
-def train(config: PretrainConfig, config_name: str = "custom") -> dict:
-    """Run (or resume) pretraining; returns the summary written to `<output_dir>/summary.json`."""
-    output_dir, optim = Path(config.run.output_dir), config.optim
+def start_run(config: PretrainConfig) -> Accelerator:
+    """The run's Accelerator, every process seeded alike (the same initial weights), `config.json` written to the
+    output folder and the trackers started."""
     accelerator = make_accelerator(config)
-    set_seed(config.run.seed)  # the same initial weights in every process
+    set_seed(config.run.seed)
     if accelerator.is_main_process:
+        output_dir = Path(config.run.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     accelerator.init_trackers(
         "franca", config={f"{s}.{k}": str(v) for s, d in config.to_dict().items() for k, v in d.items()}
     )
+    return accelerator
+
+
+@dataclass
+class TeacherEvaluations:
+    """The teacher's evaluations during a run, logged at the run's current step: k-NN with prefixes and in a fitted
+    Matryoshka basis (`KnnEvaluator`; None when the recipe has no k-NN data), and `eval.linear` / `eval.seg` of each
+    exported teacher."""
+
+    accelerator: Accelerator
+    config: PretrainConfig
+    teacher: Teacher
+    evaluator: KnnEvaluator | None
+    log: MetricsLog
+    state: TrainState
+
+    def knn(self, title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict] | None:
+        """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
+        title) where a result exists, i.e. on the main process."""
+        accuracy = self.evaluator(self.accelerator, self.teacher, basis)
+        if accuracy is not None:
+            names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
+            self.log(
+                self.state.step,
+                {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()},
+            )
+            if title and self.accelerator.is_main_process:  # (`accelerator.print` prints once per node)
+                labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
+                print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
+        return accuracy
+
+    def export(self, folder: Path) -> dict[str, float]:
+        """`eval.linear` / `eval.seg` of an exported teacher folder, by the main process alone; logged."""
+        metrics = {}
+        if (self.config.eval.linear or self.config.eval.seg) and self.accelerator.is_main_process:
+            metrics = evaluate_export(folder, self.config, self.accelerator.device)
+            self.log(self.state.step, metrics)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def fitted_basis(self) -> MatryoshkaFit | None:
+        """A Matryoshka PCA basis of the teacher fitted on the k-NN train split, with `eval.fit_pca_on_export`."""
+        if not self.config.eval.fit_pca_on_export:
+            return None
+        return self.evaluator.fit_basis(self.accelerator, self.teacher)
+
+
+def train(config: PretrainConfig, config_name: str = "custom") -> dict:
+    """Run (or resume) pretraining; returns the summary written to `<output_dir>/summary.json`."""
+    output_dir, optim = Path(config.run.output_dir), config.optim
+    accelerator = start_run(config)
 
     student, teacher = build_networks(config)
     set_seed(config.run.seed, device_specific=True)  # drop path differs between processes, as with any DDP run
@@ -220,48 +270,31 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
     log = MetricsLog(accelerator, output_dir)
 
-    def evaluate_knn(title: str | None = None, basis: MatryoshkaFit | None = None) -> dict[str, dict] | None:
-        """Teacher k-NN with prefixes ("prefix") and, given a fitted basis, in it ("pca"); logged (and printed with a
-        title) where a result exists, i.e. on the main process."""
-        accuracy = evaluator(accelerator, teacher, basis)
-        if accuracy is not None:
-            names = {"prefix": "knn_top1_dim_{}", "pca": "knn_pca_top1_dim_{}"}
-            log(state.step, {names[kind].format(d): v for kind, values in accuracy.items() for d, v in values.items()})
-            if title and accelerator.is_main_process:  # (`accelerator.print` prints once per node)
-                labels = {"prefix": "top-1 (%), prefix", "pca": "top-1 (%), PCA basis"}
-                print(format_knn_rows({labels[k]: v for k, v in accuracy.items()}, title))
-        return accuracy
-
-    def evaluate_teacher(folder: Path) -> dict[str, float]:
-        """`eval.linear` / `eval.seg` of an exported teacher, by the main process alone; logged."""
-        metrics = {}
-        if (config.eval.linear or config.eval.seg) and accelerator.is_main_process:
-            metrics = evaluate_export(folder, config, accelerator.device)
-            log(state.step, metrics)
-        accelerator.wait_for_everyone()
-        return metrics
-
-    def fitted_basis() -> MatryoshkaFit | None:
-        return evaluator.fit_basis(accelerator, teacher) if config.eval.fit_pca_on_export else None
-
+    evaluations = TeacherEvaluations(accelerator, config, teacher, evaluator, log, state)
     if evaluator is not None and state.step == 0:
-        state.knn_at_init = (evaluate_knn("teacher k-NN at init") or {}).get("prefix")
+        state.knn_at_init = (evaluations.knn("teacher k-NN at init") or {}).get("prefix")
 
     training_step = TrainingStep(
-        accelerator, student, teacher, optimizer, make_schedules(config, accelerator.num_processes), config
+        accelerator,
+        student,
+        teacher,
+        optimizer,
+        make_schedules(optim, accelerator.num_processes),
+        config.objective.sinkhorn_iterations,
+        optim.clip_grad,
     )
     window = LossWindow(accelerator, checkpoints)
     progress = tqdm(
         total=optim.total_steps, initial=state.step, desc="pretrain", disable=not accelerator.is_main_process
     )
     while state.step < optim.total_steps:
-        batch = batch_to_device(next(batches), config, accelerator.device)
-        parts, values = training_step(batch, state.step)
+        batch = batch_to_device(next(batches), config.crops.blur_kernel_size, accelerator.device)
+        parts, values = training_step(batch.crops, state.step)
         window.add(  # numbered as the optimizer step it belongs to, as logs and checkpoints count it (1-based)
             state.step + 1,
             parts,
-            batch["skipped_images"],
-            batch["global_crops"].shape[0] // 2 * accelerator.num_processes,
+            batch.skipped_images,
+            batch.crops["global_crops"].shape[0] // 2 * accelerator.num_processes,
         )
         if not accelerator.sync_gradients:
             continue
@@ -278,14 +311,15 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
             log(state.step, {**averages, **schedule, "skipped_images": state.skipped_images})
             progress.set_postfix(loss=f"{averages['loss']:.3f}", lr=f"{values.lr:.2e}")
         if due.knn:
-            evaluate_knn()
+            evaluations.knn()
         if due.checkpoint:
             save_checkpoint(accelerator, state, batches, checkpoints, config.run.keep_checkpoints)
         if due.export:
-            evaluate_teacher(export_teacher(accelerator, teacher, config, state, config_name, fitted_basis()))
+            basis = evaluations.fitted_basis()
+            evaluations.export(export_teacher(accelerator, teacher, config, state, config_name, basis))
     progress.close()
 
-    basis = fitted_basis()
+    basis = evaluations.fitted_basis()
     folder = export_teacher(accelerator, teacher, config, state, config_name, basis)
     summary = {
         "knn_at_init": state.knn_at_init,
@@ -293,9 +327,9 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         "skipped_images": state.skipped_images,
         "teacher_folder": str(folder),
     }
-    summary.update(evaluate_teacher(folder))
+    summary.update(evaluations.export(folder))
     if evaluator is not None:
-        final = evaluate_knn(f"teacher k-NN after {state.step} steps", basis) or {}  # {} off the main process
+        final = evaluations.knn(f"teacher k-NN after {state.step} steps", basis) or {}  # {} off the main process
         summary["knn_final"] = final.get("prefix")
         if "pca" in final:
             summary["knn_final_pca"] = final["pca"]
@@ -305,22 +339,6 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train with the parsed arguments; errors are printed once across processes, as one line."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("franca_hf").setLevel(logging.INFO)
-    try:
-        config = load_config(args.config, args.overrides)
-        train(config, Path(args.config).stem)
-    except USER_ERRORS as error:
-        report("pretrain", error)
-        return 2
-    except NonFiniteLossError as error:
-        report("pretrain", error, kind="stopped")
-        return 3
-    return 0
-
-
 __all__ = [
     "Due",
     "TrainState",
@@ -328,7 +346,6 @@ __all__ = [
     "make_accelerator",
     "make_schedules",
     "prepare_networks",
-    "run",
     "shard_teacher",
     "train",
 ]

@@ -3,9 +3,10 @@
 from pathlib import Path
 
 from ..data.sources import open_segmentation_source
-from ..evaluation.linear import LinearSettings, evaluate_linear
-from ..evaluation.segmentation import SegmentationSettings, evaluate_segmentation
-from ..features.extract import load_model_and_processor
+from ..evaluation.linear import evaluate_linear
+from ..evaluation.segmentation import evaluate_segmentation
+from ..evaluation.settings import LinearSettings, SegmentationSettings
+from ..features.extraction import load_model_and_processor
 from .config import PretrainConfig
 
 

@@ -16,6 +16,8 @@ The recipe (`FrancaSchedules`), official values in brackets:
 import math
 from dataclasses import dataclass
 
+from .config import OptimSettings
+
 OFFICIAL_EPOCH_LENGTH = 1250
 
 
@@ -71,7 +73,7 @@ class FrancaSchedules:
         lr: peak learning rate, already scaled (see `scaled_learning_rate`).
         total_steps, warmup_steps, teacher_temperature_warmup_steps, freeze_last_layer_steps: optimizer steps;
             shrink them together for short runs.
-        Other arguments: start and end values of each schedule.
+        Other arguments (keyword-only): start and end values of each schedule.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class FrancaSchedules:
         lr: float,
         total_steps: int = 625_000,
         warmup_steps: int = 100_000,
+        *,
         min_lr: float = 1e-6,
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.2,
@@ -103,6 +106,25 @@ class FrancaSchedules:
             warmup_start=teacher_temperature_start,
         )
         self.freeze_last_layer_steps = freeze_last_layer_steps
+
+    @classmethod
+    def from_settings(cls, optim: OptimSettings, lr: float) -> "FrancaSchedules":
+        """The schedules of a recipe's `optim` section, with its peak learning rate `lr` already scaled to the global
+        batch (`scaled_learning_rate`)."""
+        return cls(
+            lr,
+            optim.total_steps,
+            optim.warmup_steps,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end,
+            teacher_momentum=optim.teacher_momentum,
+            teacher_momentum_end=optim.teacher_momentum_end,
+            teacher_temperature_start=optim.teacher_temperature_start,
+            teacher_temperature=optim.teacher_temperature,
+            teacher_temperature_warmup_steps=optim.teacher_temperature_warmup_steps,
+            freeze_last_layer_steps=optim.freeze_last_layer_steps,
+        )
 
     def __call__(self, step: int) -> ScheduleValues:
         lr = self.lr(step)

@@ -177,7 +177,7 @@ def test_cli_convert_release_and_errors(server, tmp_path, capsys):
     assert main(command) == 0 and (out / "model.safetensors").is_file()
     assert main(command) == 2 and "already exists" in capsys.readouterr().err
     assert main([*command, "--preset", "vit_base", "--overwrite"]) == 2
-    assert "--preset: only for local checkpoints; a release fixes its architecture." in capsys.readouterr().err
+    assert "preset: only for local checkpoints; a release fixes its architecture. (--preset)" in capsys.readouterr().err
 
     # without --out the converted folder lives in the cache, is reused, and --overwrite converts it again
     cached = command[:-2]

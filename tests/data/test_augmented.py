@@ -10,7 +10,7 @@ from PIL import Image
 from franca_hf.data import folder_source, hf_source, load_hf_dataset, open_source, subsample
 from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler, StreamedAugmentedImages, worker_index
 from franca_hf.training.augment import MultiCropAugmentation
-from franca_hf.training.pipeline import StreamPosition
+from franca_hf.training.pipeline import CollatedBatch, StreamPosition
 
 
 def _image(value: int) -> Image.Image:
@@ -109,9 +109,9 @@ def test_streamed_passes_reshuffle_and_resume_anywhere(workers):
     stream = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
     stream = stream.to_iterable_dataset(num_shards=3)
 
-    def collate(samples):
+    def collate(samples) -> CollatedBatch:  # the trainer's batch type, with the crops' first pixels as "crops"
         pixels = tuple(pixel for pixel, _, _ in samples)
-        return {"pixels": pixels, "skipped": sum(s for _, s, _ in samples), "worker": worker_index()}
+        return CollatedBatch(pixels, None, skipped_images=sum(s for _, s, _ in samples), worker=worker_index())
 
     def run(position: StreamPosition, num_batches: int) -> list[tuple[int, tuple, int]]:
         position.restore(rank=0, world_size=1, workers=max(1, workers))
@@ -123,7 +123,7 @@ def test_streamed_passes_reshuffle_and_resume_anywhere(workers):
         seen = []
         for _ in range(num_batches):
             batch = next(batches)
-            seen.append((position.epoch, batch["pixels"], batch["skipped"]))
+            seen.append((position.epoch, batch.crops, batch.skipped_images))
         return seen
 
     full = run(StreamPosition(), 18)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from datasets import ClassLabel
 
 from franca_hf.data.demo import DEMO_CLASSES, DEMO_IMAGE_SIZE, generate_demo_images, load_demo_dataset
-from franca_hf.training.knn import knn_predict
+from franca_hf.evaluation.nearest_neighbours import knn_predict
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:

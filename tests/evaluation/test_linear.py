@@ -13,7 +13,6 @@ from PIL import Image
 import franca_hf
 from franca_hf.data.demo import DEMO_CLASSES, generate_demo_images
 from franca_hf.evaluation.linear import (
-    LinearSettings,
     ProbeData,
     batch_order,
     build_grids,
@@ -24,6 +23,7 @@ from franca_hf.evaluation.linear import (
     pick_classifier,
     probe_inputs,
 )
+from franca_hf.evaluation.settings import C_VALUES, LinearSettings
 from franca_hf.features.store import ExtractionIndex
 from franca_hf.modeling.image_processing_franca import make_image_processor
 
@@ -76,6 +76,11 @@ def test_probe_inputs_are_the_official_pooled_inputs():
     cut = [fitted.matryoshka_cut(cls, 8) for _, cls in layers[-4:]]
     cut.append(fitted.matryoshka_cut(layers[-1][0], 8, patches=True).mean(dim=1))
     torch.testing.assert_close(rows[:, input_columns(WIDTH, 4, 8, 4, True)], torch.cat(cut, dim=-1))
+
+
+def test_the_c_grid_is_the_official_one():
+    official = 10 ** torch.linspace(-6, 5, 45, dtype=torch.float64)  # eval/log_regression.py
+    torch.testing.assert_close(torch.tensor(C_VALUES, dtype=torch.float64), official, rtol=1e-15, atol=0)
 
 
 def test_grid_has_the_official_classifiers_and_learning_rates():

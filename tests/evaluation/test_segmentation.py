@@ -1,6 +1,7 @@
 """Dense evaluation: demo masks, segmentation sources and their errors, mIoU and matching, the whole evaluation on
 folders and `hf:` datasets, the figure, and `franca-hf eval`."""
 
+import dataclasses
 import itertools
 
 import datasets
@@ -13,15 +14,19 @@ from franca_hf.cli import main
 from franca_hf.conversion.export import fill_model_folder
 from franca_hf.data import IGNORE_INDEX, open_segmentation_source
 from franca_hf.data.demo import DEMO_SEGMENTATION_CLASSES, generate_demo_segmentation, load_demo_dataset
+from franca_hf.evaluation.linear import format_linear_report, run_linear_evaluation
 from franca_hf.evaluation.matching import hungarian, match_clusters
 from franca_hf.evaluation.segmentation import (
-    SegmentationSettings,
     cluster_miou,
     confusion,
     evaluate_segmentation,
+    format_segmentation_result,
     mean_iou,
+    run_segmentation_evaluation,
     show_predictions,
 )
+from franca_hf.evaluation.settings import LinearSettings, SegmentationSettings
+from franca_hf.features import ModelSpec
 from franca_hf.modeling.image_processing_franca import make_image_processor
 
 from .test_linear import tiny_model, write_class_folder
@@ -120,8 +125,8 @@ def test_bad_sources_get_clear_errors(tmp_path):
         evaluate_segmentation(model, processor, good, open_segmentation_source(str(outside)), settings)
     ignored = write_pairs(tmp_path / "ignored", 2, "train")
     Image.fromarray(np.full((32, 32), IGNORE_INDEX, np.uint8)).save(ignored / "masks" / "000.png")
-    settings.clusters = (11,)
-    evaluate_segmentation(model, processor, good, open_segmentation_source(str(ignored)), settings, dims=[8])
+    eleven = dataclasses.replace(settings, clusters=(11,))
+    evaluate_segmentation(model, processor, good, open_segmentation_source(str(ignored)), eleven, dims=[8])
 
     rgb = write_pairs(tmp_path / "rgb", 2, "train")
     Image.new("RGB", (32, 32)).save(rgb / "masks" / "000.png")
@@ -144,10 +149,18 @@ def test_cli_eval_seg_and_linear(tmp_path, capsys):
     assert main([*seg, "--num-classes", "11", "--clusters", "11", "--show", "2", "--figure", str(figure)]) == 0
     printed = capsys.readouterr().out
     assert "| dim | raw | debiased |" in printed and "K = 11 (Hungarian)" in printed and figure.is_file()
+    # the library call behind the command gives the same table
+    settings = SegmentationSettings(
+        ModelSpec(str(folder)), str(train), str(test), epochs=1, num_classes=11, clusters=(11,), show=2, figure=figure
+    )
+    assert printed == f"{format_segmentation_result(run_segmentation_evaluation(settings))}\nwrote {figure}\n"
     assert main([*seg, "--num-classes", "3"]) == 2
     assert "outside the classes 0..2" in capsys.readouterr().err
 
     labelled = write_class_folder(tmp_path / "labelled", 40, "train")
     linear = ["eval", "linear", "--model", str(folder), "--train", str(labelled), "--test", str(labelled)]
     assert main([*linear, "--epochs", "1", "--batch-size", "8"]) == 0
-    assert "linear probe (official grid; 36 train, 4 validation, 40 test images)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "linear probe (official grid; 36 train, 4 validation, 40 test images)" in printed
+    settings = LinearSettings(ModelSpec(str(folder)), str(labelled), str(labelled), epochs=1, batch_size=8)
+    assert printed == format_linear_report(run_linear_evaluation(settings)) + "\n"

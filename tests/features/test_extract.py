@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor
 from franca_hf import FrancaModel
 from franca_hf.cli import main
 from franca_hf.data import collect_image_paths, files_source
-from franca_hf.features import ExtractionIndex, extract_features, iter_shards
+from franca_hf.features import ExtractionIndex, ExtractSettings, ModelSpec, extract, extract_features, iter_shards
 from franca_hf.retrieval import index_from_features
 
 from ..conftest import EXAMPLE_IMAGES
@@ -52,6 +52,25 @@ def test_extract_cli_writes_shards_that_datasets_opens(tiny_folder, photos, tmp_
     assert sorted(image_id.split("/")[-1] for image_id, _ in index["failed"]) == ["broken.jpg", "huge.png"]
     assert index["settings"]["kind"] == "cls" and index["settings"]["dim"] == 32
     assert "load_dataset" in (out / "README.md").read_text()
+
+
+def test_the_extract_call_writes_what_the_command_writes(tiny_folder, photos, tmp_path, capsys):
+    flags = ["--dim", "32", "--batch-size", "2", "--shard-size", "2"]
+    assert main(extract_command(photos, tiny_folder, tmp_path / "cli", *flags)) == 0
+    printed = capsys.readouterr().out
+    options = {"dim": 32, "batch_size": 2, "num_workers": 0, "shard_size": 2}
+    result = extract(ExtractSettings([photos], tmp_path / "call", ModelSpec(str(tiny_folder)), **options))
+
+    assert result.is_main_process and result.embedded == 4 and result.already_done == 0
+    shards = len(result.index.shards)
+    assert printed.startswith(f"wrote cls features (32 channels, float32) of 4 images in {shards} shards to")
+    (cli_ids, cli_rows), (call_ids, call_rows) = (
+        zip(*iter_shards(folder), strict=True) for folder in (tmp_path / "cli", tmp_path / "call")
+    )
+    assert call_ids == cli_ids and len(call_ids) == shards > 1
+    torch.testing.assert_close(torch.cat(call_rows), torch.cat(cli_rows), atol=0, rtol=0)
+    documents = [json.loads((tmp_path / name / "extraction.json").read_text()) for name in ("cli", "call")]
+    assert documents[0] == documents[1] and documents[0]["settings"]["dim"] == 32
 
 
 def test_dense_float16_maps_and_hf_sources_with_row_ids_and_labels(tiny_folder, tmp_path, capsys):
@@ -204,12 +223,16 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert "is neither an image file nor a folder" in error(*extract_command(tmp_path / "nope", tiny_folder, "x"))
     (tmp_path / "empty").mkdir()
     assert "No image files found" in error(*extract_command(tmp_path / "empty", tiny_folder, tmp_path / "x"))
-    assert "--debiased applies to dense" in error(*extract_command(photos, tiny_folder, tmp_path / "x", "--debiased"))
+    assert "debiased applies to dense patch features; set dense as well. (--debiased)" in error(
+        *extract_command(photos, tiny_folder, tmp_path / "x", "--debiased")
+    )
     assert "dim=48 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "x", "--dim", "48")
     )
-    assert "--out names a folder" in error(*extract_command(photos, tiny_folder, tmp_path / "f.safetensors"))
-    assert "--shard-size must be at least 1; got 0" in error(
+    assert "names a file; extract writes a folder (Parquet shards and an index) there. (--out)" in error(
+        *extract_command(photos, tiny_folder, tmp_path / "f.safetensors")
+    )
+    assert "shard_size must be at least 1; got 0. (--shard-size)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "x", "--shard-size", "0")
     )
     (tmp_path / "taken").mkdir()
@@ -219,7 +242,9 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert main(extract_command(photos, tiny_folder, out)) == 0
     capsys.readouterr()
     message = error(*extract_command(photos, tiny_folder, out, "--dim", "16"))
-    assert "holds features made with other settings" in message and "--dim (dim): 16 vs 128" in message
+    assert (
+        "holds features made with other settings" in message and "(dim: 16 vs 128 [this run vs the folder])" in message
+    )
 
 
 def test_extract_with_a_release_name_converts_on_first_use(tmp_path, tiny_release_server):

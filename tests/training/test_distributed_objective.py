@@ -30,7 +30,7 @@ def _batch() -> dict:
     generator = torch.Generator().manual_seed(0)
     samples = [{"global_crops": [torch.zeros(1)] * 2, "local_crops": []} for _ in range(IMAGES)]
     masks = collate_masked_crops(samples, CyclicMaskGenerator(GRID), random.Random(0))
-    num_masked = int(masks["num_masked"])
+    num_masked = masks["mask_indices"].numel()
 
     def logits(rows):
         return [3 * torch.randn(rows, k, generator=generator) for k in PROTOTYPES]

@@ -3,13 +3,27 @@ and non-finite losses found at the next settle rather than at every step."""
 
 import json
 import math
+import pickle
 
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.pin_memory import pin_memory
 
+from franca_hf.data import open_source
+from franca_hf.data.augmented import AugmentedImages, EpochBatchSampler
 from franca_hf.training.config import load_config
+from franca_hf.training.masking import MaskedCrops
 from franca_hf.training.metrics import LossWindow, NonFiniteLossError
+from franca_hf.training.pipeline import (
+    BatchCollator,
+    CollatedBatch,
+    PhotometricRows,
+    batch_to_device,
+    make_augmentation,
+)
 
 from .test_pretrain import _command, _losses, _run, tiny_recipe  # noqa: F401  (tiny_recipe is a fixture)
 
@@ -39,6 +53,37 @@ def test_augment_on_device_trains_exactly_as_the_cpu_path(tiny_recipe, tmp_path)
         assert loss == pytest.approx(expected[step], rel=1e-6), (step, losses, expected)
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("cpu", "device")]
     assert summaries[0]["skipped_images"] == summaries[1]["skipped_images"] >= 1  # the corrupt file, every epoch
+
+
+def test_collated_batch_keeps_its_type_on_the_way_to_the_device(monkeypatch):
+    """A collated batch stays a `CollatedBatch` through a worker's pickle, DataLoader's `pin_memory`, Accelerate's
+    `send_to_device` and `batch_to_device`, which finishes the uint8 crops of each kind with that kind's photometric
+    rows: the result is the CPU path's batch, bit for bit, with exactly the five `MaskedCrops` keys."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args: tensor.clone())  # (no CUDA here)
+    settings = ["crops.local_number=2", "data.demo_num_images=4"]
+    batches = {}
+    for on_device in (False, True):
+        config = load_config("demo", [*settings, f"data.augment_on_device={str(on_device).lower()}"])
+        images = AugmentedImages(open_source("demo", demo_num_images=4), make_augmentation(config), seed=0)
+        collate = BatchCollator(config.crops, config.objective, config.patch_size)
+        batches[on_device] = next(iter(DataLoader(images, batch_sampler=EpochBatchSampler(4, 4), collate_fn=collate)))
+    cpu, uint8 = batches[False], batches[True]
+    assert list(uint8.crops) == list(MaskedCrops.__annotations__) == list(cpu.crops)
+    assert len(MaskedCrops.__annotations__) == 5 and cpu.photometric is None
+    assert isinstance(uint8.photometric, PhotometricRows) and uint8.crops["global_crops"].dtype == torch.uint8
+    assert uint8.photometric.global_rows.shape[0] == 8 and uint8.photometric.local_rows.shape[0] == 8
+
+    for moved in (pickle.loads(pickle.dumps(uint8)), pin_memory(uint8), send_to_device(uint8, torch.device("cpu"))):
+        assert type(moved) is CollatedBatch and type(moved.photometric) is PhotometricRows
+        assert (moved.skipped_images, moved.worker) == (uint8.skipped_images, uint8.worker) == (0, 0)
+        torch.testing.assert_close(moved.photometric.local_rows, uint8.photometric.local_rows, equal_nan=True)
+
+    finished = batch_to_device(send_to_device(uint8, torch.device("cpu")), 3, torch.device("cpu"))
+    assert type(finished) is CollatedBatch and finished.photometric is None
+    assert list(finished.crops) == list(cpu.crops)
+    for key, tensor in cpu.crops.items():
+        assert torch.equal(finished.crops[key], tensor), key
+    assert batch_to_device(cpu, 3, torch.device("cpu")) == cpu  # nothing to finish: the same tensors
 
 
 def test_non_finite_loss_found_at_the_next_settle_names_its_step(tiny_recipe, tmp_path):  # noqa: F811

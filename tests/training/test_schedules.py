@@ -5,7 +5,7 @@ import math
 import pytest
 
 from franca_hf.training import FrancaSchedules, WarmupCosineSchedule, scaled_learning_rate
-from franca_hf.training.config import load_config
+from franca_hf.training.config import OptimSettings, load_config
 
 
 def test_sqrt_batch_scaling():
@@ -79,3 +79,33 @@ def test_high_resolution_recipes_follow_the_official_fine_tune_schedules():
         assert schedules(frozen - 1).last_layer_lr == 0 < schedules(frozen).last_layer_lr, name
         assert schedules(0).teacher_temperature == 0.04, name
         assert schedules(optim.teacher_temperature_warmup_steps).teacher_temperature == 0.07, name
+
+
+def test_schedules_from_the_optim_settings():
+    """`from_settings` hands every schedule field of an `optim` section to its schedule (each field distinct here, so
+    a crossed pair shows), and the section's defaults are the released recipe, as `FrancaSchedules`' are."""
+    optim = OptimSettings(
+        total_steps=1000,
+        warmup_steps=100,
+        min_lr=1e-5,
+        weight_decay=0.03,
+        weight_decay_end=0.3,
+        teacher_momentum=0.99,
+        teacher_momentum_end=0.999,
+        teacher_temperature_start=0.02,
+        teacher_temperature=0.06,
+        teacher_temperature_warmup_steps=200,
+        freeze_last_layer_steps=50,
+    )
+    schedules = FrancaSchedules.from_settings(optim, lr=2e-3)
+    start, after = schedules(0), schedules(1000)
+    assert schedules(99).lr == pytest.approx(2e-3) and schedules(98).lr < 2e-3 and after.lr == pytest.approx(1e-5)
+    assert (start.weight_decay, after.weight_decay) == pytest.approx((0.03, 0.3))
+    assert (start.teacher_momentum, after.teacher_momentum) == pytest.approx((0.99, 0.999))
+    temperatures = [schedules(step).teacher_temperature for step in (0, 198, 199)]
+    assert temperatures[0] == pytest.approx(0.02) and temperatures[1] < 0.06 and temperatures[2] == pytest.approx(0.06)
+    assert schedules(49).last_layer_lr == 0 < schedules(50).last_layer_lr == schedules(50).lr
+
+    released, default = FrancaSchedules.from_settings(OptimSettings(), lr=1e-3), FrancaSchedules(1e-3)
+    for step in (0, 1249, 1250, 37_499, 99_999, 300_000, 625_000):
+        assert released(step) == default(step), step

@@ -1,4 +1,5 @@
-"""Feature extraction: streamed to resumable Parquet shards (`extract_to_folder`), or in memory (`extract_features`).
+"""Feature extraction: what `franca-hf extract` runs (`extract`), streamed to resumable Parquet shards
+(`extract_to_folder`), or in memory (`extract_features`).
 
 `extract_to_folder` runs in one process or under `accelerate launch` (each process embeds every n-th pending image
 into its own shards; the first one merges the index at the end). Rerunning it with the same settings resumes: the
@@ -33,6 +34,7 @@ from ..fingerprint import check_same_model, model_fingerprint
 from ..modeling import matryoshka_dim_problem, matryoshka_dims_of
 from ..modeling.image_processing_franca import make_image_processor
 from .loop import embed_batch, run_model
+from .settings import ExtractSettings, check_dense_request
 from .store import (
     DATA_DIR,
     INDEX_FILE,
@@ -40,7 +42,7 @@ from .store import (
     SET_ASIDE_DIR,
     SHARD_READ_ERRORS,
     ExtractionIndex,
-    ExtractionSettings,
+    ExtractionRecord,
     ProgressLog,
     read_shard_ids,
     write_card,
@@ -67,43 +69,74 @@ class ExtractedFeatures:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def open_inputs(
-    inputs: Sequence[str | os.PathLike], split: str = "train", image_column: str | None = None
-) -> ImageSource:
+def _open_inputs(inputs: Sequence[str | os.PathLike], split: str, image_column: str | None) -> ImageSource:
     """The images to extract: one `hf:<dataset>` spec (a saved folder or a Hub name, with `split`), one folder
     (labelled by subfolder when every image sits in one), or any list of image files and folders."""
     inputs = [str(item) for item in inputs]
     datasets_specs = [item for item in inputs if item.startswith("hf:")]
     if datasets_specs:
         if len(inputs) > 1:
-            raise UsageError(f"Give one hf:<dataset> source alone, not together with other inputs; got {inputs}.")
+            raise UsageError(
+                f"Give one hf:<dataset> source alone, not together with other inputs; got {inputs}.", setting="images"
+            )
         return hf_source(load_hf_dataset(inputs[0], split), inputs[0], image_column)
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         return folder_source(inputs[0])
     return files_source(collect_image_paths(inputs), ", ".join(inputs))
 
 
-def check_feature_flags(dense: bool, debiased: bool) -> None:
-    """The errors (naming the CLI flags) that need no model: checked before one loads."""
-    if debiased and not dense:
-        raise UsageError("--debiased applies to dense patch features; pass --dense as well.")
-
-
-def check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
-    """Errors (naming the CLI flags) for a request the model cannot serve, before any image is read."""
-    check_feature_flags(dense, debiased)
+def _check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
+    """Errors (naming the settings) for a request the model cannot serve, before any image is read."""
+    check_dense_request(dense, debiased)
     if debiased and not getattr(model, "has_rasa", False):
         raise UsageError(
-            "--debiased needs RASA weights, and this model has none. Convert with a RASA head "
-            "(`franca-hf convert --rasa ...`) or train one (`franca-hf rasa`)."
+            "debiased needs RASA weights, and this model has none. Convert the checkpoint with its RASA head "
+            "(`franca-hf convert`, `convert_checkpoint(rasa=...)`) or train one (`franca-hf rasa`).",
+            setting="debiased",
         )
     problem = None if dim is None else matryoshka_dim_problem(dim, matryoshka_dims_of(model.config))
     if problem:
         raise UsageError(problem, setting="dim")
 
 
-def feature_kind(dense: bool, debiased: bool) -> str:
+def _feature_kind(dense: bool, debiased: bool) -> str:
     return ("dense_debiased" if debiased else "dense") if dense else "cls"
+
+
+def extract(settings: ExtractSettings) -> "ExtractionResult":
+    """What `franca-hf extract` does: embed `settings.images` with `settings.model` into the resumable Parquet
+    shards of `settings.out` (`extract_to_folder`), the images done before skipped.
+
+    The inputs are opened (a missing path or an empty folder is refused) before the model loads, and the request
+    (`dim`, `debiased`) is checked against the model before any image is read. Runs in one process or under
+    `accelerate launch` (every process returns the merged index; `ExtractionResult.is_main_process` says which one
+    reports it).
+    """
+    source = _open_inputs(settings.images, settings.split, settings.image_column)
+    model, processor = settings.model.load()
+    _check_feature_request(model, settings.dim, settings.dense, settings.debiased)
+    record = ExtractionRecord(
+        model=settings.model.name_or_path,
+        sources=[str(item) for item in settings.images],
+        split=settings.split,
+        kind=_feature_kind(settings.dense, settings.debiased),
+        dim=settings.dim or model.config.hidden_size,
+        normalized=settings.normalize and not settings.dense,
+        dtype=settings.features_dtype,
+        matryoshka_dims=matryoshka_dims_of(model.config),
+        quantized="int8" if settings.model.int8 else None,
+    )
+    return extract_to_folder(
+        model,
+        processor,
+        source,
+        settings.out,
+        record,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        shard_rows=settings.shard_size,
+        allow_other_model=settings.allow_other_model,
+    )
 
 
 def extract_features(
@@ -128,7 +161,7 @@ def extract_features(
         debiased: with `dense`, remove the RASA position directions (the model needs RASA weights).
         normalize: L2-normalise CLS embeddings after truncation (ignored for dense maps).
     """
-    check_feature_request(model, dim, dense, debiased)
+    _check_feature_request(model, dim, dense, debiased)
     source = inputs if isinstance(inputs, ImageSource) else files_source(collect_image_paths(inputs))
     skips = SkipCounter()
     outputs, ids = [], []
@@ -170,11 +203,15 @@ def default_shard_rows(row_bytes: int) -> int:
 
 @dataclass
 class ExtractionResult:
-    """What `extract_to_folder` did: the merged index, the images this process embedded, those done before."""
+    """What `extract_to_folder` did: the folder, its merged index (`index.settings`: what the rows are), the images
+    this process embedded, those done before; `is_main_process`: this process is the one that reports (always
+    true in a single process)."""
 
+    folder: Path
     index: ExtractionIndex
     embedded: int
     already_done: int
+    is_main_process: bool = True
 
 
 class ShardWriter:
@@ -185,7 +222,7 @@ class ShardWriter:
         self,
         folder: Path,
         run_name: str,
-        settings: ExtractionSettings,
+        settings: ExtractionRecord,
         source: ImageSource,
         skips: SkipCounter,
         shard_rows: int | None,
@@ -231,7 +268,7 @@ def extract_to_folder(
     image_processor,
     source: ImageSource,
     out_dir: str | os.PathLike,
-    settings: ExtractionSettings,
+    settings: ExtractionRecord,
     batch_size: int = 32,
     num_workers: int | None = None,
     shard_rows: int | None = None,
@@ -319,26 +356,30 @@ def extract_to_folder(
         _consolidate(folder, merged)
         write_card(folder, merged)
     state.wait_for_everyone()
-    return ExtractionResult(ExtractionIndex.load(folder), embedded, len(done))
+    return ExtractionResult(folder, ExtractionIndex.load(folder), embedded, len(done), state.is_main_process)
 
 
-def _existing_index(folder: Path, settings: ExtractionSettings) -> ExtractionIndex:
+def _existing_index(folder: Path, settings: ExtractionRecord) -> ExtractionIndex:
     """The committed state of `folder` (a fresh index when there is none); errors when the settings differ."""
     if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"--out {folder} is a file; extract writes a folder of Parquet shards there.")
+        raise OutputExistsError(
+            f"out={folder} is a file; extract writes a folder of Parquet shards there.", setting="out"
+        )
     if not (folder / INDEX_FILE).is_file():
         if folder.is_dir() and any(folder.iterdir()):
             raise OutputExistsError(
-                f"--out {folder} exists and is not a franca-hf extraction folder; choose a new or empty folder."
+                f"out={folder} exists and is not a franca-hf extraction folder; choose a new or empty folder.",
+                setting="out",
             )
         return ExtractionIndex(settings)
     index = ExtractionIndex.load(folder).with_progress(folder)
     differences = settings.differences(index.settings)
     if differences:
         raise UsageError(
-            f"--out {folder} holds features made with other settings, so this run cannot resume it ("
+            f"out={folder} holds features made with other settings, so this run cannot resume it ("
             + "; ".join(differences)
-            + " [this run vs the folder]). Use the same flags, or a new --out folder."
+            + " [this run vs the folder]). Use the same settings, or a new out folder.",
+            setting="out",
         )
     index.complete = False
     return index

@@ -7,8 +7,11 @@ from transformers import Dinov2Config, Dinov2Model
 
 from franca_hf.cli import main
 from franca_hf.data import open_source
+from franca_hf.evaluation.nearest_neighbours import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
+from franca_hf.evaluation.nearest_neighbours import knn as knn_call
+from franca_hf.evaluation.settings import KnnSettings
+from franca_hf.features import ModelSpec
 from franca_hf.modeling.image_processing_franca import make_image_processor
-from franca_hf.training.knn import embed_source, format_knn_table, knn_accuracy_by_dim, knn_predict
 
 
 def test_weighted_vote_follows_the_nearest_neighbours():
@@ -58,6 +61,10 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     features, labels = embed_source(model, open_source(images), make_image_processor(32))
     expected = knn_accuracy_by_dim(features, labels, features, labels, dims=[32], k=3)
     assert format_knn_table(expected, label="top-1 (%), prefix") in printed and "dim 32 |" in printed
+    # the library call behind the command gives the same numbers
+    result = knn_call(KnnSettings(ModelSpec(str(tmp_path / "dinov2"), device="cpu"), images, images, k=3))
+    assert result.accuracy == expected and result.truncation == "prefix"
+    assert printed == f"k-NN (k=3, T=0.07) of {tmp_path / 'dinov2'}: 12 train / 12 test images\n{result.table()}\n"
 
     assert knn("--dims", "8", "32") == 0
     assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out

@@ -1,0 +1,145 @@
+"""What the retrieval commands take: `IndexSettings` for `franca_hf.retrieval.index`, `SearchSettings` for
+`franca_hf.retrieval.search`, and `AnnSettings`, the first-stage knobs an index stores in its manifest.
+
+Cheap to import (no torch, numpy or faiss), so that the command line answers usage errors before loading anything;
+`franca_hf.retrieval` imports these names too.
+"""
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .errors import UsageError, require_at_least
+from .features.settings import ModelSpec
+
+ANN_KINDS = ("auto", "none", "hnsw", "ivfpq")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    """How the first stage of an index is built and searched (defaults measured in docs/retrieval.md); stored in the
+    index's manifest (field names are its JSON keys).
+
+    Attributes:
+        ann: "none" (exact scan of the unit dims[0] prefixes), "hnsw" (a graph over them), "ivfpq" (product-quantised
+            codes in inverted lists, for collections past RAM), or "auto": none below `exact_below` rows, hnsw while
+            its graph fits in a quarter of this machine's RAM, ivfpq past that.
+        hnsw_m: HNSW neighbours per node (M): more, better recall, more memory (about 8·M bytes a row).
+        ef_construction: HNSW candidate list while building.
+        ef_search: HNSW candidate list while searching; at least the shortlist size is used.
+        nlist: IVF cells; 0 picks a power of two near 4·sqrt(N).
+        nprobe: IVF cells visited per query.
+        pq_bytes: bytes per row of the PQ code (sub-quantizers of 8 bits); 0 picks dims[0] / 2.
+        exact_below: the row count from which "auto" builds an ANN first stage.
+    """
+
+    ann: str = "auto"
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    nlist: int = 0
+    nprobe: int = 64
+    pq_bytes: int = 0
+    exact_below: int = 200_000
+
+    def __post_init__(self):
+        if self.ann not in ANN_KINDS:
+            raise UsageError(
+                f"ann={self.ann!r} is not an index kind; choose one of {', '.join(ANN_KINDS)}.", setting="ann"
+            )
+        require_at_least(
+            1, hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search, nprobe=self.nprobe
+        )
+        for name in ("nlist", "pq_bytes", "exact_below"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.", setting=name)
+
+    def resolve(self, rows: int, first_dim: int) -> "AnnSettings":
+        """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
+        ann = self.ann
+        if ann == "auto":
+            graph_bytes = rows * (4 * first_dim + 8 * self.hnsw_m)
+            ann = "none" if rows < self.exact_below else "hnsw" if graph_bytes < physical_memory() / 4 else "ivfpq"
+        nlist = self.nlist or 2 ** max(4, round(math.log2(4 * math.sqrt(rows))))
+        pq_bytes = self.pq_bytes or max(1, first_dim // 2)
+        if ann == "ivfpq" and first_dim % pq_bytes:
+            raise UsageError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.", setting="pq_bytes")
+        return replace(self, ann=ann, nlist=nlist, pq_bytes=pq_bytes)
+
+    def describe(self, first_dim: int) -> str:
+        """What a resolved first stage is, in words: 'hnsw M=32 at 48 dims', say."""
+        if self.ann == "hnsw":
+            return f"hnsw M={self.hnsw_m} efSearch={self.ef_search} at {first_dim} dims"
+        if self.ann == "ivfpq":
+            return f"ivfpq nlist={self.nlist} nprobe={self.nprobe} PQ{self.pq_bytes} at {first_dim} dims"
+        return f"exact at {first_dim} dims"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What `franca_hf.retrieval.index` (`franca-hf index`) builds.
+
+    Attributes:
+        images: image files or folders (searched recursively) to embed with `model`, or one folder written by
+            `franca_hf.features.extract` whose CLS rows are indexed without embedding anything again.
+        out: the index folder written.
+        model: the model that embeds `images`; for an extract folder optional, and then checked against the model
+            that made its features.
+        ann: the first stage (None: `AnnSettings()` for a new index; an append keeps the index's own).
+        append: add the extract folder's shards that are not in the index `out` yet.
+        overwrite: replace an index already in `out`.
+        allow_other_model: index an extract folder with a `model` other than the one that made it.
+        batch_size, num_workers: images per forward pass and DataLoader workers (None: CPU cores - 1, at most 8),
+            when embedding `images`.
+    """
+
+    images: Sequence[str]
+    out: str
+    model: ModelSpec | None = None
+    ann: AnnSettings | None = None
+    append: bool = False
+    overwrite: bool = False
+    allow_other_model: bool = False
+    batch_size: int = 32
+    num_workers: int | None = None
+
+    def __post_init__(self):
+        if not self.images:
+            raise UsageError("images is empty; give image files or folders, or one extract folder.", setting="images")
+        require_at_least(1, batch_size=self.batch_size)
+        require_at_least(0, num_workers=self.num_workers)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What `franca_hf.retrieval.search` (`franca-hf search`) looks up.
+
+    Attributes:
+        queries: query image files or folders.
+        index: an index folder (`franca_hf.retrieval.index`) or an extract folder (indexed in memory).
+        model: the model that built the index (its device is also where the index is searched).
+        k: results per query; an index of fewer images gives all of them.
+        dim: the Matryoshka dim searched at, cut in the model's basis (None: the index's full width).
+        funnel: True: shortlist at the smallest dim and rerank up to `dim`; False: exact search at `dim`; None: the
+            funnel when the index has an ANN first stage, exact otherwise.
+        allow_other_model: search with a `model` other than the one that built the index.
+    """
+
+    queries: Sequence[str]
+    index: str
+    model: ModelSpec
+    k: int = 10
+    dim: int | None = None
+    funnel: bool | None = None
+    allow_other_model: bool = False
+
+    def __post_init__(self):
+        if not self.queries:
+            raise UsageError("queries is empty; give query image files or folders.", setting="queries")
+        require_at_least(1, k=self.k)
