@@ -1,7 +1,7 @@
 """Matryoshka retrieval with franca_hf.retrieval vs plain FAISS, side by side: queries/s, recall@10, build, memory.
 
 Each operating point of ours runs beside its plain-FAISS equivalent in ONE process, round-robin over `--rounds`
-rounds (these machines are noisy; medians are reported):
+rounds (these machines are noisy; medians are reported; single queries of ours and plain take turns query by query):
 
 * exact full width: `EmbeddingIndex.search` vs `faiss.IndexFlatIP(D)`;
 * exact at D/16: `EmbeddingIndex.search(dim=D/16)` vs `faiss.IndexFlatIP(D/16)`;
@@ -213,7 +213,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
         return run
 
     def ours(index: EmbeddingIndex, stages):
-        return lambda q: index.funnel_search(torch.from_numpy(q), K, stages)[1]
+        return lambda q: index.funnel_search(q, K, stages)[1]
 
     def plain_small(q: np.ndarray):
         return flat_small.search(np.ascontiguousarray(q[:, :small]) / np.linalg.norm(q[:, :small], axis=1)[:, None], K)
@@ -221,12 +221,12 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     flat_bytes, small_bytes = size * width * 4, size * small * 4
     full = ("exact full width", flat_full_build, flat_bytes)
     methods = [
-        (*full[:1], "ours: `search`", lambda q: exact.search(torch.from_numpy(q), K)[1], exact_build, 0),
+        (*full[:1], "ours: `search`", lambda q: exact.search(q, K)[1], exact_build, 0),
         (*full[:1], "FAISS `IndexFlatIP(D)`", lambda q: flat_full.search(q, K)[1], *full[1:]),
         (
             "exact at D/16",
             f"ours: `search(dim={small})`",
-            lambda q: exact.search(torch.from_numpy(q), K, small)[1],
+            lambda q: exact.search(q, K, small)[1],
             0,
             small_bytes,
         ),
@@ -294,11 +294,18 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     for row in rows:
         row["recall"] = recall(torch.as_tensor(np.asarray(row["fn"](unit_queries))), truth)
     started = time.perf_counter()
+    points = {row["point"]: [other for other in rows if other["point"] == row["point"]] for row in rows}
+    singles = unit_queries[: args.single_queries]
     for r in range(args.rounds):
         for batch in args.batches:
-            subset = unit_queries[: args.single_queries] if batch == 1 else unit_queries
+            if batch == 1:  # the methods of an operating point take turns query by query
+                for group in points.values():
+                    seconds = timed_singles([row["fn"] for row in group], singles)
+                    for row, total in zip(group, seconds, strict=True):
+                        row["times"][1].append(total / len(singles))
+                continue
             for row in rows:
-                row["times"][batch].append(timed_numpy(row["fn"], subset, batch) / len(subset))
+                row["times"][batch].append(timed_numpy(row["fn"], unit_queries, batch) / len(unit_queries))
         print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s)", flush=True)
     base = rows[0]["times"]
     columns = "".join(f" q/s batch {b} | x exact |" for b in args.batches)
@@ -317,8 +324,9 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
         lines.append(f"| {row['point']} | {row['name']} | {row['recall']:.4f} |{cells} {build_time} | {memory} |")
     footer = [
         f"Timings: median over {args.rounds} round-robin rounds; batch 1 timed on the first {args.single_queries} "
-        f'queries, larger batches on all {len(queries)}; "x exact": speed over ours, exact full width, in the same '
-        f"round. RAM beyond the vectors: what the method keeps besides the {size:,} x {width} float32 vectors "
+        "queries, the methods of an operating point taking turns query by query (so that load that comes and goes "
+        f'weighs on them alike), larger batches on all {len(queries)}; "x exact": speed over ours, exact full width, '
+        f"in the same round. RAM beyond the vectors: what the method keeps besides the {size:,} x {width} float32 vectors "
         f"({flat_bytes / 2**20:,.0f} MiB, which ours memory-maps from a saved index and which FAISS's flat index "
         f"copies); ours, exact at D/16 and the exact funnel keep a unit D/16 copy made on first use. Load average "
         f"{os.getloadavg()[0]:.1f} at the end.",
@@ -339,6 +347,20 @@ def warmed(index: EmbeddingIndex) -> EmbeddingIndex:
     """The index with its first stage built now (so that building is what is timed)."""
     index.first_stage()
     return index
+
+
+def timed_singles(fns, queries: np.ndarray) -> list[float]:
+    """Seconds each of `fns` takes over all `queries` one at a time, the functions taking turns query by query. Each
+    starts at its own share of the queries (function i of n at query i·Q/n), so that every query is met by each
+    function at the same distance in turns from the others: none runs more often on rows another just read."""
+    totals = [0.0] * len(fns)
+    for turn in range(len(queries)):
+        for position, fn in enumerate(fns):
+            query = (turn + position * len(queries) // len(fns)) % len(queries)
+            start = time.perf_counter()
+            fn(queries[query : query + 1])
+            totals[position] += time.perf_counter() - start
+    return totals
 
 
 def timed_numpy(fn, queries: np.ndarray, batch: int) -> float:

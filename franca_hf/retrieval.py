@@ -25,6 +25,7 @@ shard plus the first stage, and `append=True` adds the shards that are new since
 
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -145,7 +146,8 @@ class EmbeddingIndex:
         settings: how the first stage is built (`AnnSettings`; "auto" by size when None).
         model: `model_fingerprint` of the model that made the vectors; `search_images` checks it.
         model_name: that model as given (for messages).
-        device: "cuda" runs FAISS on the GPU when faiss-gpu is installed.
+        device: "cuda" runs FAISS on the GPU when faiss-gpu is installed and sees one (`faiss_on_gpu`), on the CPU
+            otherwise.
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class EmbeddingIndex:
         self._first = None  # the FAISS first stage, built or read on first use
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
+        self._prefix_masks: dict[tuple[int, ...], np.ndarray] = {}  # by query width and cuts: _checked_queries
 
     def __len__(self) -> int:
         return self.manifest.rows
@@ -232,29 +235,35 @@ class EmbeddingIndex:
         self.check_dim(dim)
         return torch.from_numpy(self._unit_prefix(dim))
 
-    def search(self, queries: torch.Tensor, k: int = 10, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int = 10, dim: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k by cosine similarity of the `dim`-channel prefixes (D when None).
 
         Args:
-            queries: (Q, D) full-width queries, or (Q, dim) ones already cut to the prefix.
+            queries: (Q, D) full-width queries, or (Q, dim) ones already cut to the prefix; a torch tensor or a
+                numpy array.
         Returns:
             scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`.
         """
         dim = self.width if dim is None else dim
         self.check_dim(dim)  # raises on a dim that is not allowed
         self._check_k(k)
-        scores, indices = self._exact(self._unit_queries(queries, [dim])[0], dim, k)
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+        array, norms = self._checked_queries(queries, [dim])
+        return cosines(*self._exact(array, dim, k), norms[:, :1])
 
     def funnel_search(
-        self, queries: torch.Tensor, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
+        self, queries: torch.Tensor | np.ndarray, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k by a cascade of prefixes: stage 1 keeps `size_1` candidates at `dim_1` (with the first-stage engine
         when dim_1 is dims[0], else exactly), each later stage keeps the best `size_i` of the previous shortlist at
-        `dim_i`, exactly, and the last one's top k is returned.
+        `dim_i`, exactly, and the last one's top k is returned. A first stage that finds fewer than `size_1` rows (an
+        IVF-PQ probing few cells, say) shortlists those; should fewer than k be found in all, the results end in
+        index -1 with score -inf, as FAISS pads them.
 
         Args:
-            queries: (Q, D) full-width queries, or (Q, d) ones cut to the last stage's dim d.
+            queries: (Q, D) full-width queries, or (Q, d) ones cut to the last stage's dim d; a torch tensor or a
+                numpy array.
             stages: [(dim_1, size_1), …]: dims allowed and strictly increasing, sizes non-increasing and >= k
                 (sizes above N act as N). `default_funnel(self.dims, k)` when None.
         Returns:
@@ -263,18 +272,19 @@ class EmbeddingIndex:
         self._check_k(k)
         stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
         self._check_stages(stages, k)
-        units = self._unit_queries(queries, [dim for dim, _ in stages])
+        array, norms = self._checked_queries(queries, [dim for dim, _ in stages])
+        # An inner-product ranking ignores the query's scale: every stage ranks with the raw query prefix, and only
+        # the scores of the last stage are divided by that prefix's norm (cosines).
         first_dim, first_size = stages[0]
         size = min(first_size, len(self))
         if first_dim == self.dims[0] and self.settings.ann != "none":
-            scores, indices = self._approximate(units[0], size)
+            scores, indices = self._approximate(array[:, :first_dim], size)
         else:
-            scores, indices = self._exact(units[0], first_dim, size)
-        for unit, (dim, size) in zip(units[1:], stages[1:], strict=True):
-            scores, indices = self._rerank(unit, indices, dim, size)
-        if scores.shape[1] != k:  # a last stage keeping more than k
-            scores, indices = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(indices[:, :k])
-        return torch.from_numpy(scores), torch.from_numpy(indices)
+            scores, indices = self._exact(array, first_dim, size)
+        for dim, size in stages[1:]:
+            scores, indices = self._rerank(array, indices, dim, size)
+        last = len(stages) - 1
+        return cosines(scores[:, :k], indices[:, :k], norms[:, last : last + 1])
 
     def search_images(
         self,
@@ -364,14 +374,14 @@ class EmbeddingIndex:
         return self._unit_prefixes[dim]
 
     def _exact(self, queries: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (Q, k) by inner product of the unit `dim` prefixes with the queries' `dim` prefixes, any scale."""
         import faiss
 
-        database = self._unit_prefix(dim)
-        if self.device.type == "cuda" and hasattr(faiss, "knn_gpu"):
-            scores, indices = faiss.knn_gpu(gpu_resources(), queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
-        else:
-            scores, indices = faiss.knn(queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return scores, indices
+        database, cut = self._unit_prefix(dim), np.ascontiguousarray(queries[:, :dim])
+        if faiss_on_gpu(self.device):
+            gpu = self.device.index or 0
+            return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
+        return faiss.knn(cut, database, k, metric=faiss.METRIC_INNER_PRODUCT)
 
     def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -385,22 +395,36 @@ class EmbeddingIndex:
                 params = faiss.SearchParametersIVF(nprobe=self.settings.nprobe)
             self._search_parameters[size] = params
         scores, indices = first.search(queries, size, params=params)
-        # a graph or inverted lists can return fewer than `size` hits (-1): repeat the best one so reranks stay dense
-        if indices.min() < 0:
-            missing = indices < 0
-            indices = np.where(missing, indices[:, :1], indices)
-            scores = np.where(missing, -np.inf, scores).astype(np.float32)
+        if padded(indices):  # a graph or inverted lists found fewer than `size` rows
+            scores[indices < 0] = -np.inf
         return scores, indices
 
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, dim: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of the shortlisted rows (Q, S) at prefix `dim`; keeps the best `size` of each, descending."""
+        """The best `size` of the shortlisted rows (Q, S) of each query, descending, by their cosine with the query at
+        prefix `dim` times that query prefix's norm (queries: (Q, width) C-contiguous, any scale)."""
+        if dim == self.width and self.manifest.unit:
+            import faiss
+
+            # FAISS reads the shortlisted rows in place (the memory map too) and keeps the best: no gathered copy.
+            # The last argument, the row stride of `rows`, is needed: its default is the database size, not S.
+            rows = np.ascontiguousarray(rows, dtype=np.int64)
+            (queries_count, shortlist), size = rows.shape, min(size, rows.shape[1])
+            scores, picked = np.empty((queries_count, size), np.float32), np.empty((queries_count, size), np.int64)
+            pointers = [faiss.swig_ptr(a) for a in (queries, self._array, rows, scores, picked)]
+            faiss.knn_inner_products_by_idx(  # stops at a shortlist's padding
+                *pointers[:3], dim, queries_count, len(self), shortlist, size, *pointers[3:], shortlist
+            )
+            if padded(picked):  # fewer than `size` rows shortlisted: FAISS's empty slots, here as in the first stage
+                scores[picked < 0] = -np.inf
+            return scores, picked
         # reads only the shortlisted rows; whole rows are gathered twice as fast as row segments
         candidates = self._array.take(rows, axis=0) if dim == self.width else self._array[rows.reshape(-1), :dim]
         candidates = candidates.reshape(*rows.shape, dim)
         # a batched matrix-vector product (BLAS) is ~3x faster than einsum's loops at these sizes
-        scores = np.matmul(candidates, queries[:, :, None])[:, :, 0]
-        if not (dim == self.width and self.manifest.unit):
-            scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
+        scores = np.matmul(candidates, queries[:, :dim, None])[:, :, 0]
+        scores /= np.sqrt(np.einsum("qsd,qsd->qs", candidates, candidates))
+        if padded(rows):  # the padding gathered the last row: it ranks last and stays padding
+            scores[rows < 0] = -np.inf
         pick = np.argsort(-scores, axis=1, kind="stable")[:, :size]
         query_rows = np.arange(len(rows))[:, None]
         return scores[query_rows, pick], rows[query_rows, pick]
@@ -415,42 +439,39 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self):
             raise UsageError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
-    def _unit_queries(self, queries: torch.Tensor, dims: list[int]) -> list[np.ndarray]:
-        """The queries' unit prefixes at increasing `dims`, (Q, dim) float32 C-contiguous each, after checking their
-        shape and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
-        widths = sorted({dims[-1], self.width})
-        if queries.ndim != 2 or queries.shape[1] not in widths:
+    def _checked_queries(self, queries: torch.Tensor | np.ndarray, dims: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The queries as a (Q, width) float32 C-contiguous array and the (Q, n) norms of their prefixes at increasing
+        `dims` (then of the full query, for an index of unit-norm embeddings), after checking their shape, that no
+        prefix is zero or non-finite and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
+        if queries.ndim != 2 or queries.shape[1] not in (self.width, dims[-1]):
+            widths = sorted({dims[-1], self.width})
             raise ValueError(
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
-        array = queries.numpy(force=True).astype(np.float32, copy=False)
+        array = queries if isinstance(queries, np.ndarray) else queries.numpy(force=True)
+        array = np.ascontiguousarray(array, dtype=np.float32)
         check_unit = self.manifest.unit and array.shape[1] == self.width
-        # one pass gives the norms of every stage's prefix and of the full query
-        norms = prefix_norms(array, dims if not check_unit or dims[-1] == self.width else [*dims, self.width])
-        full = norms[:, -1]
-        # two reductions settle the common case (every norm in range); the elementwise tests only find the culprit
-        if check_unit and len(array) and not (full.min() >= 1 - UNIT_TOLERANCE and full.max() <= 1 + UNIT_TOLERANCE):
-            far = np.abs(full - 1) > UNIT_TOLERANCE
-            if far.any():
-                row = int(np.flatnonzero(far)[0])
-                raise ValueError(
-                    f"Query {row} has norm {norms[row, -1]:.4g}, but this index holds unit-norm Matryoshka "
-                    "embeddings: the query is not one of them (the raw CLS of `model(...).pooler_output` or "
-                    "pipeline('image-feature-extraction') is, say). Embed queries with "
-                    "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, "
-                    "model, processor)."
-                )
-        norms = norms[:, : len(dims)]
-        # prefix norms never exceed the full norm, so unit-checked queries only need their smallest norm tested
-        if len(array) and not (norms.min() > 0 and (check_unit or np.isfinite(norms.max()))):
-            bad = ~np.isfinite(norms) | (norms == 0)
-            stage = int(np.flatnonzero(bad.any(axis=0))[0])
-            row = int(np.flatnonzero(bad[:, stage])[0])
-            raise ValueError(
-                f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined."
-            )
-        return [array[:, :dim] / norms[:, i, None] for i, dim in enumerate(dims)]  # new C-contiguous arrays
+        cuts = dims if not check_unit or dims[-1] == self.width else [*dims, self.width]
+        key = (array.shape[1], *cuts)
+        mask = self._prefix_masks.get(key)
+        if mask is None:  # (query width, n): column i sums the first cuts[i] channels
+            mask = (np.arange(array.shape[1])[:, None] < np.array(cuts)).astype(np.float32)
+            self._prefix_masks[key] = mask
+        with np.errstate(invalid="ignore"):  # a non-finite channel makes inf x 0: judged below, not warned of
+            norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
+        if len(array):
+            # Prefix norms grow with the prefix, so the least of the first column and the last column settle every
+            # stage: a non-finite channel of any stage makes its row's last norm inf or NaN, and so their sum. In
+            # Python floats: numpy calls cost more than these tests for a few queries.
+            first, last = norms[:, 0].tolist(), norms[:, -1].tolist()
+            fine = math.isfinite(sum(last)) and min(first) > 0
+            if check_unit:
+                fine = fine and 1 - UNIT_TOLERANCE <= min(last) and max(last) <= 1 + UNIT_TOLERANCE
+            if not fine:  # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
+                norms = prefix_norms(array, cuts)
+                refuse_bad_queries(norms, dims, check_unit)
+        return array, norms
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
@@ -468,6 +489,39 @@ def prefix_norms(queries: np.ndarray, dims: Sequence[int]) -> np.ndarray:
     """(Q, len(dims)) L2 norms of the queries' prefixes at strictly increasing `dims`, from one pass over them."""
     segments = np.add.reduceat(np.square(queries[:, : dims[-1]]), [0, *dims[:-1]], axis=1)
     return np.sqrt(np.cumsum(segments, axis=1))
+
+
+def padded(rows: np.ndarray) -> bool:
+    """Whether result rows (Q, S) hold padding (-1): FAISS pads a result list shorter than S at its end (score
+    -inf here), and the reranks keep it there."""
+    return min(rows[:, -1].tolist(), default=0) < 0
+
+
+def refuse_bad_queries(norms: np.ndarray, dims: Sequence[int], check_unit: bool) -> None:
+    """A ValueError naming the first query whose full norm is not 1 (when `check_unit`: norms' last column is the full
+    norm) or, else, the first stage and query whose prefix norm at `dims` (norms' first columns) is zero or
+    non-finite; nothing when there is none."""
+    if check_unit:
+        far = np.abs(norms[:, -1] - 1) > UNIT_TOLERANCE
+        if far.any():
+            row = int(np.flatnonzero(far)[0])
+            raise ValueError(
+                f"Query {row} has norm {norms[row, -1]:.4g}, but this index holds unit-norm Matryoshka embeddings: "
+                "the query is not one of them (the raw CLS of `model(...).pooler_output` or "
+                "pipeline('image-feature-extraction') is, say). Embed queries with "
+                "model.get_image_embeddings(pixel_values), or search images with index.search_images(images, model, "
+                "processor)."
+            )
+    bad = ~np.isfinite(norms[:, : len(dims)]) | (norms[:, : len(dims)] == 0)
+    if bad.any():
+        stage = int(np.flatnonzero(bad.any(axis=0))[0])
+        row = int(np.flatnonzero(bad[:, stage])[0])
+        raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined.")
+
+
+def cosines(scores: np.ndarray, indices: np.ndarray, norms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search results as tensors: `scores` (Q, k) of raw query prefixes divided by their norms (Q, 1), indices."""
+    return torch.from_numpy(scores / norms), torch.from_numpy(np.ascontiguousarray(indices))
 
 
 def new_first_stage(settings: AnnSettings, dim: int):
@@ -528,6 +582,30 @@ def remove_stale_first_stages(folder: Path, keep: str | None) -> None:
             path.unlink()
 
 
+def faiss_on_gpu(device: torch.device) -> bool:
+    """Whether FAISS runs on the GPU for `device`: a CUDA device, a FAISS build with GPU support (faiss-gpu; faiss-cpu
+    has `knn_gpu` too, but no GPU resources) and a GPU that it sees. A CUDA device without them warns once."""
+    import faiss
+
+    if device.type != "cuda":
+        return False
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return True
+    global _WARNED_NO_FAISS_GPU
+    if not _WARNED_NO_FAISS_GPU:
+        logger.warning(
+            "device %s: this FAISS (%s) has no GPU support or sees no GPU, so FAISS searches on the CPU; install "
+            "faiss-gpu for GPU search.",
+            device,
+            getattr(faiss, "__version__", "unknown version"),
+        )
+        _WARNED_NO_FAISS_GPU = True
+    return False
+
+
+_WARNED_NO_FAISS_GPU = False
+
+
 def gpu_resources():
     """One FAISS GPU resource object per process."""
     import faiss
@@ -542,10 +620,10 @@ _GPU_RESOURCES = None
 
 
 def on_device(index, device: torch.device):
-    """`index` moved to the GPU when `device` is CUDA and faiss-gpu is installed (HNSW stays on the CPU)."""
+    """`index` moved to the GPU when FAISS runs there (`faiss_on_gpu`); HNSW stays on the CPU."""
     import faiss
 
-    if device.type != "cuda" or not hasattr(faiss, "index_cpu_to_gpu") or isinstance(index, faiss.IndexHNSW):
+    if isinstance(index, faiss.IndexHNSW) or not faiss_on_gpu(device):
         return index
     return faiss.index_cpu_to_gpu(gpu_resources(), device.index or 0, index)
 

@@ -121,19 +121,71 @@ def test_funnel_recall_drops_when_prefixes_carry_no_information():
     assert recalls["nested"] >= 0.95 and recalls["isotropic"] < 0.5
 
 
-def test_funnel_follows_its_cascade_on_isotropic_embeddings(tiles):
-    """Each stage keeps exactly the best `size` of the previous shortlist at its prefix: a float64 re-derivation."""
-    database, queries = gaussian(2000, 30, decay=0.0)
-    stages = [(8, 40), (32, 20), (128, 10)]
+def float64_cascade(database, queries, stages) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and rows (Q, size) of the last of `stages` [(dim, size), ...], each keeping the best `size` of the
+    previous shortlist by cosine at its prefix, in float64."""
     shortlist = torch.arange(len(database)).expand(len(queries), -1)
     for dim, size in stages:
         unit_db = F.normalize(database[:, :dim].double(), dim=1)[shortlist]  # (Q, shortlist, dim)
         similarity = (unit_db @ F.normalize(queries[:, :dim].double(), dim=1).unsqueeze(2)).squeeze(2)
         best, pick = similarity.topk(size, dim=1)
         shortlist = shortlist.gather(1, pick)
+    return best, shortlist
+
+
+def test_funnel_follows_its_cascade_on_isotropic_embeddings(tiles):
+    """Each stage keeps exactly the best `size` of the previous shortlist at its prefix: a float64 re-derivation."""
+    database, queries = gaussian(2000, 30, decay=0.0)
+    stages = [(8, 40), (32, 20), (128, 10)]
+    best, shortlist = float64_cascade(database, queries, stages)
     scores, found = EmbeddingIndex(database, dims=DIMS, settings=EXACT).funnel_search(queries, 10, stages)
     assert torch.equal(found, shortlist)
     torch.testing.assert_close(scores.double(), best, atol=1e-6, rtol=0)
+
+
+def test_funnel_of_unit_embeddings_follows_its_cascade_in_memory_and_memory_mapped(tmp_path):
+    """An index of unit-norm embeddings (what `get_image_embeddings` makes) reranks at full width in FAISS, reading
+    the shortlisted rows in place: the cascade of a float64 re-derivation for a batch of queries, from RAM and from
+    the memory map. Shortlists longer than the index rerank every row: exact search."""
+    database, queries = gaussian(2000, 30, decay=0.5)
+    database, queries = F.normalize(database, dim=1), F.normalize(queries, dim=1)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    index.save(tmp_path / "index")
+    loaded = EmbeddingIndex.load(tmp_path / "index")
+    assert loaded.manifest.unit and isinstance(loaded._array, np.memmap)
+    for stages in ([(8, 40), (32, 20), (128, 10)], [(16, 60), (128, 10)]):
+        best, shortlist = float64_cascade(database, queries, stages)
+        for searched in (index, loaded):
+            scores, found = searched.funnel_search(queries, 10, stages)
+            assert torch.equal(found, shortlist)
+            torch.testing.assert_close(scores.double(), best, atol=1e-6, rtol=0)
+    exact = index.search(queries, 10)
+    for searched in (index, loaded):
+        scores, found = searched.funnel_search(queries, 10, [(8, 5000), (128, 3000)])
+        assert torch.equal(found, exact[1])
+        torch.testing.assert_close(scores, exact[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ann", ["none", "hnsw", "ivfpq"])
+def test_searches_ignore_the_query_scale_and_take_numpy_arrays(ann):
+    """Cosine rankings do not depend on the query's scale, so every stage ranks with the raw query prefix and only
+    the returned scores are divided by its norm: a power-of-two scale (exact in float) gives identical results, any
+    other scale the same rows; numpy queries give what tensors give."""
+    database, queries = gaussian(3000, 8, decay=1.0)
+    index = EmbeddingIndex(database, dims=DIMS, settings=ANN[ann])
+    searches = {
+        "search": lambda q: index.search(q, 10),
+        "search at 16": lambda q: index.search(q, 10, 16),
+        "default funnel": lambda q: index.funnel_search(q, 10),
+        "funnel to 64": lambda q: index.funnel_search(q, 10, [(8, 100), (32, 30), (64, 10)]),
+    }
+    for name, search in searches.items():
+        scores, found = search(queries)
+        for same in (search(queries.numpy()), search(8 * queries), search(queries.double() / 4)):
+            assert torch.equal(same[1], found) and torch.equal(same[0], scores), name
+        scaled = search(3.3 * queries)
+        assert torch.equal(scaled[1], found), name
+        torch.testing.assert_close(scaled[0], scores, atol=1e-6, rtol=0)
 
 
 def test_single_stage_funnel_is_prefix_search():
@@ -196,6 +248,115 @@ def test_ann_first_stages_find_the_exact_top_k_after_the_rerank(ann):
     assert measured >= 0.97
     similarity = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
     torch.testing.assert_close(scores.double(), similarity.gather(1, found), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("unit", [False, True], ids=["any norm", "unit norm"])
+def test_a_first_stage_finding_fewer_rows_than_asked_shortlists_those(unit):
+    """IVF-PQ probing 1 of 16 cells finds 100-330 rows where the funnel asks for 400: the reranks rank what it found
+    (the exact top-k among those rows, no row twice), and results beyond it are index -1 with score -inf."""
+    database, queries = gaussian(3000, 4, decay=1.0)
+    queries = database[:4] + 0.01 * queries
+    if unit:
+        database, queries = F.normalize(database, dim=1), F.normalize(queries, dim=1)
+    settings = AnnSettings(ann="ivfpq", nlist=16, nprobe=1, pq_bytes=4)
+    index = EmbeddingIndex(database, dims=DIMS, settings=settings)
+    found_first = index.first_stage().search(F.normalize(queries[:, :8], dim=1).numpy(), 400)[1]
+    counts = (found_first >= 0).sum(axis=1)
+    assert 10 < counts.min() and counts.max() < 400
+    similarity = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
+    for k in (10, 400):
+        scores, found = index.funnel_search(queries, k, [(8, 400), (32, 400), (128, k)])
+        for query, count in enumerate(counts.tolist()):
+            rows = torch.from_numpy(found_first[query, :count])
+            best = similarity[query, rows].topk(min(k, count))
+            assert torch.equal(found[query, : min(k, count)], rows[best.indices])
+            torch.testing.assert_close(scores[query, : min(k, count)].double(), best.values, atol=1e-6, rtol=0)
+            assert (found[query, count:] == -1).all() and (scores[query, count:] == -torch.inf).all()
+
+
+def test_a_cuda_device_without_faiss_gpu_searches_on_the_cpu(tmp_path, caplog, monkeypatch):
+    """faiss-cpu (installed here) has `knn_gpu` but no GPU resources: an index opened for a CUDA device (`franca-hf
+    search --device cuda`) searches on the CPU with the CPU's results and one warning, instead of failing."""
+    monkeypatch.setattr(retrieval, "_WARNED_NO_FAISS_GPU", False)
+    database, queries = gaussian(3000, 8, decay=1.0)
+    for ann in ("none", "ivfpq"):
+        EmbeddingIndex(database, dims=DIMS, settings=ANN[ann]).save(tmp_path / ann)
+        cpu, cuda = retrieval.load_index(tmp_path / ann), retrieval.load_index(tmp_path / ann, device="cuda")
+        with caplog.at_level(logging.WARNING):
+            for got, want in zip(
+                [*cuda.search(queries, 5), *cuda.funnel_search(queries, 5)],
+                [*cpu.search(queries, 5), *cpu.funnel_search(queries, 5)],
+                strict=True,
+            ):
+                assert torch.equal(got, want)
+    assert caplog.text.count("has no GPU support or sees no GPU, so FAISS searches on the CPU") == 1
+
+
+class GpuIndexStandIn:
+    """What `faiss.index_cpu_to_gpu` returns, standing in: searches the CPU index it holds."""
+
+    def __init__(self, index, device: int):
+        self.index, self.device = index, device
+
+    def search(self, queries, k, params=None):
+        return self.index.search(queries, k, params=params)
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_faiss_on_gpu_decides_by_device_build_and_gpus_seen(gpus, tmp_path, monkeypatch):
+    """The GPU route, with a stand-in for the functions faiss-gpu adds (there is no GPU here; each records its call
+    and runs on the CPU): with GPUs seen, exact search goes to `knn_gpu` (inner product, one resources object per
+    process), an IVF-PQ first stage to the device's GPU, HNSW stays on the CPU, and saving brings the first stage
+    back to the CPU; with none seen, nothing goes to the GPU. Results are the CPU's either way."""
+    import faiss
+
+    calls = []
+    stand_ins = {
+        "StandardGpuResources": lambda: calls.append("resources") or object(),
+        "get_num_gpus": lambda: gpus,
+        "knn_gpu": lambda res, xq, xb, k, metric, device: (
+            calls.append(("knn_gpu", res, device, xb.shape, metric)) or faiss.knn(xq, xb, k, metric=metric)
+        ),
+        "index_cpu_to_gpu": lambda res, device, index: (
+            calls.append(("to_gpu", res, device, type(index).__name__)) or GpuIndexStandIn(index, device)
+        ),
+        "index_gpu_to_cpu": lambda index: calls.append("to_cpu") or index.index,
+    }
+    for name, stand_in in stand_ins.items():
+        monkeypatch.setattr(faiss, name, stand_in, raising=False)
+    monkeypatch.setattr(retrieval, "_GPU_RESOURCES", None)
+    monkeypatch.setattr(retrieval, "_WARNED_NO_FAISS_GPU", False)
+    assert not retrieval.faiss_on_gpu(torch.device("cpu")) and not calls
+    assert retrieval.faiss_on_gpu(torch.device("cuda:1")) == (gpus > 0)
+
+    database, queries = gaussian(3000, 8, decay=1.0)
+    for ann in ("none", "hnsw", "ivfpq"):
+        cpu = EmbeddingIndex(database, dims=DIMS, settings=ANN[ann])
+        cpu.save(tmp_path / ann)
+        cuda = retrieval.load_index(tmp_path / ann, device="cuda:1")
+        for got, want in zip(
+            [*cuda.search(queries, 5), *cuda.funnel_search(queries, 5)],
+            [*cpu.search(queries, 5), *cpu.funnel_search(queries, 5)],
+            strict=True,
+        ):
+            assert torch.equal(got, want)
+        if ann == "ivfpq":
+            cuda.save(tmp_path / "saved")
+            saved = EmbeddingIndex.load(tmp_path / "saved")
+            assert torch.equal(saved.funnel_search(queries, 5)[1], cpu.funnel_search(queries, 5)[1])
+    if not gpus:
+        assert not calls
+        return
+    resources = calls[1][1]
+    assert calls == [
+        "resources",
+        ("knn_gpu", resources, 1, (3000, 128), faiss.METRIC_INNER_PRODUCT),  # ann none: search
+        ("knn_gpu", resources, 1, (3000, 8), faiss.METRIC_INNER_PRODUCT),  # ann none: the funnel's first stage
+        ("knn_gpu", resources, 1, (3000, 128), faiss.METRIC_INNER_PRODUCT),  # hnsw: search (the graph stays on CPU)
+        ("knn_gpu", resources, 1, (3000, 128), faiss.METRIC_INNER_PRODUCT),  # ivfpq: search
+        ("to_gpu", resources, 1, "IndexIVFPQ"),  # ivfpq: the first stage, once, on cuda:1
+        "to_cpu",  # ivfpq: save
+    ]
 
 
 def test_auto_settings_choose_by_size(monkeypatch):
@@ -264,6 +425,24 @@ def test_bad_search_inputs_raise_clear_errors(call, message):
     database, queries = gaussian(100, 3, decay=1.0)
     with pytest.raises(ValueError, match=message):
         call(EmbeddingIndex(database, dims=DIMS, settings=EXACT), queries)
+
+
+def test_query_checks_name_the_first_bad_stage_and_ignore_channels_no_stage_reads():
+    """A zero or non-finite query prefix is named at the first stage it spoils; a non-finite channel past the last
+    stage's prefix is never read, so it does not matter (the checks screen every prefix norm with one product, where
+    inf x 0 is NaN, then look again channel by channel)."""
+    database, queries = gaussian(100, 3, decay=1.0)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    stages = [(8, 50), (32, 20), (64, 5)]
+    for channel, value, stage in ((20, float("nan"), 32), (3, float("inf"), 8), (40, float("-inf"), 64)):
+        spoiled = queries.clone()
+        spoiled[1, channel] = value
+        with pytest.raises(ValueError, match=rf"Query 1 has a zero or non-finite prefix of length {stage};"):
+            index.funnel_search(spoiled, 5, stages)
+    spoiled = queries.clone()
+    spoiled[1, 100] = float("inf")
+    for got, want in zip(index.funnel_search(spoiled, 5, stages), index.funnel_search(queries, 5, stages), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_bad_index_inputs_raise_clear_errors():
