@@ -103,6 +103,7 @@ def run_as_main(argv: list[str]) -> None:
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = argv
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))  # the script's folder first, as `python script.py`
         runpy.run_path(argv[0], run_name="__main__")
 
 
