@@ -29,13 +29,13 @@ Run (100k: about 3 minutes on 2 CPU cores; 1M: about 10):
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from recording import machine
 from safetensors import safe_open
 
 from franca_hf.io import portable_path, replace_marked_block
@@ -125,18 +125,6 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     """Mean fraction of each query's true top-k found in its returned top-k."""
     hits = (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2).float().sum(dim=1)
     return (hits / truth.shape[1]).mean().item()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def rerank(database: np.ndarray, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

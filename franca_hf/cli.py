@@ -26,21 +26,7 @@ def _convert(args: argparse.Namespace) -> None:
     from .conversion.settings import ConvertSettings, PushSettings
 
     push = PushSettings(args.push_to_hub, private=args.private, endpoint=args.endpoint) if args.push_to_hub else None
-    settings = ConvertSettings(
-        args.checkpoint,
-        args.release,
-        args.out,
-        rasa=args.rasa,
-        with_rasa=args.with_rasa,
-        preset=args.preset,
-        num_heads=args.num_heads,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        verify=not args.no_verify,
-        base_url=args.base_url,
-        cache_dir=args.cache_dir,
-        push=push,
-    )
+    settings = _settings(ConvertSettings, args, verify=not args.no_verify, push=push)
     from .conversion.convert import convert
 
     result = convert(settings)
@@ -60,22 +46,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _extract(args: argparse.Namespace) -> None:
     from .features.settings import ExtractSettings
 
-    settings = ExtractSettings(
-        images=args.images,
-        out=args.out,
-        model=_model_spec(args),
-        dim=args.dim,
-        dense=args.dense,
-        debiased=args.debiased,
-        normalize=not args.no_normalize,
-        features_dtype=args.features_dtype,
-        split=args.split,
-        image_column=args.image_column,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        shard_size=args.shard_size,
-        allow_other_model=args.allow_other_model,
-    )
+    settings = _settings(ExtractSettings, args, model=_model_spec(args), normalize=not args.no_normalize)
     from .features import extract  # after the settings: a usage error answers without loading torch
 
     result = extract(settings)
@@ -107,23 +78,17 @@ def _model_spec(args: argparse.Namespace):
     return ModelSpec(args.model, args.device, args.dtype, args.int8)
 
 
+def _settings(settings_class, args: argparse.Namespace, **given):
+    """`settings_class` from the parsed flags whose dest is one of its fields (flags are named after settings),
+    with `given` for the fields spelled otherwise on the command line (`--no-normalize`, the model flags, ...)."""
+    fields = {field.name for field in dataclasses.fields(settings_class)} - given.keys()
+    return settings_class(**{name: getattr(args, name) for name in fields if hasattr(args, name)}, **given)
+
+
 def _knn(args: argparse.Namespace) -> None:
     from .evaluation.settings import KnnSettings
 
-    settings = KnnSettings(
-        model=_model_spec(args),
-        train=args.train,
-        test=args.test,
-        train_split=args.train_split,
-        test_split=args.test_split,
-        dims=tuple(args.dims) if args.dims else None,
-        k=args.k,
-        temperature=args.temperature,
-        max_images=args.max_images,
-        crop_size=args.crop_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
+    settings = _settings(KnnSettings, args, model=_model_spec(args), dims=tuple(args.dims) if args.dims else None)
     from .evaluation.nearest_neighbours import knn  # after the settings: a usage error answers without loading torch
 
     result = knn(settings)
@@ -139,31 +104,17 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation.settings import LinearSettings, SegmentationSettings
     from .features.settings import ModelSpec
 
-    common = {
-        name: getattr(args, name)
-        for name in ("train", "test", "train_split", "test_split", "max_images", "epochs", "batch_size")
-    }
-    common["model"] = ModelSpec(args.model, args.device)
+    model = ModelSpec(args.model, args.device)
     if args.protocol == "seg":
-        settings = SegmentationSettings(
-            **common,
-            image_column=args.image_column,
-            mask_column=args.mask_column,
-            num_classes=args.num_classes,
-            image_size=args.image_size,
-            clusters=tuple(args.clusters) if args.clusters else None,
-            show=args.show,
-            figure=args.figure,
-        )
+        clusters = tuple(args.clusters) if args.clusters else None
+        settings = _settings(SegmentationSettings, args, model=model, clusters=clusters)
         from .evaluation.segmentation import format_segmentation_result, run_segmentation_evaluation
 
         print(format_segmentation_result(run_segmentation_evaluation(settings)))
         if args.show:
             print(f"wrote {args.figure}")
         return
-    settings = LinearSettings(
-        **common, val=args.val, val_split=args.val_split, features_dir=args.features_dir, logistic=args.logistic
-    )
+    settings = _settings(LinearSettings, args, model=model)
     from .evaluation.linear import format_linear_report, run_linear_evaluation
 
     print(format_linear_report(run_linear_evaluation(settings)))
@@ -172,18 +123,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _fit_pca(args: argparse.Namespace) -> None:
     from .matryoshka_settings import FitPcaSettings
 
-    settings = FitPcaSettings(
-        model=_model_spec(args),
-        data=args.data,
-        out=args.out,
-        max_images=args.max_images,
-        split=args.split,
-        image_column=args.image_column,
-        overwrite_basis=args.overwrite_basis,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
+    settings = _settings(FitPcaSettings, args, model=_model_spec(args))
     from .matryoshka import fit_pca  # after the settings: a usage error answers without loading torch
 
     result = fit_pca(settings)
@@ -196,15 +136,7 @@ def _fit_pca(args: argparse.Namespace) -> None:
 def _push(args: argparse.Namespace) -> None:
     from .conversion.settings import PushSettings
 
-    settings = PushSettings(
-        args.repo_id,
-        args.folder,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.message,
-        base_model=args.base_model,
-        endpoint=args.endpoint,
-    )
+    settings = _settings(PushSettings, args, commit_message=args.message)
     from .conversion.hub import push
 
     print(f"pushed {args.folder} to {args.repo_id}: {push(settings)}")
@@ -215,17 +147,8 @@ def _index(args: argparse.Namespace) -> None:
 
     knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")}
     chosen = {key: value for key, value in knobs.items() if value is not None}
-    settings = IndexSettings(
-        args.images,
-        args.out,
-        model=_model_spec(args) if args.model else None,
-        ann=AnnSettings(**chosen) if chosen else None,
-        append=args.append,
-        overwrite=args.overwrite,
-        allow_other_model=args.allow_other_model,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
+    model = _model_spec(args) if args.model else None
+    settings = _settings(IndexSettings, args, model=model, ann=AnnSettings(**chosen) if chosen else None)
     from .retrieval import index
 
     result = index(settings)
@@ -236,15 +159,8 @@ def _index(args: argparse.Namespace) -> None:
 def _search(args: argparse.Namespace) -> None:
     from .retrieval_settings import SearchSettings
 
-    settings = SearchSettings(
-        args.queries,
-        args.index,
-        _model_spec(args),
-        k=args.k,
-        dim=args.dim,
-        funnel=True if args.funnel else False if args.exact else None,
-        allow_other_model=args.allow_other_model,
-    )
+    funnel = True if args.funnel else False if args.exact else None
+    settings = _settings(SearchSettings, args, model=_model_spec(args), funnel=funnel)
     from .retrieval import search
 
     result = search(settings)
@@ -256,7 +172,7 @@ def _search(args: argparse.Namespace) -> None:
     print(f"top-{result.k} of {result.index_size} images ({result.how})")
     for query, row_scores, row_ids in zip(result.queries, result.scores.tolist(), result.ids, strict=True):
         print(query)
-        for rank, (score, id_) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
+        for rank, (score, id_) in enumerate(zip(row_scores[: len(row_ids)], row_ids, strict=True), start=1):
             print(f"  {rank:2d}. {score:.4f}  {id_}")
 
 
@@ -264,7 +180,7 @@ def _visualize(args: argparse.Namespace) -> None:
     from .visualize_settings import VisualizeSettings
 
     # a bad image file is refused here, before torch and the model load
-    settings = VisualizeSettings(args.image, args.out, _model_spec(args), args.size)
+    settings = _settings(VisualizeSettings, args, model=_model_spec(args))
     from .visualize import visualize_image
 
     result = visualize_image(settings)

@@ -872,7 +872,8 @@ def index(settings: IndexSettings) -> IndexResult:
 @dataclass(frozen=True)
 class SearchResult:
     """What `search` found for each query image that could be read (`queries`): the ids of its `k` nearest images,
-    best first, and their cosine scores (Q, k); `how` it searched, in words; `k` is at most the index's
+    best first (fewer where an ANN first stage found fewer: the rest of that row's scores are -inf), and their cosine
+    scores (Q, k); `how` it searched, in words; `k` is at most the index's
     `index_size` images (`clamped` when the settings asked for more)."""
 
     queries: list[str]
@@ -901,7 +902,7 @@ def search(settings: SearchSettings) -> SearchResult:
         how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
     else:
         how = f"exact, dim {dim}, cut in the model's basis"
-    ids = [[index.ids[position] for position in row] for row in indices.tolist()]
+    ids = [[index.ids[position] for position in row if position >= 0] for row in indices.tolist()]
     return SearchResult(paths, ids, scores, how, k, k < settings.k, len(index))
 
 

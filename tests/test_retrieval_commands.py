@@ -114,3 +114,21 @@ def test_command_errors_name_the_setting_and_the_cli_its_flag(tiny_folder, tmp_p
         retrieval.index(IndexSettings([str(EXAMPLE_IMAGES)], str(tmp_path / "o")))
     assert error.value.setting == "model"
     assert not (tmp_path / "o").exists()
+
+
+def test_search_shows_only_the_rows_an_ann_first_stage_found(tiny_folder, tmp_path, capsys):
+    """IVF-PQ probing 1 of 16 cells finds fewer rows than the 400 asked for: `search` and the command list those
+    rows once each (the padding, index -1, is not an image), and the scores past them are -inf."""
+    database = F.normalize(torch.randn(3000, 128, generator=torch.Generator().manual_seed(0)), dim=1)
+    settings = AnnSettings(ann="ivfpq", nlist=16, nprobe=1, pq_bytes=4)
+    EmbeddingIndex(database, dims=[8, 16, 32, 64, 128], settings=settings).save(tmp_path / "index")
+    query = str(EXAMPLE_IMAGES / "coffee.jpg")
+    asked = SearchSettings([query], str(tmp_path / "index"), ModelSpec(str(tiny_folder)), k=400, funnel=True)
+    result = retrieval.search(asked)
+    found = len(result.ids[0])
+    assert 0 < found < 400 and len(set(result.ids[0])) == found
+    assert torch.isfinite(result.scores[0, :found]).all() and (result.scores[0, found:] == -torch.inf).all()
+    command = ["search", query, "--index", str(tmp_path / "index"), "--model", str(tiny_folder), "--k", "400"]
+    assert main([*command, "--funnel"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 + found and printed[-1].endswith(result.ids[0][-1])
