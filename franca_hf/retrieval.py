@@ -46,6 +46,7 @@ from .modeling import (
     default_matryoshka_dims,
     matryoshka_dim_problem,
     matryoshka_dims_of,
+    normalized_prefix,
 )
 from .retrieval_settings import AnnSettings, IndexSettings, SearchSettings
 
@@ -73,18 +74,20 @@ def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
 
 def unit_rows(block: np.ndarray, dim: int, first_row: int = 0, ids: Sequence[str] | None = None) -> np.ndarray:
     """(n, dim) float32 C-contiguous L2-normalised prefixes of `block` (rows `first_row`… of a collection, named by
-    `ids`, one per row of the block); errors on zero or non-finite ones."""
+    `ids`, one per row of the block), cut and normalised by `normalized_prefix`; errors on zero or non-finite ones."""
     cut = np.ascontiguousarray(block[:, :dim], dtype=np.float32)
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
+    if not cut.flags.writeable:  # a memory-mapped block: torch takes writable arrays only
+        cut = cut.copy()
+    units = normalized_prefix(torch.from_numpy(cut), dim)
+    bad = ~(torch.linalg.vector_norm(units, dim=1) > 0.5)  # a zero row normalises to zeros, a non-finite one to NaN
     if bad.any():
-        row = first_row + int(np.flatnonzero(bad)[0])
-        name = f" ({ids[row - first_row]!r})" if ids is not None else ""
+        at = int(torch.nonzero(bad)[0, 0])
+        row, name = first_row + at, f" ({ids[at]!r})" if ids is not None else ""
         raise UsageError(
-            f"Row {row}{name} has a zero or non-finite prefix of length {dim} (norm {norms[row - first_row, 0]}), so its "
+            f"Row {row}{name} has a zero or non-finite prefix of length {dim} (norm {np.linalg.norm(cut[at])}), so its "
             "cosine similarity is undefined."
         )
-    return cut / norms
+    return units.numpy()
 
 
 @dataclass
