@@ -2,7 +2,7 @@
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..modeling import FRANCA_PRESETS, FrancaConfig
+from ..modeling import FrancaConfig, preset_architecture
 
 OFFICIAL_LICENSE_LINK = "https://github.com/valeoai/Franca/blob/main/LICENSE_MODEL"
 _HUB_DATASETS = {"ImageNet-21K": "ILSVRC/imagenet-21k", "LAION-600M (LAION-COCO)": "laion/laion-coco"}
@@ -60,7 +60,7 @@ def preset_name(config: FrancaConfig) -> str | None:
     size; None for other sizes."""
     sizes = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
     for preset, letter in _PRESET_LETTERS.items():
-        if sizes == FRANCA_PRESETS[preset]:
+        if sizes == preset_architecture(preset):
             return f"ViT-{letter}/{config.patch_size}"
     return None
 
