@@ -9,7 +9,6 @@ prints what each printed on stdout with its wall time:
 """
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -47,7 +46,6 @@ def main() -> None:
                 cwd=work,
                 stdout=subprocess.PIPE,
                 text=True,
-                env=dict(os.environ, TQDM_DISABLE="1"),
                 check=False,
             )
             print(f"$ {shlex.join(command)}")
