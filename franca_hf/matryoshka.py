@@ -391,7 +391,7 @@ def fit_pca(settings: FitPcaSettings) -> FitPcaResult:
 def _checked_inputs(settings: FitPcaSettings) -> tuple[str, PretrainedConfig, ImageSource]:
     """The model's resolved path and config and the images to fit on, once `fit_pca`'s checks have passed."""
     if Path(settings.out).exists() and not settings.overwrite:
-        raise OutputExistsError(f"out={settings.out} already exists; set overwrite to replace it.", setting="out")
+        raise OutputExistsError(f"out={settings.out} already exists; set overwrite to replace it.", setting="overwrite")
     name = settings.model.name_or_path
     path = resolve_model(name)
     config = AutoConfig.from_pretrained(path)

@@ -93,9 +93,9 @@ def test_fit_pca_folder_loads_everywhere_with_identical_features(trained_folder,
 
     # a folder that has a basis is refitted only on request, and the new fit replaces the old one on the card
     assert main(fit_pca(out, "demo", tmp_path / "again", "--max-images", "100")) == 2
-    assert "already has a fitted Matryoshka basis (fitted on demo (split train)); set overwrite_basis" in (
-        capsys.readouterr().err
-    )
+    error = capsys.readouterr().err
+    assert "already has a fitted Matryoshka basis (fitted on demo (split train)); set overwrite_basis" in error
+    assert error.rstrip().endswith("(--overwrite-basis)")
     command = fit_pca(out, "demo", out, "--max-images", "100", "--split", "test", "--overwrite-basis", "--overwrite")
     assert main(command) == 0
     refit = json.loads((out / "config.json").read_text())["source_checkpoint"]["matryoshka_pca"]
@@ -163,7 +163,7 @@ def test_fit_pca_errors_name_the_flags(trained_folder, tmp_path, capsys, monkeyp
     assert "batch_size must be at least 1; got 0. (--batch-size)" in error(
         *fit_pca(trained_folder, "demo", out, "--batch-size", "0")
     )
-    assert f"out={trained_folder} already exists; set overwrite to replace it. (--out)" in error(
+    assert f"out={trained_folder} already exists; set overwrite to replace it. (--overwrite)" in error(
         *fit_pca(trained_folder, "demo", trained_folder)
     )
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(

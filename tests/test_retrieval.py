@@ -554,7 +554,8 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--k", "0"]) == 2
     assert "k must be at least 1; got 0. (--k)" in capsys.readouterr().err
     assert main(["index", str(EXAMPLE_IMAGES), "--out", str(index)]) == 2
-    assert "model is required to embed images" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "model is required to embed images" in error and error.rstrip().endswith("(--model)")
 
 
 def test_index_from_extracted_shards_without_embedding_again(tiny_folder, tmp_path, capsys):

@@ -89,9 +89,12 @@ class ExtractionRecord:
         differences = []
         for key in ("model", "sources", "split", "kind", "dim", "normalized", "dtype", "quantized"):
             compared = f"resolved_{key}" if key in ("model", "sources") else key
-            if mine[compared] != theirs[compared]:
-                shown = key if mine[key] != theirs[key] else compared  # the same words for other places
-                differences.append(f"{shown}: {mine[shown]!r} vs {theirs[shown]!r}")
+            if mine[compared] == theirs[compared]:
+                continue
+            if mine[key] != theirs[key]:
+                differences.append(f"{key}: {mine[key]!r} vs {theirs[key]!r}")
+            else:  # the same words for other places
+                differences.append(f"{key} (resolved): {mine[compared]!r} vs {theirs[compared]!r}")
         return differences
 
 

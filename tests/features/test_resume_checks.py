@@ -115,7 +115,7 @@ def test_paths_are_compared_by_what_they_point_to(small_folder, tmp_path, monkey
     monkeypatch.chdir(elsewhere)  # "photos" here is another folder
     assert main(extract_command("photos", small_folder, tmp_path / "features")) == 2
     error = capsys.readouterr().err
-    assert "resolved_sources: " in error and str(elsewhere / "photos") in error and "--model" not in error
+    assert "sources (resolved): " in error and str(elsewhere / "photos") in error and "--model" not in error
 
 
 @pytest.fixture(scope="module")
