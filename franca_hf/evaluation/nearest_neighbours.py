@@ -142,18 +142,17 @@ def knn(settings: KnnSettings) -> KnnResult:
     if settings.crop_size:
         processor = make_image_processor(settings.crop_size)
     splits = []
-    for spec, split in ((settings.train, settings.train_split), (settings.test, settings.test_split)):
+    for name, spec, split in (
+        ("train", settings.train, settings.train_split),
+        ("test", settings.test, settings.test_split),
+    ):
         source = subsample(open_source(spec, split), settings.max_images)
-        splits.append(
-            embed_source(
-                model,
-                source,
-                processor,
-                batch_size=settings.batch_size,
-                progress=True,
-                num_workers=settings.num_workers,
-            )
+        features, labels = embed_source(
+            model, source, processor, batch_size=settings.batch_size, progress=True, num_workers=settings.num_workers
         )
+        if not len(features):
+            raise UsageError(f"{name}={spec} (split {split}): none of its {len(source)} images could be read.", name)
+        splits.append((features, labels))
     (train_x, train_y), (test_x, test_y) = splits
     accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, settings.k, settings.temperature)
     truncation = "PCA basis" if getattr(model.config, "matryoshka_basis", "prefix") == "pca" else "prefix"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from ..errors import UsageError
+from ..errors import UsageError, require_at_least
 
 
 @dataclass
@@ -33,9 +33,8 @@ class RasaSettings:
     def validate(self, patch_size: int | None = None) -> None:
         """Checks with messages that name the setting, its value and what is allowed; the resolution against the
         model's `patch_size` when given."""
-        for name in ("steps", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}.", setting=name)
+        require_at_least(1, steps=self.steps, epochs=self.epochs, batch_size=self.batch_size, max_images=self.max_images)
+        require_at_least(0, num_workers=self.num_workers)
         if patch_size is not None and self.resolution is not None:
             if self.resolution % patch_size or self.resolution < 2 * patch_size:
                 suggestion = max(2, round(self.resolution / patch_size)) * patch_size

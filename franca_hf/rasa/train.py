@@ -293,10 +293,11 @@ def rasa(settings: RasaRunSettings) -> RasaReport:
     train `steps` directions on (at most `max_images` of) the rest and write `out`; the report of every process.
     Usage errors (`UsageError`) come before the weights load where the settings alone decide them."""
     if Path(settings.out).exists() and not settings.overwrite:
-        raise OutputExistsError(f"out={settings.out} already exists; add overwrite=true to replace it.", setting="out")
+        raise OutputExistsError(
+            f"out={settings.out} already exists; add overwrite=true to replace it.", setting="overwrite"
+        )
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-    model, settings = load_model_for_rasa(settings, accelerator)
-    source = open_source(settings.data, settings.split, seed=settings.seed)
+    source = open_source(settings.data, settings.split, seed=settings.seed)  # a bad source is refused before the load
     if settings.held_out_images >= len(source):
         raise UsageError(
             f"held_out_images={settings.held_out_images} leaves no image to train on: data={settings.data} holds "
@@ -304,6 +305,7 @@ def rasa(settings: RasaRunSettings) -> RasaReport:
             setting="held_out_images",
         )
     train, held_out = split_off(source, settings.held_out_images, seed=settings.seed)
+    model, settings = load_model_for_rasa(settings, accelerator)
     train = subsample(train, settings.max_images, seed=settings.seed)
     return train_rasa(model, train, held_out, settings, settings.out, accelerator, settings.overwrite)[1]
 

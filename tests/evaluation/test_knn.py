@@ -70,3 +70,13 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out
     assert knn("--dims", "64") == 2
     assert "dims=64 is not allowed; choose one between 1 and 32. (--dims)" in capsys.readouterr().err
+
+    # a split none of whose images can be read is a usage error, not a traceback from an empty memory bank
+    for label in ("red", "blue"):
+        (tmp_path / "broken" / label).mkdir(parents=True)
+        (tmp_path / "broken" / label / "0.png").write_bytes(b"not an image")
+    argv = ["knn", "--model", str(tmp_path / "dinov2"), "--train", str(tmp_path / "broken"), "--test", images]
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert f"train={tmp_path / 'broken'} (split train): none of its 2 images could be read. (--train)" in (
+        capsys.readouterr().err
+    )

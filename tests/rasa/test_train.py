@@ -200,6 +200,12 @@ def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_pat
     assert "out must be set (out=...)" in capsys.readouterr().err
     assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "stepz=3"]) == 2
     assert "unknown key stepz" in capsys.readouterr().err
+    assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "max_images=0"]) == 2
+    assert "max_images must be at least 1; got 0." in capsys.readouterr().err
+    assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", "num_workers=-1"]) == 2
+    assert "num_workers must be at least 0; got -1." in capsys.readouterr().err
+    assert main(["rasa", f"model={tiny_folder}", "data=nowhere", f"out={out}"]) == 2  # the data before the weights
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_holding_out_every_image_names_held_out_images(tiny_folder, tmp_path, capsys):
