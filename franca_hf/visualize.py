@@ -125,11 +125,10 @@ class VisualizeResult:
 def visualize_image(settings: VisualizeSettings) -> VisualizeResult:
     """What `franca-hf visualize` does: load the model (with an image processor of `settings.size` when given) and
     write the figure of `settings.image` to `settings.out` (`visualize`)."""
-    image = settings.image if isinstance(settings.image, Image.Image) else read_image(settings.image)
     model, processor = settings.model.load()
     if settings.size:
         processor = make_image_processor(settings.size)
-    return VisualizeResult(Path(settings.out), visualize(model, processor, image, settings.out))
+    return VisualizeResult(Path(settings.out), visualize(model, processor, settings.image, settings.out))
 
 
 def _as_picture(pixels: torch.Tensor, image_processor) -> Image.Image:
