@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import OutputExistsError, UsageError
+from ..errors import OutputExistsError
 from ..io import write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from ..rasa.reference import official_rasa_chain
@@ -23,6 +23,7 @@ from .checkpoint import (
     load_rasa_weights,
     load_torch_file,
 )
+from .dtypes import check_weight_dtype
 from .export import WEIGHT_DTYPES, fill_model_folder
 from .hub import push
 from .model_card import render_model_card
@@ -139,8 +140,7 @@ def convert_checkpoint(
     bit-exactly before it is moved into place. The folder appears atomically and is never overwritten silently.
     """
     out_dir = Path(out_dir)
-    if dtype not in WEIGHT_DTYPES:
-        raise UsageError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}.", setting="dtype")
+    check_weight_dtype(dtype)
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", "overwrite")
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))

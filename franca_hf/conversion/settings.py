@@ -5,7 +5,7 @@ usage errors before loading anything."""
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from .dtypes import WEIGHT_DTYPE_NAMES
+from .dtypes import check_weight_dtype
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,6 @@ class ConvertSettings:
                 )
         elif self.out is None:
             raise UsageError("out is required when converting a local checkpoint.", setting="out")
-        if self.dtype not in WEIGHT_DTYPE_NAMES:
-            raise UsageError(f"dtype={self.dtype!r} is not one of {list(WEIGHT_DTYPE_NAMES)}.", setting="dtype")
+        check_weight_dtype(self.dtype)
         if self.push is not None and self.push.folder is not None:
             raise UsageError("push.folder is the converted folder; leave it None.", setting="push")

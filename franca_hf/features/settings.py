@@ -5,7 +5,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..conversion.dtypes import WEIGHT_DTYPE_NAMES
+from ..conversion.dtypes import check_weight_dtype
 from ..errors import UsageError, require_at_least
 
 FEATURE_DTYPES = ("float32", "float16")
@@ -23,8 +23,7 @@ class ModelSpec:
     int8: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in WEIGHT_DTYPE_NAMES:
-            raise UsageError(f"dtype={self.dtype!r} is not one of {list(WEIGHT_DTYPE_NAMES)}.", setting="dtype")
+        check_weight_dtype(self.dtype)
         if self.int8 and self.dtype != "float32":
             raise UsageError(f"int8 quantises a float32 model; got dtype={self.dtype}.", setting="int8")
 

@@ -33,7 +33,9 @@ class RasaSettings:
     def validate(self, patch_size: int | None = None) -> None:
         """Checks with messages that name the setting, its value and what is allowed; the resolution against the
         model's `patch_size` when given."""
-        require_at_least(1, steps=self.steps, epochs=self.epochs, batch_size=self.batch_size, max_images=self.max_images)
+        require_at_least(
+            1, steps=self.steps, epochs=self.epochs, batch_size=self.batch_size, max_images=self.max_images
+        )
         require_at_least(0, num_workers=self.num_workers)
         if patch_size is not None and self.resolution is not None:
             if self.resolution % patch_size or self.resolution < 2 * patch_size:
