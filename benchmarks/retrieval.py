@@ -41,7 +41,7 @@ from safetensors import safe_open
 from franca_hf.io import portable_path, replace_marked_block
 from franca_hf.matryoshka import describe_data
 from franca_hf.modeling.configuration_franca import default_matryoshka_dims
-from franca_hf.retrieval import EmbeddingIndex, index_from_features
+from franca_hf.retrieval import EmbeddingIndex, huge_page_array, index_from_features
 
 K = 10
 # IVF-PQ is for large collections; below this many rows its training has too few points per cell and code
@@ -159,12 +159,14 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
 
     from franca_hf.retrieval_settings import AnnSettings
 
-    database = torch.nn.functional.normalize(database.float(), dim=1)
+    # the buffer an EmbeddingIndex holds its vectors in (it would copy anything else into one): our three indexes
+    # share it, as they would a saved index's memory map, and FAISS's flat index copies it into memory of its own
+    unit = huge_page_array(*database.shape)
+    unit[:] = torch.nn.functional.normalize(database.float(), dim=1).numpy()
     queries = torch.nn.functional.normalize(queries.float(), dim=1)
-    size, width = database.shape
+    size, width = unit.shape
     dims = default_matryoshka_dims(width)
     small = dims[0]
-    unit = database.numpy()
     unit_queries = queries.numpy()
     small_unit = np.ascontiguousarray(unit[:, :small]) / np.linalg.norm(unit[:, :small], axis=1, keepdims=True)
     header = [
@@ -177,17 +179,17 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     ]
     print("\n".join(header), flush=True)
 
-    exact, exact_build = build("ours, exact", lambda: EmbeddingIndex(database, dims=dims, settings=AnnSettings("none")))
+    exact, exact_build = build("ours, exact", lambda: EmbeddingIndex(unit, dims=dims, settings=AnnSettings("none")))
     flat_full, flat_full_build = build("IndexFlatIP(D)", lambda: flat(unit))
     flat_small, flat_small_build = build("IndexFlatIP(D/16)", lambda: flat(small_unit))
     hnsw_settings = AnnSettings("hnsw", hnsw_m=args.hnsw_m, ef_search=args.ef_search)
     hnsw, hnsw_build = build(
-        "ours, HNSW at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=hnsw_settings))
+        "ours, HNSW at D/16", lambda: warmed(EmbeddingIndex(unit, dims=dims, settings=hnsw_settings))
     )
     if size >= IVFPQ_MIN_ROWS:
         ivf_settings = AnnSettings("ivfpq", nprobe=args.nprobe)
         ivfpq, ivfpq_build = build(
-            "ours, IVF-PQ at D/16", lambda: warmed(EmbeddingIndex(database, dims=dims, settings=ivf_settings))
+            "ours, IVF-PQ at D/16", lambda: warmed(EmbeddingIndex(unit, dims=dims, settings=ivf_settings))
         )
         inverted = ivfpq.first_stage()
     graph = hnsw.first_stage()
@@ -315,8 +317,10 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
         "queries, the methods of an operating point taking turns query by query (so that load that comes and goes "
         f'weighs on them alike), larger batches on all {len(queries)}; "x exact": speed over ours, exact full width, '
         f"in the same round. RAM beyond the vectors: what the method keeps besides the {size:,} x {width} float32 vectors "
-        f"({flat_bytes / 2**20:,.0f} MiB, which ours memory-maps from a saved index and which FAISS's flat index "
-        f"copies); ours, exact at D/16 and the exact funnel keep a unit D/16 copy made on first use. Load average "
+        f"({flat_bytes / 2**20:,.0f} MiB, which ours holds in its huge-page buffer, `huge_page_array`, as "
+        "`index_from_features` gives them, or memory-maps from a saved index, and which FAISS's flat index copies; "
+        "ours, given vectors in other memory, copies them once too); ours, exact at D/16 and the exact funnel keep a "
+        f"unit D/16 copy made on first use. Load average "
         f"{os.getloadavg()[0]:.1f} at the end.",
     ]
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(footer))

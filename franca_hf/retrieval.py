@@ -26,6 +26,7 @@ shard plus the first stage, and `append=True` adds the shards that are new since
 import json
 import logging
 import math
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -142,7 +143,9 @@ class EmbeddingIndex:
 
     Args:
         vectors: (N, D) embeddings, any scale (cosine is scale-free at every prefix); a torch tensor or a numpy
-            array (a memory map, say). Kept as float32 on the CPU, not copied when already so.
+            array (a memory map, say). Held in a buffer of the index's own (`huge_page_array`), as FAISS's flat
+            index copies what it is given, unless it already lies in a memory map (a saved index's file, or such a
+            buffer), which is used in place.
         ids: N names (image paths, say); "0" … "N-1" when None.
         dims: allowed prefix lengths, strictly increasing and ending at D; Franca's [D/16, D/8, D/4, D/2, D] when
             None. Use `model.config.matryoshka_dims` for embeddings of a FrancaModel.
@@ -168,11 +171,11 @@ class EmbeddingIndex:
             raise ValueError(
                 f"vectors must be a non-empty (N, D) float tensor; got shape {tuple(array.shape)}, {array.dtype}."
             )
-        self._array = (
-            array
-            if array.dtype == np.float32 and array.flags.c_contiguous
-            else np.ascontiguousarray(array, dtype=np.float32)
-        )
+        if array.dtype == np.float32 and array.flags.c_contiguous and on_memory_map(array):
+            self._array = array
+        else:
+            self._array = huge_page_array(*array.shape)
+            self._array[:] = array
         size, width = self._array.shape
         if ids is not None and len(ids) != size:
             raise ValueError(f"Got {len(ids)} ids for {size} vectors; pass one id per row.")
@@ -197,7 +200,7 @@ class EmbeddingIndex:
         self._first = None  # the FAISS first stage, built or read on first use
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
-        self._prefix_masks: dict[tuple[int, ...], np.ndarray] = {}  # by query width and cuts: _checked_queries
+        self._prefix_masks: dict[tuple[int, ...], np.ndarray] = {}  # by cuts: _checked_queries
 
     def __len__(self) -> int:
         return self.manifest.rows
@@ -370,7 +373,7 @@ class EmbeddingIndex:
         if dim == self.width and self.manifest.unit:
             return self._array
         if dim not in self._unit_prefixes:
-            copy = np.empty((len(self), dim), np.float32)
+            copy = huge_page_array(len(self), dim)
             for start in range(0, len(self), FILL_BLOCK):
                 copy[start : start + FILL_BLOCK] = unit_rows(self._array[start : start + FILL_BLOCK], dim, start)
             self._unit_prefixes[dim] = copy
@@ -380,11 +383,19 @@ class EmbeddingIndex:
         """Top-k rows (Q, k) by inner product of the unit `dim` prefixes with the queries' `dim` prefixes, any scale."""
         import faiss
 
-        database, cut = self._unit_prefix(dim), np.ascontiguousarray(queries[:, :dim])
-        if faiss_on_gpu(self.device):
+        database = self._unit_prefix(dim)
+        cut = queries if queries.shape[1] == dim else np.ascontiguousarray(queries[:, :dim])
+        if self.device.type == "cuda" and faiss_on_gpu(self.device):
             gpu = self.device.index or 0
             return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
-        return faiss.knn(cut, database, k, metric=faiss.METRIC_INNER_PRODUCT)
+        # FAISS's own function without `faiss.knn`'s wrapper, which converts and checks again what is checked here
+        # (a few microseconds: a tenth of a single query's scan over 20k x 8)
+        count, pointer = len(cut), faiss.swig_ptr
+        scores, rows = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
+        faiss.knn_inner_product(
+            pointer(cut), pointer(database), dim, count, len(database), k, pointer(scores), pointer(rows)
+        )
+        return scores, rows
 
     def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -453,21 +464,27 @@ class EmbeddingIndex:
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
         array = queries if isinstance(queries, np.ndarray) else queries.numpy(force=True)
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.dtype != np.float32 or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, dtype=np.float32)
         check_unit = self.manifest.unit and array.shape[1] == self.width
         cuts = dims if not check_unit or dims[-1] == self.width else [*dims, self.width]
-        key = (array.shape[1], *cuts)
-        mask = self._prefix_masks.get(key)
-        if mask is None:  # (query width, n): column i sums the first cuts[i] channels
-            mask = (np.arange(array.shape[1])[:, None] < np.array(cuts)).astype(np.float32)
-            self._prefix_masks[key] = mask
-        with np.errstate(invalid="ignore"):  # a non-finite channel makes inf x 0: judged below, not warned of
-            norms = np.sqrt(np.square(array) @ mask)  # one BLAS call for every prefix norm
+        mask = self._prefix_masks.get(tuple(cuts))
+        if mask is None:  # (cuts[-1], n): column i sums the first cuts[i] channels
+            mask = (np.arange(cuts[-1])[:, None] < np.array(cuts)).astype(np.float32)
+            self._prefix_masks[tuple(cuts)] = mask
+        # one BLAS call (np.dot: a third cheaper than @ for one query) gives every prefix norm
+        squares = np.square(array if cuts[-1] == array.shape[1] else array[:, : cuts[-1]])
+        if len(cuts) == 1:  # a mask of ones: no inf x 0 to silence (errstate costs a microsecond)
+            norms = np.sqrt(np.dot(squares, mask))
+        else:
+            with np.errstate(invalid="ignore"):  # a non-finite channel makes inf x 0: judged below, not warned of
+                norms = np.sqrt(np.dot(squares, mask))
         if len(array):
             # Prefix norms grow with the prefix, so the least of the first column and the last column settle every
             # stage: a non-finite channel of any stage makes its row's last norm inf or NaN, and so their sum. In
             # Python floats: numpy calls cost more than these tests for a few queries.
-            first, last = norms[:, 0].tolist(), norms[:, -1].tolist()
+            columns = norms.T.tolist()
+            first, last = columns[0], columns[-1]
             fine = math.isfinite(sum(last)) and min(first) > 0
             if check_unit:
                 fine = fine and 1 - UNIT_TOLERANCE <= min(last) and max(last) <= 1 + UNIT_TOLERANCE
@@ -525,6 +542,27 @@ def refuse_bad_queries(norms: np.ndarray, dims: Sequence[int], check_unit: bool)
 def cosines(scores: np.ndarray, indices: np.ndarray, norms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Search results as tensors: `scores` (Q, k) of raw query prefixes divided by their norms (Q, 1), indices."""
     return torch.from_numpy(scores / norms), torch.from_numpy(np.ascontiguousarray(indices))
+
+
+def huge_page_array(rows: int, width: int) -> np.ndarray:
+    """(rows, width) float32 zeros in a private anonymous memory map advised for transparent huge pages
+    (`MADV_HUGEPAGE`, where the platform has it): the buffer an `EmbeddingIndex` holds its vectors and prefix copies
+    in, fresh pages where allocators may hand out reused ones. Fill one to give an index vectors without a copy.
+    benchmarks/scan_memory.py compares a FAISS scan over it with one over other memory (docs/retrieval.md)."""
+    size = max(rows * width * 4, 1)
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private maps to advise
+        return np.zeros((rows, width), np.float32)
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buffer, np.float32, rows * width).reshape(rows, width)
+
+
+def on_memory_map(array: np.ndarray) -> bool:
+    """Whether `array` views a memory map: a file's (`np.memmap`) or a `huge_page_array`."""
+    while isinstance(array, np.ndarray):
+        array = array.base
+    return isinstance(array.obj if isinstance(array, memoryview) else array, mmap.mmap)
 
 
 def new_first_stage(settings: AnnSettings, dim: int):
@@ -697,7 +735,7 @@ def index_from_features(folder: str | os.PathLike, settings: AnnSettings | None 
     """
     folder = Path(folder)
     extraction = _extraction(folder)
-    vectors, ids, row = np.empty((extraction.rows, extraction.settings.dim), np.float32), [], 0
+    vectors, ids, row = huge_page_array(extraction.rows, extraction.settings.dim), [], 0
     for shard in extraction.shards:
         shard_ids, features = read_shard(folder / shard["file"])
         vectors[row : row + len(shard_ids)] = features.numpy()
@@ -916,6 +954,7 @@ __all__ = [
     "SearchResult",
     "build_index",
     "default_funnel",
+    "huge_page_array",
     "index",
     "index_from_features",
     "index_images",

@@ -56,9 +56,10 @@ class AnnSettings:
         require_at_least(
             1, hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search, nprobe=self.nprobe
         )
-        for name in ("nlist", "pq_bytes", "exact_below"):
+        for name in ("nlist", "pq_bytes"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.", setting=name)
+        require_at_least(0, exact_below=self.exact_below)  # 0: "auto" builds an ANN first stage at any size
 
     def resolve(self, rows: int, first_dim: int) -> "AnnSettings":
         """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
@@ -114,6 +115,11 @@ class IndexSettings:
             raise UsageError("images is empty; give image files or folders, or one extract folder.", setting="images")
         require_at_least(1, batch_size=self.batch_size)
         require_at_least(0, num_workers=self.num_workers)
+        if self.append and self.ann is not None:
+            raise UsageError(
+                "An append keeps the index's own first stage; do not pass ann settings (ann, hnsw_m, ...).",
+                setting="ann",
+            )
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,55 @@ def test_prefix_vectors_are_truncated_then_normalised():
     )
 
 
+def test_the_index_copies_what_it_is_given_into_a_huge_page_buffer_and_keeps_memory_maps_in_place(tmp_path):
+    database, queries = gaussian(200, 4, decay=1.0)
+    array = database.numpy().copy()
+    database.numpy().tofile(tmp_path / "vectors.f32")
+    buffer = retrieval.huge_page_array(*array.shape)
+    buffer[:] = array
+    kept = {
+        "memory map": np.memmap(tmp_path / "vectors.f32", np.float32, "r", shape=array.shape),
+        "huge-page buffer": buffer,
+        "a view of one": buffer[50:],
+    }
+    for name, vectors in kept.items():
+        assert np.shares_memory(EmbeddingIndex(vectors, dims=DIMS)._array, vectors), name
+    copied = {
+        "numpy array": array,
+        "torch tensor": database,
+        "float64 array": array.astype(np.float64),
+        "strided view": array[::2],
+        "bytes": np.frombuffer(array.tobytes(), np.float32).reshape(array.shape),
+    }
+    want = EmbeddingIndex(buffer, dims=DIMS).search(queries, 5)
+    for name, vectors in copied.items():
+        index = EmbeddingIndex(vectors, dims=DIMS)
+        held = np.asarray(vectors)
+        assert retrieval.on_memory_map(index._array) and not np.shares_memory(index._array, held), name
+        np.testing.assert_array_equal(index._array, held.astype(np.float32), err_msg=name)
+        if len(vectors) == len(array):
+            for got, expected in zip(index.search(queries, 5), want, strict=True):
+                torch.testing.assert_close(got, expected)
+    assert retrieval.on_memory_map(index._unit_prefix(16))  # the prefix copies too
+
+
+def test_huge_page_buffers_are_advised_for_transparent_huge_pages():
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not setting.is_file() or "[never]" in setting.read_text():
+        pytest.skip("this kernel has no transparent huge pages to ask for")
+    buffer = retrieval.huge_page_array(1024, 1024)  # 4 MiB: holds at least one aligned 2 MiB page
+    buffer[:] = 1.0
+    address, eligible = buffer.ctypes.data, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "THPeligible:":
+            eligible = line.split()[1]
+    assert eligible == "1"
+
+
 ANN = {
     "none": EXACT,
     "hnsw": AnnSettings(ann="hnsw", hnsw_m=16),
@@ -641,6 +690,29 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(fitted_fo
         assert "| HNSW, shortlist 36 at 8, rerank at 128 | ours: HNSW32 + rerank |" in table
         assert "| funnel, exact, shortlist 36 at 8, rerank at 128 | ours: `funnel_search` |" in table
     assert text.endswith("<!-- demo-block:end -->\nafter\n")
+
+
+def test_scan_memory_benchmark_scans_each_memory_and_writes_its_docs_block(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- scan-memory:start -->\nold\n<!-- scan-memory:end -->\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_memory.py"
+    command = [sys.executable, str(script), "--shapes", "3000x16", "500x8", "--queries", "4", "--rounds", "1"]
+    run = subprocess.run([*command, "--docs", str(page)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split(" | ") for line in page.read_text().splitlines() if line.startswith("| 3,000 x 16 |")]
+    memories = [
+        "huge_page_array (an index's buffer)",
+        "numpy array",
+        "torch tensor",
+        "IndexFlatIP storage (plain FAISS)",
+        "memory map of a file (a saved index)",
+    ]
+    states = ("as allocated", "after churn")
+    assert [(row[1], row[2]) for row in rows] == [(state, memory) for state in states for memory in memories]
+    assert rows[0][4] == rows[5][4] == "1.00x"
+    assert sum(line.startswith("| 500 x 8 |") for line in run.stdout.splitlines()) == 10
+    bad = subprocess.run([*command[:2], "--shapes", "100by8"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--shapes takes ROWSxWIDTH, like 100000x768; got '100by8'." in bad.stderr
 
 
 def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:

@@ -52,7 +52,7 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     calls = _capture(monkeypatch, "index", report)
     argv = ["index", "f", "g", "--model", "m", "--device", "cuda:1", "--dtype", "bfloat16", "--out", "o"]
     argv += ["--ann", "hnsw", "--hnsw-m", "8", "--ef-search", "16", "--nlist", "4", "--nprobe", "2"]
-    argv += ["--append", "--overwrite", "--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
+    argv += ["--overwrite", "--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
     assert main(argv) == 0
     assert calls == [
         IndexSettings(
@@ -60,7 +60,6 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
             "o",
             ModelSpec("m", "cuda:1", "bfloat16", False),
             AnnSettings("hnsw", hnsw_m=8, ef_search=16, nlist=4, nprobe=2),
-            append=True,
             overwrite=True,
             allow_other_model=True,
             batch_size=3,
@@ -72,6 +71,8 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     )
     assert main(["index", "f", "--out", "o"]) == 0
     assert calls[-1] == IndexSettings(["f"], "o")  # no model, default first stage
+    assert main(["index", "f", "--out", "o", "--append"]) == 0
+    assert calls[-1] == IndexSettings(["f"], "o", append=True)  # an append keeps the index's first stage
     capsys.readouterr()
 
     found = retrieval.SearchResult(["q.jpg"], [["b", "a"]], torch.tensor([[0.5, 0.25]]), "exact", 2, True, 2)
@@ -94,6 +95,13 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
         (lambda: IndexSettings(["f"], "o", num_workers=-1), "num_workers", "num_workers must be at least 0; got -1."),
         (lambda: AnnSettings(ef_search=0), "ef_search", "ef_search must be at least 1; got 0."),
         (lambda: AnnSettings(ann="flat"), "ann", "ann='flat' is not an index kind"),
+        (lambda: AnnSettings(nlist=-1), "nlist", r"nlist must be 0 \(automatic\) or positive; got -1."),
+        (lambda: AnnSettings(exact_below=-1), "exact_below", "exact_below must be at least 0; got -1."),
+        (
+            lambda: IndexSettings(["f"], "o", ann=AnnSettings(ann="hnsw"), append=True),
+            "ann",
+            "An append keeps the index's own first stage; do not pass ann settings",
+        ),
         (lambda: SearchSettings(["q"], "i", ModelSpec("m"), k=0), "k", "k must be at least 1; got 0."),
     ],
 )
@@ -106,6 +114,8 @@ def test_settings_errors_name_the_setting(make, setting, message):
 def test_command_errors_name_the_setting_and_the_cli_its_flag(tiny_folder, tmp_path, capsys):
     assert main(["index", "photos", "--out", "o", "--hnsw-m", "0"]) == 2
     assert capsys.readouterr().err == "franca-hf index: error: hnsw_m must be at least 1; got 0. (--hnsw-m)\n"
+    assert main(["index", "features", "--out", "o", "--append", "--nprobe", "8"]) == 2  # before opening anything
+    assert capsys.readouterr().err.startswith("franca-hf index: error: An append keeps the index's own first stage")
     images = IndexSettings([str(EXAMPLE_IMAGES)], str(tmp_path / "o"), ModelSpec(str(tiny_folder)), append=True)
     with pytest.raises(UsageError, match="append adds the new shards of an extract folder") as error:
         retrieval.index(images)  # refused before the model loads
