@@ -65,6 +65,7 @@ SCALED_DOWN = {
     "extract": "--num-workers 0",
     "index": "--num-workers 0",
     "benchmarks/retrieval.py": "--size 2000 --clusters 20 --queries 64 --single-queries 4 --batches 1 16 --rounds 1",
+    "benchmarks/scan_memory.py": "--shapes 2000x16 --queries 4 --rounds 1",
 }
 # `hf:<name>` datasets of the pages -> a function writing a `save_to_disk` stand-in into the given folder.
 HUB_DATASETS = {"hf:beans": lambda folder: _save_photo_dataset(folder, split="validation")}

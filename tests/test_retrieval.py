@@ -3,6 +3,7 @@ exact search, index folders (lazy loading, streaming from extract shards, append
 every documented way of embedding a query, errors."""
 
 import logging
+import runpy
 import shutil
 import subprocess
 import sys
@@ -692,13 +693,21 @@ def test_retrieval_benchmark_on_model_embeddings_writes_its_docs_block(fitted_fo
     assert text.endswith("<!-- demo-block:end -->\nafter\n")
 
 
-def test_scan_memory_benchmark_scans_each_memory_and_writes_its_docs_block(tmp_path):
+def test_scan_memory_benchmark_scans_each_memory_and_writes_its_docs_block(tmp_path, monkeypatch, capsys):
     page = tmp_path / "page.md"
     page.write_text("<!-- scan-memory:start -->\nold\n<!-- scan-memory:end -->\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_memory.py"
-    command = [sys.executable, str(script), "--shapes", "3000x16", "500x8", "--queries", "4", "--rounds", "1"]
-    run = subprocess.run([*command, "--docs", str(page)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(script.parent))
+    command = [str(script), "--shapes", "3000x16", "500x8", "--queries", "4", "--rounds", "1"]
+    monkeypatch.setattr(sys, "argv", [*command, "--docs", str(page)])
+    import faiss
+
+    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:  # the script scans on one thread
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads[0])
+        faiss.omp_set_num_threads(threads[1])
     rows = [line.split(" | ") for line in page.read_text().splitlines() if line.startswith("| 3,000 x 16 |")]
     memories = [
         "huge_page_array (an index's buffer)",
@@ -710,9 +719,12 @@ def test_scan_memory_benchmark_scans_each_memory_and_writes_its_docs_block(tmp_p
     states = ("as allocated", "after churn")
     assert [(row[1], row[2]) for row in rows] == [(state, memory) for state in states for memory in memories]
     assert rows[0][4] == rows[5][4] == "1.00x"
-    assert sum(line.startswith("| 500 x 8 |") for line in run.stdout.splitlines()) == 10
-    bad = subprocess.run([*command[:2], "--shapes", "100by8"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--shapes takes ROWSxWIDTH, like 100000x768; got '100by8'." in bad.stderr
+    assert sum(line.startswith("| 500 x 8 |") for line in capsys.readouterr().out.splitlines()) == 10
+    monkeypatch.setattr(sys, "argv", [str(script), "--shapes", "100by8"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stopped.value.code == 2
+    assert "--shapes takes ROWSxWIDTH, like 100000x768; got '100by8'." in capsys.readouterr().err
 
 
 def write_features(folder: Path, blocks: list[torch.Tensor], first: int = 0) -> list[str]:

@@ -4,7 +4,7 @@ usage errors before loading anything."""
 
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import UsageError, require_at_least
 from .dtypes import check_weight_dtype
 
 
@@ -82,6 +82,7 @@ class ConvertSettings:
                 )
         elif self.out is None:
             raise UsageError("out is required when converting a local checkpoint.", setting="out")
+        require_at_least(1, num_heads=self.num_heads)
         check_weight_dtype(self.dtype)
         if self.push is not None and self.push.folder is not None:
             raise UsageError("push.folder is the converted folder; leave it None.", setting="push")

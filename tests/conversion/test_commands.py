@@ -98,6 +98,7 @@ def test_every_convert_and_push_flag_reaches_its_setting(monkeypatch, capsys):
         (lambda: ConvertSettings(release="franca_vitb14_In21K", rasa="r.pth"), "rasa", "set with_rasa=True"),
         (lambda: ConvertSettings(release="franca_vitb14_In21K", num_heads=8), "num_heads", "num_heads: only for local"),
         (lambda: ConvertSettings("c.pth", out="o", dtype="int4"), "dtype", "dtype='int4' is not one of"),
+        (lambda: ConvertSettings("c.pth", out="o", num_heads=0), "num_heads", "num_heads must be at least 1; got 0."),
         (lambda: push(PushSettings("x/y")), "folder", "folder is required"),
     ],
 )
