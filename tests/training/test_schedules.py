@@ -67,15 +67,7 @@ def test_high_resolution_recipes_follow_the_official_fine_tune_schedules():
     frozen = OFFICIAL_FINETUNE_STEPS["frozen"]
     for name in ("highres_518_official", "highres_364", "highres_518"):
         optim = load_config(name).optim
-        schedules = FrancaSchedules(
-            1e-5,
-            optim.total_steps,
-            optim.warmup_steps,
-            teacher_temperature_start=optim.teacher_temperature_start,
-            teacher_temperature=optim.teacher_temperature,
-            teacher_temperature_warmup_steps=optim.teacher_temperature_warmup_steps,
-            freeze_last_layer_steps=optim.freeze_last_layer_steps,
-        )
+        schedules = FrancaSchedules.from_settings(optim, 1e-5)
         assert schedules(frozen - 1).last_layer_lr == 0 < schedules(frozen).last_layer_lr, name
         assert schedules(0).teacher_temperature == 0.04, name
         assert schedules(optim.teacher_temperature_warmup_steps).teacher_temperature == 0.07, name
