@@ -28,6 +28,7 @@ import logging
 import math
 import mmap
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -62,6 +63,15 @@ IDS_FILE = "ids.jsonl"
 FILL_BLOCK = 65536
 # a row of the full-width vectors has norm 1 within this when it is "the embedding" (`get_image_embeddings`)
 UNIT_TOLERANCE = 1e-3
+# Exact batches: from this many queries, matrix products over blocks of rows (`blocked_top_k`) beat FAISS's
+# one-scan-per-query kernel, which FAISS runs while queries x width < its `distance_compute_blas_threshold`.
+BLOCKED_MIN_QUERIES = 16
+BLOCKED_QUERIES = 1024  # queries per block
+BLOCKED_ROWS = 4096  # database rows per block, at least: 16 MiB of products at most for 1024 queries
+BLOCKED_PRODUCTS = 65536  # products per block, at least: fewer queries take more rows at a time (one query, 65,536)
+# Widths for which FAISS's transposed x86 kernels compute one query's inner products with every row 4-15x faster than
+# its top-k scan does (`fvec_inner_products_ny`): there, a single query is scanned that way, then heaped.
+TRANSPOSED_WIDTHS = {1, 2, 4, 8, 12} if platform.machine().lower() in ("x86_64", "amd64") else set()
 
 
 def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
@@ -243,24 +253,25 @@ class EmbeddingIndex:
 
     def search(
         self, queries: torch.Tensor | np.ndarray, k: int = 10, dim: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
         """Exact top-k by cosine similarity of the `dim`-channel prefixes (D when None).
 
         Args:
             queries: (Q, D) full-width queries, or (Q, dim) ones already cut to the prefix; a torch tensor or a
                 numpy array.
         Returns:
-            scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`.
+            scores (Q, k) cosine similarities, descending, and indices (Q, k) into `ids`: torch tensors for a tensor
+            of queries, numpy arrays for an array (as FAISS's `faiss.contrib.torch_utils` answers).
         """
         dim = self.width if dim is None else dim
         self.check_dim(dim)  # raises on a dim that is not allowed
         self._check_k(k)
         array, norms = self._checked_queries(queries, [dim])
-        return cosines(*self._exact(array, dim, k), norms[:, :1])
+        return cosines(*self._exact(array, dim, k), norms, isinstance(queries, torch.Tensor))
 
     def funnel_search(
         self, queries: torch.Tensor | np.ndarray, k: int = 10, stages: Sequence[tuple[int, int]] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
         """Top-k by a cascade of prefixes: stage 1 keeps `size_1` candidates at `dim_1` (with the first-stage engine
         when dim_1 is dims[0], else exactly), each later stage keeps the best `size_i` of the previous shortlist at
         `dim_i`, exactly, and the last one's top k is returned. A first stage that finds fewer than `size_1` rows (an
@@ -273,7 +284,8 @@ class EmbeddingIndex:
             stages: [(dim_1, size_1), …]: dims allowed and strictly increasing, sizes non-increasing and >= k
                 (sizes above N act as N). `default_funnel(self.dims, k)` when None.
         Returns:
-            scores (Q, k) cosine similarities at the last stage's prefix, descending, and indices (Q, k).
+            scores (Q, k) cosine similarities at the last stage's prefix, descending, and indices (Q, k): torch
+            tensors for a tensor of queries, numpy arrays for an array.
         """
         self._check_k(k)
         stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
@@ -289,8 +301,7 @@ class EmbeddingIndex:
             scores, indices = self._exact(array, first_dim, size)
         for dim, size in stages[1:]:
             scores, indices = self._rerank(array, indices, dim, size)
-        last = len(stages) - 1
-        return cosines(scores[:, :k], indices[:, :k], norms[:, last : last + 1])
+        return cosines(scores[:, :k], indices[:, :k], norms, isinstance(queries, torch.Tensor))
 
     def search_images(
         self,
@@ -383,14 +394,18 @@ class EmbeddingIndex:
         """Top-k rows (Q, k) by inner product of the unit `dim` prefixes with the queries' `dim` prefixes, any scale."""
         import faiss
 
-        database = self._unit_prefix(dim)
+        database, count = self._unit_prefix(dim), len(queries)
         cut = queries if queries.shape[1] == dim else np.ascontiguousarray(queries[:, :dim])
         if self.device.type == "cuda" and faiss_on_gpu(self.device):
             gpu = self.device.index or 0
             return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
+        if (count == 1 and dim in TRANSPOSED_WIDTHS) or (
+            BLOCKED_MIN_QUERIES <= count and count * dim < faiss.cvar.distance_compute_blas_threshold
+        ):
+            return blocked_top_k(cut, database, k)
         # FAISS's own function without `faiss.knn`'s wrapper, which converts and checks again what is checked here
         # (about 2 microseconds a call, some 4% of a single query's scan over 20k x 8)
-        count, pointer = len(cut), faiss.swig_ptr
+        pointer = faiss.swig_ptr
         scores, rows = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
         faiss.knn_inner_product(
             pointer(cut), pointer(database), dim, count, len(database), k, pointer(scores), pointer(rows)
@@ -453,10 +468,13 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self):
             raise UsageError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
-    def _checked_queries(self, queries: torch.Tensor | np.ndarray, dims: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The queries as a (Q, width) float32 C-contiguous array and the (Q, n) norms of their prefixes at increasing
-        `dims` (then of the full query, for an index of unit-norm embeddings), after checking their shape, that no
-        prefix is zero or non-finite and, for an index of unit-norm embeddings, that full-width ones have unit norm."""
+    def _checked_queries(
+        self, queries: torch.Tensor | np.ndarray, dims: list[int]
+    ) -> tuple[np.ndarray, np.ndarray | float]:
+        """The queries as a (Q, width) float32 C-contiguous array and the (Q, 1) norms of their prefixes at dims[-1] (a
+        float for one query: dividing by one is half the cost of dividing by an array), after checking their shape,
+        that no prefix at `dims` is zero or non-finite and, for an index of unit-norm embeddings, that full-width ones
+        have unit norm."""
         if queries.ndim != 2 or queries.shape[1] not in (self.width, dims[-1]):
             widths = sorted({dims[-1], self.width})
             raise ValueError(
@@ -468,18 +486,29 @@ class EmbeddingIndex:
             array = np.ascontiguousarray(array, dtype=np.float32)
         check_unit = self.manifest.unit and array.shape[1] == self.width
         cuts = dims if not check_unit or dims[-1] == self.width else [*dims, self.width]
-        mask = self._prefix_masks.get(tuple(cuts))
-        if mask is None:  # (cuts[-1], n): column i sums the first cuts[i] channels
-            mask = (np.arange(cuts[-1])[:, None] < np.array(cuts)).astype(np.float32)
-            self._prefix_masks[tuple(cuts)] = mask
-        # one BLAS call (np.dot: a third cheaper than @ for one query) gives every prefix norm
-        squares = np.square(array if cuts[-1] == array.shape[1] else array[:, : cuts[-1]])
-        if len(cuts) == 1:  # a mask of ones: no inf x 0 to silence (errstate costs 1-2 microseconds)
-            norms = np.sqrt(np.dot(squares, mask))
-        else:
-            with np.errstate(invalid="ignore"):  # a non-finite channel makes inf x 0: judged below, not warned of
+        if len(array) == 1:
+            # FAISS's norm of a contiguous float run, one C call per prefix: a tenth of the numpy calls below, which
+            # run with the caches just emptied by the previous scan (a few percent of a scan over a cached table)
+            import faiss
+
+            pointer = faiss.swig_ptr(array)
+            squares = [faiss.fvec_norm_L2sqr(pointer, cut) for cut in cuts]
+            first, last = squares[0], squares[-1]
+            fine = 0 < first and math.isfinite(last)
+            if check_unit:
+                fine = fine and (1 - UNIT_TOLERANCE) ** 2 <= last <= (1 + UNIT_TOLERANCE) ** 2
+            if fine:
+                return array, math.sqrt(squares[len(dims) - 1])
+        elif len(array):
+            mask = self._prefix_masks.get(tuple(cuts))
+            if mask is None:  # (cuts[-1], n): column i sums the first cuts[i] channels
+                mask = (np.arange(cuts[-1])[:, None] < np.array(cuts)).astype(np.float32)
+                self._prefix_masks[tuple(cuts)] = mask
+            # one BLAS call gives every prefix norm; an overflowing square, or a non-finite channel (inf x 0 in the
+            # product), is judged below, not warned of
+            with np.errstate(over="ignore", invalid="ignore"):
+                squares = np.square(array if cuts[-1] == array.shape[1] else array[:, : cuts[-1]])
                 norms = np.sqrt(np.dot(squares, mask))
-        if len(array):
             # Prefix norms grow with the prefix, so the least of the first column and the last column settle every
             # stage: a non-finite channel of any stage makes its row's last norm inf or NaN, and so their sum. In
             # Python floats: numpy calls cost more than these tests for a few queries.
@@ -488,10 +517,14 @@ class EmbeddingIndex:
             fine = math.isfinite(sum(last)) and min(first) > 0
             if check_unit:
                 fine = fine and 1 - UNIT_TOLERANCE <= min(last) and max(last) <= 1 + UNIT_TOLERANCE
-            if not fine:  # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
-                norms = prefix_norms(array, cuts)
-                refuse_bad_queries(norms, dims, check_unit)
-        return array, norms
+            if fine:
+                return array, norms[:, len(dims) - 1 : len(dims)]
+        else:
+            return array, np.ones((0, 1), np.float32)
+        # find the culprit, or clear the doubt (a non-finite channel that no stage reads)
+        norms = prefix_norms(array, cuts)
+        refuse_bad_queries(norms, dims, check_unit)
+        return array, norms[:, len(dims) - 1 : len(dims)]
 
     def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
         if not stages:
@@ -506,9 +539,10 @@ class EmbeddingIndex:
 
 
 def prefix_norms(queries: np.ndarray, dims: Sequence[int]) -> np.ndarray:
-    """(Q, len(dims)) L2 norms of the queries' prefixes at strictly increasing `dims`, from one pass over them."""
-    segments = np.add.reduceat(np.square(queries[:, : dims[-1]]), [0, *dims[:-1]], axis=1)
-    return np.sqrt(np.cumsum(segments, axis=1))
+    """(Q, len(dims)) float32 L2 norms of the queries' prefixes at strictly increasing `dims`, from one pass over them
+    in float64 (a channel above 2^64, whose square float32 cannot hold, still has a norm)."""
+    segments = np.add.reduceat(np.square(queries[:, : dims[-1]], dtype=np.float64), [0, *dims[:-1]], axis=1)
+    return np.sqrt(np.cumsum(segments, axis=1)).astype(np.float32)
 
 
 def padded(rows: np.ndarray) -> bool:
@@ -539,9 +573,44 @@ def refuse_bad_queries(norms: np.ndarray, dims: Sequence[int], check_unit: bool)
         raise ValueError(f"Query {row} has a zero or non-finite prefix of length {dims[stage]}; cosine is undefined.")
 
 
-def cosines(scores: np.ndarray, indices: np.ndarray, norms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Search results as tensors: `scores` (Q, k) of raw query prefixes divided by their norms (Q, 1), indices."""
-    return torch.from_numpy(scores / norms), torch.from_numpy(np.ascontiguousarray(indices))
+def cosines(
+    scores: np.ndarray, indices: np.ndarray, norms: np.ndarray | float, as_tensors: bool
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
+    """Search results: `scores` (Q, k) of raw query prefixes divided by their norms (Q, 1) (or the one query's norm),
+    and the indices (Q, k); C-contiguous numpy arrays, or torch tensors sharing their memory when `as_tensors`."""
+    scores, indices = scores / norms, np.ascontiguousarray(indices)
+    return (torch.from_numpy(scores), torch.from_numpy(indices)) if as_tensors else (scores, indices)
+
+
+def blocked_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest inner products (Q, k), descending, and their rows (Q, k), of (Q, d) queries with (N, d) database
+    rows, both float32 C-contiguous: the products of blocks of rows, each block merged into FAISS's heaps.
+
+    The products are torch matrix products (on torch's threads): what FAISS does itself once queries x d reach
+    `distance_compute_blas_threshold`; below it, FAISS reads the whole database once per query, 1.5-5x slower from 16
+    queries on. One query of a width in `TRANSPOSED_WIDTHS` takes FAISS's transposed kernel instead (docs/retrieval.md).
+    """
+    import faiss
+
+    (count, width), pointer = queries.shape, faiss.swig_ptr
+    scores, rows = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
+    database_rows = torch.from_numpy(database)
+    for start in range(0, count, BLOCKED_QUERIES):
+        block = queries[start : start + BLOCKED_QUERIES]
+        heaps = faiss.float_minheap_array_t()  # keeps the k largest of what it is given, per query
+        heaps.nh, heaps.k, heaps.val, heaps.ids = len(block), k, pointer(scores[start:]), pointer(rows[start:])
+        heaps.heapify()
+        block_rows, step = torch.from_numpy(block), max(BLOCKED_ROWS, BLOCKED_PRODUCTS // len(block))
+        for first in range(0, len(database), step):
+            if count == 1 and width in TRANSPOSED_WIDTHS:
+                part = database[first : first + step]
+                products = np.empty(len(part), np.float32)
+                faiss.fvec_inner_products_ny(pointer(products), pointer(block), pointer(part), width, len(part))
+            else:
+                products = torch.mm(block_rows, database_rows[first : first + step].T).numpy()
+            heaps.addn(products.shape[-1], pointer(products), first, 0, len(block))
+        heaps.reorder()
+    return scores, rows
 
 
 def huge_page_array(rows: int, width: int) -> np.ndarray:

@@ -171,7 +171,7 @@ def test_funnel_of_unit_embeddings_follows_its_cascade_in_memory_and_memory_mapp
 def test_searches_ignore_the_query_scale_and_take_numpy_arrays(ann):
     """Cosine rankings do not depend on the query's scale, so every stage ranks with the raw query prefix and only
     the returned scores are divided by its norm: a power-of-two scale (exact in float) gives identical results, any
-    other scale the same rows; numpy queries give what tensors give."""
+    other scale the same rows; numpy queries give what tensors give, as numpy arrays."""
     database, queries = gaussian(3000, 8, decay=1.0)
     index = EmbeddingIndex(database, dims=DIMS, settings=ANN[ann])
     searches = {
@@ -182,11 +182,44 @@ def test_searches_ignore_the_query_scale_and_take_numpy_arrays(ann):
     }
     for name, search in searches.items():
         scores, found = search(queries)
-        for same in (search(queries.numpy()), search(8 * queries), search(queries.double() / 4)):
+        arrays = search(queries.numpy())
+        assert all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays), name
+        for same in (tuple(map(torch.from_numpy, arrays)), search(8 * queries), search(queries.double() / 4)):
             assert torch.equal(same[1], found) and torch.equal(same[0], scores), name
         scaled = search(3.3 * queries)
         assert torch.equal(scaled[1], found), name
         torch.testing.assert_close(scaled[0], scores, atol=1e-6, rtol=0)
+
+
+def test_the_three_exact_kernels_agree(tiles, monkeypatch):
+    """One query (FAISS's scan, or at a width of `TRANSPOSED_WIDTHS` its transposed kernel, checked by FAISS's norms),
+    a few (FAISS's scan) and a batch (`blocked_top_k`'s matrix products) find the same rows with the same cosines, each
+    a true top-k; the blocked kernels over several blocks of queries and rows, a ragged last one of each, find what
+    FAISS's own scan finds."""
+    database, queries = gaussian(3000, 2 * retrieval.BLOCKED_MIN_QUERIES, decay=0.5)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    searches = lambda q: index.search(q, 7, 16), lambda q: index.funnel_search(q, 7, [(8, 60), (64, 7)])
+    for search in searches:
+        batch = search(queries)
+        few = [search(queries[start : start + 3]) for start in range(0, len(queries), 3)]
+        alone = [search(query[None]) for query in queries]
+        for results in (few, alone):
+            assert torch.equal(torch.cat([found for _, found in results]), batch[1])
+            torch.testing.assert_close(torch.cat([scores for scores, _ in results]), batch[0], atol=1e-6, rtol=0)
+    assert_exact_top_k(*index.search(queries, 7, 16), database, queries, 16)
+
+    import faiss
+
+    monkeypatch.setattr(retrieval, "BLOCKED_ROWS", 700)
+    monkeypatch.setattr(retrieval, "BLOCKED_PRODUCTS", 800)
+    monkeypatch.setattr(retrieval, "BLOCKED_QUERIES", 13)
+    for dim, count in ((32, len(queries)), (8, 1)):
+        unit = index.prefix(dim).numpy()
+        cut = np.ascontiguousarray(queries[:count, :dim].numpy())
+        scores, rows = retrieval.blocked_top_k(cut, unit, 9)
+        want_scores, want_rows = faiss.knn(cut, unit, 9, metric=faiss.METRIC_INNER_PRODUCT)
+        assert np.array_equal(rows, want_rows)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
 
 
 def test_single_stage_funnel_is_prefix_search():
@@ -477,22 +510,32 @@ def test_bad_search_inputs_raise_clear_errors(call, message):
         call(EmbeddingIndex(database, dims=DIMS, settings=EXACT), queries)
 
 
-def test_query_checks_name_the_first_bad_stage_and_ignore_channels_no_stage_reads():
+@pytest.mark.parametrize("rows", [slice(None), slice(1, 2)], ids=["batch", "one query"])
+def test_query_checks_name_the_first_bad_stage_and_ignore_channels_no_stage_reads(rows):
     """A zero or non-finite query prefix is named at the first stage it spoils; a non-finite channel past the last
     stage's prefix is never read, so it does not matter (the checks screen every prefix norm with one product, where
-    inf x 0 is NaN, then look again channel by channel)."""
+    inf x 0 is NaN, or, for one query, with FAISS's norm of each prefix, then look again channel by channel)."""
     database, queries = gaussian(100, 3, decay=1.0)
     index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     stages = [(8, 50), (32, 20), (64, 5)]
-    for channel, value, stage in ((20, float("nan"), 32), (3, float("inf"), 8), (40, float("-inf"), 64)):
+    bad = 1 if rows == slice(None) else 0  # the spoiled query's number in what is searched
+    for channel, value, stage in ((20, float("nan"), 32), (3, float("inf"), 8), (40, float("-inf"), 64), (5, 0, 8)):
         spoiled = queries.clone()
         spoiled[1, channel] = value
-        with pytest.raises(ValueError, match=rf"Query 1 has a zero or non-finite prefix of length {stage};"):
-            index.funnel_search(spoiled, 5, stages)
+        if value == 0:
+            spoiled[1, :8] = 0
+        with pytest.raises(ValueError, match=rf"Query {bad} has a zero or non-finite prefix of length {stage};"):
+            index.funnel_search(spoiled[rows], 5, stages)
     spoiled = queries.clone()
     spoiled[1, 100] = float("inf")
-    for got, want in zip(index.funnel_search(spoiled, 5, stages), index.funnel_search(queries, 5, stages), strict=True):
+    searches = index.funnel_search(spoiled[rows], 5, stages), index.funnel_search(queries[rows], 5, stages)
+    for got, want in zip(*searches, strict=True):
         assert torch.equal(got, want)
+    huge = queries.clone()
+    huge[1] *= 2.0**80  # finite, but its squares are not: the second look, in float64, finds the norm
+    (scores, found), (want_scores, want_found) = (index.funnel_search(q[rows], 5, stages) for q in (huge, queries))
+    assert torch.equal(found, want_found)
+    torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=0)
 
 
 def test_bad_index_inputs_raise_clear_errors():
