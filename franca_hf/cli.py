@@ -14,7 +14,9 @@ from pathlib import Path
 from .conversion.dtypes import WEIGHT_DTYPE_NAMES
 from .conversion.releases import RELEASES
 from .errors import USER_ERRORS, RunStoppedError, report
+from .features.settings import FEATURE_DTYPES
 from .rasa.settings import RasaRunSettings
+from .retrieval_settings import ANN_KINDS
 
 GRAMMAR = (
     "Training commands (pretrain, rasa) take a recipe (--config) and key=value settings; every other command takes "
@@ -289,7 +291,7 @@ def _add_extract(commands: argparse._SubParsersAction) -> None:
     extract.add_argument("--no-normalize", action="store_true", help="keep CLS embeddings un-normalised")
     extract.add_argument(
         "--features-dtype",
-        choices=["float32", "float16"],
+        choices=FEATURE_DTYPES,
         default="float32",
         help="stored float type (dense: float16 halves the size)",
     )
@@ -326,9 +328,7 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
         help="HF folder, Hub id, or release name (for an extract folder: optional, checked against the features)",
     )
     index.add_argument("--out", required=True, help="index folder")
-    index.add_argument(
-        "--ann", choices=["auto", "none", "hnsw", "ivfpq"], help="first stage: exact, HNSW graph, IVF-PQ (default auto)"
-    )
+    index.add_argument("--ann", choices=ANN_KINDS, help="first stage: exact, HNSW graph, IVF-PQ (default auto)")
     index.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
     index.add_argument("--ef-search", type=int, help="HNSW search list (default 64; at least the shortlist)")
     index.add_argument("--nlist", type=int, help="IVF cells (default: a power of two near 4 sqrt(rows))")
