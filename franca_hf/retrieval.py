@@ -69,8 +69,9 @@ BLOCKED_MIN_QUERIES = 16
 BLOCKED_QUERIES = 1024  # queries per block
 BLOCKED_ROWS = 4096  # database rows per block, at least: 16 MiB of products at most for 1024 queries
 BLOCKED_PRODUCTS = 65536  # products per block, at least: fewer queries take more rows at a time (one query, 65,536)
-# Widths for which FAISS's transposed x86 kernels compute one query's inner products with every row 4-15x faster than
-# its top-k scan does (`fvec_inner_products_ny`): there, a single query is scanned that way, then heaped.
+# Widths for which FAISS's transposed x86 kernels compute one query's inner products with every row 4-24x faster than
+# its top-k scan does (`fvec_inner_products_ny`, measured at widths 2 to 12 over 20k rows): there, a single query is
+# scanned that way, then heaped (2x the scan end to end at width 8).
 TRANSPOSED_WIDTHS = {1, 2, 4, 8, 12} if platform.machine().lower() in ("x86_64", "amd64") else set()
 
 
@@ -404,7 +405,7 @@ class EmbeddingIndex:
         ):
             return blocked_top_k(cut, database, k)
         # FAISS's own function without `faiss.knn`'s wrapper, which converts and checks again what is checked here
-        # (about 2 microseconds a call, some 4% of a single query's scan over 20k x 8)
+        # (about 2 microseconds a call)
         pointer = faiss.swig_ptr
         scores, rows = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
         faiss.knn_inner_product(
@@ -487,7 +488,7 @@ class EmbeddingIndex:
         check_unit = self.manifest.unit and array.shape[1] == self.width
         cuts = dims if not check_unit or dims[-1] == self.width else [*dims, self.width]
         if len(array) == 1:
-            # FAISS's norm of a contiguous float run, one C call per prefix: a tenth of the numpy calls below, which
+            # FAISS's norm of a contiguous float run, one C call per prefix, instead of the numpy calls below, which
             # run with the caches just emptied by the previous scan (a few percent of a scan over a cached table)
             import faiss
 
@@ -587,7 +588,7 @@ def blocked_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np
     rows, both float32 C-contiguous: the products of blocks of rows, each block merged into FAISS's heaps.
 
     The products are torch matrix products (on torch's threads): what FAISS does itself once queries x d reach
-    `distance_compute_blas_threshold`; below it, FAISS reads the whole database once per query, 1.5-5x slower from 16
+    `distance_compute_blas_threshold`; below it, FAISS reads the whole database once per query, 1.5-4.4x slower from 16
     queries on. One query of a width in `TRANSPOSED_WIDTHS` takes FAISS's transposed kernel instead (docs/retrieval.md).
     """
     import faiss
