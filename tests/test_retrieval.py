@@ -198,11 +198,24 @@ def test_the_three_exact_kernels_agree(tiles, monkeypatch):
     FAISS's own scan finds."""
     database, queries = gaussian(3000, 2 * retrieval.BLOCKED_MIN_QUERIES, decay=0.5)
     index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    blocked_calls = []  # (queries, width) of each call to the blocked kernels: which searches take them
+
+    def blocked_top_k(cut, database, k):
+        blocked_calls.append(cut.shape)
+        return real_blocked_top_k(cut, database, k)
+
+    real_blocked_top_k = retrieval.blocked_top_k
+    monkeypatch.setattr(retrieval, "blocked_top_k", blocked_top_k)
     searches = lambda q: index.search(q, 7, 16), lambda q: index.funnel_search(q, 7, [(8, 60), (64, 7)])
-    for search in searches:
+    for search, width in zip(searches, (16, 8), strict=True):
+        blocked_calls.clear()
         batch = search(queries)
+        assert blocked_calls == [(len(queries), width)]
         few = [search(queries[start : start + 3]) for start in range(0, len(queries), 3)]
+        assert blocked_calls == [(len(queries), width)]  # a few queries: FAISS's scan
         alone = [search(query[None]) for query in queries]
+        one_blocked = width in retrieval.TRANSPOSED_WIDTHS  # one query at width 8: the transposed kernel
+        assert blocked_calls == [(len(queries), width)] + [(1, width)] * len(queries) * one_blocked
         for results in (few, alone):
             assert torch.equal(torch.cat([found for _, found in results]), batch[1])
             torch.testing.assert_close(torch.cat([scores for scores, _ in results]), batch[0], atol=1e-6, rtol=0)
@@ -216,7 +229,7 @@ def test_the_three_exact_kernels_agree(tiles, monkeypatch):
     for dim, count in ((32, len(queries)), (8, 1)):
         unit = index.prefix(dim).numpy()
         cut = np.ascontiguousarray(queries[:count, :dim].numpy())
-        scores, rows = retrieval.blocked_top_k(cut, unit, 9)
+        scores, rows = real_blocked_top_k(cut, unit, 9)
         want_scores, want_rows = faiss.knn(cut, unit, 9, metric=faiss.METRIC_INNER_PRODUCT)
         assert np.array_equal(rows, want_rows)
         np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
