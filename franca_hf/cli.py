@@ -147,7 +147,7 @@ def _push(args: argparse.Namespace) -> None:
 def _index(args: argparse.Namespace) -> None:
     from .retrieval_settings import AnnSettings, IndexSettings
 
-    knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe")}
+    knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe", "half_scan")}
     chosen = {key: value for key, value in knobs.items() if value is not None}
     model = _model_spec(args) if args.model else None
     settings = _settings(IndexSettings, args, model=model, ann=AnnSettings(**chosen) if chosen else None)
@@ -333,6 +333,11 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     index.add_argument("--ef-search", type=int, help="HNSW search list (default 64; at least the shortlist)")
     index.add_argument("--nlist", type=int, help="IVF cells (default: a power of two near 4 sqrt(rows))")
     index.add_argument("--nprobe", type=int, help="IVF cells visited per query (default 64)")
+    index.add_argument(
+        "--half-scan",
+        action=argparse.BooleanOptionalAction,
+        help="exact scans of a few queries read a half-precision copy, then settle the top k in float32 (default on)",
+    )
     index.add_argument("--append", action="store_true", help="add the extract folder's new shards to the index --out")
     index.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     index.add_argument("--allow-other-model", action="store_true", help="skip the model fingerprint check")

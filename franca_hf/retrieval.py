@@ -50,7 +50,7 @@ from .modeling import (
     matryoshka_dims_of,
     normalized_prefix,
 )
-from .retrieval_settings import AnnSettings, IndexSettings, SearchSettings
+from .retrieval_settings import AnnSettings, IndexSettings, SearchSettings, physical_memory
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,18 @@ BLOCKED_PRODUCTS = 65536  # products per block, at least: fewer queries take mor
 # Widths for which FAISS's transposed x86 kernels compute one query's inner products with every row 4-24x faster than
 # its top-k scan does (`fvec_inner_products_ny`, measured at widths 2 to 12 over 20k rows): there, a single query is
 # scanned that way, then heaped (2x the scan end to end at width 8).
-TRANSPOSED_WIDTHS = {1, 2, 4, 8, 12} if platform.machine().lower() in ("x86_64", "amd64") else set()
+ON_X86 = platform.machine().lower() in ("x86_64", "amd64")
+TRANSPOSED_WIDTHS = {1, 2, 4, 8, 12} if ON_X86 else set()
+# Exact scans of fewer than BLOCKED_MIN_QUERIES queries read a half-precision copy (`HalfPrecisionScan`) at widths that
+# are multiples of 8 (FAISS's fp16 kernels are SIMD there; at width 12 they are 4x slower than the float scan), over
+# tables of at least HALF_SCAN_MIN_BYTES of float32 and shortlists of at most 1/HALF_SCAN_MAX_SHARE of the rows;
+# measured on x86 only. Below the floor the table stays in a 32 MiB L3 cache, where the half kernel (compute-bound)
+# lost to the float scan: 0.93x at 9 MiB (the demo's 19k x 128), against 1.3-1.4x at 18 MiB (100k x 48).
+HALF_SCAN_WIDTH_MULTIPLE = 8 if ON_X86 else 0
+HALF_SCAN_MIN_BYTES = 16 << 20
+HALF_SCAN_MAX_SHARE = 64
+HALF_FILL_BLOCK = 8192  # rows rounded to half precision at a time
+HALF_SCAN_SPARE = 8  # rows shortlisted beyond k: enough to settle every query measured (docs/retrieval.md)
 
 
 def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
@@ -210,6 +221,7 @@ class EmbeddingIndex:
         self.settings = AnnSettings(**manifest.settings)
         self._first = None  # the FAISS first stage, built or read on first use
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
+        self._half_scans: dict[int, HalfPrecisionScan | None] = {}  # by width, made on first use; None: not worth it
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
         self._prefix_masks: dict[tuple[int, ...], np.ndarray] = {}  # by cuts: _checked_queries
 
@@ -400,18 +412,49 @@ class EmbeddingIndex:
         if self.device.type == "cuda" and faiss_on_gpu(self.device):
             gpu = self.device.index or 0
             return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
-        if (count == 1 and dim in TRANSPOSED_WIDTHS) or (
-            BLOCKED_MIN_QUERIES <= count and count * dim < faiss.cvar.distance_compute_blas_threshold
-        ):
-            return blocked_top_k(cut, database, k)
-        # FAISS's own function without `faiss.knn`'s wrapper, which converts and checks again what is checked here
-        # (about 2 microseconds a call)
-        pointer = faiss.swig_ptr
-        scores, rows = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
-        faiss.knn_inner_product(
-            pointer(cut), pointer(database), dim, count, len(database), k, pointer(scores), pointer(rows)
-        )
-        return scores, rows
+        if count >= BLOCKED_MIN_QUERIES:
+            if count * dim < faiss.cvar.distance_compute_blas_threshold:
+                return blocked_top_k(cut, database, k)
+        elif not faiss_splits_rows(count, len(database)):  # the kernels below run on one thread
+            if count == 1 and dim in TRANSPOSED_WIDTHS:
+                return blocked_top_k(cut, database, k)
+            half = self._half_scan(dim, k)
+            if half is not None:
+                return half.top_k(cut, database, k)
+        return float_top_k(cut, database, k)
+
+    def _half_scan(self, dim: int, k: int) -> "HalfPrecisionScan | None":
+        """The half-precision copy of the unit `dim` prefixes, made on first use, when it beats the float scan for k."""
+        rows = len(self)
+        if (k + HALF_SCAN_SPARE) * HALF_SCAN_MAX_SHARE > rows:
+            return None
+        if dim not in self._half_scans:
+            worth = (
+                self.settings.half_scan
+                and HALF_SCAN_WIDTH_MULTIPLE
+                and dim % HALF_SCAN_WIDTH_MULTIPLE == 0
+                and rows * dim * 4 >= HALF_SCAN_MIN_BYTES
+                and rows * dim * 2 <= physical_memory() / 4
+            )
+            self._half_scans[dim] = HalfPrecisionScan(self._unit_prefix(dim)) if worth else None
+        return self._half_scans[dim]
+
+    def prepare(self, dims: Sequence[int]) -> int:
+        """Make now, rather than on the first exact scan at each of `dims`, the copies that scan reads: the unit
+        prefix copy and, where the half-precision scan applies (`HalfPrecisionScan`), its copy; a service warms up
+        with it (3 s for the half copy of 1M x 768 on 2 cores here). Returns the bytes they hold beyond the vectors."""
+        for dim in dims:
+            self.check_dim(dim)
+            self._unit_prefix(dim)
+            self._half_scan(dim, 1)
+        return sum(self.copy_bytes(dim) for dim in set(dims))
+
+    def copy_bytes(self, dim: int) -> int:
+        """Bytes this index holds beyond its vectors for exact scans at `dim`: the unit prefix copy and the
+        half-precision copy, where made so far."""
+        unit = self._unit_prefixes.get(dim)
+        half = self._half_scans.get(dim)
+        return (0 if unit is None else unit.nbytes) + (0 if half is None else half.nbytes)
 
     def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -612,6 +655,95 @@ def blocked_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np
             heaps.addn(products.shape[-1], pointer(products), first, 0, len(block))
         heaps.reorder()
     return scores, rows
+
+
+def faiss_splits_rows(count: int, rows: int) -> bool:
+    """Whether FAISS's float scan of `count` queries over `rows` rows divides the rows among its threads, as it does
+    for fewer queries than threads over a large table (faiss/utils/distances.cpp, 1.15: at least 10,000 rows and 1024
+    a thread); elsewhere it runs one query per thread, and kernels that scan a query on one thread lose nothing."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    return (
+        1 < threads and count < threads and rows >= max(10_000, threads * faiss.cvar.distance_compute_blas_database_bs)
+    )
+
+
+def float_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest inner products (Q, k), descending, and their rows (Q, k), of (Q, d) queries with (N, d) database
+    rows, both float32 C-contiguous: FAISS's scan (`knn_inner_product`, what `IndexFlatIP.search` runs), called
+    without `faiss.knn`'s wrapper, which converts and checks again what the callers checked (about 2 µs a call)."""
+    import faiss
+
+    (count, width), pointer = queries.shape, faiss.swig_ptr
+    scores, rows = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
+    faiss.knn_inner_product(
+        pointer(queries), pointer(database), width, count, len(database), k, pointer(scores), pointer(rows)
+    )
+    return scores, rows
+
+
+class HalfPrecisionScan:
+    """A copy of (N, d) float32 rows in IEEE half precision, scanned with FAISS's fp16 scalar-quantizer kernel to find
+    the exact top-k of a few queries while reading half the bytes (1.2-2x faster over tables past the caches,
+    docs/retrieval.md).
+
+    The half scan shortlists k + HALF_SCAN_SPARE rows, and FAISS's float kernel rescores them from the float rows:
+    exactly the scores its float scan computes on one thread (threads sharing out the rows of one query use matrix
+    products, which sum in another order). A row left out scored at most the last shortlisted half-precision
+    score s, so in float32 at most s + |q| * `slack` (rounding of the rows to half, plus float32 rounding of both
+    products, whatever their order of summation). When that is below the k-th rescored score, no row left out can
+    enter the top k, and the answer is the float scan's, scores and rows (equal scores kept as it keeps them: the
+    shortlist is rescored in row order, as the scan reads rows). A query for which the bound does not settle it is
+    scanned again in float32.
+    """
+
+    def __init__(self, rows: np.ndarray):
+        import faiss
+
+        count, width = rows.shape
+        self.index = faiss.IndexScalarQuantizer(width, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        # the largest squared norms of x - half(x), x and half(x) over the rows, in float32: x - half(x) is exact
+        # (two floats within a factor of 2 of each other), each sum of squares within width x 2^-24 of its value
+        error = row_norm = half_norm = 0.0
+        for start in range(0, count, HALF_FILL_BLOCK):
+            block = rows[start : start + HALF_FILL_BLOCK]
+            # rounded to nearest (torch converts 10x faster than numpy): the codes FAISS's fp16 quantizer decodes
+            half = torch.from_numpy(block).half()
+            self.index.add_sa_codes(half.numpy().view(np.uint8))
+            rounded = half.float().numpy()
+            difference = block - rounded
+            error = max(error, float(np.einsum("ij,ij->i", difference, difference).max()))
+            row_norm = max(row_norm, float(np.einsum("ij,ij->i", block, block).max()))
+            half_norm = max(half_norm, float(np.einsum("ij,ij->i", rounded, rounded).max()))
+        rounding = width * 2.0**-24 / (1 - width * 2.0**-24)  # bound on a float32 dot product's relative error
+        # per unit of query norm; 0.1 % more covers the float32 sums of squares above and the query norm it meets
+        self.slack = (math.sqrt(error) + rounding * (math.sqrt(row_norm) + math.sqrt(half_norm))) * 1.001
+        self.nbytes = count * width * 2
+
+    def top_k(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The float scan's answer (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`, the (N, d)
+        float32 rows this copy was made from; k + HALF_SCAN_SPARE must not exceed N."""
+        import faiss
+
+        (count, width), pointer, wide = queries.shape, faiss.swig_ptr, k + HALF_SCAN_SPARE
+        approximate, shortlist = np.empty((count, wide), np.float32), np.empty((count, wide), np.int64)
+        self.index.search_c(count, pointer(queries), wide, pointer(approximate), pointer(shortlist))
+        shortlist.sort(axis=1)
+        scores, picked = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
+        faiss.knn_inner_products_by_idx(
+            pointer(queries), pointer(rows), pointer(shortlist), width, count, len(rows), wide, k,
+            pointer(scores), pointer(picked), wide,
+        )  # fmt: skip
+        if count == 1:
+            unsettled = approximate[0, -1] + math.sqrt(faiss.fvec_norm_L2sqr(pointer(queries), width)) * self.slack
+            unsettled = [0] if unsettled >= scores[0, -1] else []
+        else:
+            norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+            unsettled = np.flatnonzero(approximate[:, -1] + norms * self.slack >= scores[:, -1])
+        for query in unsettled:
+            scores[query], picked[query] = float_top_k(queries[query : query + 1], rows, k)
+        return scores, picked
 
 
 def huge_page_array(rows: int, width: int) -> np.ndarray:

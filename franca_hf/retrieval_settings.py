@@ -37,6 +37,10 @@ class AnnSettings:
         nprobe: IVF cells visited per query.
         pq_bytes: bytes per row of the PQ code (sub-quantizers of 8 bits); 0 picks dims[0] / 2.
         exact_below: the row count from which "auto" builds an ANN first stage.
+        half_scan: exact scans of a few queries (fewer than 16) read a half-precision copy of the scanned prefixes
+            and settle the top k exactly from the float rows (`HalfPrecisionScan`): 1.2-2x faster over tables past
+            the caches, for N x dim x 2 bytes of RAM per width scanned, made on first use (never more than a quarter
+            of the machine's RAM). False: scan the float rows only.
     """
 
     ann: str = "auto"
@@ -47,6 +51,7 @@ class AnnSettings:
     nprobe: int = 64
     pq_bytes: int = 0
     exact_below: int = 200_000
+    half_scan: bool = True
 
     def __post_init__(self):
         if self.ann not in ANN_KINDS:

@@ -2,11 +2,13 @@
 exact search, index folders (lazy loading, streaming from extract shards, append = rebuild), model fingerprints,
 every documented way of embedding a query, errors."""
 
+import json
 import logging
 import runpy
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +237,80 @@ def test_the_three_exact_kernels_agree(tiles, monkeypatch):
         np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
 
 
+def test_the_half_precision_scan_gives_the_float_scans_answer(tiles, monkeypatch):
+    """A few queries over a table of HALF_SCAN_MIN_BYTES read its half-precision copy: the shortlist, rescored and
+    settled by the bound, is FAISS's float scan's answer bit for bit (scores and rows, duplicate rows among the
+    results and at the k-th place), in search and as a funnel's first stage (at width 32, the size limit lifted); a query the bound cannot settle (a shortlist of equal rows) is
+    scanned again in float32. `prepare` makes the copies before any search. The copy is made at widths that are multiples of 8, for tables this large, short lists,
+    one thread per query, and only with half_scan on."""
+    import faiss
+
+    rows = retrieval.HALF_SCAN_MIN_BYTES // (4 * WIDTH)
+    database, queries = gaussian(rows, 6, decay=0.5)
+    database[100:150] = database[5000:5050]  # duplicates, found by the queries below in pairs of equal scores
+    queries[:3] = database[120:123] + 0.01 * torch.randn(3, WIDTH, generator=torch.Generator().manual_seed(1))
+    database[7000:7030] = database[7030]  # 31 equal rows: the shortlist of a query equal to them is all ties
+    queries[5] = database[7030]
+    centre, gen = database[9000], torch.Generator().manual_seed(2)  # 9 rows close to query 4, then two equal rows
+    database[9001:9009] = centre + 0.01 * centre.norm() * torch.randn(8, WIDTH, generator=gen) / WIDTH**0.5
+    database[300] = database[9100] = centre + 0.03 * centre.norm() * torch.randn(WIDTH, generator=gen)
+    queries[4] = centre
+    dims = [12, 32, WIDTH]
+    index = EmbeddingIndex(database, dims=dims, settings=EXACT)
+    floats = EmbeddingIndex(database, dims=dims, settings=AnnSettings("none", half_scan=False))
+    calls = []  # ("half" | "float", queries) of each scan
+
+    real_half, real_float = retrieval.HalfPrecisionScan.top_k, retrieval.float_top_k
+
+    def half_top_k(scan, cut, *args):
+        calls.append(("half", len(cut)))
+        return real_half(scan, cut, *args)
+
+    def float_top_k(cut, *args):
+        calls.append(("float", len(cut)))
+        return real_float(cut, *args)
+
+    monkeypatch.setattr(retrieval.HalfPrecisionScan, "top_k", half_top_k)
+    monkeypatch.setattr(retrieval, "float_top_k", float_top_k)
+    for k in (10, 100):
+        for batch in (queries[:1], queries[4:5], queries[:5]):
+            calls.clear()
+            got, want = index.search(batch, k), floats.search(batch, k)
+            assert calls[0] == ("half", len(batch)) and len(calls) == 2  # the float calls: `floats`'s own scan
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(set(index.search(queries[:3], 10)[0][0].tolist())) < 10  # ties among the results
+    assert index.search(queries[4:5], 10)[1][0, -1] == 300  # of two equal rows at the k-th place, the first one
+    calls.clear()
+    got, want = index.search(queries[5:], 10), floats.search(queries[5:], 10)
+    assert calls == [("half", 1), ("float", 1), ("float", 1)]  # unsettled: scanned again in float32
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert index.copy_bytes(WIDTH) == rows * WIDTH * (4 + 2)  # the unit copy and the half copy of scaled rows
+    assert floats.copy_bytes(WIDTH) == rows * WIDTH * 4
+    ready = EmbeddingIndex(database, dims=dims, settings=EXACT)
+    assert ready.prepare([32, WIDTH]) == rows * (32 * 4 + WIDTH * 6)  # made before any search (no half copy at 32)
+    calls.clear()
+    assert torch.equal(ready.search(queries[:1], 10)[1], floats.search(queries[:1], 10)[1])
+    assert calls[0] == ("half", 1) and ready.copy_bytes(WIDTH) == rows * WIDTH * 6
+
+    calls.clear()
+    index.search(queries[:3], 10, 12)  # width 12: FAISS's fp16 kernel is not SIMD there
+    index.search(queries[:3], 10, 32)  # a table of 4 MiB at width 32: in the caches, the float scan is faster
+    index.search(queries[:1], rows // retrieval.HALF_SCAN_MAX_SHARE, WIDTH)  # a long list
+    faiss.omp_set_num_threads(2)  # FAISS would share out one query's rows among threads
+    index.search(queries[:1], 10, WIDTH)
+    faiss.omp_set_num_threads(1)
+    assert [name for name, _ in calls] == ["float"] * 4
+    assert index._half_scans[12] is None and index._half_scans[32] is None
+    monkeypatch.setattr(retrieval, "HALF_SCAN_MIN_BYTES", 0)  # a funnel's first stage at width 32
+    stages = [(32, 50), (WIDTH, 10)]
+    calls.clear()
+    got = EmbeddingIndex(database, dims=dims, settings=EXACT).funnel_search(queries[:2], 10, stages)
+    want = floats.funnel_search(queries[:2], 10, stages)
+    assert calls[0] == ("half", 2) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.setattr(retrieval, "physical_memory", lambda: rows * 8 * 4 - 1)  # no more than a quarter of RAM
+    assert EmbeddingIndex(database, dims=dims, settings=EXACT)._half_scan(WIDTH, 10) is None
+
+
 def test_single_stage_funnel_is_prefix_search():
     database, queries = gaussian(500, 5, decay=1.0)
     index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
@@ -307,7 +383,7 @@ def test_huge_page_buffers_are_advised_for_transparent_huge_pages():
 ANN = {
     "none": EXACT,
     "hnsw": AnnSettings(ann="hnsw", hnsw_m=16),
-    "ivfpq": AnnSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4),
+    "ivfpq": AnnSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4, half_scan=False),
 }
 
 
@@ -330,6 +406,10 @@ def test_save_load_round_trip_is_exact_and_lazy(tmp_path, ann):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
     (tmp_path / "plain").write_bytes(b"")  # the index gets the permissions of any new file (umask), not 0600
     assert (path / "vectors.f32").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    manifest = json.loads((path / "index.json").read_text())
+    assert manifest["settings"].pop("half_scan") is ANN[ann].half_scan
+    (path / "index.json").write_text(json.dumps(manifest))  # an index saved before the setting: the default, on
+    assert EmbeddingIndex.load(path).settings == replace(index.settings, half_scan=True)
 
 
 @pytest.mark.parametrize("ann", ["hnsw", "ivfpq"])

@@ -52,14 +52,14 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     calls = _capture(monkeypatch, "index", report)
     argv = ["index", "f", "g", "--model", "m", "--device", "cuda:1", "--dtype", "bfloat16", "--out", "o"]
     argv += ["--ann", "hnsw", "--hnsw-m", "8", "--ef-search", "16", "--nlist", "4", "--nprobe", "2"]
-    argv += ["--overwrite", "--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
+    argv += ["--no-half-scan", "--overwrite", "--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
     assert main(argv) == 0
     assert calls == [
         IndexSettings(
             ["f", "g"],
             "o",
             ModelSpec("m", "cuda:1", "bfloat16", False),
-            AnnSettings("hnsw", hnsw_m=8, ef_search=16, nlist=4, nprobe=2),
+            AnnSettings("hnsw", hnsw_m=8, ef_search=16, nlist=4, nprobe=2, half_scan=False),
             overwrite=True,
             allow_other_model=True,
             batch_size=3,
