@@ -19,7 +19,7 @@ tables). Real embeddings hold `--queries` rows (at most a quarter) out of the da
 
 Queries run on `--threads` threads (default 1, FAISS and torch); indexes are built on all cores.
 
-Run (100k: about 3 minutes on 2 CPU cores; 1M: about 10):
+Run (on 2 quiet CPU cores, 100k: about 1.5 minutes; 1M: about 3.5; the demo: about 1):
     python benchmarks/retrieval.py --docs docs/retrieval.md
     python benchmarks/retrieval.py --size 1000000 --queries 256 --single-queries 32 --rounds 3 \
         --docs docs/retrieval.md --docs-block retrieval-benchmark-1m
@@ -317,7 +317,7 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
             f"{statistics.median(x / y for x, y in zip(base[b], row['times'][b], strict=True)):.1f}x |"
             for b in args.batches
         )
-        held = row["memory"]() if callable(row["memory"]) else row["memory"]  # ours: the copies made while timed
+        held = row["memory"]() if callable(row["memory"]) else row["memory"]  # ours: the copies it holds after the runs
         memory = f"{held / 2**20:,.0f} MiB" if held else "none"
         build_time = f"{row['build']:.1f}" if row["build"] else "-"
         lines.append(f"| {row['point']} | {row['name']} | {row['recall']:.4f} |{cells} {build_time} | {memory} |")

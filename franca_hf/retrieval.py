@@ -685,7 +685,7 @@ def float_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.n
 
 class HalfPrecisionScan:
     """A copy of (N, d) float32 rows in IEEE half precision, scanned with FAISS's fp16 scalar-quantizer kernel to find
-    the exact top-k of a few queries while reading half the bytes (1.2-2x faster over tables past the caches,
+    the exact top-k of a few queries while reading half the bytes (1.3-2x faster for one query over tables past the caches,
     docs/retrieval.md).
 
     The half scan shortlists k + HALF_SCAN_SPARE rows, and FAISS's float kernel rescores them from the float rows:
