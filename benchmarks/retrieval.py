@@ -324,7 +324,8 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
     footer = [
         f"Timings: median over {args.rounds} round-robin rounds; batch 1 timed on the first {args.single_queries} "
         "queries, the methods of an operating point taking turns query by query (so that load that comes and goes "
-        f'weighs on them alike), larger batches on all {len(queries)}; "x exact": speed over ours, exact full width, '
+        "weighs on them alike), which goes first rotating from turn to turn (so that none always runs right after "
+        f'the others), larger batches on all {len(queries)}; "x exact": speed over ours, exact full width, '
         f"in the same round. RAM beyond the vectors: what the method keeps besides the {size:,} x {width} float32 vectors "
         f"({flat_bytes / 2**20:,.0f} MiB, which ours holds in its huge-page buffer, `huge_page_array`, as "
         "`index_from_features` gives them, or memory-maps from a saved index, and which FAISS's flat index copies; "
@@ -360,13 +361,16 @@ def prepared(index: EmbeddingIndex, dims: list[int]) -> EmbeddingIndex:
 def timed_singles(fns, queries: np.ndarray) -> list[float]:
     """Seconds each of `fns` takes over all `queries` one at a time, the functions taking turns query by query. Each
     starts at its own share of the queries (function i of n at query i·Q/n), so that every query is met by each
-    function at the same distance in turns from the others: none runs more often on rows another just read."""
-    totals = [0.0] * len(fns)
+    function at the same distance in turns from the others: none runs more often on rows another just read. The
+    order within a turn rotates, so that each function runs first in as many turns as the others (two equal scans
+    timed in a fixed order measured alike here, 0.997, so this only rules out an order effect elsewhere)."""
+    totals, count = [0.0] * len(fns), len(fns)
     for turn in range(len(queries)):
-        for position, fn in enumerate(fns):
-            query = (turn + position * len(queries) // len(fns)) % len(queries)
+        for step in range(count):
+            position = (turn + step) % count
+            query = (turn + position * len(queries) // count) % len(queries)
             start = time.perf_counter()
-            fn(queries[query : query + 1])
+            fns[position](queries[query : query + 1])
             totals[position] += time.perf_counter() - start
     return totals
 

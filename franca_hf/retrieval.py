@@ -63,6 +63,7 @@ IDS_FILE = "ids.jsonl"
 FILL_BLOCK = 65536
 # a row of the full-width vectors has norm 1 within this when it is "the embedding" (`get_image_embeddings`)
 UNIT_TOLERANCE = 1e-3
+UNIT_SQUARES = ((1 - UNIT_TOLERANCE) ** 2, (1 + UNIT_TOLERANCE) ** 2)  # the squared norms within UNIT_TOLERANCE of 1
 # Exact batches: from this many queries, matrix products over blocks of rows (`blocked_top_k`) beat FAISS's
 # one-scan-per-query kernel, which FAISS runs while queries x width < its `distance_compute_blas_threshold`.
 BLOCKED_MIN_QUERIES = 16
@@ -78,7 +79,7 @@ TRANSPOSED_WIDTHS = {1, 2, 4, 8, 12} if ON_X86 else set()
 # are multiples of 8 (FAISS's fp16 kernels are SIMD there; at width 12 they are 4x slower than the float scan), over
 # tables of at least HALF_SCAN_MIN_BYTES of float32 and shortlists of at most 1/HALF_SCAN_MAX_SHARE of the rows;
 # measured on x86 only. Below the floor the table stays in a 32 MiB L3 cache, where the half kernel (compute-bound)
-# lost to the float scan: 0.93x at 9 MiB (the demo's 19k x 128), against 1.3-1.4x at 18 MiB (100k x 48).
+# gains nothing on the float scan: 0.93-0.99x at 9 MiB (the demo's 19k x 128), against 1.3-1.4x at 18 MiB (100k x 48).
 HALF_SCAN_WIDTH_MULTIPLE = 8 if ON_X86 else 0
 HALF_SCAN_MIN_BYTES = 16 << 20
 HALF_SCAN_MAX_SHARE = 64
@@ -217,6 +218,7 @@ class EmbeddingIndex:
 
     def _init(self, manifest: IndexManifest, folder: Path | None, device) -> None:
         self.manifest, self.folder, self.device = manifest, folder, torch.device(device)
+        self._faiss_gpu: bool | None = None  # whether FAISS searches on self.device's GPU: decided on first search
         self.dims: list[int] = manifest.dims
         self.settings = AnnSettings(**manifest.settings)
         self._first = None  # the FAISS first stage, built or read on first use
@@ -409,7 +411,9 @@ class EmbeddingIndex:
 
         database, count = self._unit_prefix(dim), len(queries)
         cut = queries if queries.shape[1] == dim else np.ascontiguousarray(queries[:, :dim])
-        if self.device.type == "cuda" and faiss_on_gpu(self.device):
+        if self._faiss_gpu is None:
+            self._faiss_gpu = faiss_on_gpu(self.device)
+        if self._faiss_gpu:
             gpu = self.device.index or 0
             return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
         if count >= BLOCKED_MIN_QUERIES:
@@ -537,10 +541,10 @@ class EmbeddingIndex:
 
             pointer = faiss.swig_ptr(array)
             squares = [faiss.fvec_norm_L2sqr(pointer, cut) for cut in cuts]
-            first, last = squares[0], squares[-1]
-            fine = 0 < first and math.isfinite(last)
+            last = squares[-1]
+            fine = 0 < squares[0] and math.isfinite(last)
             if check_unit:
-                fine = fine and (1 - UNIT_TOLERANCE) ** 2 <= last <= (1 + UNIT_TOLERANCE) ** 2
+                fine = fine and UNIT_SQUARES[0] <= last <= UNIT_SQUARES[1]
             if fine:
                 return array, math.sqrt(squares[len(dims) - 1])
         elif len(array):
