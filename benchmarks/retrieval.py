@@ -19,12 +19,13 @@ tables). Real embeddings hold `--queries` rows (at most a quarter) out of the da
 
 Queries run on `--threads` threads (default 1, FAISS and torch); indexes are built on all cores.
 
-Run (on 2 quiet CPU cores, 100k: about 1.5 minutes; 1M: about 3.5; the demo: about 1):
+Run (on 2 quiet CPU cores, 100k: about 1.5 minutes; 1M: about 3.5; the demo: about 1; 100k on 2 threads: 1.5):
     python benchmarks/retrieval.py --docs docs/retrieval.md
     python benchmarks/retrieval.py --size 1000000 --queries 256 --single-queries 32 --rounds 3 \
         --docs docs/retrieval.md --docs-block retrieval-benchmark-1m
     python benchmarks/retrieval.py --model runs/demo/teacher --data demo --images 20000 \
         --docs docs/retrieval.md --docs-block retrieval-benchmark-demo
+    python benchmarks/retrieval.py --threads 2 --docs docs/retrieval.md --docs-block retrieval-benchmark-2-threads
 """
 
 import argparse

@@ -85,6 +85,11 @@ HALF_SCAN_MIN_BYTES = 16 << 20
 HALF_SCAN_MAX_SHARE = 64
 HALF_FILL_BLOCK = 8192  # rows rounded to half precision at a time
 HALF_SCAN_SPARE = 8  # rows shortlisted beyond k: enough to settle every query measured (docs/retrieval.md)
+# A half-precision copy is made in one shard per FAISS thread, of this many bytes at least (and at most
+# HALF_SCAN_MAX_SHARE shards, so that each holds k + HALF_SCAN_SPARE rows); a query that FAISS would share out among
+# its threads searches them in parallel: on 2 threads here, 1.2x one shard over a 9 MiB copy (shards of 4.6 MiB) to
+# 1.9x over 1.5 GiB, where FAISS's shared-out float scan took 2.0-5.6x as long as one shard (docs/retrieval.md).
+HALF_SCAN_SHARD_BYTES = 4 << 20
 
 
 def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
@@ -419,12 +424,16 @@ class EmbeddingIndex:
         if count >= BLOCKED_MIN_QUERIES:
             if count * dim < faiss.cvar.distance_compute_blas_threshold:
                 return blocked_top_k(cut, database, k)
-        elif not faiss_splits_rows(count, len(database)):  # the kernels below run on one thread
-            if count == 1 and dim in TRANSPOSED_WIDTHS:
+        else:
+            # FAISS shares out one query's rows among its threads for fewer queries than threads over a large table:
+            # there, only a sharded half-precision copy (its shards searched in parallel) is faster; elsewhere the
+            # kernels below run a query on one thread, as FAISS's does
+            shared = faiss_splits_rows(count, len(database))
+            if count == 1 and dim in TRANSPOSED_WIDTHS and not shared:
                 return blocked_top_k(cut, database, k)
             half = self._half_scan(dim, k)
-            if half is not None:
-                return half.top_k(cut, database, k)
+            if half is not None and (half.shards > 1 or not shared):
+                return half.top_k(cut, database, k, parallel=shared)
         return float_top_k(cut, database, k)
 
     def _half_scan(self, dim: int, k: int) -> "HalfPrecisionScan | None":
@@ -440,7 +449,13 @@ class EmbeddingIndex:
                 and rows * dim * 4 >= HALF_SCAN_MIN_BYTES
                 and rows * dim * 2 <= physical_memory() / 4
             )
-            self._half_scans[dim] = HalfPrecisionScan(self._unit_prefix(dim)) if worth else None
+            if worth:
+                import faiss
+
+                shards = min(faiss.omp_get_max_threads(), HALF_SCAN_MAX_SHARE, rows * dim * 2 // HALF_SCAN_SHARD_BYTES)
+                self._half_scans[dim] = HalfPrecisionScan(self._unit_prefix(dim), max(shards, 1))
+            else:
+                self._half_scans[dim] = None
         return self._half_scans[dim]
 
     def prepare(self, dims: Sequence[int]) -> int:
@@ -700,39 +715,63 @@ class HalfPrecisionScan:
     enter the top k, and the answer is the float scan's, scores and rows (equal scores kept as it keeps them: the
     shortlist is rescored in row order, as the scan reads rows). A query for which the bound does not settle it is
     scanned again in float32.
+
+    A copy made in shards (consecutive row ranges) is searched shard by shard and the lists merged by FAISS's
+    `IndexShards`, in parallel for fewer queries than FAISS's threads: the merged list is still the best
+    k + HALF_SCAN_SPARE of all rows, and the answer still that of the float scan on one thread.
     """
 
-    def __init__(self, rows: np.ndarray):
+    def __init__(self, rows: np.ndarray, shards: int = 1):
         import faiss
 
         count, width = rows.shape
-        self.index = faiss.IndexScalarQuantizer(width, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        self.shards = shards
+        # the shards: consecutive row ranges (ids run on from one to the next), each its own FAISS index
+        bounds = [count * shard // shards for shard in range(shards + 1)]
+        parts = [
+            faiss.IndexScalarQuantizer(width, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            for _ in range(shards)
+        ]
         # the largest squared norms of x - half(x), x and half(x) over the rows, in float32: x - half(x) is exact
         # (two floats within a factor of 2 of each other), each sum of squares within width x 2^-24 of its value
         error = row_norm = half_norm = 0.0
-        for start in range(0, count, HALF_FILL_BLOCK):
-            block = rows[start : start + HALF_FILL_BLOCK]
-            # rounded to nearest (torch converts 10x faster than numpy): the codes FAISS's fp16 quantizer decodes
-            half = torch.from_numpy(block).half()
-            self.index.add_sa_codes(half.numpy().view(np.uint8))
-            rounded = half.float().numpy()
-            difference = block - rounded
-            error = max(error, float(np.einsum("ij,ij->i", difference, difference).max()))
-            row_norm = max(row_norm, float(np.einsum("ij,ij->i", block, block).max()))
-            half_norm = max(half_norm, float(np.einsum("ij,ij->i", rounded, rounded).max()))
+        for part, first, end in zip(parts, bounds[:-1], bounds[1:], strict=True):
+            for start in range(first, end, HALF_FILL_BLOCK):
+                block = rows[start : min(start + HALF_FILL_BLOCK, end)]
+                # rounded to nearest (torch converts 10x faster than numpy): the codes FAISS's fp16 quantizer decodes
+                half = torch.from_numpy(block).half()
+                part.add_sa_codes(half.numpy().view(np.uint8))
+                rounded = half.float().numpy()
+                difference = block - rounded
+                error = max(error, float(np.einsum("ij,ij->i", difference, difference).max()))
+                row_norm = max(row_norm, float(np.einsum("ij,ij->i", block, block).max()))
+                half_norm = max(half_norm, float(np.einsum("ij,ij->i", rounded, rounded).max()))
+        if shards == 1:
+            self.sequential = self.parallel = parts[0]
+        else:  # FAISS's shard sets merge the shards' lists; the parallel one searches each in a thread of its own
+            self.sequential, self.parallel = faiss.IndexShards(width, False, True), faiss.IndexShards(width, True, True)
+            for part in parts:
+                self.sequential.add_shard(part)
+                self.parallel.add_shard(part)
         rounding = width * 2.0**-24 / (1 - width * 2.0**-24)  # bound on a float32 dot product's relative error
         # per unit of query norm; 0.1 % more covers the float32 sums of squares above and the query norm it meets
         self.slack = (math.sqrt(error) + rounding * (math.sqrt(row_norm) + math.sqrt(half_norm))) * 1.001
         self.nbytes = count * width * 2
 
-    def top_k(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(
+        self, queries: np.ndarray, rows: np.ndarray, k: int, parallel: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The float scan's answer (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`, the (N, d)
-        float32 rows this copy was made from; k + HALF_SCAN_SPARE must not exceed N."""
+        float32 rows this copy was made from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel` searches the
+        shards each in a thread of its own (for fewer queries than FAISS's threads), else one after another (each
+        sharing its queries among FAISS's threads)."""
         import faiss
 
         (count, width), pointer, wide = queries.shape, faiss.swig_ptr, k + HALF_SCAN_SPARE
         approximate, shortlist = np.empty((count, wide), np.float32), np.empty((count, wide), np.int64)
-        self.index.search_c(count, pointer(queries), wide, pointer(approximate), pointer(shortlist))
+        # merged from the shards, the list is the k + HALF_SCAN_SPARE best of all rows, so the bound below holds
+        index = self.parallel if parallel else self.sequential
+        index.search_c(count, pointer(queries), wide, pointer(approximate), pointer(shortlist))
         shortlist.sort(axis=1)
         scores, picked = np.empty((count, k), np.float32), np.empty((count, k), np.int64)
         faiss.knn_inner_products_by_idx(

@@ -262,9 +262,9 @@ def test_the_half_precision_scan_gives_the_float_scans_answer(tiles, monkeypatch
 
     real_half, real_float = retrieval.HalfPrecisionScan.top_k, retrieval.float_top_k
 
-    def half_top_k(scan, cut, *args):
+    def half_top_k(scan, cut, *args, **kwargs):
         calls.append(("half", len(cut)))
-        return real_half(scan, cut, *args)
+        return real_half(scan, cut, *args, **kwargs)
 
     def float_top_k(cut, *args):
         calls.append(("float", len(cut)))
@@ -309,6 +309,63 @@ def test_the_half_precision_scan_gives_the_float_scans_answer(tiles, monkeypatch
     assert calls[0] == ("half", 2) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     monkeypatch.setattr(retrieval, "physical_memory", lambda: rows * 8 * 4 - 1)  # no more than a quarter of RAM
     assert EmbeddingIndex(database, dims=dims, settings=EXACT)._half_scan(WIDTH, 10) is None
+
+
+def test_a_sharded_half_precision_copy_searched_in_parallel_answers_as_the_float_scan_on_one_thread(monkeypatch):
+    """A copy made while FAISS runs 2 threads is made in 2 shards (consecutive row ranges). One query, which FAISS would share out among its threads, searches the shards in
+    parallel; several queries search them one after another. Either way the answer is the float scan's on one thread,
+    bit for bit: duplicate rows in both shards, equal rows on either side of the boundary at the k-th place (the
+    first one kept), and a query the bound cannot settle (equal rows across the boundary) is scanned again by FAISS."""
+    import faiss
+
+    rows = retrieval.HALF_SCAN_MIN_BYTES // (4 * WIDTH)
+    middle = rows // 2  # the first row of the second shard
+    database, queries = gaussian(rows, 4, decay=0.5)
+    database[middle + 100 : middle + 150] = database[100:150]
+    queries[0] = database[120] + 0.01 * torch.randn(WIDTH, generator=torch.Generator().manual_seed(1))
+    centre, gen = database[9000], torch.Generator().manual_seed(2)  # 9 rows close to query 1, then two equal rows
+    database[9001:9009] = centre + 0.01 * centre.norm() * torch.randn(8, WIDTH, generator=gen) / WIDTH**0.5
+    database[300] = database[middle + 300] = centre + 0.03 * centre.norm() * torch.randn(WIDTH, generator=gen)
+    queries[1] = centre
+    database[middle - 15 : middle + 16] = database[2000]  # 32 equal rows, 31 across the boundary
+    queries[2] = database[2000]
+    floats = EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", half_scan=False))
+    want = [floats.search(queries[i : i + 1], 10) for i in range(4)]
+    calls = []
+    real_half, real_float = retrieval.HalfPrecisionScan.top_k, retrieval.float_top_k
+    monkeypatch.setattr(
+        retrieval.HalfPrecisionScan,
+        "top_k",
+        lambda scan, cut, *args, **kwargs: (
+            calls.append(("half", len(cut), kwargs["parallel"])) or real_half(scan, cut, *args, **kwargs)
+        ),
+    )
+    monkeypatch.setattr(
+        retrieval, "float_top_k", lambda cut, *args: calls.append(("float", len(cut))) or real_float(cut, *args)
+    )
+    faiss.omp_set_num_threads(2)
+    try:
+        index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+        index.prepare([WIDTH])
+        assert index._half_scans[WIDTH].shards == 2 and index.copy_bytes(WIDTH) == rows * WIDTH * (4 + 2)
+        for query in (0, 1, 3):
+            calls.clear()
+            got = index.search(queries[query : query + 1], 10)
+            assert calls == [("half", 1, True)]  # settled by the bound
+            assert torch.equal(got[0], want[query][0]) and torch.equal(got[1], want[query][1])
+        assert len(set(index.search(queries[:1], 10)[0][0].tolist())) < 10  # ties among the results
+        assert index.search(queries[1:2], 10)[1][0, -1] == 300  # of two equal rows at the k-th place, the first
+        equal_rows = {2000, *range(middle - 15, middle + 16)}
+        calls.clear()
+        got = index.search(queries[2:3], 10)  # rescanned by FAISS, its rows shared out among threads
+        assert calls == [("half", 1, True), ("float", 1)] and set(got[1][0].tolist()) <= equal_rows
+        calls.clear()
+        got = index.search(queries, 10)  # four queries: each on a thread of FAISS's, shard after shard
+        assert calls[0] == ("half", 4, False) and set(got[1][2].tolist()) <= equal_rows
+        for query in (0, 1, 3):
+            assert torch.equal(got[0][query], want[query][0][0]) and torch.equal(got[1][query], want[query][1][0])
+    finally:
+        faiss.omp_set_num_threads(1)
 
 
 def test_single_stage_funnel_is_prefix_search():
