@@ -132,13 +132,16 @@ class KnnResult:
 def knn(settings: KnnSettings) -> KnnResult:
     """What `franca-hf knn` does: embed `settings.train` and `settings.test` with `settings.model` (`embed_source`)
     and score the k-NN vote at each of `settings.dims` (default: the model's Matryoshka dims, else its width)."""
-    model, processor = settings.model.load()
-    width = model.config.hidden_size
-    dims = list(settings.dims) if settings.dims else matryoshka_dims_of(model.config)
-    for dim in dims:
-        problem = matryoshka_dim_problem(dim, range(1, width + 1), "dims")
-        if problem:
-            raise UsageError(problem, setting="dims")
+    dims = list(settings.dims or [])
+
+    def check_dims(config) -> None:  # before the weights are read
+        for dim in dims:
+            problem = matryoshka_dim_problem(dim, range(1, config.hidden_size + 1), "dims")
+            if problem:
+                raise UsageError(problem, setting="dims")
+
+    model, processor = settings.model.load(check=check_dims)
+    dims = dims or matryoshka_dims_of(model.config)
     if settings.crop_size:
         processor = make_image_processor(settings.crop_size)
     splits = []

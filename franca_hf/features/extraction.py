@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
 from ..conversion.convert import resolve_model
 from ..data.sources import (
@@ -85,16 +85,16 @@ def _open_inputs(inputs: Sequence[str | os.PathLike], split: str, image_column: 
     return files_source(collect_image_paths(inputs), ", ".join(inputs))
 
 
-def _check_feature_request(model, dim: int | None, dense: bool, debiased: bool) -> None:
-    """Errors (naming the settings) for a request the model cannot serve, before any image is read."""
+def _check_feature_request(config: PreTrainedConfig, dim: int | None, dense: bool, debiased: bool) -> None:
+    """Errors (naming the settings) for a request the model of `config` cannot serve, before its weights load."""
     check_dense_request(dense, debiased)
-    if debiased and not getattr(model, "has_rasa", False):
+    if debiased and not getattr(config, "rasa_steps", 0):
         raise UsageError(
             "debiased needs RASA weights, and this model has none. Convert the checkpoint with its RASA head "
             "(`franca-hf convert`, `convert_checkpoint(rasa=...)`) or train one (`franca-hf rasa`).",
             setting="debiased",
         )
-    problem = None if dim is None else matryoshka_dim_problem(dim, matryoshka_dims_of(model.config))
+    problem = None if dim is None else matryoshka_dim_problem(dim, matryoshka_dims_of(config))
     if problem:
         raise UsageError(problem, setting="dim")
 
@@ -108,13 +108,13 @@ def extract(settings: ExtractSettings) -> "ExtractionResult":
     shards of `settings.out` (`extract_to_folder`), the images done before skipped.
 
     The inputs are opened (a missing path or an empty folder is refused) before the model loads, and the request
-    (`dim`, `debiased`) is checked against the model before any image is read. Runs in one process or under
+    (`dim`, `debiased`) is checked against the model's config before its weights are read. Runs in one process or under
     `accelerate launch` (every process returns the merged index; `ExtractionResult.is_main_process` says which one
     reports it).
     """
     source = _open_inputs(settings.images, settings.split, settings.image_column)
-    model, processor = settings.model.load()
-    _check_feature_request(model, settings.dim, settings.dense, settings.debiased)
+    request = partial(_check_feature_request, dim=settings.dim, dense=settings.dense, debiased=settings.debiased)
+    model, processor = settings.model.load(check=request)
     record = ExtractionRecord(
         model=settings.model.name_or_path,
         sources=[str(item) for item in settings.images],
@@ -161,7 +161,7 @@ def extract_features(
         debiased: with `dense`, remove the RASA position directions (the model needs RASA weights).
         normalize: L2-normalise CLS embeddings after truncation (ignored for dense maps).
     """
-    _check_feature_request(model, dim, dense, debiased)
+    _check_feature_request(model.config, dim, dense, debiased)
     source = inputs if isinstance(inputs, ImageSource) else files_source(collect_image_paths(inputs))
     skips = SkipCounter()
     outputs, ids = [], []
@@ -443,12 +443,17 @@ def _remove_uncommitted(folder: Path, committed: list[dict]) -> None:
 
 
 def load_model_and_processor(
-    name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, int8: bool = False
+    name_or_path: str,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    int8: bool = False,
+    check: Callable[[PreTrainedConfig], None] | None = None,
 ):
     """A model and its image processor from a folder, a Hub id, or an official release name.
 
     `device` defaults to this process's accelerator (`cuda:<local rank>` under `accelerate launch`) or the CPU;
-    `int8` quantises the Linear layers dynamically (CPU only, see `quantize_int8`).
+    `int8` quantises the Linear layers dynamically (CPU only, see `quantize_int8`). `check`, given the model's config
+    before its weights are read (or downloaded), raises on a request the model cannot serve.
     """
     state = process_state(device)
     device = torch.device(device) if device else state.device
@@ -462,7 +467,10 @@ def load_model_and_processor(
         )
     with state.main_process_first():  # a release name is downloaded and converted once, by the first process
         path = resolve_model(name_or_path)
-    model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+    config = AutoConfig.from_pretrained(path)
+    if check is not None:
+        check(config)
+    model = AutoModel.from_pretrained(path, config=config, dtype=dtype or torch.float32).to(device).eval()
     if int8:
         from .quantize import quantize_int8
 

@@ -27,13 +27,14 @@ class ModelSpec:
         if self.int8 and self.dtype != "float32":
             raise UsageError(f"int8 quantises a float32 model; got dtype={self.dtype}.", setting="int8")
 
-    def load(self):
-        """`(model, image_processor)`, the model in eval mode on its device (`load_model_and_processor`)."""
+    def load(self, check=None):
+        """`(model, image_processor)`, the model in eval mode on its device (`load_model_and_processor`); `check`,
+        given the model's config before its weights are read, raises on a request the model cannot serve."""
         from ..conversion.export import WEIGHT_DTYPES
         from .extraction import load_model_and_processor
 
         return load_model_and_processor(
-            self.name_or_path, device=self.device, dtype=WEIGHT_DTYPES[self.dtype], int8=self.int8
+            self.name_or_path, device=self.device, dtype=WEIGHT_DTYPES[self.dtype], int8=self.int8, check=check
         )
 
 

@@ -1,5 +1,7 @@
 """k-NN evaluation: the DINO weighted vote, truncate-then-normalise per Matryoshka dim."""
 
+import shutil
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -69,6 +71,11 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     assert knn("--dims", "8", "32") == 0
     assert "| k-NN accuracy | dim 8 | dim 32 |" in capsys.readouterr().out
     assert knn("--dims", "64") == 2
+    assert "dims=64 is not allowed; choose one between 1 and 32. (--dims)" in capsys.readouterr().err
+    config_only = tmp_path / "config-only"  # the dims are judged on the config, before any weights are read
+    shutil.copytree(tmp_path / "dinov2", config_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    argv = ["knn", "--model", str(config_only), "--train", images, "--test", images, "--dims", "64", "--device", "cpu"]
+    assert main(argv) == 2
     assert "dims=64 is not allowed; choose one between 1 and 32. (--dims)" in capsys.readouterr().err
 
     # a split none of whose images can be read is a usage error, not a traceback from an empty memory bank

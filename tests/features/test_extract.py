@@ -3,6 +3,7 @@ two processes, `hf:` sources, float16 dense maps, clear errors."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,11 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert "dim=48 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "x", "--dim", "48")
     )
+    weightless = tmp_path / "weightless"  # the request is judged on the config, before any weights are read
+    shutil.copytree(tiny_folder, weightless)
+    for weights in weightless.glob("*.safetensors"):
+        weights.unlink()
+    assert "dim=48 is not allowed" in error(*extract_command(photos, weightless, tmp_path / "x", "--dim", "48"))
     assert "names a file; extract writes a folder (Parquet shards and an index) there. (--out)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "f.safetensors")
     )
