@@ -460,8 +460,9 @@ class EmbeddingIndex:
 
     def prepare(self, dims: Sequence[int]) -> int:
         """Make now, rather than on the first exact scan at each of `dims`, the copies that scan reads: the unit
-        prefix copy and, where the half-precision scan applies (`HalfPrecisionScan`), its copy; a service warms up
-        with it (3 s for the half copy of 1M x 768 on 2 cores here). Returns the bytes they hold beyond the vectors."""
+        prefix copy and, where the half-precision scan applies (`HalfPrecisionScan`), its copy, in one shard per
+        FAISS thread at this moment; a service warms up with it, on the threads it will search with (3 s for the half
+        copy of 1M x 768 on 2 cores here). Returns the bytes they hold beyond the vectors."""
         for dim in dims:
             self.check_dim(dim)
             self._unit_prefix(dim)
