@@ -762,10 +762,10 @@ class HalfPrecisionScan:
     def top_k(
         self, queries: np.ndarray, rows: np.ndarray, k: int, parallel: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The float scan's answer (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`, the (N, d)
-        float32 rows this copy was made from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel` searches the
-        shards each in a thread of its own (for fewer queries than FAISS's threads), else one after another (each
-        sharing its queries among FAISS's threads)."""
+        """The float scan's answer on one thread (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`,
+        the (N, d) float32 rows this copy was made from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel`
+        searches the shards each in a thread of its own (for fewer queries than FAISS's threads), else one after
+        another (each sharing its queries among FAISS's threads)."""
         import faiss
 
         (count, width), pointer, wide = queries.shape, faiss.swig_ptr, k + HALF_SCAN_SPARE
