@@ -705,8 +705,8 @@ def float_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.n
 
 class HalfPrecisionScan:
     """A copy of (N, d) float32 rows in IEEE half precision, scanned with FAISS's fp16 scalar-quantizer kernel to find
-    the exact top-k of a few queries while reading half the bytes (1.3-2x faster for one query over tables past the caches,
-    docs/retrieval.md).
+    the exact top-k of a few queries while reading half the bytes (1.3-2x faster for one query over tables past the
+    caches, docs/retrieval.md).
 
     The half scan shortlists k + HALF_SCAN_SPARE rows, and FAISS's float kernel rescores them from the float rows:
     exactly the scores its float scan computes on one thread (threads sharing out the rows of one query use matrix

@@ -38,9 +38,9 @@ class AnnSettings:
         pq_bytes: bytes per row of the PQ code (sub-quantizers of 8 bits); 0 picks dims[0] / 2.
         exact_below: the row count from which "auto" builds an ANN first stage.
         half_scan: exact scans of a few queries (fewer than 16) read a half-precision copy of the scanned prefixes
-            and settle the top k exactly from the float rows (`HalfPrecisionScan`): 1.3-2x faster for one query over tables past
-            the caches, for N x dim x 2 bytes of RAM per width scanned, made on first use (never more than a quarter
-            of the machine's RAM). False: scan the float rows only.
+            and settle the top k exactly from the float rows (`HalfPrecisionScan`): 1.3-2x faster for one query over
+            tables past the caches, for N x dim x 2 bytes of RAM per width scanned, made on first use (never more than
+            a quarter of the machine's RAM). False: scan the float rows only.
     """
 
     ann: str = "auto"
