@@ -147,7 +147,7 @@ def _push(args: argparse.Namespace) -> None:
 def _index(args: argparse.Namespace) -> None:
     from .retrieval_settings import AnnSettings, IndexSettings
 
-    knobs = {key: getattr(args, key) for key in ("ann", "hnsw_m", "ef_search", "nlist", "nprobe", "half_scan")}
+    knobs = {field.name: getattr(args, field.name) for field in dataclasses.fields(AnnSettings)}
     chosen = {key: value for key, value in knobs.items() if value is not None}
     model = _model_spec(args) if args.model else None
     settings = _settings(IndexSettings, args, model=model, ann=AnnSettings(**chosen) if chosen else None)
@@ -330,9 +330,14 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     index.add_argument("--out", required=True, help="index folder")
     index.add_argument("--ann", choices=ANN_KINDS, help="first stage: exact, HNSW graph, IVF-PQ (default auto)")
     index.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
+    index.add_argument("--ef-construction", type=int, help="HNSW candidate list while building (default 40)")
     index.add_argument("--ef-search", type=int, help="HNSW search list (default 64; at least the shortlist)")
     index.add_argument("--nlist", type=int, help="IVF cells (default: a power of two near 4 sqrt(rows))")
     index.add_argument("--nprobe", type=int, help="IVF cells visited per query (default 64)")
+    index.add_argument("--pq-bytes", type=int, help="bytes per row of the IVF-PQ code (default: D/32)")
+    index.add_argument(
+        "--exact-below", type=int, help="rows from which --ann auto builds an ANN first stage (default 200000)"
+    )
     index.add_argument(
         "--half-scan",
         action=argparse.BooleanOptionalAction,

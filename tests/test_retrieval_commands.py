@@ -2,6 +2,8 @@
 what the command gives, every flag reaches its setting, and settings errors name the setting (the CLI adds the
 flag)."""
 
+from dataclasses import asdict, fields
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,15 +53,30 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     report = retrieval.IndexResult(EmbeddingIndex(vectors, ids=list("abcde")), 2, True, "from the features in f")
     calls = _capture(monkeypatch, "index", report)
     argv = ["index", "f", "g", "--model", "m", "--device", "cuda:1", "--dtype", "bfloat16", "--out", "o"]
-    argv += ["--ann", "hnsw", "--hnsw-m", "8", "--ef-search", "16", "--nlist", "4", "--nprobe", "2"]
-    argv += ["--no-half-scan", "--overwrite", "--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
+    argv += ["--ann", "hnsw", "--hnsw-m", "8", "--ef-construction", "20", "--ef-search", "16", "--nlist", "4"]
+    argv += ["--nprobe", "2", "--pq-bytes", "3", "--exact-below", "7", "--no-half-scan", "--overwrite"]
+    argv += ["--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
     assert main(argv) == 0
+    ann = AnnSettings(
+        "hnsw",
+        hnsw_m=8,
+        ef_construction=20,
+        ef_search=16,
+        nlist=4,
+        nprobe=2,
+        pq_bytes=3,
+        exact_below=7,
+        half_scan=False,
+    )
+    assert {key for key, value in asdict(ann).items() if value != getattr(AnnSettings(), key)} == {
+        field.name for field in fields(AnnSettings)
+    }  # every setting differs from its default: each flag is seen to arrive
     assert calls == [
         IndexSettings(
             ["f", "g"],
             "o",
             ModelSpec("m", "cuda:1", "bfloat16", False),
-            AnnSettings("hnsw", hnsw_m=8, ef_search=16, nlist=4, nprobe=2, half_scan=False),
+            ann,
             overwrite=True,
             allow_other_model=True,
             batch_size=3,
