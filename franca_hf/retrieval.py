@@ -23,12 +23,15 @@ shard plus the first stage, and `append=True` adds the shards that are new since
 (their settings live in the cheap `franca_hf.retrieval_settings`).
 """
 
+import contextlib
 import json
 import logging
 import math
 import mmap
 import os
 import platform
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,6 +61,7 @@ FORMAT = "franca_hf.retrieval"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "index.json"
 VECTORS_FILE = "vectors.f32"
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the float tensors numpy can hold
 IDS_FILE = "ids.jsonl"
 # rows normalised at a time when a first stage or a prefix copy is filled from the full-width vectors
 FILL_BLOCK = 65536
@@ -194,7 +198,7 @@ class EmbeddingIndex:
         model_name: str | None = None,
         device: str | torch.device = "cpu",
     ):
-        array = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else vectors
+        array = numpy_of(vectors) if isinstance(vectors, torch.Tensor) else vectors
         if array.ndim != 2 or array.dtype.kind != "f" or not array.size:
             raise ValueError(
                 f"vectors must be a non-empty (N, D) float tensor; got shape {tuple(array.shape)}, {array.dtype}."
@@ -227,6 +231,8 @@ class EmbeddingIndex:
         self.dims: list[int] = manifest.dims
         self.settings = AnnSettings(**manifest.settings)
         self._first = None  # the FAISS first stage, built or read on first use
+        self._lazy_lock = threading.Lock()  # one thread reads the ids or builds the first stage; others wait for it
+        self._opened: dict[str, int] = {}  # a saved index's ids and first-stage files by name: descriptors since `load`
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._half_scans: dict[int, HalfPrecisionScan | None] = {}  # by width, made on first use; None: not worth it
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
@@ -252,9 +258,10 @@ class EmbeddingIndex:
             if self.folder is None:
                 self._ids = [str(i) for i in range(len(self))]
             else:
-                with open(self.folder / IDS_FILE, "rb") as handle:
-                    lines = handle.read(self.manifest.ids_bytes).decode().splitlines()
-                self._ids = [json.loads(line) for line in lines]
+                with self._lazy_lock, self._read_opened(IDS_FILE) as handle:
+                    if self._ids is None:
+                        lines = handle.read(self.manifest.ids_bytes).decode().splitlines()
+                        self._ids = [json.loads(line) for line in lines]
         return self._ids
 
     @property
@@ -339,6 +346,9 @@ class EmbeddingIndex:
         `funnel` None: the funnel when the index has an ANN first stage, exact search at `dim` otherwise.
         Returns the query paths that could be read, scores (Q, k) and indices (Q, k) into `ids`.
         """
+        if dim is not None:
+            self.check_dim(dim)
+        self._check_k(k)
         what = "The index" if self.folder is None else f"The index {self.folder}"
         check_model(self.model, self.manifest.model_name, model, what, allow_other_model)
         if model.config.hidden_size < self.width:
@@ -380,24 +390,41 @@ class EmbeddingIndex:
         index._array = np.memmap(folder / VECTORS_FILE, np.float32, "c", shape=(manifest.rows, manifest.width))
         index._ids = None
         index._init(manifest, folder, device)
+        # Read lazily, but from the files of this manifest: opened now, they stay this index's when the folder is
+        # replaced or appended to later (as the memory-mapped vectors do).
+        for name in (IDS_FILE, manifest.first_stage):
+            if name is not None:
+                descriptor = os.open(folder / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                weakref.finalize(index, os.close, descriptor)
+                index._opened[name] = descriptor
         return index
 
-    def first_stage(self):
-        """The FAISS first stage over the unit dims[0] prefixes: built from the vectors, or read from the folder."""
-        if self._first is None:
-            if self.folder is not None and self.manifest.first_stage is not None:
-                import faiss
+    def _read_opened(self, name: str):
+        """A binary reader of the file `name` opened by `load`, from its start (call it under `_lazy_lock`)."""
+        handle = os.fdopen(os.dup(self._opened[name]), "rb")
+        handle.seek(0)
+        return handle
 
-                self._first = faiss.read_index(str(self.folder / self.manifest.first_stage))
-            else:
-                self._first = new_first_stage(self.settings, self.dims[0])
-                train_first_stage(self._first, self._array, self.dims[0])
-                for start in range(0, len(self), FILL_BLOCK):
-                    add_to_first_stage(
-                        self._first, unit_rows(self._array[start : start + FILL_BLOCK], self.dims[0]), start
-                    )
-            self._first = on_device(self._first, self.device)
+    def first_stage(self):
+        """The FAISS first stage over the unit dims[0] prefixes: built from the vectors, or read from the folder (once,
+        by whichever thread asks first; the others wait for it)."""
+        if self._first is None:
+            with self._lazy_lock:
+                if self._first is None:
+                    self._first = on_device(self._new_first_stage(), self.device)
         return self._first
+
+    def _new_first_stage(self):
+        if self.folder is not None and self.manifest.first_stage is not None:
+            import faiss
+
+            with self._read_opened(self.manifest.first_stage) as handle:
+                return faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+        first = new_first_stage(self.settings, self.dims[0])
+        train_first_stage(first, self._array, self.dims[0])
+        for start in range(0, len(self), FILL_BLOCK):
+            add_to_first_stage(first, unit_rows(self._array[start : start + FILL_BLOCK], self.dims[0]), start)
+        return first
 
     def _unit_prefix(self, dim: int) -> np.ndarray:
         """(N, dim) unit prefixes, C-contiguous: the full-width vectors themselves when they are unit."""
@@ -545,7 +572,7 @@ class EmbeddingIndex:
                 f"queries must have shape (Q, width) with width in {widths} (full, or already cut to the searched "
                 f"prefix); got {tuple(queries.shape)}. Use queries[None] for a single query."
             )
-        array = queries if isinstance(queries, np.ndarray) else queries.numpy(force=True)
+        array = queries if isinstance(queries, np.ndarray) else numpy_of(queries)
         if array.dtype != np.float32 or not array.flags.c_contiguous:
             array = np.ascontiguousarray(array, dtype=np.float32)
         check_unit = self.manifest.unit and array.shape[1] == self.width
@@ -600,6 +627,13 @@ class EmbeddingIndex:
             raise ValueError(f"Stage dims must be strictly increasing; got {dims}.")
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
+
+
+def numpy_of(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array on the CPU: float32 for a float type numpy lacks (bfloat16, say)."""
+    if tensor.dtype not in NUMPY_FLOATS and tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.numpy(force=True)
 
 
 def prefix_norms(queries: np.ndarray, dims: Sequence[int]) -> np.ndarray:
@@ -715,11 +749,13 @@ class HalfPrecisionScan:
     products, whatever their order of summation). When that is below the k-th rescored score, no row left out can
     enter the top k, and the answer is the float scan's, scores and rows (equal scores kept as it keeps them: the
     shortlist is rescored in row order, as the scan reads rows). A query for which the bound does not settle it is
-    scanned again in float32.
+    scanned again in float32 by FAISS (`float_top_k`), on FAISS's threads.
 
     A copy made in shards (consecutive row ranges) is searched shard by shard and the lists merged by FAISS's
     `IndexShards`, in parallel for fewer queries than FAISS's threads: the merged list is still the best
-    k + HALF_SCAN_SPARE of all rows, and the answer still that of the float scan on one thread.
+    k + HALF_SCAN_SPARE of all rows, and a settled answer still that of the float scan on one thread (an unsettled
+    query's, scanned again with its rows shared out among FAISS's threads, may differ from it in the last bits of
+    near-equal scores, as FAISS's own on those threads does).
     """
 
     def __init__(self, rows: np.ndarray, shards: int = 1):
@@ -762,8 +798,9 @@ class HalfPrecisionScan:
     def top_k(
         self, queries: np.ndarray, rows: np.ndarray, k: int, parallel: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The float scan's answer on one thread (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`,
-        the (N, d) float32 rows this copy was made from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel`
+        """The float scan's answer on one thread (`float_top_k`; for a query the bound leaves unsettled, FAISS's on
+        its threads) for (Q, d) float32 C-contiguous queries over `rows`, the (N, d) float32 rows this copy was made
+        from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel`
         searches the shards each in a thread of its own (for fewer queries than FAISS's threads), else one after
         another (each sharing its queries among FAISS's threads)."""
         import faiss
@@ -864,9 +901,11 @@ def write_first_stage(folder: Path, index, rows: int) -> str:
 
 
 def remove_stale_first_stages(folder: Path, keep: str | None) -> None:
+    """Delete the first stages of `folder` other than `keep` (an index loaded before holds its own open)."""
     for path in folder.glob("first_stage.*.faiss"):
         if path.name != keep:
-            path.unlink()
+            with contextlib.suppress(OSError):  # Windows keeps a file a reader holds open: it goes at a later append
+                path.unlink()
 
 
 def faiss_on_gpu(device: torch.device) -> bool:
@@ -1017,8 +1056,6 @@ def build_index(
     `features` not yet in `out` are added to it (the same index a full rebuild streams, shard by shard); `settings`
     then must be None (the index keeps its own). `model`, when given, must be the one that made the features.
     """
-    from tqdm.auto import tqdm
-
     features, out = Path(features), Path(out)
     extraction = _extraction(features)
     fingerprint, model_name = extraction.model_fingerprint, extraction.settings.model
@@ -1041,23 +1078,44 @@ def build_index(
             what = f"The index {out}"
             check_same_model(manifest.model, fingerprint, what, manifest.model_name, model_name, allow_other_model)
         first = index.first_stage() if manifest.settings["ann"] != "none" else None
-    else:
-        if (out / MANIFEST_FILE).exists() and not overwrite:
-            raise OutputExistsError(f"{out} already holds an index; pass overwrite=True or append=True.", "overwrite")
-        resolved = (settings or AnnSettings()).resolve(extraction.rows, dims[0])
+        rows_before = manifest.rows
+        _stream_shards(features, extraction, out, manifest, first, progress)
+        remove_stale_first_stages(out, manifest.first_stage)
+        return BuildReport(EmbeddingIndex.load(out), manifest.rows - rows_before, True)
+    if (out / MANIFEST_FILE).exists() and not overwrite:
+        raise OutputExistsError(f"{out} already holds an index; pass overwrite=True or append=True.", "overwrite")
+    if out.is_file() or out.is_dir() and any(out.iterdir()) and not is_index_folder(out):
+        raise OutputExistsError(f"{out} holds files that are not an index; choose an empty or new folder.")
+    resolved = (settings or AnnSettings()).resolve(extraction.rows, dims[0])
+
+    def fill(staging: Path) -> None:
+        # a new index is streamed into a staging folder that replaces `out` once complete: an index there stays
+        # whole, for its readers too, until then (and if the build fails)
         manifest = IndexManifest(
             0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name
         )
-        out.mkdir(parents=True, exist_ok=True)
         for name in (VECTORS_FILE, IDS_FILE):
-            (out / name).write_bytes(b"")
+            (staging / name).write_bytes(b"")
         first = new_first_stage(resolved, dims[0]) if resolved.ann != "none" else None
         if first is not None and not first.is_trained:
             train_first_stage(first, _leading_prefixes(features, extraction, training_rows(first), dims[0]), dims[0])
+        _stream_shards(features, extraction, staging, manifest, first, progress)
+
+    write_folder_atomically(out, fill, overwrite=True)
+    index = EmbeddingIndex.load(out)
+    return BuildReport(index, len(index), False)
+
+
+def _stream_shards(
+    features: Path, extraction: ExtractionIndex, folder: Path, manifest: IndexManifest, first, progress: bool
+) -> None:
+    """Add the shards of `extraction` that `manifest` does not list yet to the index files in `folder` (the vectors
+    and ids appended, the first stage `first` added to and written), then save `manifest`, updated, there last."""
+    from tqdm.auto import tqdm
+
     known = set(manifest.sources)
     new = [shard for shard in extraction.shards if shard["file"] not in known]
-    rows_before = manifest.rows
-    with open(out / VECTORS_FILE, "r+b") as vectors_file, open(out / IDS_FILE, "r+b") as ids_file:
+    with open(folder / VECTORS_FILE, "r+b") as vectors_file, open(folder / IDS_FILE, "r+b") as ids_file:
         # an interrupted append leaves bytes past the committed rows: drop them
         vectors_file.truncate(manifest.rows * manifest.width * 4)
         ids_file.truncate(manifest.ids_bytes)
@@ -1067,14 +1125,14 @@ def build_index(
         for shard in bar:
             shard_ids, vectors = read_shard(features / shard["file"])
             block = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
-            for dim in dims:
+            for dim in manifest.dims:
                 unit_rows(block, dim, manifest.rows, shard_ids)
             manifest.unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
             vectors_file.write(block.tobytes())
             ids_bytes = "".join(json.dumps(i) + "\n" for i in shard_ids).encode()
             ids_file.write(ids_bytes)
             if first is not None:
-                add_to_first_stage(first, unit_rows(block, dims[0]), manifest.rows)
+                add_to_first_stage(first, unit_rows(block, manifest.dims[0]), manifest.rows)
             manifest.rows += len(block)
             manifest.ids_bytes += len(ids_bytes)
             manifest.sources.append(shard["file"])
@@ -1082,10 +1140,8 @@ def build_index(
             handle.flush()
             os.fsync(handle.fileno())
     if first is not None:
-        manifest.first_stage = write_first_stage(out, first, manifest.rows)
-    manifest.save(out)
-    remove_stale_first_stages(out, manifest.first_stage)
-    return BuildReport(EmbeddingIndex.load(out), manifest.rows - rows_before, append)
+        manifest.first_stage = write_first_stage(folder, first, manifest.rows)
+    manifest.save(folder)
 
 
 def _leading_prefixes(folder: Path, extraction: ExtractionIndex, rows: int, dim: int) -> np.ndarray:

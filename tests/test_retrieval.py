@@ -8,6 +8,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from franca_hf import FrancaModel, retrieval, retrieval_settings
 from franca_hf.cli import main
+from franca_hf.errors import OutputExistsError, UsageError
 from franca_hf.fingerprint import ModelMismatchError
 from franca_hf.modeling.image_processing_franca import make_image_processor
 from franca_hf.retrieval import (
@@ -621,6 +623,88 @@ def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
     ]
 
 
+def test_a_first_stage_two_threads_ask_for_is_built_once_and_handed_out_whole(monkeypatch):
+    database, queries = gaussian(600, 4, decay=1.0)
+    index = EmbeddingIndex(database, dims=DIMS, settings=ANN["hnsw"])
+    builds, others, seen = [], [], []
+    making, adding = retrieval.new_first_stage, retrieval.add_to_first_stage
+
+    def ask():
+        first_stage = index.first_stage()
+        seen.append((first_stage, first_stage.ntotal))
+
+    def slow_add(first, unit, first_row):
+        if not others:  # while the first thread builds, a second one asks for the first stage
+            others.append(threading.Thread(target=ask))
+            others[0].start()
+            others[0].join(0.3)  # it must wait for the finished stage, not take this empty one or build its own
+        adding(first, unit, first_row)
+
+    monkeypatch.setattr(retrieval, "new_first_stage", lambda *args: builds.append(1) or making(*args))
+    monkeypatch.setattr(retrieval, "add_to_first_stage", slow_add)
+    built = index.first_stage()
+    others[0].join(10)
+    assert len(builds) == 1 and seen == [(built, 600)]
+    exact = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    assert torch.equal(index.funnel_search(queries, 5)[1], exact.funnel_search(queries, 5)[1])
+
+
+@pytest.mark.parametrize("replace_by", ["save", "build_index"])
+def test_an_index_loaded_before_its_folder_is_replaced_or_appended_to_keeps_its_own_ids_and_first_stage(
+    tmp_path, replace_by
+):
+    database, queries = gaussian(900, 4, decay=1.0)
+    features, path = tmp_path / "features", tmp_path / "index"
+    write_features(features, [database[:500]])
+    build_index(features, path, ANN["hnsw"], progress=False)
+    reader = EmbeddingIndex.load(path)  # lazy: neither its ids nor its first stage is read yet
+    expected = EmbeddingIndex(database[:500], ids=[f"row-{i}" for i in range(500)], dims=DIMS, settings=ANN["hnsw"])
+    if replace_by == "save":  # another collection saved over it
+        EmbeddingIndex(database[500:], ids=[f"other-{i}" for i in range(400)], dims=DIMS, settings=ANN["hnsw"]).save(
+            path
+        )
+    else:  # the same folder appended to: its first stage file is replaced by a larger one
+        write_features(features, [database[500:]])
+        assert build_index(features, path, append=True, progress=False).added == 400
+    assert reader.ids == expected.ids
+    scores, found = reader.funnel_search(queries, 5)
+    expected_scores, expected_found = expected.funnel_search(queries, 5)
+    assert torch.equal(found, expected_found) and torch.equal(scores, expected_scores)
+
+
+def test_a_failed_rebuild_over_an_index_keeps_it_whole_for_new_and_earlier_readers(tmp_path):
+    database, queries = gaussian(900, 4, decay=1.0)
+    features, path = tmp_path / "features", tmp_path / "index"
+    write_features(features, [database[:500]])
+    build_index(features, path, ANN["hnsw"], progress=False)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    reader = EmbeddingIndex.load(path)
+    broken = tmp_path / "broken"
+    write_features(broken, [database[500:], torch.zeros(3, WIDTH)])  # its second shard holds zero rows
+    with pytest.raises(ValueError, match="zero or non-finite"):
+        build_index(broken, path, ANN["hnsw"], overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "features", "index"]  # no staging left behind
+    reloaded = EmbeddingIndex.load(path)
+    for index in (reader, reloaded):
+        assert torch.equal(index.funnel_search(queries, 5)[1], reloaded.funnel_search(queries, 5)[1])
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds files that are not an index"):
+        build_index(features, tmp_path / "stray", progress=False)
+    assert (tmp_path / "stray" / "notes.txt").read_text() == "mine"
+
+
+def test_bfloat16_vectors_and_queries_search_as_their_float32_values():
+    database, queries = gaussian(300, 3, decay=1.0)
+    rounded, rounded_queries = database.bfloat16().float(), queries.bfloat16().float()
+    index = EmbeddingIndex(database.bfloat16(), dims=DIMS, settings=EXACT)
+    assert index.vectors.dtype == torch.float32 and torch.equal(index.vectors, rounded)
+    scores, found = index.search(queries.bfloat16(), 5, dim=32)
+    expected = EmbeddingIndex(rounded, dims=DIMS, settings=EXACT).search(rounded_queries, 5, dim=32)
+    assert torch.equal(found, expected[1]) and torch.equal(scores, expected[0])
+
+
 def test_load_rejects_folders_that_are_not_an_index(tmp_path):
     (tmp_path / "features.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"is not a franca_hf retrieval index \(no index.json\)"):
@@ -1142,6 +1226,14 @@ def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_fo
     assert index.model == model_fingerprint(model) != model_fingerprint(other)
     with pytest.raises(ModelMismatchError, match=r"holds embeddings of the model .*tiny \(fingerprint v1:\w+\); this"):
         index.search_images([EXAMPLE_IMAGES / "rocket.jpg"], other, processor, k=2)
+    bad = index.dims[0] + 1  # refused as `search` refuses it, on the funnel's path too, before anything is embedded
+    for funnel in (True, False):
+        with pytest.raises(
+            UsageError, match=rf"This index: dim={bad} is not allowed; choose one of \[{index.dims[0]}, "
+        ):
+            index.search_images([EXAMPLE_IMAGES / "rocket.jpg"], model, processor, k=2, dim=bad, funnel=funnel)
+        with pytest.raises(UsageError, match=r"k=0 is out of range: it must be between 1 and the index size"):
+            index.search_images([EXAMPLE_IMAGES / "rocket.jpg"], model, processor, k=0, funnel=funnel)
 
     capsys.readouterr()
     search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(index_folder), "--k", "2"]
