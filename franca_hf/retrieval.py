@@ -14,9 +14,9 @@ truncation, so scores are inner products of unit vectors.
 * `EmbeddingIndex.search_images(images, model, processor)`: embeds query images the way the index was built, after
   checking that the model is the one that built it (`model_fingerprint`).
 
-A saved index is a folder (`MANIFEST_FILE` + the vectors as raw float32 + the ids as JSON lines + the first stage in
-FAISS's own format). Opening one reads the manifest only; vectors are memory-mapped, ids and the FAISS index are
-read on first use. `build_index` streams a `franca-hf extract` folder's shards into one, with memory bounded by one
+A saved index is a folder (`MANIFEST_FILE` + the vectors as raw float32 + the ids as JSON lines, with where each line
+starts + the first stage in FAISS's own format). Opening one reads the manifest only; vectors and ids are
+memory-mapped (an id is read when asked for), the FAISS index is read on first use. `build_index` streams a `franca-hf extract` folder's shards into one, with memory bounded by one
 shard plus the first stage, and `append=True` adds the shards that are new since the last build.
 
 `index(IndexSettings)` and `search(SearchSettings)` are the `franca-hf index` / `search` commands, one call each
@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import mmap
+import operator
 import os
 import platform
 import threading
@@ -63,6 +64,8 @@ MANIFEST_FILE = "index.json"
 VECTORS_FILE = "vectors.f32"
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the float tensors numpy can hold
 IDS_FILE = "ids.jsonl"
+IDS_STARTS_FILE = "ids.starts"  # where each row's line of IDS_FILE starts: little-endian uint64, one per row
+STARTS = np.dtype("<u8")
 # rows normalised at a time when a first stage or a prefix copy is filled from the full-width vectors
 FILL_BLOCK = 65536
 # a row of the full-width vectors has norm 1 within this when it is "the embedding" (`get_image_embeddings`)
@@ -252,17 +255,25 @@ class EmbeddingIndex:
         return torch.from_numpy(self._array)
 
     @property
-    def ids(self) -> list[str]:
-        """The N row names (read from a saved index on first use)."""
+    def ids(self) -> Sequence[str]:
+        """The N row names: a list in memory, or for a saved index a `StoredIds`, each id read from its files when
+        asked for (indexing, slices, iteration; equal to a list of the same ids)."""
         if self._ids is None:
             if self.folder is None:
                 self._ids = [str(i) for i in range(len(self))]
             else:
-                with self._lazy_lock, self._read_opened(IDS_FILE) as handle:
+                with self._lazy_lock:
                     if self._ids is None:
-                        lines = handle.read(self.manifest.ids_bytes).decode().splitlines()
-                        self._ids = [json.loads(line) for line in lines]
+                        self._ids = self._stored_ids()
         return self._ids
+
+    def _stored_ids(self) -> "StoredIds":
+        rows, lines = len(self), read_only_map(self._opened[IDS_FILE], self.manifest.ids_bytes)
+        if IDS_STARTS_FILE in self._opened:
+            starts = np.frombuffer(read_only_map(self._opened[IDS_STARTS_FILE], rows * STARTS.itemsize), STARTS)
+        else:  # a folder saved before the starts were
+            starts = line_starts(lines, rows)
+        return StoredIds(lines, starts, self.manifest.ids_bytes)
 
     @property
     def model(self) -> str | None:
@@ -365,7 +376,7 @@ class EmbeddingIndex:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
-        folder, ids = Path(folder), "".join(json.dumps(i) + "\n" for i in self.ids).encode()
+        folder = Path(folder)
         if folder.is_file():
             raise OutputExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
         if folder.is_dir() and any(folder.iterdir()) and not is_index_folder(folder):
@@ -373,8 +384,9 @@ class EmbeddingIndex:
 
         def fill(staging: Path) -> None:
             self._array.tofile(staging / VECTORS_FILE)
-            (staging / IDS_FILE).write_bytes(ids)
-            manifest = replace(self.manifest, ids_bytes=len(ids), first_stage=None)
+            with open(staging / IDS_FILE, "wb") as lines, open(staging / IDS_STARTS_FILE, "wb") as starts:
+                ids_bytes = write_ids(self.ids, lines, starts)
+            manifest = replace(self.manifest, ids_bytes=ids_bytes, first_stage=None)
             if self.settings.ann != "none":
                 manifest.first_stage = write_first_stage(staging, self.first_stage(), len(self))
             manifest.save(staging)
@@ -392,7 +404,8 @@ class EmbeddingIndex:
         index._init(manifest, folder, device)
         # Read lazily, but from the files of this manifest: opened now, they stay this index's when the folder is
         # replaced or appended to later (as the memory-mapped vectors do).
-        for name in (IDS_FILE, manifest.first_stage):
+        starts = IDS_STARTS_FILE if (folder / IDS_STARTS_FILE).is_file() else None
+        for name in (IDS_FILE, starts, manifest.first_stage):
             if name is not None:
                 descriptor = os.open(folder / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
                 weakref.finalize(index, os.close, descriptor)
@@ -627,6 +640,69 @@ class EmbeddingIndex:
             raise ValueError(f"Stage dims must be strictly increasing; got {dims}.")
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
+
+
+class StoredIds(Sequence):
+    """The ids of a saved index, each read from its JSON lines when asked for: a billion ids take no RAM.
+
+    Args:
+        lines: the bytes of `IDS_FILE` (a read-only memory map).
+        starts: (N,) where each row's line starts in `lines`.
+        end: where the last line ends.
+    """
+
+    def __init__(self, lines, starts: np.ndarray, end: int):
+        self.lines, self.starts, self.end = lines, starts, end
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [self[row] for row in range(*item.indices(len(self)))]
+        row = operator.index(item)
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"id {row} is out of range for {len(self)} ids.")
+        row %= len(self)
+        stop = int(self.starts[row + 1]) if row + 1 < len(self) else self.end
+        return json.loads(self.lines[int(self.starts[row]) : stop])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, str) or not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(mine == theirs for mine, theirs in zip(self, other, strict=True))
+
+    __hash__ = None
+
+
+def read_only_map(descriptor: int, size: int):
+    """The first `size` bytes of an open file, memory-mapped read-only (empty bytes for none)."""
+    return mmap.mmap(descriptor, size, access=mmap.ACCESS_READ) if size else b""
+
+
+def line_starts(lines, rows: int) -> np.ndarray:
+    """(rows,) where each of the first `rows` newline-ended lines of `lines` starts, read 64 MiB at a time."""
+    starts, found, block = np.zeros(rows, STARTS), 1, 1 << 26
+    for offset in range(0, len(lines), block):
+        chunk = np.frombuffer(lines, np.uint8, count=min(block, len(lines) - offset), offset=offset)
+        following = np.flatnonzero(chunk == ord("\n"))[: rows - found] + offset + 1  # the next line starts after one
+        starts[found : found + len(following)] = following
+        found += len(following)
+    return starts
+
+
+def write_ids(ids: Sequence[str], lines, starts, first_byte: int = 0) -> int:
+    """Append `ids` to an ids file `lines` (JSON lines, ASCII) and where each starts, counted from `first_byte` (the
+    file's length so far), to a starts file; returns the bytes written to `lines`. A `StoredIds` is copied as stored."""
+    if isinstance(ids, StoredIds):
+        lines.write(memoryview(ids.lines)[: ids.end])
+        starts.write((ids.starts.astype(np.int64) + first_byte).astype(STARTS).tobytes())
+        return ids.end
+    encoded = [json.dumps(i) + "\n" for i in ids]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    lines.write("".join(encoded).encode())
+    starts.write((first_byte + np.cumsum(lengths) - lengths).astype(STARTS).tobytes())
+    return int(lengths.sum())
 
 
 def numpy_of(tensor: torch.Tensor) -> np.ndarray:
@@ -1094,7 +1170,7 @@ def build_index(
         manifest = IndexManifest(
             0, extraction.settings.dim, dims, asdict(resolved), None, True, fingerprint, model_name
         )
-        for name in (VECTORS_FILE, IDS_FILE):
+        for name in (VECTORS_FILE, IDS_FILE, IDS_STARTS_FILE):
             (staging / name).write_bytes(b"")
         first = new_first_stage(resolved, dims[0]) if resolved.ann != "none" else None
         if first is not None and not first.is_trained:
@@ -1115,12 +1191,20 @@ def _stream_shards(
 
     known = set(manifest.sources)
     new = [shard for shard in extraction.shards if shard["file"] not in known]
-    with open(folder / VECTORS_FILE, "r+b") as vectors_file, open(folder / IDS_FILE, "r+b") as ids_file:
+    if not (folder / IDS_STARTS_FILE).is_file():  # a folder saved before the starts were: where its lines start
+        with open(folder / IDS_FILE, "rb") as lines:
+            line_starts(lines.read(manifest.ids_bytes), manifest.rows).astype(STARTS).tofile(folder / IDS_STARTS_FILE)
+    with (
+        open(folder / VECTORS_FILE, "r+b") as vectors_file,
+        open(folder / IDS_FILE, "r+b") as ids_file,
+        open(folder / IDS_STARTS_FILE, "r+b") as starts_file,
+    ):
         # an interrupted append leaves bytes past the committed rows: drop them
         vectors_file.truncate(manifest.rows * manifest.width * 4)
         ids_file.truncate(manifest.ids_bytes)
-        vectors_file.seek(0, os.SEEK_END)
-        ids_file.seek(0, os.SEEK_END)
+        starts_file.truncate(manifest.rows * STARTS.itemsize)
+        for handle in (vectors_file, ids_file, starts_file):
+            handle.seek(0, os.SEEK_END)
         bar = tqdm(new, desc="index", unit="shard", disable=not progress)
         for shard in bar:
             shard_ids, vectors = read_shard(features / shard["file"])
@@ -1129,14 +1213,13 @@ def _stream_shards(
                 unit_rows(block, dim, manifest.rows, shard_ids)
             manifest.unit &= bool(np.all(np.abs(np.linalg.norm(block, axis=1) - 1) < UNIT_TOLERANCE))
             vectors_file.write(block.tobytes())
-            ids_bytes = "".join(json.dumps(i) + "\n" for i in shard_ids).encode()
-            ids_file.write(ids_bytes)
+            ids_bytes = write_ids(shard_ids, ids_file, starts_file, manifest.ids_bytes)
             if first is not None:
                 add_to_first_stage(first, unit_rows(block, manifest.dims[0]), manifest.rows)
             manifest.rows += len(block)
-            manifest.ids_bytes += len(ids_bytes)
+            manifest.ids_bytes += ids_bytes
             manifest.sources.append(shard["file"])
-        for handle in (vectors_file, ids_file):
+        for handle in (vectors_file, ids_file, starts_file):
             handle.flush()
             os.fsync(handle.fileno())
     if first is not None:

@@ -705,6 +705,43 @@ def test_bfloat16_vectors_and_queries_search_as_their_float32_values():
     assert torch.equal(found, expected[1]) and torch.equal(scores, expected[0])
 
 
+def test_a_saved_index_reads_each_id_when_asked_for_and_copies_them_as_stored(tmp_path, monkeypatch):
+    database, queries = gaussian(300, 2, decay=1.0)
+    names = [f"photo {i}.jpg" for i in range(297)] + ['quote " and \\ slash', "ünïcödé 🚀", "new\nline"]
+    EmbeddingIndex(database, ids=names, dims=DIMS, settings=EXACT).save(tmp_path / "index")
+    index = EmbeddingIndex.load(tmp_path / "index")
+    assert isinstance(index.ids, retrieval.StoredIds)  # no list of every id: each is read from the mapped file
+    assert len(index.ids) == 300 and index.ids == names and names == index.ids and index.ids != names[:-1]
+    assert index.ids[0] == "photo 0.jpg" and index.ids[-1] == "new\nline" and index.ids[-3:] == names[-3:]
+    assert index.ids[::100] == names[::100] and list(index.ids) == names and index.ids[np.int64(297)] == names[297]
+    with pytest.raises(IndexError, match="id 300 is out of range for 300 ids"):
+        index.ids[300]
+    assert [index.ids[i] for i in index.search(queries, 3)[1][0].tolist()] == [
+        names[i] for i in EmbeddingIndex(database, dims=DIMS, settings=EXACT).search(queries, 3)[1][0].tolist()
+    ]
+    monkeypatch.setattr(retrieval.StoredIds, "__getitem__", lambda *args: pytest.fail("an id was decoded"))
+    index.save(tmp_path / "copy")  # the stored ids are copied as they are, not read id by id
+    for name in ("ids.jsonl", "ids.starts", "vectors.f32"):
+        assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "index" / name).read_bytes(), name
+
+
+def test_a_folder_saved_before_the_id_starts_were_reads_and_appends_its_ids(tmp_path):
+    database, queries = gaussian(1000, 2, decay=1.0)
+    features = tmp_path / "features"
+    write_features(features, list(database[:600].split(300)))
+    build_index(features, tmp_path / "index", EXACT, progress=False)
+    build_index(features, tmp_path / "expected", EXACT, progress=False)
+    (tmp_path / "index" / "ids.starts").unlink()  # as an earlier version saved it
+    old = EmbeddingIndex.load(tmp_path / "index")
+    assert old.ids == [f"row-{i}" for i in range(600)] and old.ids[-1] == "row-599"
+    ids = write_features(features, [database[600:]])
+    build_index(features, tmp_path / "index", append=True, progress=False)
+    build_index(features, tmp_path / "expected", append=True, progress=False)
+    for name in ("ids.jsonl", "ids.starts"):
+        assert (tmp_path / "index" / name).read_bytes() == (tmp_path / "expected" / name).read_bytes(), name
+    assert EmbeddingIndex.load(tmp_path / "index").ids == ids
+
+
 def test_load_rejects_folders_that_are_not_an_index(tmp_path):
     (tmp_path / "features.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"is not a franca_hf retrieval index \(no index.json\)"):
