@@ -10,6 +10,7 @@ are written shard by shard; only the ids of the done images are kept.
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +53,8 @@ from .store import (
 logger = logging.getLogger(__name__)
 SHARD_BYTES = 256 * 2**20  # default shard size bound: rows x row bytes <= 256 MiB
 MAX_SHARD_ROWS = 1024
+# the run number R in a shard's name (`shard-<R>-<P>-<S>.parquet`) or a progress file's (`<R>-<P>.jsonl`)
+RUN_FILE = re.compile(r"(\d{6})-\d{3}(?:-\d{5}\.parquet|\.jsonl)$")
 
 
 @dataclass
@@ -314,7 +317,7 @@ def extract_to_folder(
         readable.append(shard)
         done.update(ids)
     pending = [position for position in range(len(source)) if source.describe(position) not in done]
-    run_number = len(index.shards) + len(list((folder / SET_ASIDE_DIR).glob("*")))  # unique: docs/extraction.md
+    run_number = _next_run_number(folder, index)
     state.wait_for_everyone()  # every process has read the same state; now the first one tidies up
     if state.is_main_process:
         for shard, reason in damaged:
@@ -393,6 +396,16 @@ def _consolidate(folder: Path, index: ExtractionIndex) -> None:
         path.unlink()
     if (folder / PROGRESS_DIR).is_dir():
         (folder / PROGRESS_DIR).rmdir()
+
+
+def _next_run_number(folder: Path, index: ExtractionIndex) -> int:
+    """One more than the largest run number R of any shard or progress file the folder names or holds (committed,
+    in progress, set aside, or written by an interrupted run): a new run's files never take an earlier run's names."""
+    names = [shard["file"] for shard in index.shards]
+    for part in (DATA_DIR, SET_ASIDE_DIR, PROGRESS_DIR):
+        names.extend(path.name for path in (folder / part).glob("*"))
+    numbers = [int(match.group(1)) for name in names if (match := RUN_FILE.search(name))]
+    return max(numbers, default=-1) + 1
 
 
 def _set_aside(folder: Path, shard: dict, reason: str) -> None:

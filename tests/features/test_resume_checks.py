@@ -99,6 +99,27 @@ def test_damaged_shards_are_set_aside_and_redone(small_folder, tmp_path, caplog)
     )
 
 
+def test_a_run_after_a_shard_went_missing_takes_new_names_and_loses_no_image(small_folder, tmp_path, caplog):
+    """Run numbers come from the names in the folder, not from counts: a missing shard (nothing set aside) or a
+    cleared `.damaged/` must not let a later run reuse an earlier run's shard names."""
+    images, out = tmp_path / "images", tmp_path / "features"
+    make_images(images, 6)
+    command = [*extract_command(images, small_folder, out), "--shard-size", "2", "--batch-size", "2"]
+    assert main(command) == 0
+    (out / "data" / "shard-000000-000-00000.parquet").unlink()  # a committed shard goes missing
+    assert main(command) == 0  # its 2 images again, in a run of its own
+    make_images(images, 8)  # two new images
+    assert main(command) == 0
+    shutil.rmtree(out / ".damaged", ignore_errors=True)
+    make_images(images, 10)  # two more, after the set-aside folder was cleared
+    assert main(command) == 0
+    rows = _rows(out)
+    assert sorted(rows) == [str(images / f"{i:05d}.png") for i in range(10)]
+    names = sorted(p.name for p in (out / "data").iterdir())
+    assert len(names) == 5 and names[-1].startswith("shard-000003-")  # 2 of the first run, then one per run
+    assert ExtractionIndex.load(out).complete and ExtractionIndex.load(out).rows == 10
+
+
 def test_paths_are_compared_by_what_they_point_to(small_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").symlink_to(small_folder)
