@@ -43,7 +43,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import InputNotFoundError, OutputExistsError, UsageError
 from .features import extract_features
-from .features.store import INDEX_FILE, ExtractionIndex, read_shard
+from .features.store import INDEX_FILE, SHARD_READ_ERRORS, ExtractionIndex, read_shard
 from .fingerprint import check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
 from .modeling import (
@@ -1098,7 +1098,7 @@ def index_from_features(folder: str | os.PathLike, settings: AnnSettings | None 
     extraction = _extraction(folder)
     vectors, ids, row = huge_page_array(extraction.rows, extraction.settings.dim), [], 0
     for shard in extraction.shards:
-        shard_ids, features = read_shard(folder / shard["file"])
+        shard_ids, features = _readable_shard(folder, shard, extraction.settings.dim)
         vectors[row : row + len(shard_ids)] = features.numpy()
         ids.extend(shard_ids)
         row += len(shard_ids)
@@ -1207,7 +1207,7 @@ def _stream_shards(
             handle.seek(0, os.SEEK_END)
         bar = tqdm(new, desc="index", unit="shard", disable=not progress)
         for shard in bar:
-            shard_ids, vectors = read_shard(features / shard["file"])
+            shard_ids, vectors = _readable_shard(features, shard, manifest.width)
             block = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
             for dim in manifest.dims:
                 unit_rows(block, dim, manifest.rows, shard_ids)
@@ -1227,11 +1227,30 @@ def _stream_shards(
     manifest.save(folder)
 
 
+def _readable_shard(folder: Path, shard: dict, width: int) -> tuple[list[str], torch.Tensor]:
+    """(ids, (n, width) rows) of a shard of an extract folder (`shard`: its entry in the folder's index), or a
+    UsageError naming it and what to do."""
+    path = folder / shard["file"]
+    try:
+        ids, rows = read_shard(path)
+    except SHARD_READ_ERRORS as error:
+        problem = f"cannot be read ({type(error).__name__}: {error})"
+    else:
+        if rows.shape[1:] == (width,) and len(ids) == shard["rows"]:
+            return ids, rows
+        problem = f"holds {len(ids)} rows of shape {tuple(rows.shape[1:])}, where {shard['rows']} of ({width},) were committed"
+    raise UsageError(
+        f"The extract shard {path} {problem}. Run `franca-hf extract` on its folder again, which sets damaged shards "
+        "aside and embeds their images again, then index it."
+    )
+
+
 def _leading_prefixes(folder: Path, extraction: ExtractionIndex, rows: int, dim: int) -> np.ndarray:
     """The `dim`-channel prefixes of the first `rows` rows of an extraction (all when fewer), read shard by shard."""
     blocks, total = [], 0
     for shard in extraction.shards:
-        blocks.append(np.ascontiguousarray(read_shard(folder / shard["file"])[1].numpy()[: rows - total, :dim]))
+        prefixes = _readable_shard(folder, shard, extraction.settings.dim)[1].numpy()[: rows - total, :dim]
+        blocks.append(np.ascontiguousarray(prefixes))
         total += len(blocks[-1])
         if total >= rows:
             break

@@ -695,6 +695,44 @@ def test_a_failed_rebuild_over_an_index_keeps_it_whole_for_new_and_earlier_reade
     assert (tmp_path / "stray" / "notes.txt").read_text() == "mine"
 
 
+def test_a_damaged_or_foreign_extract_shard_is_named_and_leaves_the_index_whole(tmp_path):
+    from franca_hf.features.store import ExtractionIndex, write_shard
+
+    database, _ = gaussian(600, 1, decay=1.0)
+    features, path = tmp_path / "features", tmp_path / "index"
+    write_features(features, list(database.split(200)))
+    build_index(features, path, EXACT, progress=False)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    extraction = ExtractionIndex.load(features)
+    second = features / extraction.shards[1]["file"]
+    good = second.read_bytes()
+    ids = [f"row-{i}" for i in range(200, 400)]
+    damages = {
+        "narrower rows": lambda: write_shard(
+            second, extraction.settings, ids, database[200:400, :64].numpy(), None, None
+        ),
+        "fewer rows": lambda: write_shard(second, extraction.settings, ids[:5], database[200:205].numpy(), None, None),
+        "truncated": lambda: second.write_bytes(good[:300]),
+    }
+    messages = {
+        "narrower rows": "holds 200 rows of shape (64,), where 200 of (128,) were committed",
+        "fewer rows": "holds 5 rows of shape (128,), where 200 of (128,) were committed",
+        "truncated": "cannot be read (ArrowInvalid: ",
+    }
+    for damage, make in damages.items():
+        make()
+        for build in (
+            lambda: build_index(features, path, EXACT, overwrite=True, progress=False),
+            lambda: index_from_features(features),
+        ):
+            with pytest.raises(UsageError) as error:
+                build()
+            assert str(error.value).startswith(f"The extract shard {second} {messages[damage]}"), damage
+            assert "Run `franca-hf extract` on its folder again" in str(error.value)
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == before, damage
+        second.write_bytes(good)
+
+
 def test_bfloat16_vectors_and_queries_search_as_their_float32_values():
     database, queries = gaussian(300, 3, decay=1.0)
     rounded, rounded_queries = database.bfloat16().float(), queries.bfloat16().float()
