@@ -1153,6 +1153,7 @@ def build_index(
         if fingerprint is not None:
             what = f"The index {out}"
             check_same_model(manifest.model, fingerprint, what, manifest.model_name, model_name, allow_other_model)
+        _check_same_extraction(index, features, extraction)
         first = index.first_stage() if manifest.settings["ann"] != "none" else None
         rows_before = manifest.rows
         _stream_shards(features, extraction, out, manifest, first, progress)
@@ -1180,6 +1181,31 @@ def build_index(
     write_folder_atomically(out, fill, overwrite=True)
     index = EmbeddingIndex.load(out)
     return BuildReport(index, len(index), False)
+
+
+def _check_same_extraction(index: EmbeddingIndex, features: Path, extraction: ExtractionIndex) -> None:
+    """A UsageError unless `features` still holds the shards `index` was built from, with the rows it holds: its last
+    shard's ids are the index's last ids (another extract folder names its shards alike)."""
+    held = {shard["file"]: shard for shard in extraction.shards}
+    gone = [name for name in index.manifest.sources if name not in held]
+    if gone:
+        raise UsageError(
+            f"{features} no longer holds {len(gone)} of the shards the index {index.folder} was built from "
+            f"({gone[0]}, ...): a resumed extract set them aside as damaged and embedded their images again, or "
+            "the folder is another extraction. An append would repeat those images: rebuild the index "
+            "(overwrite=True, --overwrite).",
+            setting="overwrite",
+        )
+    if index.manifest.sources:
+        last = held[index.manifest.sources[-1]]
+        stored, rows = index.ids, len(index)
+        if _readable_shard(features, last, index.width)[0] != stored[rows - last["rows"] : rows]:
+            raise UsageError(
+                f"{features / last['file']} holds other images than the rows the index {index.folder} took from a "
+                f"shard of that name: {features} is not the extraction it was built from. Append that one, or build "
+                "a new index of this one.",
+                setting="append",
+            )
 
 
 def _stream_shards(

@@ -1131,6 +1131,40 @@ def test_index_streamed_from_shards_equals_the_in_memory_one_and_append_equals_r
         build_index(features, tmp_path / "index", ANN[ann], append=True)
 
 
+def test_an_append_refuses_an_extraction_that_lost_its_shards_or_is_another_one(tmp_path):
+    from franca_hf.features.store import ExtractionIndex, write_shard
+
+    database, _ = gaussian(600, 1, decay=1.0)
+    features, path = tmp_path / "features", tmp_path / "index"
+    write_features(features, list(database[:400].split(200)))
+    build_index(features, path, EXACT, progress=False)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    other = tmp_path / "other"  # another extraction: its shards have the same names, other images
+    write_features(other, list(database[200:].split(200)))
+    moved = ExtractionIndex.load(other)
+    for number, shard in enumerate(moved.shards):
+        rows = database[200 * (number + 1) : 200 * (number + 2)].numpy()
+        names = [f"elsewhere-{200 * number + i}" for i in range(200)]
+        write_shard(other / shard["file"], moved.settings, names, rows, None, None)
+    with pytest.raises(UsageError, match=rf"{other}/data/shard-00001.parquet holds other images than the rows"):
+        build_index(other, path, append=True, progress=False)
+
+    # a resumed extract set the first shard aside and embedded its images again, in a shard of a new name
+    extraction = ExtractionIndex.load(features)
+    redone = extraction.shards.pop(0)
+    (features / redone["file"]).unlink()
+    ids = [f"row-{i}" for i in range(200)]
+    write_shard(features / "data/shard-00009.parquet", extraction.settings, ids, database[:200].numpy(), None, None)
+    extraction.shards.append({"file": "data/shard-00009.parquet", "rows": 200})
+    extraction.save(features)
+    with pytest.raises(UsageError, match=r"no longer holds 1 of the shards .* \(data/shard-00000.parquet, ...\)"):
+        build_index(features, path, append=True, progress=False)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    rebuilt = build_index(features, path, overwrite=True, progress=False).index  # what the message says to do
+    assert len(rebuilt) == 400 and sorted(rebuilt.ids) == sorted(f"row-{i}" for i in range(400))
+
+
 def test_an_interrupted_append_leaves_the_index_as_it_was(tmp_path, monkeypatch):
     database, queries = gaussian(1500, 5, decay=1.0)
     features = tmp_path / "features"
