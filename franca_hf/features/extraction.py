@@ -45,7 +45,7 @@ from .store import (
     ExtractionIndex,
     ExtractionRecord,
     ProgressLog,
-    read_shard_ids,
+    read_committed_ids,
     write_card,
     write_shard,
 )
@@ -310,7 +310,7 @@ def extract_to_folder(
     readable, damaged = [], []
     for shard in index.shards:
         try:
-            ids = read_shard_ids(folder / shard["file"], shard["rows"])
+            ids = read_committed_ids(folder / shard["file"], shard["rows"], index.settings)
         except SHARD_READ_ERRORS as error:
             damaged.append((shard, f"{type(error).__name__}: {error}"))
             continue

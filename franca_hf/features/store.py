@@ -41,6 +41,7 @@ INDEX_FILE = "extraction.json"
 DATA_DIR = "data"
 PROGRESS_DIR = ".progress"
 SET_ASIDE_DIR = ".damaged"
+ONE_ROW_KINDS = ("cls", "linear_probe")  # kinds whose features are one row an image (the dense ones: maps)
 # what reading a truncated, overwritten or missing Parquet file raises (pyarrow's ArrowInvalid is a ValueError)
 SHARD_READ_ERRORS = (OSError, ValueError)
 CARD_FILE = "README.md"
@@ -243,15 +244,44 @@ def write_shard(
     write_file_atomically(path, lambda staging: pq.write_table(table, staging))
 
 
-def read_shard_ids(path: Path, rows: int | None = None) -> list[str]:
-    """The ids of a shard's rows; raises one of `SHARD_READ_ERRORS` when the file cannot be read or holds another
-    number of rows than `rows` (what the index committed)."""
+def read_committed_ids(path: Path, rows: int, settings: ExtractionRecord) -> list[str]:
+    """The ids of a committed shard's rows, from its footer and `id` column; raises one of `SHARD_READ_ERRORS` when
+    the file cannot be read, holds another number of rows than `rows` (what the index committed), or columns other
+    than an extraction of `settings` writes (another width or float type, say)."""
+    import datasets  # noqa: F401 (registers the Array3D type that dense shards' schemas name)
     import pyarrow.parquet as pq
 
+    problem = shard_schema_problem(pq.read_schema(path), settings)
+    if problem:
+        raise ValueError(problem)
     ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    if rows is not None and len(ids) != rows:
+    if len(ids) != rows:
         raise ValueError(f"{len(ids)} rows where {rows} were committed")
     return ids
+
+
+def shard_schema_problem(schema, settings: ExtractionRecord) -> str | None:
+    """What in a shard's Arrow `schema` differs from what an extraction of `settings` writes: string ids, and features
+    of its float type and width (rows of (dim,), or maps of (dim, h, w) for dense kinds); None when nothing does."""
+    import pyarrow as pa
+
+    if "id" not in schema.names or "features" not in schema.names or schema.field("id").type != pa.string():
+        return f"columns {schema.names}, where string ids and features were written"
+    column = schema.field("features").type
+    storage = getattr(column, "storage_type", column)
+    shape = tuple(column.shape) if hasattr(column, "shape") else (getattr(storage, "list_size", None),)
+    values = storage
+    while hasattr(values, "value_type"):
+        values = values.value_type
+    expected = (settings.dim,) if settings.kind in ONE_ROW_KINDS else (settings.dim, "h", "w")
+    if (
+        values != pa.from_numpy_dtype(np.dtype(settings.dtype))
+        or len(shape) != len(expected)
+        or shape[0] != settings.dim
+    ):
+        held = np.dtype(values.to_pandas_dtype()).name if pa.types.is_floating(values) else values
+        return f"features of shape {shape} in {held}, where {expected} in {settings.dtype} were written"
+    return None
 
 
 def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:

@@ -99,6 +99,45 @@ def test_damaged_shards_are_set_aside_and_redone(small_folder, tmp_path, caplog)
     )
 
 
+def test_shards_holding_other_columns_than_the_extraction_writes_are_set_aside_and_redone(
+    small_folder, tmp_path, caplog
+):
+    images, out = tmp_path / "images", tmp_path / "features"
+    make_images(images, 8)
+    command = [*extract_command(images, small_folder, out), "--shard-size", "2", "--batch-size", "2"]
+    assert main(command) == 0
+    uninterrupted = _rows(out)
+    shards = sorted((out / "data").glob("*.parquet"))
+    read = pyarrow.parquet.read_table
+    narrower, no_features, half, strings = shards  # same ids and rows, other columns
+    table = read(narrower)
+    pyarrow.parquet.write_table(
+        table.set_column(1, "features", pyarrow.FixedSizeListArray.from_arrays(pyarrow.array([0.0] * 32), 16)), narrower
+    )
+    pyarrow.parquet.write_table(read(no_features).select(["id"]), no_features)
+    table = read(half)
+    values = pyarrow.array(table.column("features").combine_chunks().flatten().to_numpy().astype("float16"))
+    pyarrow.parquet.write_table(
+        table.set_column(1, "features", pyarrow.FixedSizeListArray.from_arrays(values, 32)), half
+    )
+    table = read(strings)
+    pyarrow.parquet.write_table(table.set_column(1, "features", pyarrow.array(["x", "y"])), strings)
+
+    assert main(command) == 0
+    warnings = [r.getMessage() for r in caplog.records if "images are extracted again" in r.getMessage()]
+    assert len(warnings) == 4 and all("is damaged (ValueError: " in w for w in warnings), warnings
+    assert "features of shape (16,) in float64, where (32,) in float32 were written" in warnings[0]
+    assert "columns ['id'], where string ids and features were written" in warnings[1]
+    assert (
+        "(32,) in float16, where (32,) in float32" in warnings[2]
+        and "features of shape (None,) in string" in warnings[3]
+    )
+    assert sorted(p.name for p in (out / ".damaged").iterdir()) == [p.name for p in shards]
+    resumed = _rows(out)
+    assert sorted(resumed) == sorted(uninterrupted)
+    torch.testing.assert_close(torch.stack([resumed[i] for i in uninterrupted]), torch.stack([*uninterrupted.values()]))
+
+
 def test_a_run_after_a_shard_went_missing_takes_new_names_and_loses_no_image(small_folder, tmp_path, caplog):
     """Run numbers come from the names in the folder, not from counts: a missing shard (nothing set aside) or a
     cleared `.damaged/` must not let a later run reuse an earlier run's shard names."""
