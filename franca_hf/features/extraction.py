@@ -46,6 +46,7 @@ from .store import (
     ExtractionRecord,
     ProgressLog,
     read_committed_ids,
+    shard_class_names,
     write_card,
     write_shard,
 )
@@ -316,6 +317,8 @@ def extract_to_folder(
             continue
         readable.append(shard)
         done.update(ids)
+    if readable:
+        _check_same_classes(folder / readable[0]["file"], source)
     pending = [position for position in range(len(source)) if source.describe(position) not in done]
     run_number = _next_run_number(folder, index)
     state.wait_for_everyone()  # every process has read the same state; now the first one tidies up
@@ -396,6 +399,21 @@ def _consolidate(folder: Path, index: ExtractionIndex) -> None:
         path.unlink()
     if (folder / PROGRESS_DIR).is_dir():
         (folder / PROGRESS_DIR).rmdir()
+
+
+def _check_same_classes(shard: Path, source: ImageSource) -> None:
+    """A UsageError when the images' classes are not those a committed shard of the folder labels its rows with (a
+    class folder added or removed since: the labels are class indices, and the old shards' would mean other names)."""
+    held = shard_class_names(shard)
+    if held != source.class_names:
+        now, before = (
+            "no classes" if names is None else f"the classes {names}" for names in (source.class_names, held)
+        )
+        raise UsageError(
+            f"The images now have {now}, where the shards of the folder hold labels of {before}: a resume would mix "
+            "labels that mean other classes. Extract into a new out folder (or restore the class folders).",
+            setting="out",
+        )
 
 
 def _next_run_number(folder: Path, index: ExtractionIndex) -> int:

@@ -260,6 +260,15 @@ def read_committed_ids(path: Path, rows: int, settings: ExtractionRecord) -> lis
     return ids
 
 
+def shard_class_names(path: Path) -> list[str] | None:
+    """The class names a shard's `label` column stands for (None for an unlabelled shard), from its footer."""
+    import pyarrow.parquet as pq
+    from datasets import Features
+
+    label = Features.from_arrow_schema(pq.read_schema(path)).get("label")
+    return None if label is None else list(label.names)
+
+
 def shard_schema_problem(schema, settings: ExtractionRecord) -> str | None:
     """What in a shard's Arrow `schema` differs from what an extraction of `settings` writes: string ids, and features
     of its float type and width (rows of (dim,), or maps of (dim, h, w) for dense kinds); None when nothing does."""

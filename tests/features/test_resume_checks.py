@@ -159,6 +159,29 @@ def test_a_run_after_a_shard_went_missing_takes_new_names_and_loses_no_image(sma
     assert ExtractionIndex.load(out).complete and ExtractionIndex.load(out).rows == 10
 
 
+def test_a_resume_after_a_class_folder_was_added_is_refused_before_anything_is_written(small_folder, tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "features"
+    for name in "ac":
+        make_images(images / name, 2)
+    command = extract_command(images, small_folder, out)
+    assert main(command) == 0
+    make_images(images / "b", 2)  # sorted between a and c: label 1 would mean b now, c in the folder's shards
+    before = sorted(p.name for p in (out / "data").iterdir())
+    capsys.readouterr()
+    assert main(command) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (
+        "franca-hf extract: error: The images now have the classes ['a', 'b', 'c'], where the shards of the folder "
+        "hold labels of the classes ['a', 'c']: a resume would mix labels that mean other classes. Extract into a new "
+        "out folder (or restore the class folders). (--out)"
+    )
+    assert sorted(p.name for p in (out / "data").iterdir()) == before
+    shutil.rmtree(images / "b")
+    assert main(command) == 0  # restored: the resume goes on
+    rows = load_rows(out)
+    assert rows.features["label"].names == ["a", "c"] and sorted(rows["label"]) == [0, 0, 1, 1]
+
+
 def test_paths_are_compared_by_what_they_point_to(small_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").symlink_to(small_folder)
