@@ -143,19 +143,28 @@ class ExtractionIndex:
             raise InputNotFoundError(
                 f"{folder} holds no {INDEX_FILE}: it is not a folder written by `franca-hf extract`."
             )
-        document = json.loads(path.read_text())
-        if document.get("format") != FORMAT or document.get("version") != FORMAT_VERSION:
+        try:
+            document = json.loads(path.read_bytes())
+            version = (document.get("format"), document.get("version"))
+        except (ValueError, AttributeError) as error:  # not JSON, not UTF-8, or not an object
+            raise UsageError(f"{path} is damaged ({error}); restore it, or extract into a new folder.") from None
+        if version != (FORMAT, FORMAT_VERSION):
             raise UsageError(
                 f"{path} is not a franca_hf features index of version {FORMAT_VERSION} "
-                f"(format {document.get('format')!r}, version {document.get('version')!r})."
+                f"(format {version[0]!r}, version {version[1]!r})."
             )
-        return cls(
-            ExtractionRecord(**document["settings"]),
-            document["shards"],
-            document["failed"],
-            document["complete"],
-            document.get("model_fingerprint"),
-        )
+        try:
+            return cls(
+                ExtractionRecord(**document["settings"]),
+                document["shards"],
+                document["failed"],
+                document["complete"],
+                document.get("model_fingerprint"),
+            )
+        except (KeyError, TypeError) as error:
+            raise UsageError(
+                f"{path} is damaged (lacks or mistypes {error}); restore it, or extract into a new folder."
+            ) from None
 
     def with_progress(self, folder: Path) -> "ExtractionIndex":
         """This index plus the shards and failures committed in `progress/` by runs not yet merged."""
@@ -179,13 +188,18 @@ def read_model_fingerprint(folder: str | os.PathLike) -> tuple[str | None, str]:
 
 
 def progress_lines(folder: Path) -> Iterator[dict]:
-    """The committed lines of every progress file; a torn last line (a kill mid-append) is not committed."""
+    """The committed lines of every progress file. A torn last line (a kill mid-append) is not committed, and a line
+    that is not one `ProgressLog` writes (damaged) ends what is read of its file: the shards it and the later lines
+    name are then uncommitted, and their images embedded again."""
     for path in sorted((folder / PROGRESS_DIR).glob("*.jsonl")):
-        for line in path.read_text().splitlines():
+        for raw in path.read_bytes().splitlines():
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                line = json.loads(raw)
+            except ValueError:  # torn, or not UTF-8
                 break
+            if not isinstance(line, dict) or line.keys() != {"shard", "rows", "failed"}:
+                break
+            yield line
 
 
 class ProgressLog:

@@ -182,6 +182,33 @@ def test_a_resume_after_a_class_folder_was_added_is_refused_before_anything_is_w
     assert rows.features["label"].names == ["a", "c"] and sorted(rows["label"]) == [0, 0, 1, 1]
 
 
+def test_a_damaged_index_is_named_in_one_line_and_damaged_progress_lines_are_redone(small_folder, tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "features"
+    make_images(images, 4)
+    command = [*extract_command(images, small_folder, out), "--shard-size", "2", "--batch-size", "2"]
+    assert main(command) == 0
+    index = (out / "extraction.json").read_bytes()
+    for damaged in (index[:40], b"null", b"\xff\xfe", index.replace(b'"shards"', b'"shard_list"')):
+        (out / "extraction.json").write_bytes(damaged)
+        for cli in (command, ["index", str(out), "--out", str(tmp_path / "index")]):
+            capsys.readouterr()
+            assert main(cli) == 2
+            error = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+            assert error.startswith(f"franca-hf {cli[0]}: error: {out / 'extraction.json'} is damaged ("), error
+            assert error.endswith("restore it, or extract into a new folder.")
+    (out / "extraction.json").write_bytes(index)
+
+    # a run killed after committing a shard, its progress file damaged before that line: the shard is redone
+    make_images(images, 6)
+    (out / ".progress").mkdir()
+    committed = '{"shard": "data/shard-000009-000-00000.parquet", "rows": 2, "failed": []}'
+    (out / ".progress" / "000009-000.jsonl").write_text(f"null\n{committed}\n")
+    shutil.copy(out / "data" / "shard-000000-000-00000.parquet", out / "data" / "shard-000009-000-00000.parquet")
+    assert main(command) == 0
+    assert sorted(_rows(out)) == [str(images / f"{i:05d}.png") for i in range(6)]
+    assert "shard-000009-000-00000.parquet" not in {p.name for p in (out / "data").iterdir()}
+
+
 def test_paths_are_compared_by_what_they_point_to(small_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").symlink_to(small_folder)
