@@ -107,12 +107,14 @@ def check_same_model(
     if stored is None or stored == current or allow_other_model:
         return
     change = (
-        f"the model there now has fingerprint {current}: its weights, basis or architecture changed since"
+        f"the model there now has fingerprint {current}: its weights, basis, architecture or precision changed since"
         if stored_model == current_model
-        else f"this run's model {current_model} has fingerprint {current}: other weights, basis or architecture"
+        else f"this run's model {current_model} has fingerprint {current}: other weights, basis, architecture or "
+        "precision"
     )
     raise ModelMismatchError(
-        f"{what} holds embeddings of the model {stored_model} (fingerprint {stored}); {change}, and the embeddings "
-        "of the two do not mix. Use the model that made them, or set allow_other_model=True to use this one anyway.",
+        f"{what} holds embeddings of the model {stored_model} (fingerprint {stored}); {change} (a float16 or int8 "
+        "copy has a fingerprint of its own), and the embeddings of the two do not mix. Use the model that made them, "
+        "or set allow_other_model=True to use this one anyway.",
         setting="allow_other_model",
     )

@@ -31,6 +31,7 @@ import mmap
 import operator
 import os
 import platform
+import shutil
 import threading
 import weakref
 from collections.abc import Sequence
@@ -377,10 +378,7 @@ class EmbeddingIndex:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
         folder = Path(folder)
-        if folder.is_file():
-            raise OutputExistsError(f"{folder} is a file; an index is saved as a folder. Choose another path.")
-        if folder.is_dir() and any(folder.iterdir()) and not is_index_folder(folder):
-            raise OutputExistsError(f"{folder} holds files that are not an index; choose an empty or new folder.")
+        check_index_out(folder, overwrite=True)
 
         def fill(staging: Path) -> None:
             self._array.tofile(staging / VECTORS_FILE)
@@ -391,6 +389,7 @@ class EmbeddingIndex:
                 manifest.first_stage = write_first_stage(staging, self.first_stage(), len(self))
             manifest.save(staging)
 
+        remove_interrupted_writes(folder)
         return write_folder_atomically(folder, fill, overwrite=True)
 
     @classmethod
@@ -1159,10 +1158,7 @@ def build_index(
         _stream_shards(features, extraction, out, manifest, first, progress)
         remove_stale_first_stages(out, manifest.first_stage)
         return BuildReport(EmbeddingIndex.load(out), manifest.rows - rows_before, True)
-    if (out / MANIFEST_FILE).exists() and not overwrite:
-        raise OutputExistsError(f"{out} already holds an index; pass overwrite=True or append=True.", "overwrite")
-    if out.is_file() or out.is_dir() and any(out.iterdir()) and not is_index_folder(out):
-        raise OutputExistsError(f"{out} holds files that are not an index; choose an empty or new folder.")
+    check_index_out(out, overwrite, "overwrite=True or append=True")
     resolved = (settings or AnnSettings()).resolve(extraction.rows, dims[0])
 
     def fill(staging: Path) -> None:
@@ -1178,6 +1174,7 @@ def build_index(
             train_first_stage(first, _leading_prefixes(features, extraction, training_rows(first), dims[0]), dims[0])
         _stream_shards(features, extraction, staging, manifest, first, progress)
 
+    remove_interrupted_writes(out)
     write_folder_atomically(out, fill, overwrite=True)
     index = EmbeddingIndex.load(out)
     return BuildReport(index, len(index), False)
@@ -1283,6 +1280,26 @@ def _leading_prefixes(folder: Path, extraction: ExtractionIndex, rows: int, dim:
     return np.concatenate(blocks)
 
 
+def check_index_out(out: Path, overwrite: bool, replace_with: str = "overwrite=True") -> None:
+    """An OutputExistsError unless an index can be written to folder `out`: new, empty, or an index (replaced only
+    with `overwrite`; `replace_with` says how)."""
+    if out.is_file():
+        raise OutputExistsError(f"{out} is a file; an index is saved as a folder. Choose another path.", "out")
+    if is_index_folder(out):
+        if not overwrite:
+            raise OutputExistsError(f"{out} already holds an index; pass {replace_with}.", "overwrite")
+    elif out.is_dir() and any(out.iterdir()):
+        raise OutputExistsError(f"{out} holds files that are not an index; choose an empty or new folder.", "out")
+
+
+def remove_interrupted_writes(out: Path) -> None:
+    """Delete what a killed write of the index folder `out` left beside it (its hidden staging and retired folders,
+    `write_folder_atomically`'s), saying so: a full copy of the vectors, say."""
+    for path in sorted(out.parent.glob(f".{out.name}.staging-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        logger.warning("Removing %s, left by an interrupted write of %s.", path, out)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def is_index_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
@@ -1313,7 +1330,14 @@ def index(settings: IndexSettings) -> IndexResult:
     """`franca-hf index`: the index folder `settings.out` of an extract folder's CLS rows (streamed by `build_index`;
     appended to with `settings.append`) or of image files embedded with `settings.model` (`index_images`)."""
     images = settings.images
-    if len(images) == 1 and is_features_folder(images[0]):
+    folders = [item for item in images if is_features_folder(item)]
+    if folders and len(images) > 1:
+        raise UsageError(
+            f"{folders[0]} is an extract folder: index one extract folder alone, or image files and folders (with "
+            f"model), not both; got {len(images)} inputs.",
+            setting="images",
+        )
+    if folders:
         features, model = images[0], settings.model.load()[0] if settings.model is not None else None
         build = build_index(
             features, settings.out, settings.ann, settings.append, settings.overwrite, model, settings.allow_other_model
@@ -1329,9 +1353,7 @@ def index(settings: IndexSettings) -> IndexResult:
             "append adds the new shards of an extract folder (`franca_hf.features.extract`); extract the images first.",
             setting="append",
         )
-    out = Path(settings.out)
-    if (out / MANIFEST_FILE).exists() and not settings.overwrite:
-        raise OutputExistsError(f"{out} already holds an index; pass overwrite=True to replace it.", "overwrite")
+    check_index_out(Path(settings.out), settings.overwrite, "overwrite=True to replace it")  # before hours of embedding
     model, processor = settings.model.load()
     embedded = index_images(
         model, processor, images, settings.batch_size, num_workers=settings.num_workers, settings=settings.ann

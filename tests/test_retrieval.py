@@ -867,6 +867,50 @@ def test_bad_index_inputs_raise_clear_errors():
         EmbeddingIndex(database, dims=DIMS, settings=EXACT)
 
 
+def test_index_refuses_mixed_inputs_and_a_bad_out_before_loading_a_model(tmp_path):
+    from franca_hf.features import ModelSpec
+    from franca_hf.retrieval_settings import IndexSettings
+
+    database, _ = gaussian(10, 1, decay=1.0)
+    features = tmp_path / "features"
+    write_features(features, [database])
+    missing = ModelSpec(str(tmp_path / "no_model"))  # loading it would fail: every refusal below comes first
+    with pytest.raises(UsageError, match=rf"{features} is an extract folder: index one extract folder alone") as error:
+        retrieval.index(IndexSettings([str(features), str(EXAMPLE_IMAGES)], str(tmp_path / "o"), missing))
+    assert error.value.setting == "images"
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("")
+    EmbeddingIndex(database, dims=DIMS, settings=EXACT).save(tmp_path / "index")
+    for out, overwrite, message in (
+        ("a_file", True, "is a file; an index is saved as a folder"),
+        ("notes", True, "holds files that are not an index; choose an empty or new folder"),
+        ("index", False, "already holds an index; pass overwrite=True to replace it"),
+    ):
+        with pytest.raises(OutputExistsError, match=message):
+            retrieval.index(IndexSettings([str(EXAMPLE_IMAGES)], str(tmp_path / out), missing, overwrite=overwrite))
+    assert (tmp_path / "notes" / "mine.txt").exists()
+
+
+def test_a_write_killed_midway_leaves_nothing_behind_after_the_next_one(tmp_path, caplog):
+    database, _ = gaussian(20, 1, decay=1.0)
+    features, out = tmp_path / "features", tmp_path / "index"
+    write_features(features, [database])
+    left = [tmp_path / ".index.staging-x1y2", tmp_path / ".index.old-z3"]  # what a kill -9 mid-write leaves
+    for path in left:
+        path.mkdir()
+        (path / "vectors.f32").write_bytes(bytes(64))
+    with caplog.at_level(logging.WARNING, "franca_hf"):
+        build_index(features, out, EXACT, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features", "index"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Removing {p}, left by an interrupted write of {out}." for p in left
+    ]
+    left[0].mkdir()
+    EmbeddingIndex(database, dims=DIMS, settings=EXACT).save(out)  # saving cleans up as well
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features", "index"]
+
+
 def test_default_funnel_follows_mrl():
     assert default_funnel([48, 96, 192, 384, 768], 10) == [(48, 200), (192, 50), (768, 10)]
     assert default_funnel([32, 64], 5) == [(32, 100), (64, 5)]
