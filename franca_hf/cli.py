@@ -566,6 +566,10 @@ def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [*parser._actions, *(action for actions in nested for action in actions)]
 
 
+# commands whose rerun takes up an interrupted run where it stopped (committed shards, checkpoints, saved steps)
+RESUMING_COMMANDS = ("extract", "pretrain", "rasa")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -577,6 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunStoppedError as error:
         report(args.command, error, kind="stopped")
         return 3
+    except KeyboardInterrupt:
+        resumes = args.command in RESUMING_COMMANDS
+        report(
+            args.command,
+            "interrupted" + ("; rerun the same command to go on from what it saved." if resumes else "."),
+            kind="stopped",
+        )
+        return 130  # a shell's code for a command stopped by SIGINT
 
 
 if __name__ == "__main__":

@@ -41,6 +41,34 @@ def test_a_user_error_through_the_same_command_is_one_line_with_exit_code_2(tiny
     assert lines == ["franca-hf extract: error: batch_size must be at least 1; got 0. (--batch-size)"]
 
 
+def test_ctrl_c_stops_with_one_line_and_code_130_and_a_rerun_goes_on(tiny_folder, tmp_path, monkeypatch, capsys):
+    embed, calls = EXTRACT.embed_batch, []
+
+    def interrupted_after_one_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(EXTRACT, "embed_batch", interrupted_after_one_shard)
+    command = _extract_args(tiny_folder, tmp_path / "out", "--batch-size", "1", "--shard-size", "2")
+    assert main(command) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "franca-hf extract: stopped: interrupted; rerun the same command to go on from what it saved."
+    )
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert "2 were done before this run" in capsys.readouterr().out
+    assert main(["releases"]) == 0  # a command that does not resume says only that it was interrupted
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("franca_hf.cli._releases", interrupted)
+    assert main(["releases"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "franca-hf releases: stopped: interrupted."
+
+
 PLANTED_RUN = """
 import sys
 import franca_hf.features.extraction as extraction

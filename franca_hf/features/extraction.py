@@ -486,6 +486,7 @@ def load_model_and_processor(
     `int8` quantises the Linear layers dynamically (CPU only, see `quantize_int8`). `check`, given the model's config
     before its weights are read (or downloaded), raises on a request the model cannot serve.
     """
+    _check_device(device)
     state = process_state(device)
     device = torch.device(device) if device else state.device
     if int8 and dtype not in (None, torch.float32):
@@ -498,7 +499,7 @@ def load_model_and_processor(
         )
     with state.main_process_first():  # a release name is downloaded and converted once, by the first process
         path = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    config = _model_config(path)
     if check is not None:
         check(config)
     model = AutoModel.from_pretrained(path, config=config, dtype=dtype or torch.float32).to(device).eval()
@@ -507,6 +508,45 @@ def load_model_and_processor(
 
         model = quantize_int8(model)
     return model, load_image_processor(path, model.config)
+
+
+def _check_device(device: str | None) -> None:
+    """A UsageError (setting `device`) for a device torch does not know, or whose kind of accelerator it cannot see."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(
+            f"device={device!r} is not a device; give cpu, cuda, cuda:<index>, mps, ... (torch.device's spelling).",
+            setting="device",
+        ) from None
+    module = getattr(torch, kind, None)
+    if kind != "cpu" and hasattr(module, "is_available") and not module.is_available():
+        raise UsageError(f"device={device!r}, but torch sees no {kind} device on this machine.", setting="device")
+
+
+def _model_config(path: str) -> PreTrainedConfig:
+    """The config of the model folder or Hub id `path`, or an InputNotFoundError (setting `model`) saying what it is
+    instead: a missing or unreachable name, a file, a folder without a model."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise InputNotFoundError(f"model={path} is a file; give a model folder, a Hub id or a release name.", "model")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise InputNotFoundError(
+            f"model={path} is a folder without config.json: not a model folder (write one with "
+            "model.save_pretrained(folder)).",
+            "model",
+        )
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as error:  # not a folder here, and not a Hub model this machine can reach
+        reason = str(error).strip().splitlines()[0]
+        raise InputNotFoundError(
+            f"model={path} is not a model folder here, a release name (`franca-hf releases`), or a Hub model "
+            f"this machine can reach ({reason}).",
+            "model",
+        ) from None
 
 
 def load_image_processor(path: str, config):

@@ -241,6 +241,19 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert "shard_size must be at least 1; got 0. (--shard-size)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "x", "--shard-size", "0")
     )
+    for model, message in (  # the model as given is judged before transformers is asked to load it
+        (tmp_path / "no_such_folder/", "is not a model folder here, a release name (`franca-hf releases`), or a Hub"),
+        (photos, "is a folder without config.json: not a model folder (write one with model.save_pretrained(folder))"),
+        (EXAMPLE_IMAGES / "coffee.jpg", "is a file; give a model folder, a Hub id or a release name"),
+    ):
+        assert f"error: model={model} {message}" in error(*extract_command(photos, model, tmp_path / "x"))
+    assert "error: device='gpu7' is not a device; give cpu, cuda, cuda:<index>, mps" in error(
+        *extract_command(photos, tiny_folder, tmp_path / "x", "--device", "gpu7")
+    )
+    if not torch.cuda.is_available():
+        assert "error: device='cuda', but torch sees no cuda device on this machine. (--device)" in error(
+            *extract_command(photos, tiny_folder, tmp_path / "x", "--device", "cuda")
+        )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert "is not a franca-hf extraction folder" in error(*extract_command(photos, tiny_folder, tmp_path / "taken"))
