@@ -168,10 +168,17 @@ class IndexManifest:
                 f"{folder} is not a franca_hf retrieval index (no {MANIFEST_FILE}). Build one with "
                 "`franca-hf index` or EmbeddingIndex(vectors, ids).save(folder)."
             )
-        document = json.loads(path.read_text())
-        if document.pop("format", None) != FORMAT or document.pop("version", None) != FORMAT_VERSION:
+        try:
+            document = json.loads(path.read_bytes())
+            version = (document.pop("format", None), document.pop("version", None))
+        except (ValueError, AttributeError) as error:  # not JSON, not UTF-8, or not an object
+            raise damaged_index(folder, f"{MANIFEST_FILE} cannot be read ({error})") from None
+        if version != (FORMAT, FORMAT_VERSION):
             raise UsageError(f"{path} is not a franca_hf retrieval index of version {FORMAT_VERSION}; rebuild it.")
-        return cls(**document)
+        try:
+            return cls(**document)
+        except TypeError as error:
+            raise damaged_index(folder, f"{MANIFEST_FILE} holds other fields ({error})") from None
 
 
 class EmbeddingIndex:
@@ -397,13 +404,24 @@ class EmbeddingIndex:
         """Open an index folder written by `save` or `build_index`: reads the manifest, memory-maps the vectors."""
         folder = Path(folder)
         manifest = IndexManifest.load(folder)
+        starts = IDS_STARTS_FILE if (folder / IDS_STARTS_FILE).is_file() else None
+        needed = {VECTORS_FILE: manifest.rows * manifest.width * 4, IDS_FILE: manifest.ids_bytes}
+        needed.update({starts: manifest.rows * STARTS.itemsize, manifest.first_stage: 1})
+        for name, size in needed.items():  # an append leaves files longer than committed, never shorter
+            if name is None:
+                continue
+            if not (folder / name).is_file():
+                raise damaged_index(folder, f"{name} is missing")
+            if (folder / name).stat().st_size < size:
+                raise damaged_index(
+                    folder, f"{name} holds {(folder / name).stat().st_size} bytes, where {size} are committed"
+                )
         index = cls.__new__(cls)
         index._array = np.memmap(folder / VECTORS_FILE, np.float32, "c", shape=(manifest.rows, manifest.width))
         index._ids = None
         index._init(manifest, folder, device)
         # Read lazily, but from the files of this manifest: opened now, they stay this index's when the folder is
         # replaced or appended to later (as the memory-mapped vectors do).
-        starts = IDS_STARTS_FILE if (folder / IDS_STARTS_FILE).is_file() else None
         for name in (IDS_FILE, starts, manifest.first_stage):
             if name is not None:
                 descriptor = os.open(folder / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -431,7 +449,11 @@ class EmbeddingIndex:
             import faiss
 
             with self._read_opened(self.manifest.first_stage) as handle:
-                return faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+                try:
+                    return faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+                except RuntimeError as error:  # FAISS's for a file it cannot parse
+                    reason = str(error).strip().splitlines()[-1]
+                    raise damaged_index(self.folder, f"{self.manifest.first_stage} cannot be read ({reason})") from None
         first = new_first_stage(self.settings, self.dims[0])
         train_first_stage(first, self._array, self.dims[0])
         for start in range(0, len(self), FILL_BLOCK):
@@ -1278,6 +1300,14 @@ def _leading_prefixes(folder: Path, extraction: ExtractionIndex, rows: int, dim:
         if total >= rows:
             break
     return np.concatenate(blocks)
+
+
+def damaged_index(folder: Path, problem: str) -> UsageError:
+    """The error for an index folder whose files are not what its manifest committed."""
+    return UsageError(
+        f"The index {folder} is damaged: {problem}. Build it again into that folder (`franca-hf index ... --out "
+        f"{folder} --overwrite`, or save it again)."
+    )
 
 
 def check_index_out(out: Path, overwrite: bool, replace_with: str = "overwrite=True") -> None:

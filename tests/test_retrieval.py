@@ -780,6 +780,33 @@ def test_a_folder_saved_before_the_id_starts_were_reads_and_appends_its_ids(tmp_
     assert EmbeddingIndex.load(tmp_path / "index").ids == ids
 
 
+def test_a_damaged_index_folder_is_named_with_what_is_wrong_and_how_to_mend_it(tmp_path):
+    database, queries = gaussian(300, 2, decay=1.0)
+    saved = tmp_path / "saved"
+    EmbeddingIndex(database, dims=DIMS, settings=ANN["hnsw"]).save(saved)
+    stage = next(saved.glob("first_stage.*.faiss")).name
+    damages = {
+        "vectors.f32": ("truncate", f"vectors.f32 holds 100 bytes, where {300 * WIDTH * 4} are committed"),
+        "ids.jsonl": ("delete", "ids.jsonl is missing"),
+        "ids.starts": ("truncate", "ids.starts holds 100 bytes, where 2400 are committed"),
+        "index.json": ("truncate", "index.json cannot be read ("),
+        stage: ("garble", f"{stage} cannot be read ("),
+    }
+    for name, (how, problem) in damages.items():
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        if how == "delete":
+            (folder / name).unlink()
+        elif how == "truncate":
+            (folder / name).write_bytes((folder / name).read_bytes()[:100])
+        else:
+            (folder / name).write_bytes(bytes(len((folder / name).read_bytes())))
+        with pytest.raises(UsageError) as error:
+            EmbeddingIndex.load(folder).funnel_search(queries, 3)  # the first stage is read on first use
+        assert str(error.value).startswith(f"The index {folder} is damaged: {problem}"), str(error.value)
+        assert str(error.value).endswith(f"(`franca-hf index ... --out {folder} --overwrite`, or save it again).")
+
+
 def test_load_rejects_folders_that_are_not_an_index(tmp_path):
     (tmp_path / "features.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"is not a franca_hf retrieval index \(no index.json\)"):
