@@ -376,11 +376,21 @@ class EmbeddingIndex:
                 "Search with the model that built the index."
             )
         queries = extract_features(model, image_processor, images, dim=self.width, progress=False)
-        dim = self.width if dim is None else dim
-        if self.settings.ann != "none" if funnel is None else funnel:
-            stages = default_funnel([d for d in self.dims if d <= dim], k)
+        stages = self.image_search_stages(k, dim, funnel)
+        if stages is not None:
             return queries.paths, *self.funnel_search(queries.features, k, stages)
         return queries.paths, *self.search(queries.features, k, dim)
+
+    def image_search_stages(
+        self, k: int, dim: int | None = None, funnel: bool | None = None
+    ) -> list[tuple[int, int]] | None:
+        """The cascade `search_images` runs for the top k at prefix `dim` (D when None): `default_funnel` of the dims
+        up to `dim`, its shortlists no longer than the index; None for an exact search at `dim`. `funnel` None: the
+        funnel when the index has an ANN first stage."""
+        if not (self.settings.ann != "none" if funnel is None else funnel):
+            return None
+        dims = [d for d in self.dims if d <= (self.width if dim is None else dim)]
+        return [(d, min(size, len(self))) for d, size in default_funnel(dims, k)]
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
@@ -1419,12 +1429,12 @@ def search(settings: SearchSettings) -> SearchResult:
     paths, scores, indices = index.search_images(
         settings.queries, model, processor, k, settings.dim, settings.funnel, settings.allow_other_model
     )
-    dim = settings.dim or index.width
-    if index.settings.ann != "none" if settings.funnel is None else settings.funnel:
-        stages = default_funnel([d for d in index.dims if d <= dim], k)
-        how = f"funnel {' > '.join(f'{d}:{size}' for d, size in stages)}, first stage {index.settings.ann}"
+    stages = index.image_search_stages(k, settings.dim, settings.funnel)
+    if stages is not None:
+        cascade = " > ".join(f"{d}:{size}" for d, size in stages)
+        how = f"funnel {cascade}, first stage {index.settings.describe(index.dims[0])}"
     else:
-        how = f"exact, dim {dim}, cut in the model's basis"
+        how = f"exact, dim {settings.dim or index.width}, cut in the model's basis"
     ids = [[index.ids[position] for position in row if position >= 0] for row in indices.tolist()]
     return SearchResult(paths, ids, scores, how, k, k < settings.k, len(index))
 

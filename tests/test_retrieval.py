@@ -995,10 +995,12 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     assert main([*search, "--funnel"]) == 0
     captured = capsys.readouterr()
     assert "the index holds 4 images, fewer than --k 10; showing all of them" in captured.err
-    assert "top-4 of 4 images (funnel 8:80 > 32:20 > 128:4, first stage none)" in captured.out
+    assert (
+        "top-4 of 4 images (funnel 8:4 > 32:4 > 128:4, first stage exact at 8 dims)"
+    )  # no shortlist past the index in captured.out
     # the funnel stops at --dim
     assert main([*search, "--funnel", "--dim", "32", "--k", "3"]) == 0
-    assert "top-3 of 4 images (funnel 8:60 > 16:15 > 32:3, first stage none)" in capsys.readouterr().out
+    assert "top-3 of 4 images (funnel 8:4 > 16:4 > 32:3, first stage exact at 8 dims)" in capsys.readouterr().out
     # an index with an ANN first stage searches with the funnel unless told --exact
     assert (
         main(
@@ -1018,7 +1020,10 @@ def test_index_and_search_cli(tiny_folder, tmp_path, capsys):
     )
     assert "first stage hnsw M=32 efSearch=64 at 8 dims" in capsys.readouterr().out
     assert main([*search, "--k", "2"]) == 0
-    assert "top-2 of 4 images (funnel 8:40 > 32:10 > 128:2, first stage hnsw)" in capsys.readouterr().out
+    assert (
+        "top-2 of 4 images (funnel 8:4 > 32:4 > 128:2, first stage hnsw M=32 efSearch=64 at 8 dims)"
+        in capsys.readouterr().out
+    )
     assert main([*search, "--k", "2", "--exact"]) == 0
     assert "top-2 of 4 images (exact, dim 128, cut in the model's basis)" in capsys.readouterr().out
 

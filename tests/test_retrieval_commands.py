@@ -34,7 +34,7 @@ def test_index_and_search_calls_give_what_the_commands_give(tiny_folder, tmp_pat
     found = retrieval.search(SearchSettings([query], str(tmp_path / "py"), model, dim=32, funnel=True))
     assert (found.k, found.clamped, found.index_size, found.queries) == (4, True, 4, [query])
     assert "fewer than --k 10; showing all of them" in captured.err
-    assert found.how == "funnel 8:80 > 16:20 > 32:4, first stage none"
+    assert found.how == "funnel 8:4 > 16:4 > 32:4, first stage exact at 8 dims"
     assert sorted(found.ids[0]) == sorted(from_cli.ids) and found.scores.shape == (1, 4)
     ranked = enumerate(zip(found.scores[0].tolist(), found.ids[0], strict=True), start=1)
     rows = [f"  {rank:2d}. {score:.4f}  {id_}" for rank, (score, id_) in ranked]
