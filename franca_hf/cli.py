@@ -54,11 +54,17 @@ def _extract(args: argparse.Namespace) -> None:
     result = extract(settings)
     if result.is_main_process:
         index, record = result.index, result.index.settings
-        resumed = f"; {result.already_done} were done before this run" if result.already_done else ""
-        print(
-            f"wrote {record.kind} features ({record.dim} channels, {record.dtype}) of {_count(index.rows, 'image')} "
-            f"in {_count(len(index.shards), 'shard')} to {args.out}{resumed}"
-        )
+        what, held = f"{record.kind} features ({record.dim} channels, {record.dtype})", _count(index.rows, "image")
+        shards = _count(len(index.shards), "shard")
+        if result.already_done:
+            new = _count(index.rows - result.already_done, "new image")
+            summary = f"wrote {what} of {new} to {args.out}, which holds {held} in {shards} "
+            summary += f"({result.already_done} were done before this run)"
+        else:
+            summary = f"wrote {what} of {held} in {shards} to {args.out}"
+        if index.failed:
+            summary += f"; {_count(len(index.failed), 'unreadable image')} listed in its extraction.json"
+        print(summary)
         if index.failed:
             print(
                 f"skipped {_count(len(index.failed), 'unreadable image')} (listed in {args.out}/extraction.json):",

@@ -208,8 +208,8 @@ def default_shard_rows(row_bytes: int) -> int:
 @dataclass
 class ExtractionResult:
     """What `extract_to_folder` did: the folder, its merged index (`index.settings`: what the rows are), the images
-    this process embedded, those done before; `is_main_process`: this process is the one that reports (always
-    true in a single process)."""
+    this process embedded, the rows the folder held before this run (its unreadable images not counted);
+    `is_main_process`: this process is the one that reports (always true in a single process)."""
 
     folder: Path
     index: ExtractionIndex
@@ -219,8 +219,8 @@ class ExtractionResult:
 
 
 class ShardWriter:
-    """Buffers one process's rows and writes them as shards of about `shard_rows` rows, each committed with the
-    unreadable images met since the previous one."""
+    """Buffers one process's rows and writes them as shards of `shard_rows` rows (the last of a run may hold fewer),
+    each committed with the unreadable images met since the previous one."""
 
     def __init__(
         self,
@@ -242,29 +242,33 @@ class ShardWriter:
         self.features.append(features)
         if self.shard_rows is None:
             self.shard_rows = default_shard_rows(features[0].nbytes)
-        if len(self.positions) >= self.shard_rows:
-            self.commit()
+        while len(self.positions) >= self.shard_rows:
+            self.commit(self.shard_rows)
 
-    def commit(self) -> None:
+    def commit(self, rows: int | None = None) -> None:
+        """Write the first `rows` buffered rows (all when None) as a shard and commit it; the rest stay buffered."""
         failed = self.skips.failed[self.reported_failures :]
         self.reported_failures = len(self.skips.failed)
-        if not self.positions and not failed:
+        rows = len(self.positions) if rows is None else rows
+        if not rows and not failed:
             return
         name = None
-        if self.positions:
+        if rows:
             name = f"{DATA_DIR}/shard-{self.run_name}-{self.shards:05d}.parquet"
+            buffered = np.concatenate(self.features)
+            positions, self.positions = self.positions[:rows], self.positions[rows:]
+            self.features = [buffered[rows:]] if self.positions else []
             labels = self.source.labels
             write_shard(
                 self.folder / name,
                 self.settings,
-                [self.source.describe(p) for p in self.positions],
-                np.concatenate(self.features),
-                None if labels is None else [labels[p] for p in self.positions],
+                [self.source.describe(p) for p in positions],
+                buffered[:rows],
+                None if labels is None else [labels[p] for p in positions],
                 self.source.class_names,
             )
             self.shards += 1
-        self.log.commit(name, len(self.positions), [list(f) for f in failed])
-        self.positions, self.features = [], []
+        self.log.commit(name, rows, [list(f) for f in failed])
 
 
 def extract_to_folder(
@@ -308,7 +312,7 @@ def extract_to_folder(
     )
     source = _spelled_as(source, settings.sources, index.settings.sources)
     done = {image_id for image_id, _ in index.failed}
-    readable, damaged = [], []
+    readable, damaged, rows_before = [], [], 0
     for shard in index.shards:
         try:
             ids = read_committed_ids(folder / shard["file"], shard["rows"], index.settings)
@@ -317,6 +321,7 @@ def extract_to_folder(
             continue
         readable.append(shard)
         done.update(ids)
+        rows_before += len(ids)
     if readable:
         _check_same_classes(folder / readable[0]["file"], source)
     pending = [position for position in range(len(source)) if source.describe(position) not in done]
@@ -362,7 +367,7 @@ def extract_to_folder(
         _consolidate(folder, merged)
         write_card(folder, merged)
     state.wait_for_everyone()
-    return ExtractionResult(folder, ExtractionIndex.load(folder), embedded, len(done), state.is_main_process)
+    return ExtractionResult(folder, ExtractionIndex.load(folder), embedded, rows_before, state.is_main_process)
 
 
 def _existing_index(folder: Path, settings: ExtractionRecord) -> ExtractionIndex:

@@ -55,6 +55,15 @@ def test_extract_cli_writes_shards_that_datasets_opens(tiny_folder, photos, tmp_
     assert "load_dataset" in (out / "README.md").read_text()
 
 
+def test_shards_hold_exactly_shard_size_rows_whatever_the_batch_size(tiny_folder, tmp_path, capsys):
+    paths = make_images(tmp_path / "images", 7)
+    out = tmp_path / "features"
+    assert main(extract_command(tmp_path / "images", tiny_folder, out, "--batch-size", "3", "--shard-size", "2")) == 0
+    index = ExtractionIndex.load(out)
+    assert [shard["rows"] for shard in index.shards] == [2, 2, 2, 1]  # batches of 3 cut at 2 rows, the rest last
+    assert sorted(load_rows(out)["id"]) == sorted(paths)
+
+
 def test_the_extract_call_writes_what_the_command_writes(tiny_folder, photos, tmp_path, capsys):
     flags = ["--dim", "32", "--batch-size", "2", "--shard-size", "2"]
     assert main(extract_command(photos, tiny_folder, tmp_path / "cli", *flags)) == 0
@@ -123,7 +132,12 @@ def test_killed_extraction_resumes_with_no_image_missing_or_repeated(tiny_folder
 
     resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{partial.rows + len(partial.failed)} were done before this run" in resumed.stdout
+    new = 150 - partial.rows
+    assert f"of {new} new images to {out}, which holds 150 images in " in resumed.stdout
+    assert (
+        f"({partial.rows} were done before this run); 2 unreadable images listed in its extraction.json"
+        in resumed.stdout
+    )
     rows = load_rows(out).with_format("torch")
     assert sorted(rows["id"]) == paths  # every readable image exactly once
     failed = json.loads((out / "extraction.json").read_text())["failed"]
