@@ -268,7 +268,7 @@ def fit_matryoshka_basis(
         model, source, image_processor, batch_size=batch_size, num_workers=num_workers, skips=skips, progress=progress
     )
     if statistics.images == 0:
-        raise UsageError(f"None of the {len(source)} images of {source.name} could be read: {skips.failed[:3]}")
+        raise UsageError(f"None of the {len(source)} images of {source.name} could be read: {skips.describe()}.")
     return MatryoshkaFit.from_statistics(statistics, data or source.name)
 
 

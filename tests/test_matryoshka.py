@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from franca_hf import FrancaModel
-from franca_hf.data import ImageSource, files_source, open_source
+from franca_hf.data import ImageSource, SkipCounter, files_source, open_source
 from franca_hf.matryoshka import (
     CovarianceAccumulator,
     MatryoshkaFit,
@@ -165,7 +165,17 @@ def test_too_few_or_no_readable_images_are_explained(tmp_path):
     for i in range(3):
         (tmp_path / "bad" / f"{i}.png").write_bytes(b"not a png")
     broken = files_source(sorted((tmp_path / "bad").iterdir()))
-    with pytest.raises(ValueError, match="None of the 3 images"):
+    with pytest.raises(ValueError, match="None of the 3 images") as error:
         fit_matryoshka_basis(model, broken, processor, num_workers=0, progress=False)
+    unreadable = [f"{tmp_path / 'bad' / f'{i}.png'} (UnidentifiedImageError: " for i in range(3)]
+    assert str(error.value).count("UnidentifiedImageError") == 3 and all(u in str(error.value) for u in unreadable)
+    twice = files_source([*sorted((tmp_path / "bad").iterdir()), tmp_path / "bad" / "0.png"])  # 4 ids, 3 reported
+    skips = SkipCounter()
+    for position in range(len(twice)):
+        skips.record(twice.describe(position), "unreadable")
+    assert (
+        skips.describe(2)
+        == f"{tmp_path / 'bad' / '0.png'} (unreadable); {tmp_path / 'bad' / '1.png'} (unreadable); and 1 more"
+    )
     with pytest.raises(ValueError, match="fitted for a FrancaModel; got a Linear"):
         accumulate_token_statistics(torch.nn.Linear(2, 2), few, processor)

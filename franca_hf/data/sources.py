@@ -201,6 +201,13 @@ class SkipCounter:
             self.failed.append((where, reason))
             logger.warning("Skipping unreadable image %s: %s", where, reason)
 
+    def describe(self, shown: int = 3) -> str:
+        """The first `shown` unreadable images with their reasons, one clause each: 'a.jpg (OSError: ...); b.jpg
+        (...); and 4 more'."""
+        clauses = [f"{where} ({reason})" for where, reason in self.failed[:shown]]
+        more = len(self.failed) - shown
+        return "; ".join(clauses) + (f"; and {more} more" if more > 0 else "")
+
 
 def subset(source: ImageSource, indices: list[int]) -> ImageSource:
     """The images of `source` at `indices`, labels and ids kept aligned."""

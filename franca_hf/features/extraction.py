@@ -184,7 +184,7 @@ def extract_features(
         outputs.append(features.float().cpu())
         ids.extend(source.describe(p) for p in positions)
     if not outputs:
-        raise UsageError(f"None of the {len(source)} images could be read: {skips.failed[:3]}...")
+        raise UsageError(f"None of the {len(source)} images could be read: {skips.describe()}.")
     return ExtractedFeatures(features=torch.cat(outputs), paths=ids, failed=skips.failed)
 
 
