@@ -340,7 +340,9 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     index.add_argument("--ef-search", type=int, help="HNSW search list (default 64; at least the shortlist)")
     index.add_argument("--nlist", type=int, help="IVF cells (default: a power of two near 4 sqrt(rows))")
     index.add_argument("--nprobe", type=int, help="IVF cells visited per query (default 64)")
-    index.add_argument("--pq-bytes", type=int, help="bytes per row of the IVF-PQ code (default: D/32)")
+    index.add_argument(
+        "--pq-bytes", type=int, help="bytes per row of the IVF-PQ code (default: half the first-stage width)"
+    )
     index.add_argument(
         "--exact-below", type=int, help="rows from which --ann auto builds an ANN first stage (default 200000)"
     )

@@ -38,9 +38,11 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
 def write_folder_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Create folder `out_dir` by letting `fill` write into a hidden staging folder beside it, then renaming.
 
-    An existing `out_dir` is only replaced with `overwrite`.
+    An existing `out_dir` is only replaced with `overwrite`; a symbolic link's target is written (beside the target).
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # replace what it points to, beside it, and keep the link
+        out_dir = out_dir.resolve()
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", "overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

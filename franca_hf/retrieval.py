@@ -24,6 +24,7 @@ shard plus the first stage, and `append=True` adds the shards that are new since
 """
 
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -31,7 +32,6 @@ import mmap
 import operator
 import os
 import platform
-import shutil
 import threading
 import weakref
 from collections.abc import Sequence
@@ -243,7 +243,7 @@ class EmbeddingIndex:
         self.settings = AnnSettings(**manifest.settings)
         self._first = None  # the FAISS first stage, built or read on first use
         self._lazy_lock = threading.Lock()  # one thread reads the ids or builds the first stage; others wait for it
-        self._opened: dict[str, int] = {}  # a saved index's ids and first-stage files by name: descriptors since `load`
+        self._opened = OpenedFiles()  # a saved index's ids and first-stage files by name: descriptors since `load`
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._half_scans: dict[int, HalfPrecisionScan | None] = {}  # by width, made on first use; None: not worth it
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
@@ -406,7 +406,7 @@ class EmbeddingIndex:
                 manifest.first_stage = write_first_stage(staging, self.first_stage(), len(self))
             manifest.save(staging)
 
-        remove_interrupted_writes(folder)
+        report_interrupted_writes(folder)
         return write_folder_atomically(folder, fill, overwrite=True)
 
     @classmethod
@@ -434,9 +434,7 @@ class EmbeddingIndex:
         # replaced or appended to later (as the memory-mapped vectors do).
         for name in (IDS_FILE, starts, manifest.first_stage):
             if name is not None:
-                descriptor = os.open(folder / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                weakref.finalize(index, os.close, descriptor)
-                index._opened[name] = descriptor
+                index._opened.open(folder, name)
         return index
 
     def _read_opened(self, name: str):
@@ -673,6 +671,15 @@ class EmbeddingIndex:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
 
 
+class OpenedFiles(dict):
+    """Read-only descriptors of files by name, closed when the last reference to this object goes (copies of an
+    index share it)."""
+
+    def open(self, folder: Path, name: str) -> None:
+        self[name] = os.open(folder / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self[name])
+
+
 class StoredIds(Sequence):
     """The ids of a saved index, each read from its JSON lines when asked for: a billion ids take no RAM.
 
@@ -696,7 +703,9 @@ class StoredIds(Sequence):
             raise IndexError(f"id {row} is out of range for {len(self)} ids.")
         row %= len(self)
         stop = int(self.starts[row + 1]) if row + 1 < len(self) else self.end
-        return json.loads(self.lines[int(self.starts[row]) : stop])
+        line = self.lines[int(self.starts[row]) : stop]
+        # '"name"\n': ASCII JSON (`json.dumps`), whose only escapes start with a backslash
+        return json.loads(line) if b"\\" in line else line[1:-2].decode("ascii")
 
     def __eq__(self, other) -> bool:
         if isinstance(other, str) or not isinstance(other, Sequence):
@@ -1206,7 +1215,7 @@ def build_index(
             train_first_stage(first, _leading_prefixes(features, extraction, training_rows(first), dims[0]), dims[0])
         _stream_shards(features, extraction, staging, manifest, first, progress)
 
-    remove_interrupted_writes(out)
+    report_interrupted_writes(out)
     write_folder_atomically(out, fill, overwrite=True)
     index = EmbeddingIndex.load(out)
     return BuildReport(index, len(index), False)
@@ -1248,7 +1257,8 @@ def _stream_shards(
     new = [shard for shard in extraction.shards if shard["file"] not in known]
     if not (folder / IDS_STARTS_FILE).is_file():  # a folder saved before the starts were: where its lines start
         with open(folder / IDS_FILE, "rb") as lines:
-            line_starts(lines.read(manifest.ids_bytes), manifest.rows).astype(STARTS).tofile(folder / IDS_STARTS_FILE)
+            starts = line_starts(lines.read(manifest.ids_bytes), manifest.rows).astype(STARTS)
+        write_file_atomically(folder / IDS_STARTS_FILE, starts.tofile)
     with (
         open(folder / VECTORS_FILE, "r+b") as vectors_file,
         open(folder / IDS_FILE, "r+b") as ids_file,
@@ -1332,12 +1342,18 @@ def check_index_out(out: Path, overwrite: bool, replace_with: str = "overwrite=T
         raise OutputExistsError(f"{out} holds files that are not an index; choose an empty or new folder.", "out")
 
 
-def remove_interrupted_writes(out: Path) -> None:
-    """Delete what a killed write of the index folder `out` left beside it (its hidden staging and retired folders,
-    `write_folder_atomically`'s), saying so: a full copy of the vectors, say."""
-    for path in sorted(out.parent.glob(f".{out.name}.staging-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
-        logger.warning("Removing %s, left by an interrupted write of %s.", path, out)
-        shutil.rmtree(path, ignore_errors=True)
+def report_interrupted_writes(out: Path) -> None:
+    """Warn of what a killed write of the index folder `out` may have left beside it (`write_folder_atomically`'s
+    hidden staging and retired folders: a full copy of the vectors, say). Not deleted: another write of the same
+    index may be running and own one."""
+    name = glob.escape(out.name)
+    for path in sorted(out.parent.glob(f".{name}.staging-*")) + sorted(out.parent.glob(f".{name}.old-*")):
+        logger.warning(
+            "%s was left by an interrupted write of %s (or belongs to one running now); delete it once no other write "
+            "of that index runs.",
+            path,
+            out,
+        )
 
 
 def is_index_folder(path: str | os.PathLike) -> bool:
