@@ -15,9 +15,10 @@ truncation, so scores are inner products of unit vectors.
   checking that the model is the one that built it (`model_fingerprint`).
 
 A saved index is a folder (`MANIFEST_FILE` + the vectors as raw float32 + the ids as JSON lines, with where each line
-starts + the first stage in FAISS's own format). Opening one reads the manifest only; vectors and ids are
-memory-mapped (an id is read when asked for), the FAISS index is read on first use. `build_index` streams a `franca-hf extract` folder's shards into one, with memory bounded by one
-shard plus the first stage, and `append=True` adds the shards that are new since the last build.
+starts + the first stage in FAISS's own format). Opening one reads the manifest only; vectors and ids are memory-mapped
+(an id is read when asked for), the FAISS index is read on first use. `build_index` streams a `franca-hf extract`
+folder's shards into one, with memory bounded by one shard plus the first stage, and `append=True` adds the shards that
+are new since the last build.
 
 `index(IndexSettings)` and `search(SearchSettings)` are the `franca-hf index` / `search` commands, one call each
 (their settings live in the cheap `franca_hf.retrieval_settings`).
@@ -916,9 +917,9 @@ class HalfPrecisionScan:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The float scan's answer on one thread (`float_top_k`; for a query the bound leaves unsettled, FAISS's on
         its threads) for (Q, d) float32 C-contiguous queries over `rows`, the (N, d) float32 rows this copy was made
-        from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel`
-        searches the shards each in a thread of its own (for fewer queries than FAISS's threads), else one after
-        another (each sharing its queries among FAISS's threads)."""
+        from; k + HALF_SCAN_SPARE must not exceed N / shards. `parallel` searches the shards each in a thread of its
+        own (for fewer queries than FAISS's threads), else one after another (each sharing its queries among FAISS's
+        threads)."""
         import faiss
 
         (count, width), pointer, wide = queries.shape, faiss.swig_ptr, k + HALF_SCAN_SPARE
@@ -1303,7 +1304,8 @@ def _readable_shard(folder: Path, shard: dict, width: int) -> tuple[list[str], t
     else:
         if rows.shape[1:] == (width,) and len(ids) == shard["rows"]:
             return ids, rows
-        problem = f"holds {len(ids)} rows of shape {tuple(rows.shape[1:])}, where {shard['rows']} of ({width},) were committed"
+        shape = tuple(rows.shape[1:])
+        problem = f"holds {len(ids)} rows of shape {shape}, where {shard['rows']} of ({width},) were committed"
     raise UsageError(
         f"The extract shard {path} {problem}. Run `franca-hf extract` on its folder again, which sets damaged shards "
         "aside and embeds their images again, then index it."
