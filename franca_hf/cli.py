@@ -162,6 +162,8 @@ def _index(args: argparse.Namespace) -> None:
     result = index(settings)
     how = f"appended {result.added} {result.source}" if result.appended else result.source
     print(f"indexed {len(result.index)} images ({result.index.describe()}) {how} -> {args.out}")
+    if result.failed:
+        print(f"skipped {_count(len(result.failed), 'unreadable image')} (each named above)", file=sys.stderr)
 
 
 def _search(args: argparse.Namespace) -> None:

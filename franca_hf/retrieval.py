@@ -44,7 +44,7 @@ import torch
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import InputNotFoundError, OutputExistsError, UsageError
-from .features import extract_features
+from .features import ExtractedFeatures, extract_features
 from .features.store import INDEX_FILE, SHARD_READ_ERRORS, ExtractionIndex, read_shard
 from .fingerprint import check_same_model, model_fingerprint
 from .io import write_file_atomically, write_folder_atomically
@@ -239,9 +239,10 @@ class EmbeddingIndex:
 
     def _init(self, manifest: IndexManifest, folder: Path | None, device) -> None:
         self.manifest, self.folder, self.device = manifest, folder, torch.device(device)
+        self.named = "The index" if folder is None else f"The index {folder}"  # how messages name it
         self._faiss_gpu: bool | None = None  # whether FAISS searches on self.device's GPU: decided on first search
         self.dims: list[int] = manifest.dims
-        self.settings = AnnSettings(**manifest.settings)
+        self.settings = AnnSettings(**manifest.settings).of_own_kind()
         self._first = None  # the FAISS first stage, built or read on first use
         self._lazy_lock = threading.Lock()  # one thread reads the ids or builds the first stage; others wait for it
         self._opened = OpenedFiles()  # a saved index's ids and first-stage files by name: descriptors since `load`
@@ -369,12 +370,11 @@ class EmbeddingIndex:
         if dim is not None:
             self.check_dim(dim)
         self._check_k(k)
-        what = "The index" if self.folder is None else f"The index {self.folder}"
-        check_model(self.model, self.manifest.model_name, model, what, allow_other_model)
+        check_model(self.model, self.manifest.model_name, model, self.named, allow_other_model)
         if model.config.hidden_size < self.width:
             raise UsageError(
-                f"The index holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim ones. "
-                "Search with the model that built the index."
+                f"{self.named} holds {self.width}-dim embeddings; the model makes {model.config.hidden_size}-dim "
+                "ones. Search with the model that built the index."
             )
         queries = extract_features(model, image_processor, images, dim=self.width, progress=False)
         stages = self.image_search_stages(k, dim, funnel)
@@ -979,6 +979,9 @@ def new_first_stage(settings: AnnSettings, dim: int):
     return faiss.IndexFlatIP(dim)
 
 
+KMEANS_ROWS_PER_CENTROID = 39  # FAISS's k-means warns under this many training rows per centroid
+
+
 def training_rows(index) -> int:
     """Rows an untrained IVF-PQ first stage trains on: 64 per cell (FAISS warns under 39), at least 2**16."""
     return max(64 * index.nlist, 2**16)
@@ -993,7 +996,22 @@ def train_first_stage(index, vectors: np.ndarray, dim: int) -> None:
                 f"ann='ivfpq' with nlist={index.nlist} trains on at least {needed} rows; this collection has "
                 f"{len(vectors)}. Use ann='hnsw' or 'none' (or 'auto') for a collection this small."
             )
-        index.train(unit_rows(vectors[: training_rows(index)], dim))
+        rows = min(len(vectors), training_rows(index))
+        advised = KMEANS_ROWS_PER_CENTROID * needed
+        if rows < advised:
+            logger.warning(
+                "ann='ivfpq' trains %d cells and a code of %d centroids per byte on %d rows, fewer than the %d "
+                "(%d a centroid) FAISS's k-means asks for: expect a lower recall. ann='hnsw' or 'none' suits a "
+                "collection this small.",
+                index.nlist,
+                2**index.pq.nbits,
+                rows,
+                advised,
+                KMEANS_ROWS_PER_CENTROID,
+            )
+            # that warning says it once, in words, where FAISS would print its own for the cells and every byte
+            index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
+        index.train(unit_rows(vectors[:rows], dim))
 
 
 def add_to_first_stage(index, unit: np.ndarray, first_row: int) -> None:
@@ -1091,16 +1109,21 @@ def index_images(
     """Embed image files (folders are searched recursively) with a FrancaModel into an `EmbeddingIndex`.
 
     Stores the full-width Matryoshka CLS embeddings (`franca_hf.features.embed_batch`, unit norm) with the image
-    paths as ids, the model's Matryoshka dims (`matryoshka_dims_of`) as allowed dims and the model's fingerprint, in memory;
-    for a large collection, extract to a folder (resumable) and use `build_index`. Unreadable images are logged as
-    warnings and skipped.
+    paths as ids, the model's Matryoshka dims (`matryoshka_dims_of`) as allowed dims and the model's fingerprint, in
+    memory; for a large collection, extract to a folder (resumable) and use `build_index`. Unreadable images are
+    logged as warnings and skipped.
     """
-    result = extract_features(
+    embedded = extract_features(
         model, image_processor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index"
     )
+    return _index_of_embedded(model, embedded, settings)
+
+
+def _index_of_embedded(model: FrancaModel, embedded: ExtractedFeatures, settings: AnnSettings | None) -> EmbeddingIndex:
+    """The in-memory index of the CLS embeddings `model` made (`index_images`), named by their paths."""
     name = str(getattr(model, "name_or_path", "") or type(model).__name__)
     return EmbeddingIndex(
-        result.features, result.paths, matryoshka_dims_of(model.config), settings, model_fingerprint(model), name
+        embedded.features, embedded.paths, matryoshka_dims_of(model.config), settings, model_fingerprint(model), name
     )
 
 
@@ -1144,7 +1167,9 @@ def index_from_features(folder: str | os.PathLike, settings: AnnSettings | None 
         ids.extend(shard_ids)
         row += len(shard_ids)
     fingerprint, model_name = extraction.model_fingerprint, extraction.settings.model
-    return EmbeddingIndex(vectors, ids, _extraction_dims(extraction), settings, fingerprint, model_name)
+    index = EmbeddingIndex(vectors, ids, _extraction_dims(extraction), settings, fingerprint, model_name)
+    index.named = f"The index of the extract folder {folder}"
+    return index
 
 
 @dataclass(frozen=True)
@@ -1378,10 +1403,12 @@ def load_index(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
 
 @dataclass(frozen=True)
 class IndexResult(BuildReport):
-    """What `index` did (a `BuildReport`; images embedded now are all `added`) and, in words, where the rows came
-    from: "from the features in photos_features", "with facebook/franca-vitb14"."""
+    """What `index` did (a `BuildReport`; images embedded now are all `added`), in words where the rows came from
+    ("from the features in photos_features", "with facebook/franca-vitb14"), and the images it could not read, with
+    the reason for each (when embedding images: an extract folder keeps its own in its extraction.json)."""
 
     source: str
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def index(settings: IndexSettings) -> IndexResult:
@@ -1413,11 +1440,12 @@ def index(settings: IndexSettings) -> IndexResult:
         )
     check_index_out(Path(settings.out), settings.overwrite, "overwrite=True to replace it")  # before hours of embedding
     model, processor = settings.model.load()
-    embedded = index_images(
-        model, processor, images, settings.batch_size, num_workers=settings.num_workers, settings=settings.ann
+    embedded = extract_features(
+        model, processor, images, batch_size=settings.batch_size, num_workers=settings.num_workers, desc="index"
     )
-    embedded.save(settings.out)
-    return IndexResult(embedded, len(embedded), False, f"with {settings.model.name_or_path}")
+    built = _index_of_embedded(model, embedded, settings.ann)
+    built.save(settings.out)
+    return IndexResult(built, len(built), False, f"with {settings.model.name_or_path}", embedded.failed)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ from .errors import UsageError, require_at_least
 from .features.settings import ModelSpec
 
 ANN_KINDS = ("auto", "none", "hnsw", "ivfpq")
+# the `AnnSettings` knobs that only one kind uses ("auto": the one that chooses a kind by size)
+KIND_KNOBS = {
+    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+    "ivfpq": ("nlist", "nprobe", "pq_bytes"),
+    "auto": ("exact_below",),
+}
 
 
 def physical_memory() -> int:
@@ -66,17 +72,47 @@ class AnnSettings:
                 raise UsageError(f"{name} must be 0 (automatic) or positive; got {getattr(self, name)}.", setting=name)
         require_at_least(0, exact_below=self.exact_below)  # 0: "auto" builds an ANN first stage at any size
 
+    def check_knobs_apply(self) -> None:
+        """A `UsageError` for a knob set (away from its default) that the chosen kind does not use, and so would
+        ignore: `nlist` with ann="hnsw", say. With "auto" any knob may be set, as the kind depends on the size."""
+        if self.ann == "auto":
+            return
+        defaults = AnnSettings()
+        for kind, knobs in KIND_KNOBS.items():
+            for name in knobs:
+                value = getattr(self, name)
+                if kind != self.ann and value != getattr(defaults, name):
+                    raise UsageError(
+                        f"{name}={value} applies to ann={kind!r} only; with ann={self.ann!r} it would be ignored. "
+                        f"Leave {name} out, or choose ann={kind!r}.",
+                        setting=name,
+                    )
+
+    def of_own_kind(self) -> "AnnSettings":
+        """These settings with the knobs of every other kind than `ann` at their defaults: what a resolved index
+        stores and shows (an index of an older manifest may hold an `nlist` resolved for an HNSW graph, say), and so
+        can be given to a new build as they are."""
+        defaults = AnnSettings()
+        others = [name for kind, knobs in KIND_KNOBS.items() if kind != self.ann for name in knobs]
+        return replace(self, **{name: getattr(defaults, name) for name in others})
+
     def resolve(self, rows: int, first_dim: int) -> "AnnSettings":
-        """These settings with `ann`, `nlist` and `pq_bytes` made concrete for `rows` rows of `first_dim` channels."""
+        """These settings made concrete for `rows` rows of `first_dim` channels (`check_knobs_apply` first): `ann`
+        chosen by size for "auto", an IVF-PQ's `nlist` and `pq_bytes` computed, and the knobs of the other kinds at
+        their defaults."""
+        self.check_knobs_apply()
         ann = self.ann
         if ann == "auto":
             graph_bytes = rows * (4 * first_dim + 8 * self.hnsw_m)
             ann = "none" if rows < self.exact_below else "hnsw" if graph_bytes < physical_memory() / 4 else "ivfpq"
+        resolved = replace(self, ann=ann).of_own_kind()
+        if ann != "ivfpq":
+            return resolved
         nlist = self.nlist or 2 ** max(4, round(math.log2(4 * math.sqrt(rows))))
         pq_bytes = self.pq_bytes or max(1, first_dim // 2)
-        if ann == "ivfpq" and first_dim % pq_bytes:
+        if first_dim % pq_bytes:
             raise UsageError(f"pq_bytes={pq_bytes} must divide the first-stage width {first_dim}.", setting="pq_bytes")
-        return replace(self, ann=ann, nlist=nlist, pq_bytes=pq_bytes)
+        return replace(resolved, nlist=nlist, pq_bytes=pq_bytes)
 
     def describe(self, first_dim: int) -> str:
         """What a resolved first stage is, in words: 'hnsw M=32 at 48 dims', say."""
@@ -125,6 +161,8 @@ class IndexSettings:
                 "An append keeps the index's own first stage; do not pass ann settings (ann, hnsw_m, ...).",
                 setting="ann",
             )
+        if self.ann is not None:
+            self.ann.check_knobs_apply()  # before any image is embedded
 
 
 @dataclass(frozen=True)

@@ -471,6 +471,14 @@ def test_save_load_round_trip_is_exact_and_lazy(tmp_path, ann):
     assert manifest["settings"].pop("half_scan") is ANN[ann].half_scan
     (path / "index.json").write_text(json.dumps(manifest))  # an index saved before the setting: the default, on
     assert EmbeddingIndex.load(path).settings == replace(index.settings, half_scan=True)
+    # an index saved before settings kept to their kind's knobs (an HNSW graph's nlist and pq_bytes resolved too)
+    # shows its own kind's knobs, and its settings build a new index as they are
+    if ann != "ivfpq":
+        manifest["settings"].update(nlist=128, pq_bytes=24, exact_below=5)
+    (path / "index.json").write_text(json.dumps(manifest))
+    older = EmbeddingIndex.load(path).settings
+    assert older == replace(index.settings, half_scan=True)
+    assert EmbeddingIndex(database[:500], dims=DIMS, settings=older).settings == older
 
 
 @pytest.mark.parametrize("ann", ["hnsw", "ivfpq"])
@@ -485,6 +493,28 @@ def test_ann_first_stages_find_the_exact_top_k_after_the_rerank(ann):
     assert measured >= 0.97
     similarity = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
     torch.testing.assert_close(scores.double(), similarity.gather(1, found), atol=1e-5, rtol=0)
+
+
+def test_ivfpq_trained_on_too_few_rows_says_so_once_in_words(caplog, capfd):
+    """FAISS's k-means prints a line of its own per byte of code under 39 training rows a centroid (256 x 39 = 9,984
+    for 8-bit codes); the build logs one warning instead, with the fix, and the index is the one FAISS alone builds."""
+    database, queries = gaussian(3000, 4, decay=1.0)
+    settings = AnnSettings(ann="ivfpq", nlist=16, pq_bytes=4)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="franca_hf"):
+        index = EmbeddingIndex(database, dims=DIMS, settings=settings)
+        index.first_stage()
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert caplog.text.count("ann='ivfpq' trains 16 cells and a code of 256 centroids per byte on 3000 rows") == 1
+    assert "fewer than the 9984 (39 a centroid) FAISS's k-means asks for" in caplog.text
+    plain = retrieval.new_first_stage(index.settings, 8)
+    rows = retrieval.unit_rows(database.numpy(), 8)
+    plain.train(rows)  # FAISS's own training, its warnings and all
+    plain.add(rows)
+    unit_queries = F.normalize(queries[:, :8], dim=1).numpy()
+    ours = index.first_stage()
+    plain.nprobe = ours.nprobe = 4
+    assert np.array_equal(ours.search(unit_queries, 50)[1], plain.search(unit_queries, 50)[1])
 
 
 @pytest.mark.parametrize("unit", [False, True], ids=["any norm", "unit norm"])
@@ -606,6 +636,12 @@ def test_auto_settings_choose_by_size(monkeypatch):
         AnnSettings(ann="flat")
     with pytest.raises(ValueError, match="pq_bytes=5 must divide the first-stage width 48"):
         AnnSettings(ann="ivfpq", pq_bytes=5).resolve(10, 48)
+    # "auto" may pick any kind, so it takes any knob, and keeps those of the kind it picks
+    assert AnnSettings(nprobe=8, hnsw_m=16).resolve(1_000_000, 48) == replace(resolved, nprobe=8)
+    assert AnnSettings(nprobe=8, hnsw_m=16).resolve(1000, 48) == AnnSettings(ann="none")
+    # a knob of another kind would be ignored: refused where the settings are resolved (an index built from Python)
+    with pytest.raises(ValueError, match="nprobe=8 applies to ann='ivfpq' only; with ann='hnsw' it would be ignored"):
+        EmbeddingIndex(torch.randn(4, 48), settings=AnnSettings("hnsw", nprobe=8))
 
 
 def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
@@ -1469,3 +1505,7 @@ def test_search_refuses_a_model_other_than_the_one_that_made_the_index(fitted_fo
     assert f"The extract folder {features} holds embeddings of the model" in capsys.readouterr().err
     assert main(["index", str(features), "--out", str(built), "--model", str(tiny_folder)]) == 0
     assert EmbeddingIndex.load(built).model == index.model
+    capsys.readouterr()
+    search = ["search", str(EXAMPLE_IMAGES / "rocket.jpg"), "--index", str(features), "--model", str(fitted_folder)]
+    assert main(search) == 2  # an extract folder searched directly (indexed in memory) is named too
+    assert f"error: The index of the extract folder {features} holds embeddings of the model" in capsys.readouterr().err

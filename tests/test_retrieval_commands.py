@@ -2,6 +2,7 @@
 what the command gives, every flag reaches its setting, and settings errors name the setting (the CLI adds the
 flag)."""
 
+import shutil
 from dataclasses import asdict, fields
 
 import pytest
@@ -18,16 +19,23 @@ from franca_hf.retrieval_settings import AnnSettings, IndexSettings, SearchSetti
 from .conftest import EXAMPLE_IMAGES
 
 
-def test_index_and_search_calls_give_what_the_commands_give(tiny_folder, tmp_path, capsys):
-    model, images, workers = ModelSpec(str(tiny_folder)), str(EXAMPLE_IMAGES), ["--num-workers", "0"]
+def test_index_and_search_calls_give_what_the_commands_give(tiny_folder, tmp_path, capsys, caplog):
+    photos = tmp_path / "photos"
+    shutil.copytree(EXAMPLE_IMAGES, photos)
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    model, images, workers = ModelSpec(str(tiny_folder)), str(photos), ["--num-workers", "0"]
     assert main(["index", images, "--model", str(tiny_folder), "--out", str(tmp_path / "cli"), *workers]) == 0
+    captured = capsys.readouterr()
     built = retrieval.index(IndexSettings([images], str(tmp_path / "py"), model=model, num_workers=0))
     from_cli, from_call = EmbeddingIndex.load(tmp_path / "cli"), EmbeddingIndex.load(tmp_path / "py")
     assert from_call.ids == from_cli.ids == built.index.ids and len(from_call) == built.added == 4
     assert torch.equal(from_call.vectors, from_cli.vectors)
-    assert f"indexed 4 images ({built.index.describe()}) {built.source} -> " in capsys.readouterr().out
+    assert f"indexed 4 images ({built.index.describe()}) {built.source} -> " in captured.out
+    assert [where for where, _ in built.failed] == [str(photos / "broken.jpg")]
+    assert captured.err.endswith("skipped 1 unreadable image (each named above)\n")
+    assert f"Skipping unreadable image {photos / 'broken.jpg'}" in caplog.text
 
-    query = str(EXAMPLE_IMAGES / "rocket.jpg")
+    query = str(photos / "rocket.jpg")
     search = ["search", query, "--index", str(tmp_path / "cli"), "--model", str(tiny_folder), "--funnel"]
     assert main([*search, "--dim", "32"]) == 0
     captured = capsys.readouterr()
@@ -53,12 +61,12 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     report = retrieval.IndexResult(EmbeddingIndex(vectors, ids=list("abcde")), 2, True, "from the features in f")
     calls = _capture(monkeypatch, "index", report)
     argv = ["index", "f", "g", "--model", "m", "--device", "cuda:1", "--dtype", "bfloat16", "--out", "o"]
-    argv += ["--ann", "hnsw", "--hnsw-m", "8", "--ef-construction", "20", "--ef-search", "16", "--nlist", "4"]
+    argv += ["--ann", "auto", "--hnsw-m", "8", "--ef-construction", "20", "--ef-search", "16", "--nlist", "4"]
     argv += ["--nprobe", "2", "--pq-bytes", "3", "--exact-below", "7", "--no-half-scan", "--overwrite"]
     argv += ["--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
     assert main(argv) == 0
     ann = AnnSettings(
-        "hnsw",
+        "auto",  # the one kind that takes every knob: it picks a kind by size
         hnsw_m=8,
         ef_construction=20,
         ef_search=16,
@@ -70,7 +78,7 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     )
     assert {key for key, value in asdict(ann).items() if value != getattr(AnnSettings(), key)} == {
         field.name for field in fields(AnnSettings)
-    }  # every setting differs from its default: each flag is seen to arrive
+    } - {"ann"}  # every other setting differs from its default: each flag is seen to arrive
     assert calls == [
         IndexSettings(
             ["f", "g"],
@@ -86,6 +94,8 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     assert capsys.readouterr().out == (
         f"indexed 5 images ({report.index.describe()}) appended 2 from the features in f -> o\n"
     )
+    assert main(["index", "f", "--out", "o", "--ann", "ivfpq", "--nlist", "4"]) == 0
+    assert calls[-1] == IndexSettings(["f"], "o", ann=AnnSettings("ivfpq", nlist=4))
     assert main(["index", "f", "--out", "o"]) == 0
     assert calls[-1] == IndexSettings(["f"], "o")  # no model, default first stage
     assert main(["index", "f", "--out", "o", "--append"]) == 0
@@ -119,6 +129,22 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
             "ann",
             "An append keeps the index's own first stage; do not pass ann settings",
         ),
+        (
+            lambda: IndexSettings(["f"], "o", ann=AnnSettings(ann="hnsw", nlist=64)),
+            "nlist",
+            "nlist=64 applies to ann='ivfpq' only; with ann='hnsw' it would be ignored. Leave nlist out, or choose "
+            "ann='ivfpq'.",
+        ),
+        (
+            lambda: IndexSettings(["f"], "o", ann=AnnSettings(ann="none", ef_search=128)),
+            "ef_search",
+            "ef_search=128 applies to ann='hnsw' only; with ann='none' it would be ignored",
+        ),
+        (
+            lambda: IndexSettings(["f"], "o", ann=AnnSettings(ann="ivfpq", exact_below=10)),
+            "exact_below",
+            "exact_below=10 applies to ann='auto' only; with ann='ivfpq' it would be ignored",
+        ),
         (lambda: SearchSettings(["q"], "i", ModelSpec("m"), k=0), "k", "k must be at least 1; got 0."),
     ],
 )
@@ -133,6 +159,11 @@ def test_command_errors_name_the_setting_and_the_cli_its_flag(tiny_folder, tmp_p
     assert capsys.readouterr().err == "franca-hf index: error: hnsw_m must be at least 1; got 0. (--hnsw-m)\n"
     assert main(["index", "features", "--out", "o", "--append", "--nprobe", "8"]) == 2  # before opening anything
     assert capsys.readouterr().err.startswith("franca-hf index: error: An append keeps the index's own first stage")
+    assert main(["index", "photos", "--out", "o", "--ann", "none", "--nlist", "64"]) == 2
+    assert capsys.readouterr().err == (
+        "franca-hf index: error: nlist=64 applies to ann='ivfpq' only; with ann='none' it would be ignored. Leave "
+        "nlist out, or choose ann='ivfpq'. (--nlist)\n"
+    )
     images = IndexSettings([str(EXAMPLE_IMAGES)], str(tmp_path / "o"), ModelSpec(str(tiny_folder)), append=True)
     with pytest.raises(UsageError, match="append adds the new shards of an extract folder") as error:
         retrieval.index(images)  # refused before the model loads

@@ -15,8 +15,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import DownloadError, UsageError
+
+if TYPE_CHECKING:
+    from ..modeling import FrancaConfig
 
 DEFAULT_RELEASE_URL = "https://github.com/valeoai/Franca/releases/download"
 VIT_G_PART_SUFFIXES = ("aa", "ab", "ac")
@@ -44,6 +48,15 @@ class Release:
     has_rasa: bool
     dataset: str
     chunked: bool = False
+
+    def expected_config(self) -> "FrancaConfig":
+        """The config this release converts to, as far as this table tells before anything is downloaded: its
+        preset's architecture with Franca's Matryoshka dims, and `rasa_steps` 1 standing for a published RASA head
+        (conversion reads the head's own count). Enough to judge a request (`dim`, `debiased`) before the download."""
+        from ..modeling import FrancaConfig
+
+        grid = {"position_grid_size": self.grid} if self.grid is not None else {}
+        return FrancaConfig.from_preset(self.preset, ffn_type="swiglu", rasa_steps=int(self.has_rasa), **grid)
 
     def architecture_mismatches(self, values: dict) -> list[str]:
         """What in `values` (`infer_config_values` of some weights) differs from this release's architecture: the

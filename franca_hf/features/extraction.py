@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
 from ..conversion.convert import resolve_model
+from ..conversion.releases import RELEASES
 from ..data.sources import (
     ImageSource,
     SkipCounter,
@@ -502,6 +503,8 @@ def load_model_and_processor(
         raise UsageError(
             f"int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got device={device}.", setting="int8"
         )
+    if check is not None and name_or_path in RELEASES:
+        check(RELEASES[name_or_path].expected_config())  # before gigabytes are downloaded and converted
     with state.main_process_first():  # a release name is downloaded and converted once, by the first process
         path = resolve_model(name_or_path)
     config = _model_config(path)

@@ -18,6 +18,7 @@ from transformers import AutoImageProcessor
 
 from franca_hf import FrancaModel
 from franca_hf.cli import main
+from franca_hf.conversion.releases import RELEASES
 from franca_hf.data import collect_image_paths, files_source
 from franca_hf.features import ExtractionIndex, ExtractSettings, ModelSpec, extract, extract_features, iter_shards
 from franca_hf.retrieval import index_from_features
@@ -228,6 +229,28 @@ def test_two_processes_print_an_error_once(tiny_folder, tmp_path):
     run = subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert run.stderr.count("franca-hf extract: error:") == 1 and "is neither an image file nor a folder" in run.stderr
+
+
+def test_a_release_name_is_judged_before_its_download(tmp_path, photos, capsys, tiny_release_server):
+    """A request a release cannot serve is refused from the release table, before gigabytes are downloaded and
+    converted; what the table tells is what the conversion gives."""
+    release = "franca_vitb14_In21K"  # the tiny reference, served with its RASA head
+    assert main(extract_command(photos, release, tmp_path / "x", "--dim", "48")) == 2
+    assert "dim=48 is not allowed; choose one of [8, 16, 32, 64, 128]. (--dim)" in capsys.readouterr().err
+    knn = ["knn", "--model", release, "--train", "demo", "--test", "demo", "--dims", "256", "--device", "cpu"]
+    assert main(knn) == 2
+    assert "dims=256 is not allowed; choose one between 1 and 128. (--dims)" in capsys.readouterr().err
+    assert tiny_release_server.requests == []  # nothing was downloaded
+    assert main(extract_command(photos, "franca_vitb14_In21K_224", tmp_path / "x", "--dense", "--debiased")) == 2
+    assert "debiased needs RASA weights, and this model has none." in capsys.readouterr().err
+    assert tiny_release_server.requests == []
+
+    converted = FrancaModel.from_pretrained(ModelSpec(release, device="cpu").load()[0].name_or_path).config
+    expected = RELEASES[release].expected_config()
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "position_grid_size"):
+        assert getattr(converted, key) == getattr(expected, key), key
+    assert converted.matryoshka_dims == expected.matryoshka_dims and converted.ffn_type == expected.ffn_type
+    assert bool(converted.rasa_steps) == bool(expected.rasa_steps) is True
 
 
 def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
