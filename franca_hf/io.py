@@ -1,15 +1,20 @@
 """Atomic writes: a file or folder appears complete under its final name, or not at all (no half-written output
 after an error or a kill), with the permissions of an ordinary new file."""
 
+import glob
+import logging
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OutputExistsError
+
+logger = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -35,16 +40,88 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     return path
 
 
-def write_folder_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class FolderKind:
+    """What a written folder holds, in messages (`name`: "a model"), and the files that mark one (`markers`: any)."""
+
+    name: str
+    markers: tuple[str, ...]
+
+
+MODEL_FOLDER = FolderKind("a model", ("config.json",))
+
+
+def check_folder_out(
+    out_dir: str | os.PathLike,
+    kind: FolderKind,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    replace_with: str = "overwrite=True to replace it",
+) -> None:
+    """An OutputExistsError (setting `out`, or `overwrite`) unless `kind` can be written at `out_dir`: a new or empty
+    folder, or a folder of that kind (holding `kind.marker`), replaced only with `overwrite` (`replace_with` says how).
+    Never a file or a path through one, a folder of other files, the working directory or a folder above it, or a
+    folder holding one of `inputs` (replacing it would delete them: the folder itself may be an input, updated)."""
+    out_dir = Path(out_dir)
+    where = out_dir.resolve()
+    on_the_way = next((parent for parent in where.parents if parent.exists()), None)
+    if not out_dir.exists():
+        if on_the_way is not None and not on_the_way.is_dir():
+            raise OutputExistsError(f"{out_dir} cannot be created: {on_the_way} is a file.", "out")
+        return
+    if not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} is a file; {kind.name} is saved as a folder. Choose another path.", "out")
+    if Path.cwd().resolve().is_relative_to(where):
+        raise OutputExistsError(
+            f"{out_dir} is the working directory or a folder above it; save {kind.name} in a folder of its own.", "out"
+        )
+    for path in inputs:
+        if path is None or not Path(path).exists():  # a Hub id or a release name
+            continue
+        if Path(path).resolve() != where and Path(path).resolve().is_relative_to(where):
+            raise OutputExistsError(
+                f"{out_dir} holds the input {path}: replacing the folder would delete it. Choose another folder.", "out"
+            )
+    if any((out_dir / marker).is_file() for marker in kind.markers):
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir} already holds {kind.name}; pass {replace_with}.", "overwrite")
+    elif any(out_dir.iterdir()):
+        raise OutputExistsError(
+            f"{out_dir} holds files that are not {kind.name}; choose an empty or new folder.", "out"
+        )
+
+
+def report_interrupted_writes(out_dir: Path) -> None:
+    """Warn of what a killed `write_folder_atomically` of `out_dir` may have left beside it (its hidden staging and
+    retired folders: a full copy of a model's weights, say). Not deleted: another write of the same folder may be
+    running and own one."""
+    name = glob.escape(out_dir.name)
+    for path in sorted(out_dir.parent.glob(f".{name}.staging-*")) + sorted(out_dir.parent.glob(f".{name}.old-*")):
+        logger.warning(
+            "%s was left by an interrupted write of %s (or belongs to one running now); delete it once no other write "
+            "of that folder runs.",
+            path,
+            out_dir,
+        )
+
+
+def write_folder_atomically(
+    out_dir: str | os.PathLike,
+    fill: Callable[[Path], None],
+    kind: FolderKind,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike | None] = (),
+) -> Path:
     """Create folder `out_dir` by letting `fill` write into a hidden staging folder beside it, then renaming.
 
-    An existing `out_dir` is only replaced with `overwrite`; a symbolic link's target is written (beside the target).
+    `out_dir` must pass `check_folder_out` (checked again here: call it before long work too); a symbolic link's
+    target is written (beside the target), the link kept. Leftovers of killed writes of it are reported.
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink():  # replace what it points to, beside it, and keep the link
         out_dir = out_dir.resolve()
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", "overwrite")
+    check_folder_out(out_dir, kind, overwrite, inputs)
+    report_interrupted_writes(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:

@@ -32,9 +32,9 @@ from .conversion.convert import resolve_model
 from .conversion.export import fill_model_folder
 from .conversion.model_card import format_explained_variance
 from .data.sources import ImageSource, SkipCounter, open_source, subsample
-from .errors import OutputExistsError, UsageError
+from .errors import UsageError
 from .features.loop import input_device_and_dtype, run_model
-from .io import write_folder_atomically
+from .io import MODEL_FOLDER, check_folder_out, write_folder_atomically
 from .matryoshka_settings import FitPcaSettings
 from .modeling import FrancaConfig, FrancaModel
 
@@ -343,7 +343,7 @@ def write_fitted_folder(
             ):
                 shutil.copy2(path, folder / path.name)
 
-    return write_folder_atomically(out_dir, fill, overwrite=overwrite)
+    return write_folder_atomically(out_dir, fill, MODEL_FOLDER, overwrite, inputs=(model_path,))
 
 
 @dataclass
@@ -390,9 +390,8 @@ def fit_pca(settings: FitPcaSettings) -> FitPcaResult:
 
 def _checked_inputs(settings: FitPcaSettings) -> tuple[str, PretrainedConfig, ImageSource]:
     """The model's resolved path and config and the images to fit on, once `fit_pca`'s checks have passed."""
-    if Path(settings.out).exists() and not settings.overwrite:
-        raise OutputExistsError(f"out={settings.out} already exists; set overwrite to replace it.", setting="overwrite")
     name = settings.model.name_or_path
+    check_folder_out(settings.out, MODEL_FOLDER, settings.overwrite, inputs=(name,))
     path = resolve_model(name)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "franca":

@@ -25,7 +25,6 @@ are new since the last build.
 """
 
 import contextlib
-import glob
 import json
 import logging
 import math
@@ -43,11 +42,11 @@ import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .errors import InputNotFoundError, OutputExistsError, UsageError
+from .errors import InputNotFoundError, UsageError
 from .features import ExtractedFeatures, extract_features
 from .features.store import INDEX_FILE, SHARD_READ_ERRORS, ExtractionIndex, read_shard
 from .fingerprint import check_same_model, model_fingerprint
-from .io import write_file_atomically, write_folder_atomically
+from .io import FolderKind, check_folder_out, write_file_atomically, write_folder_atomically
 from .modeling import (
     FrancaModel,
     check_nested_dims,
@@ -63,6 +62,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "franca_hf.retrieval"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "index.json"
+INDEX_FOLDER = FolderKind("an index", (MANIFEST_FILE,))
 VECTORS_FILE = "vectors.f32"
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the float tensors numpy can hold
 IDS_FILE = "ids.jsonl"
@@ -396,7 +396,7 @@ class EmbeddingIndex:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index as a folder (vectors, ids, FAISS first stage, manifest), replacing one there at once."""
         folder = Path(folder)
-        check_index_out(folder, overwrite=True)
+        check_folder_out(folder, INDEX_FOLDER, overwrite=True)
 
         def fill(staging: Path) -> None:
             self._array.tofile(staging / VECTORS_FILE)
@@ -407,8 +407,7 @@ class EmbeddingIndex:
                 manifest.first_stage = write_first_stage(staging, self.first_stage(), len(self))
             manifest.save(staging)
 
-        report_interrupted_writes(folder)
-        return write_folder_atomically(folder, fill, overwrite=True)
+        return write_folder_atomically(folder, fill, INDEX_FOLDER, overwrite=True)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "EmbeddingIndex":
@@ -1225,7 +1224,7 @@ def build_index(
         _stream_shards(features, extraction, out, manifest, first, progress)
         remove_stale_first_stages(out, manifest.first_stage)
         return BuildReport(EmbeddingIndex.load(out), manifest.rows - rows_before, True)
-    check_index_out(out, overwrite, "overwrite=True or append=True")
+    check_folder_out(out, INDEX_FOLDER, overwrite, inputs=(features,), replace_with="overwrite=True or append=True")
     resolved = (settings or AnnSettings()).resolve(extraction.rows, dims[0])
 
     def fill(staging: Path) -> None:
@@ -1241,8 +1240,7 @@ def build_index(
             train_first_stage(first, _leading_prefixes(features, extraction, training_rows(first), dims[0]), dims[0])
         _stream_shards(features, extraction, staging, manifest, first, progress)
 
-    report_interrupted_writes(out)
-    write_folder_atomically(out, fill, overwrite=True)
+    write_folder_atomically(out, fill, INDEX_FOLDER, overwrite=True, inputs=(features,))
     index = EmbeddingIndex.load(out)
     return BuildReport(index, len(index), False)
 
@@ -1357,32 +1355,6 @@ def damaged_index(folder: Path, problem: str) -> UsageError:
     )
 
 
-def check_index_out(out: Path, overwrite: bool, replace_with: str = "overwrite=True") -> None:
-    """An OutputExistsError unless an index can be written to folder `out`: new, empty, or an index (replaced only
-    with `overwrite`; `replace_with` says how)."""
-    if out.is_file():
-        raise OutputExistsError(f"{out} is a file; an index is saved as a folder. Choose another path.", "out")
-    if is_index_folder(out):
-        if not overwrite:
-            raise OutputExistsError(f"{out} already holds an index; pass {replace_with}.", "overwrite")
-    elif out.is_dir() and any(out.iterdir()):
-        raise OutputExistsError(f"{out} holds files that are not an index; choose an empty or new folder.", "out")
-
-
-def report_interrupted_writes(out: Path) -> None:
-    """Warn of what a killed write of the index folder `out` may have left beside it (`write_folder_atomically`'s
-    hidden staging and retired folders: a full copy of the vectors, say). Not deleted: another write of the same
-    index may be running and own one."""
-    name = glob.escape(out.name)
-    for path in sorted(out.parent.glob(f".{name}.staging-*")) + sorted(out.parent.glob(f".{name}.old-*")):
-        logger.warning(
-            "%s was left by an interrupted write of %s (or belongs to one running now); delete it once no other write "
-            "of that index runs.",
-            path,
-            out,
-        )
-
-
 def is_index_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
@@ -1438,7 +1410,7 @@ def index(settings: IndexSettings) -> IndexResult:
             "append adds the new shards of an extract folder (`franca_hf.features.extract`); extract the images first.",
             setting="append",
         )
-    check_index_out(Path(settings.out), settings.overwrite, "overwrite=True to replace it")  # before hours of embedding
+    check_folder_out(settings.out, INDEX_FOLDER, settings.overwrite, inputs=images)  # before hours of embedding
     model, processor = settings.model.load()
     embedded = extract_features(
         model, processor, images, batch_size=settings.batch_size, num_workers=settings.num_workers, desc="index"

@@ -163,7 +163,7 @@ def test_fit_pca_errors_name_the_flags(trained_folder, tmp_path, capsys, monkeyp
     assert "batch_size must be at least 1; got 0. (--batch-size)" in error(
         *fit_pca(trained_folder, "demo", out, "--batch-size", "0")
     )
-    assert f"out={trained_folder} already exists; set overwrite to replace it. (--overwrite)" in error(
+    assert f"{trained_folder} already holds a model; pass overwrite=True to replace it. (--overwrite)" in error(
         *fit_pca(trained_folder, "demo", trained_folder)
     )
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import OutputExistsError
-from ..io import write_folder_atomically
+from ..io import MODEL_FOLDER, check_folder_out, write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, interpolate_position_table
 from ..rasa.reference import official_rasa_chain
 from .checkpoint import (
@@ -27,7 +26,15 @@ from .dtypes import check_weight_dtype
 from .export import WEIGHT_DTYPES, fill_model_folder
 from .hub import push
 from .model_card import render_model_card
-from .releases import RELEASES, cache_dir, fetch_release_file, get_release, release_base_url, sha256_of
+from .releases import (
+    RELEASES,
+    cache_dir,
+    check_rasa_published,
+    fetch_release_file,
+    get_release,
+    release_base_url,
+    sha256_of,
+)
 from .settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
@@ -141,8 +148,7 @@ def convert_checkpoint(
     """
     out_dir = Path(out_dir)
     check_weight_dtype(dtype)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", "overwrite")
+    check_folder_out(out_dir, MODEL_FOLDER, overwrite, inputs=(checkpoint, rasa))
     original = extract_teacher(load_torch_file(checkpoint), source=str(checkpoint))
     values = infer_config_values(original, num_heads=num_heads, preset=preset)
     rasa_weights = load_rasa_weights(rasa, values["hidden_size"]) if rasa is not None else None
@@ -200,7 +206,7 @@ def convert_checkpoint(
         if verify:
             _check_reload(folder, model)
 
-    write_folder_atomically(out_dir, fill, overwrite=overwrite)
+    write_folder_atomically(out_dir, fill, MODEL_FOLDER, overwrite, inputs=(checkpoint, rasa))
     return ConversionResult(folder=out_dir, config=config, report=report, parity=parity)
 
 
@@ -245,8 +251,12 @@ def convert_release(
     calls (`overwrite=True` converts it again).
     """
     release = get_release(name)
+    if with_rasa:
+        check_rasa_published(release)
     converted = cache_dir(cache) / "converted" / (f"{name}_rasa" if with_rasa else name) / dtype
     target = Path(out_dir) if out_dir is not None else converted
+    if out_dir is not None:
+        check_folder_out(target, MODEL_FOLDER, overwrite)  # before a download of gigabytes
     # one process at a time per cache (those of a node, or all on a shared file system): a release is downloaded
     # and converted into the cache once; the others wait, then find it there
     with cache_lock(cache_dir(cache) / "locks" / f"{name}.lock"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import BitImageProcessor
 
-from ..io import write_folder_atomically
+from ..io import MODEL_FOLDER, write_folder_atomically
 from ..modeling import FrancaModel
 from ..modeling.image_processing_franca import make_image_processor
 from .dtypes import WEIGHT_DTYPE_NAMES
@@ -52,5 +52,5 @@ def save_model_folder(
 ) -> Path:
     """Save `model` as a self-contained HF folder at `out_dir`, atomically (see `fill_model_folder`)."""
     return write_folder_atomically(
-        out_dir, lambda folder: fill_model_folder(folder, model, image_processor, card_text), overwrite=overwrite
+        out_dir, lambda folder: fill_model_folder(folder, model, image_processor, card_text), MODEL_FOLDER, overwrite
     )

@@ -108,6 +108,13 @@ def release_table() -> str:
     return "\n".join(lines)
 
 
+def check_rasa_published(release: Release) -> None:
+    """A UsageError, listing the releases that have one, unless `release` has a published RASA head."""
+    if not release.has_rasa:
+        with_rasa = [r.stem for r in RELEASES.values() if r.has_rasa]
+        raise UsageError(f"{release.stem} has no published RASA head; releases with one: {', '.join(with_rasa)}.")
+
+
 def get_release(name: str) -> Release:
     """Look a release up by its stem; the error lists every known name."""
     if name not in RELEASES:
@@ -215,9 +222,8 @@ def fetch_release_file(
     For ViT-g the three tar.gz parts are downloaded, joined and unpacked; the parts are deleted afterwards.
     """
     release = get_release(name)
-    if rasa and not release.has_rasa:
-        with_rasa = [r.stem for r in RELEASES.values() if r.has_rasa]
-        raise UsageError(f"{name} has no published RASA head; releases with one: {', '.join(with_rasa)}.")
+    if rasa:
+        check_rasa_published(release)
     folder = cache_dir(cache) / "downloads" / release.tag
     base = f"{release_base_url(base_url)}/{release.tag}"
     filename = f"{release.stem}_rasa.pth" if rasa else f"{release.stem}.pth"

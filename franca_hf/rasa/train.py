@@ -21,15 +21,17 @@ from tqdm.auto import tqdm
 from ..conversion.export import fill_model_folder
 from ..data.augmented import AugmentedImages, EpochBatchSampler
 from ..data.sources import ImageSource, open_source, split_off, subsample
-from ..errors import OutputExistsError, UsageError
+from ..errors import UsageError
 from ..features.loop import run_model
-from ..io import write_folder_atomically
+from ..io import FolderKind, check_folder_out, write_folder_atomically
 from ..modeling import FrancaConfig, FrancaModel, orthonormalize_rasa_weights, remove_position_directions
 from ..modeling.image_processing_franca import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
 from .directions import DIRECTIONS_FILE, RasaDirections, patch_tokens
 from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
 from .settings import RasaRunSettings, RasaSettings
 
+# a model folder with RASA weights, or the directions of another backbone (both with rasa_report.json)
+RASA_FOLDER = FolderKind("a RASA output", ("rasa_report.json", "config.json"))
 logger = logging.getLogger(__name__)
 
 
@@ -187,8 +189,7 @@ def train_rasa(
     """
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; pass overwrite=True to replace it.", setting="overwrite")
+    check_folder_out(out_dir, RASA_FOLDER, overwrite)
     settings = settings.for_model(model.config)
     model.eval().requires_grad_(False).to(accelerator.device)
     width = model.config.hidden_size
@@ -273,7 +274,7 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
             RasaDirections(weights, metadata).save(folder / DIRECTIONS_FILE)
         (folder / "rasa_report.json").write_text(json.dumps(metadata, indent=2))
 
-    return write_folder_atomically(out_dir, fill, overwrite=overwrite)
+    return write_folder_atomically(out_dir, fill, RASA_FOLDER, overwrite)
 
 
 def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
@@ -292,10 +293,13 @@ def rasa(settings: RasaRunSettings) -> RasaReport:
     """`franca-hf rasa` in one call: load the model, hold `held_out_images` of `data` out for the position probe,
     train `steps` directions on (at most `max_images` of) the rest and write `out`; the report of every process.
     Usage errors (`UsageError`) come before the weights load where the settings alone decide them."""
-    if Path(settings.out).exists() and not settings.overwrite:
-        raise OutputExistsError(
-            f"out={settings.out} already exists; add overwrite=true to replace it.", setting="overwrite"
-        )
+    check_folder_out(
+        settings.out,
+        RASA_FOLDER,
+        settings.overwrite,
+        inputs=(settings.model,),
+        replace_with="overwrite=true to replace it",
+    )
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     source = open_source(settings.data, settings.split, seed=settings.seed)  # a bad source is refused before the load
     if settings.held_out_images >= len(source):

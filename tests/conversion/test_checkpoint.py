@@ -126,7 +126,8 @@ def test_bad_rasa_file_and_existing_output(tmp_path):
     with pytest.raises(CheckpointError, match="numbered 0..n-1"):
         load_rasa_weights(tmp_path / "rasa.pth")
     (tmp_path / "hf").mkdir()
-    with pytest.raises(FileExistsError, match="overwrite"):
+    (tmp_path / "hf" / "config.json").write_text("{}")  # a model folder: replaced only with overwrite
+    with pytest.raises(FileExistsError, match="already holds a model; pass overwrite=True to replace it"):
         convert_checkpoint(TEACHER_CHECKPOINT, tmp_path / "hf")
     convert_checkpoint(TEACHER_CHECKPOINT, tmp_path / "hf", overwrite=True)
     assert (tmp_path / "hf" / "model.safetensors").is_file()

@@ -114,8 +114,36 @@ def test_command_errors_name_the_setting_and_the_cli_its_flag(tmp_path, capsys):
         "franca-hf convert: error: out is required when converting a local checkpoint. (--out)\n"
     )
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
     assert main(["convert", str(TEACHER_CHECKPOINT), "--out", str(tmp_path / "taken")]) == 2
     assert capsys.readouterr().err == (
-        f"franca-hf convert: error: {tmp_path / 'taken'} already exists; pass overwrite=True to replace it. "
+        f"franca-hf convert: error: {tmp_path / 'taken'} already holds a model; pass overwrite=True to replace it. "
         "(--overwrite)\n"
     )
+
+
+def test_convert_overwrite_never_deletes_its_inputs_or_the_working_directory(tmp_path, capsys, monkeypatch):
+    """`--overwrite` replaces a model folder; a folder holding the checkpoint being converted, or the folder the
+    command runs in, is refused before anything is converted, and nothing in it is lost."""
+    sand = tmp_path / "sand"
+    sand.mkdir()
+    shutil.copy(TEACHER_CHECKPOINT, sand / "teacher.pth")
+    shutil.copy(RASA_CHECKPOINT, sand / "rasa.pth")
+    (sand / "config.json").write_text("{}")  # even one that looks like a model folder
+    before = {p.name: p.read_bytes() for p in sand.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    argv = ["convert", "sand/teacher.pth", "--rasa", "sand/rasa.pth", "--overwrite"]
+    assert main([*argv, "--out", "sand"]) == 2
+    assert capsys.readouterr().err == (
+        "franca-hf convert: error: sand holds the input sand/teacher.pth: replacing the folder would delete it. "
+        "Choose another folder. (--out)\n"
+    )
+    assert main(["convert", str(sand / "teacher.pth"), "--out", str(sand / "teacher.pth"), "--overwrite"]) == 2
+    assert "teacher.pth is a file; a model is saved as a folder. Choose another path. (--out)" in capsys.readouterr().err
+    monkeypatch.chdir(sand)
+    assert main(["convert", "teacher.pth", "--out", ".", "--overwrite"]) == 2
+    assert "error: . is the working directory or a folder above it; save a model in a folder of its own. (--out)" in (
+        capsys.readouterr().err
+    )
+    assert {p.name: p.read_bytes() for p in sand.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sand"]  # no staging or retired folder left

@@ -175,7 +175,16 @@ def test_cli_convert_release_and_errors(server, tmp_path, capsys):
         str(out),
     ]
     assert main(command) == 0 and (out / "model.safetensors").is_file()
-    assert main(command) == 2 and "already exists" in capsys.readouterr().err
+    capsys.readouterr()
+    downloads = len(server.requests)
+    (tmp_path / "cache" / "downloads").rename(tmp_path / "cache" / "downloads-moved")  # a refusal downloads nothing
+    assert main(command) == 2
+    assert f"{out} already holds a model; pass overwrite=True to replace it. (--overwrite)" in capsys.readouterr().err
+    rasa = ["convert", "--release", "franca_vitb14_In21K_224", "--with-rasa", "--base-url", server.url]
+    assert main([*rasa, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "rasa")]) == 2
+    assert "franca_vitb14_In21K_224 has no published RASA head; releases with one:" in capsys.readouterr().err
+    assert len(server.requests) == downloads
+    (tmp_path / "cache" / "downloads-moved").rename(tmp_path / "cache" / "downloads")
     assert main([*command, "--preset", "vit_base", "--overwrite"]) == 2
     assert "preset: only for local checkpoints; a release fixes its architecture. (--preset)" in capsys.readouterr().err
 
