@@ -163,7 +163,21 @@ def remove_position_directions(tokens: torch.Tensor, basis: torch.Tensor) -> tor
     return debiased.to(tokens.dtype)
 
 
-class FrancaRASA(nn.Module):
+class Float32Weights(nn.Module):
+    """A module whose weights stay fp32 when the model is cast (`.to(torch.bfloat16)`, `.half()`): they are moved
+    between devices, never rounded (loading in bf16/fp16 keeps them fp32 too: `_keep_in_fp32_modules_strict`)."""
+
+    def _apply(self, fn, recurse=True):
+        def moved_only(tensor: torch.Tensor) -> torch.Tensor:
+            applied = fn(tensor)
+            if applied.dtype != tensor.dtype and tensor.is_floating_point():
+                return tensor.to(applied.device)
+            return applied
+
+        return super()._apply(moved_only, recurse)
+
+
+class FrancaRASA(Float32Weights):
     """The RASA position directions as model weights (fp32), orthonormalised on the fly (S x 2 x D: negligible)."""
 
     def __init__(self, config: FrancaConfig):
@@ -180,7 +194,7 @@ class FrancaRASA(nn.Module):
         return remove_position_directions(patch_tokens, self.basis())
 
 
-class FrancaMatryoshkaBasis(nn.Module):
+class FrancaMatryoshkaBasis(Float32Weights):
     """A fitted truncation basis (`config.matryoshka_basis == "pca"`), fp32: for the CLS embedding and for patch
     tokens, a mean (D) and an orthogonal rotation (D, D) whose columns are the principal directions by decreasing
     variance. Until fitted (`franca-hf fit-pca`) the means are 0 and the rotations the identity: prefixes."""
@@ -718,9 +732,6 @@ class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
     `config.debias_feature_maps` (or `debiased=True`) the patch tokens of the last stage are RASA-debiased.
     """
 
-    # a Matryoshka basis applies to embeddings, not to feature maps
-    _keys_to_ignore_on_load_unexpected = [r"matryoshka_basis\."]
-
     def __init__(self, config: FrancaConfig):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
@@ -728,7 +739,10 @@ class FrancaBackbone(BackboneMixin, FrancaPreTrainedModel):
         self.encoder = FrancaEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rasa = FrancaRASA(config) if config.rasa_steps > 0 else None
-        self._keep_fp32("rasa")
+        # a Matryoshka basis cuts embeddings, not feature maps: carried, unused, so that a saved backbone is the
+        # folder it was loaded from (its config names the basis)
+        self.matryoshka_basis = FrancaMatryoshkaBasis(config) if config.matryoshka_basis == "pca" else None
+        self._keep_fp32("rasa", "matryoshka_basis")
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -80,9 +80,39 @@ def test_basis_and_rasa_stay_fp32_in_bf16(tmp_path):
     assert embeddings.dtype == torch.bfloat16 and embeddings.shape == (2, 16)
 
 
-def test_backbone_loads_a_folder_with_a_basis_without_complaint(tmp_path, caplog):
-    pca_model().save_pretrained(tmp_path)
+def test_a_cast_model_keeps_its_basis_and_rasa_fp32(tmp_path):
+    """`.to(torch.bfloat16)` and `.half()` round the backbone, never the basis or RASA (their precision is their
+    point): their outputs are those of the fp32 model up to the backbone's rounding."""
+    model = pca_model(rasa_steps=2)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = model.get_image_embeddings(pixels, dim=16), model.get_dense_features(pixels, dim=16)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+        rounded = cast(pca_model(rasa_steps=2))
+        kept = {n: p.dtype for n, p in rounded.named_parameters() if n.startswith(("rasa.", "matryoshka_basis."))}
+        assert len(kept) == 5 and set(kept.values()) == {torch.float32}, kept
+        assert rounded.embeddings.cls_token.dtype != torch.float32
+        assert torch.equal(rounded.matryoshka_basis.cls_rotation, model.matryoshka_basis.cls_rotation)
+        with torch.no_grad():
+            got = rounded.get_image_embeddings(pixels.to(rounded.dtype), dim=16)
+            dense = rounded.get_dense_features(pixels.to(rounded.dtype), dim=16)
+        torch.testing.assert_close(got.float(), expected[0], atol=0.05, rtol=0)
+        torch.testing.assert_close(dense.float(), expected[1], atol=0.1, rtol=0)
+    rounded.save_pretrained(tmp_path)  # saved as it is: the basis in fp32
+    assert AutoModel.from_pretrained(tmp_path).matryoshka_basis.cls_rotation.dtype == torch.float32
+
+
+def test_backbone_loads_a_folder_with_a_basis_without_complaint_and_saves_it_back(tmp_path, caplog):
+    model = pca_model()
+    model.save_pretrained(tmp_path / "model")
     with caplog.at_level("WARNING"):
-        backbone = FrancaBackbone.from_pretrained(tmp_path)
+        backbone = FrancaBackbone.from_pretrained(tmp_path / "model")
     assert not [r for r in caplog.records if "not used" in r.getMessage() or "unexpected" in r.getMessage().lower()]
-    assert not hasattr(backbone, "matryoshka_basis")
+    backbone.save_pretrained(tmp_path / "backbone")  # its config names the basis: the folder holds it too
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = AutoModel.from_pretrained(tmp_path / "backbone").eval()
+    assert not [r for r in caplog.records if "missing" in r.getMessage().lower()]
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(again.get_image_embeddings(pixels, dim=8), model.get_image_embeddings(pixels, dim=8))
