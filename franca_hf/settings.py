@@ -39,8 +39,10 @@ def resolve_config_path(name_or_path: str | Path, bundled: Path | None = None) -
 def _explain(error: OmegaConfBaseException, source: str) -> UsageError:
     """OmegaConf's error as one line that names the key, what was wrong and where it came from."""
     key = getattr(error, "full_key", None) or getattr(error, "key", None)
-    message = str(error).splitlines()[0]
-    if isinstance(error, MissingMandatoryValue) and key:
+    message = str(error).splitlines()[0].rstrip(".")
+    if "is not a ListConfig" in message and key:  # a single value where the schema holds a list
+        message = f"{key} takes a list, {key}=[a,b,...]; got {getattr(error, 'value', '?')}"
+    elif isinstance(error, MissingMandatoryValue) and key:
         message = f"{key} must be set ({key}=...)"
     elif isinstance(error, ConfigKeyError) and key:
         parent = getattr(error, "parent_node", None)

@@ -1,6 +1,7 @@
 """The Matryoshka width has one public name (`dim`), one check and one cut-then-normalise; `forward`'s
 `pooler_output` is always the (B, D) CLS token, and `forward(matryoshka_dim=)` is deprecated."""
 
+import numpy
 import pytest
 import torch
 
@@ -63,3 +64,18 @@ def test_one_check_and_one_sentence_for_an_unserved_width(models):
         with pytest.raises(ValueError) as raised:
             method(PIXELS, dim=10)
         assert str(raised.value) == sentence
+
+
+@torch.no_grad()
+def test_a_width_is_an_integer_of_any_integer_type(models):
+    """16.0 is refused in words (it equals 16, and slicing would fail later); numpy's and torch's integers are
+    widths like 16."""
+    model = models["pca"]
+    for method in (model.get_image_embeddings, model.get_dense_features):
+        with pytest.raises(ValueError) as raised:
+            method(PIXELS, dim=16.0)
+        assert str(raised.value) == "dim=16.0 is not an integer; choose one of [4, 8, 16, 32, 64]."
+        expected = method(PIXELS, dim=16)
+        for width in (numpy.int64(16), torch.tensor(16)):
+            torch.testing.assert_close(method(PIXELS, dim=width), expected, rtol=0, atol=0)
+    assert matryoshka_dim_problem(7.5, range(1, 65)) == "dim=7.5 is not an integer; choose one between 1 and 64."

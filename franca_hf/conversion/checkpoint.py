@@ -6,6 +6,7 @@ Official layout (after stripping `module.` / `backbone.`): `cls_token`, `pos_emb
 """
 
 import math
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -68,17 +69,38 @@ class ConversionReport:
 def load_torch_file(path: str | Path) -> dict:
     """`torch.load(path, weights_only=True)` on CPU with errors that say what is wrong with the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint {path} is a folder; give the checkpoint file in it (.pth). A folder with config.json is "
+            "already an HF folder: load it as it is."
+        )
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if not path.stat().st_size:
+        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes); delete it and download it again.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(
-            f"Could not read {path} ({path.stat().st_size} bytes) as a torch checkpoint: {error}. "
+            f"Could not read {path} ({path.stat().st_size} bytes) as a torch checkpoint: {_first_line(error)}. "
             "The file is probably truncated or corrupt; delete it and download it again."
         ) from error
     except Exception as error:  # the unpickler raises a bare UnpicklingError for unsafe or damaged pickles
-        raise CheckpointError(f"Could not safely load {path} with weights_only=True: {error}") from error
+        raise CheckpointError(
+            f"Could not safely load {path} with weights_only=True ({_first_line(error)}): it is not a torch "
+            "checkpoint, or it holds Python objects besides tensors, which a safe load refuses."
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    """What stopped `torch.load`, in one line: the unpickler's own reason where torch wraps it in advice."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif not isinstance(error, pickle.UnpicklingError):
+        text = f"{type(error).__name__}: {text}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -257,6 +279,10 @@ def _official_names(keys: list[str], state_dict: dict[str, torch.Tensor]) -> lis
 def load_rasa_weights(path_or_state_dict: str | Path | dict, hidden_size: int | None = None) -> torch.Tensor:
     """Stack an official RASA head into (S, 2, D): `pre_pos_layers.0 .. n-1`, then `pos_pred` (training order)."""
     source = path_or_state_dict if isinstance(path_or_state_dict, dict) else load_torch_file(path_or_state_dict)
+    if not isinstance(source, dict):
+        raise CheckpointError(
+            f"{path_or_state_dict} is not a RASA head: it holds a {type(source).__name__}, not a state dict of tensors."
+        )
     if isinstance(source.get("state_dict"), dict):
         source = source["state_dict"]
     weights = {}
@@ -272,7 +298,9 @@ def load_rasa_weights(path_or_state_dict: str | Path | dict, hidden_size: int | 
     unknown = sorted(set(weights) - {"pos_pred.weight"} - {f"pre_pos_layers.{j}.weight" for j in pre})
     if unknown:
         raise CheckpointError(f"Unknown keys in the RASA head: {unknown}.")
-    stack = torch.stack([weights[f"pre_pos_layers.{j}.weight"] for j in pre] + [weights["pos_pred.weight"]])
-    if stack.ndim != 3 or stack.shape[1] != 2 or (hidden_size is not None and stack.shape[2] != hidden_size):
-        raise CheckpointError(f"RASA weights must be (2, {hidden_size or 'D'}) each, got {tuple(stack.shape[1:])}.")
-    return stack.float()
+    ordered = [weights[f"pre_pos_layers.{j}.weight"] for j in pre] + [weights["pos_pred.weight"]]
+    shapes = [tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__ for value in ordered]
+    width = hidden_size or (shapes[-1][-1] if isinstance(shapes[-1], tuple) and shapes[-1] else "D")
+    if any(shape != (2, width) for shape in shapes):
+        raise CheckpointError(f"RASA weights must be (2, {width}) each (pre_pos_layers..., pos_pred); got {shapes}.")
+    return torch.stack(ordered).float()

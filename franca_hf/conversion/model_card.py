@@ -76,8 +76,9 @@ def render_model_card(config: FrancaConfig, repo_id: str | None = None, base_mod
 
     Args:
         config: the folder's config; `source_checkpoint` may hold `release`, `dataset`, `file`, `sha256`,
-            `rasa_file`, `rasa_sha256`, `url`, `parity` (max abs errors measured by the converter) and
-            `dropped_rasa_steps` (RASA steps of a starting folder that training made stale and dropped).
+            `rasa_file`, `rasa_sha256`, `url`, `parity` (max abs errors measured by the converter),
+            `dropped_rasa_steps` (RASA steps of a starting folder that training made stale and dropped) and
+            `rasa_fitted_steps` / `rasa_fitted_on` (the last steps of the chain, fitted by `franca-hf rasa`).
         repo_id: the Hub repo the card is for (used in the usage snippet); a local path placeholder otherwise.
         base_model: the Hub repo this model was derived from, if any.
     """
@@ -140,7 +141,7 @@ def _checkpoint_section(config: FrancaConfig, source: dict) -> list[str]:
         f"| register tokens | {config.num_register_tokens} |",
         f"| Matryoshka dims | {config.matryoshka_dims} |",
         f"| Matryoshka truncation | {_TRUNCATIONS[config.matryoshka_basis]} |",
-        f"| RASA | {f'{config.rasa_steps} steps' if config.rasa_steps else 'no (debiased features unavailable)'} |",
+        f"| RASA | {_rasa_steps(config, source)} |",
     ]
     provenance = [
         ("release", "release"),
@@ -152,6 +153,19 @@ def _checkpoint_section(config: FrancaConfig, source: dict) -> list[str]:
         ("RASA sha256", "rasa_sha256"),
     ]
     return lines + [f"| {label} | `{source[key]}` |" for label, key in provenance if source.get(key)]
+
+
+def _rasa_steps(config: FrancaConfig, source: dict) -> str:
+    """The RASA row of the card: how many steps, and which were fitted by `franca-hf rasa` (on what)."""
+    if not config.rasa_steps:
+        return "no (debiased features unavailable)"
+    fitted = min(source.get("rasa_fitted_steps", 0), config.rasa_steps)
+    if not fitted:
+        return f"{config.rasa_steps} steps"
+    before = config.rasa_steps - fitted
+    origin = f"{before} from the RASA file below, then " if before and source.get("rasa_file") else ""
+    origin = origin or (f"{before} from the folder it started from, then " if before else "")
+    return f"{config.rasa_steps} steps ({origin}{fitted} fitted by `franca-hf rasa` on {source.get('rasa_fitted_on')})"
 
 
 def _rasa_section(source: dict, where: str) -> list[str]:

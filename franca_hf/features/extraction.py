@@ -510,7 +510,7 @@ def load_model_and_processor(
     config = _model_config(path)
     if check is not None:
         check(config)
-    model = AutoModel.from_pretrained(path, config=config, dtype=dtype or torch.float32).to(device).eval()
+    model = load_pretrained_model(path, config, dtype or torch.float32).to(device).eval()
     if int8:
         from .quantize import quantize_int8
 
@@ -554,6 +554,26 @@ def _model_config(path: str) -> PreTrainedConfig:
             f"model={path} is not a model folder here, a release name (`franca-hf releases`), or a Hub model "
             f"this machine can reach ({reason}).",
             "model",
+        ) from None
+
+
+def load_pretrained_model(path: str, config: PreTrainedConfig | None = None, dtype: torch.dtype | str = "auto"):
+    """`AutoModel.from_pretrained(path)`, with a one-line error (setting `model`) where a folder or Hub model with a
+    config has no weights this machine can read, or its weights file is truncated or damaged."""
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModel.from_pretrained(path, config=config, dtype=dtype)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise InputNotFoundError(
+            f"model={path} has a config but no weights that can be read here ({reason}).", "model"
+        ) from None
+    except SafetensorError as error:
+        raise UsageError(
+            f"model={path}: its weights cannot be read ({error}); the file is truncated or damaged. Save or download "
+            "the model again.",
+            setting="model",
         ) from None
 
 

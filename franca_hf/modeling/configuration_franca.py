@@ -4,6 +4,7 @@ This file is self-contained on purpose: it is copied next to the weights of ever
 `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without the franca_hf package.
 """
 
+import operator
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -184,11 +185,15 @@ def matryoshka_dims_of(config) -> list[int]:
 def matryoshka_dim_problem(dim: int, allowed: Sequence[int], name: str = "dim") -> str | None:
     """None if the width `dim` is one of `allowed`, else the sentence that says so and lists them: the one check of
     a requested Matryoshka width. `allowed` may be a `range` (any prefix, as k-NN baselines take)."""
-    if dim in allowed:
-        return None
     if isinstance(allowed, range):
-        return f"{name}={dim} is not allowed; choose one between {allowed.start} and {allowed.stop - 1}."
-    return f"{name}={dim} is not allowed; choose one of {list(allowed)}."
+        choices = f"choose one between {allowed.start} and {allowed.stop - 1}"
+    else:
+        choices = f"choose one of {list(allowed)}"
+    try:
+        operator.index(dim)  # an int, or numpy's and torch's integers; never 16.0
+    except TypeError:
+        return f"{name}={dim!r} is not an integer; {choices}."
+    return None if dim in allowed else f"{name}={dim} is not allowed; {choices}."
 
 
 def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) -> list[int]:

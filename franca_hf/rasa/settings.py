@@ -37,6 +37,14 @@ class RasaSettings:
             1, steps=self.steps, epochs=self.epochs, batch_size=self.batch_size, max_images=self.max_images
         )
         require_at_least(0, num_workers=self.num_workers)
+        if not self.lr > 0:
+            raise UsageError(f"lr must be positive; got {self.lr}.", setting="lr")
+        if self.resolution is not None and self.resolution < 1:
+            raise UsageError(
+                f"resolution must be a positive number of pixels (or null: the model's native size); got "
+                f"{self.resolution}.",
+                setting="resolution",
+            )
         if patch_size is not None and self.resolution is not None:
             if self.resolution % patch_size or self.resolution < 2 * patch_size:
                 suggestion = max(2, round(self.resolution / patch_size)) * patch_size
@@ -63,7 +71,9 @@ class RasaSettings:
         """These settings with the resolution resolved for a model config and checked against its patch size: the
         native size of a FrancaConfig's position table, or the config's `image_size` (DINOv2: 518)."""
         native = getattr(config, "position_grid_size", None)
-        resolution = self.resolution or (native * config.patch_size if native else config.image_size)
+        self.validate()  # resolution=0 is refused, not taken for the native size
+        native_size = native * config.patch_size if native else config.image_size
+        resolution = native_size if self.resolution is None else self.resolution
         resolved = dataclasses.replace(self, resolution=resolution)
         resolved.validate(config.patch_size)
         return resolved

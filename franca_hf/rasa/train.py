@@ -247,15 +247,19 @@ def train_rasa(
             RasaDirections(weights, {"settings": fingerprint, "report": asdict(report)}).save(progress_file)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_rasa_output(model, weights, report, out_dir, overwrite)
+        write_rasa_output(model, weights, report, out_dir, overwrite, data=train_source.name)
         progress_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return weights, report
 
 
-def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir: Path, overwrite: bool) -> Path:
-    """The output folder, atomically: for a FrancaModel a complete HF folder with the new chain as its RASA weights,
-    for other backbones `rasa_directions.safetensors`; in both, `rasa_report.json` (probe R² and cosine per step)."""
+def write_rasa_output(
+    model, weights: torch.Tensor, report: RasaReport, out_dir: Path, overwrite: bool, data: str = "unknown data"
+) -> Path:
+    """The output folder, atomically: for a FrancaModel a complete HF folder with the new chain as its RASA weights
+    (its provenance says how many steps were fitted here, on `data`: the model card tells them from a converted
+    head's), for other backbones `rasa_directions.safetensors`; in both, `rasa_report.json` (probe R² and cosine per
+    step)."""
     metadata = {
         "backbone": type(model).__name__,
         "name_or_path": getattr(model.config, "_name_or_path", ""),
@@ -264,7 +268,14 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
 
     def fill(folder: Path) -> None:
         if isinstance(model, FrancaModel):
-            config = FrancaConfig.from_dict({**model.config.to_dict(), "rasa_steps": weights.shape[0]})
+            source = dict(model.config.source_checkpoint or {})
+            added = weights.shape[0] - model.config.rasa_steps
+            source["rasa_fitted_steps"] = source.get("rasa_fitted_steps", 0) + added
+            source["rasa_fitted_on"] = data
+            if isinstance(source.get("parity"), dict):  # the converter's debiased parity was the converted chain's
+                source["parity"] = {k: v for k, v in source["parity"].items() if k != "patch_rasa"}
+            new = {"rasa_steps": weights.shape[0], "source_checkpoint": source}
+            config = FrancaConfig.from_dict({**model.config.to_dict(), **new})
             debiased = FrancaModel(config)
             state = {k: v for k, v in model.state_dict().items() if not k.startswith("rasa.")}
             state["rasa.position_weights"] = weights
@@ -279,14 +290,15 @@ def write_rasa_output(model, weights: torch.Tensor, report: RasaReport, out_dir:
 
 def load_model_for_rasa(settings: RasaRunSettings, accelerator: Accelerator):
     """(the model, the settings resolved for it), its config checked before the weights load."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     from ..conversion.convert import resolve_model
+    from ..features.extraction import load_pretrained_model
 
     with accelerator.main_process_first():  # one process downloads and converts a release, the others wait
         path = resolve_model(settings.model)
     resolved = settings.for_model(AutoConfig.from_pretrained(path))
-    return AutoModel.from_pretrained(path), resolved
+    return load_pretrained_model(path), resolved
 
 
 def rasa(settings: RasaRunSettings) -> RasaReport:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from franca_hf import FrancaModel
+from franca_hf.cli import main
 from franca_hf.conversion.checkpoint import CheckpointError, load_rasa_weights
 from franca_hf.conversion.convert import convert_checkpoint
 
@@ -139,3 +140,29 @@ def test_preset_and_head_count(tmp_path):
         convert_checkpoint(TEACHER_CHECKPOINT, tmp_path / "a", preset="vit_base")
     result = convert_checkpoint(TEACHER_CHECKPOINT, tmp_path / "b", num_heads=4)
     assert result.config.num_attention_heads == 4
+
+
+def test_files_that_are_not_checkpoints_are_one_line_errors(tmp_path, capsys):
+    """What is not a checkpoint (a folder, an empty file, text, a pickle of something else) or not a RASA head (a bare
+    tensor, a head of the wrong shape) is named in one line, without torch's advice to load it unsafely."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "notes.pth").write_text("# not weights\n")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    wide = {"rasa_head.pre_pos_layers.0.weight": torch.zeros(2, 128), "rasa_head.pos_pred.weight": torch.zeros(3, 128)}
+    torch.save(wide, tmp_path / "wide_rasa.pth")
+    checkpoint = str(TEACHER_CHECKPOINT)
+    cases = [
+        ([str(TEACHER_CHECKPOINT.parent)], "is a folder; give the checkpoint file in it (.pth)."),
+        ([str(tmp_path / "empty.pth")], "is empty (0 bytes); delete it and download it again."),
+        ([str(tmp_path / "notes.pth")], "weights_only=True (Unsupported operand 35): it is not a torch checkpoint"),
+        ([checkpoint, "--rasa", str(tmp_path / "tensor.pth")], "tensor.pth is not a RASA head: it holds a Tensor"),
+        (
+            [checkpoint, "--rasa", str(tmp_path / "wide_rasa.pth")],
+            "RASA weights must be (2, 128) each (pre_pos_layers..., pos_pred); got [(2, 128), (3, 128)].",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(["convert", *argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1 and "weights_only` set to `False`" not in err, err
+    assert not (tmp_path / "out").exists()

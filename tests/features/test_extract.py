@@ -272,6 +272,13 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     for weights in weightless.glob("*.safetensors"):
         weights.unlink()
     assert "dim=48 is not allowed" in error(*extract_command(photos, weightless, tmp_path / "x", "--dim", "48"))
+    assert f"error: model={weightless} has a config but no weights that can be read here (" in error(
+        *extract_command(photos, weightless, tmp_path / "x")
+    )
+    (weightless / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a damaged file
+    assert f"error: model={weightless}: its weights cannot be read (" in error(
+        *extract_command(photos, weightless, tmp_path / "x")
+    )
     assert "names a file; extract writes a folder (Parquet shards and an index) there. (--out)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "f.safetensors")
     )

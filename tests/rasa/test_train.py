@@ -1,6 +1,7 @@
 """RASA post-training: planted position signal, save/load, the official chain formula, real short runs."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -177,7 +178,14 @@ def test_cli_trains_directions_for_a_converted_model(tiny_folder, tmp_path, caps
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["probe_r2"]) == 2 and report["cosine_to_raw"][0] == 1.0
     # the converted model had 10 official steps; the new one is appended to its chain
-    assert FrancaModel.from_pretrained(out).config.rasa_steps == 11
+    config = FrancaModel.from_pretrained(out).config
+    assert config.rasa_steps == 11
+    # the card tells the converted head's 10 steps from the one fitted here; the converter's debiased parity was
+    # measured on the 10-step chain, so it is no longer claimed
+    card = (out / "README.md").read_text()
+    assert "| RASA | 11 steps (10 from the RASA file below, then 1 fitted by `franca-hf rasa` on demo" in card, card
+    assert "| RASA file | `rasa_head.pth` |" in card and "patch_rasa" not in card
+    assert "patch_rasa" not in config.source_checkpoint["parity"] and "patch" in config.source_checkpoint["parity"]
     assert_publishable_folder(out)
     # the resolution defaults to the model's native size: the tiny reference's 7 x 7 table, 98 px
     assert json.loads((out / "rasa_report.json").read_text())["report"]["probe_r2"] == report["probe_r2"]
@@ -206,6 +214,23 @@ def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_pat
     assert "num_workers must be at least 0; got -1." in capsys.readouterr().err
     assert main(["rasa", f"model={tiny_folder}", "data=nowhere", f"out={out}"]) == 2  # the data before the weights
     assert "nowhere" in capsys.readouterr().err
+    for setting, message in (
+        ("lr=-1", "lr must be positive; got -1.0."),
+        ("resolution=0", "resolution must be a positive number of pixels (or null: the model's native size); got 0."),
+        ("crop_scale=0.5", "override 'crop_scale=0.5': crop_scale takes a list, crop_scale=[a,b,...]; got 0.5."),
+    ):
+        assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}", setting]) == 2
+        assert message in capsys.readouterr().err
+    weightless = tmp_path / "weightless"  # a config without weights, and damaged weights: one line each
+    shutil.copytree(tiny_folder, weightless)
+    (weightless / "model.safetensors").unlink()
+    monkeypatch.undo()
+    assert main(["rasa", f"model={weightless}", "data=demo", f"out={out}", "max_images=8", "held_out_images=4"]) == 2
+    assert f"error: model={weightless} has a config but no weights that can be read here (" in capsys.readouterr().err
+    (weightless / "model.safetensors").write_bytes((tiny_folder / "model.safetensors").read_bytes()[:100])
+    assert main(["rasa", f"model={weightless}", "data=demo", f"out={out}", "max_images=8", "held_out_images=4"]) == 2
+    assert "cannot be read (" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_holding_out_every_image_names_held_out_images(tiny_folder, tmp_path, capsys):
