@@ -100,9 +100,15 @@ def _knn(args: argparse.Namespace) -> None:
     from .evaluation.nearest_neighbours import knn  # after the settings: a usage error answers without loading torch
 
     result = knn(settings)
+    if result.k < args.k:
+        print(
+            f"note: --k {args.k} is more than the {result.train_images} train images; every train image votes "
+            f"(k={result.k}).",
+            file=sys.stderr,
+        )
     int8 = " (int8)" if args.int8 else ""
     print(
-        f"k-NN (k={args.k}, T={args.temperature}) of {args.model}{int8}: "
+        f"k-NN (k={result.k}, T={args.temperature}) of {args.model}{int8}: "
         f"{result.train_images} train / {result.test_images} test images"
     )
     print(result.table())

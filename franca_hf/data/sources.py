@@ -8,6 +8,7 @@ a dataset row. Unreadable images are skipped, reported once each (`SkipCounter`)
 Nothing here imports the trainer, so inference code can use it without loading `franca_hf.training`.
 """
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -207,6 +208,46 @@ class SkipCounter:
         clauses = [f"{where} ({reason})" for where, reason in self.failed[:shown]]
         more = len(self.failed) - shown
         return "; ".join(clauses) + (f"; and {more} more" if more > 0 else "")
+
+
+def classes_of(train: ImageSource, *others: tuple[str, ImageSource]) -> tuple[ImageSource, ...]:
+    """The sources of a classifier's splits, every label an index into `train`'s classes: each of `others` (role,
+    source) with its labels renumbered by class name where both name their classes (two image folders number their
+    own subfolders from 0: a test folder without one of train's classes would score against the wrong ones).
+    A UsageError names an unlabelled source, unlabelled images (label -1, as in unlabelled Hub test splits), and
+    classes of another split that `train` lacks (no classifier of train's classes predicts them)."""
+    aligned = [train]
+    for role, source in (("train", train), *others):
+        if source.labels is None:
+            raise UsageError(
+                f"{role}={source.name} has no labels: give a folder with one subfolder per class, an hf: dataset "
+                "with a ClassLabel column, or 'demo'.",
+                setting=role,
+            )
+        unlabelled = sum(label < 0 for label in source.labels)
+        if unlabelled:
+            raise UsageError(
+                f"{role}={source.name}: {unlabelled} of its {len(source)} images have no label (-1, as in unlabelled "
+                "test splits); give a labelled split.",
+                setting=role,
+            )
+        if role == "train":
+            continue
+        if source.class_names is None or train.class_names is None:
+            aligned.append(source)  # numbered classes without names: taken as train's numbering
+            continue
+        missing = [name for name in source.class_names if name not in train.class_names]
+        if missing:
+            raise UsageError(
+                f"{role}={source.name} has classes that train={train.name} has not: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}; a classifier of train's {len(train.class_names)} classes "
+                "cannot predict them. Give splits of the same classes.",
+                setting=role,
+            )
+        number = {name: index for index, name in enumerate(train.class_names)}
+        labels = [number[source.class_names[label]] for label in source.labels]
+        aligned.append(dataclasses.replace(source, labels=labels, class_names=list(train.class_names)))
+    return tuple(aligned)
 
 
 def subset(source: ImageSource, indices: list[int]) -> ImageSource:

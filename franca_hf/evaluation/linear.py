@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.demo import demo_split_size
-from ..data.sources import ImageSource, open_source, subsample
+from ..data.sources import ImageSource, classes_of, open_source, subsample
 from ..errors import UsageError
 from ..features.extraction import extract_to_folder
 from ..features.loop import run_model
@@ -407,15 +407,15 @@ def evaluate_linear(
         source = open_source(spec, split, demo_num_images=demo_images, seed=settings.seed)
         return subsample(source, settings.max_images, settings.seed)
 
-    train_source = opened(settings.train, settings.train_split)
-    test_source = opened(settings.test, settings.test_split)
+    others = [("test", opened(settings.test, settings.test_split))]
+    if settings.val is not None:
+        others.append(("val", opened(settings.val, settings.val_split)))
+    train_source, test_source, *val_source = classes_of(opened(settings.train, settings.train_split), *others)
     arguments = (model, image_processor)
     train = probe_rows(*arguments, train_source, settings.train_split, settings, model_name, progress)
     test = probe_rows(*arguments, test_source, settings.test_split, settings, model_name, progress)
-    if settings.val is not None:
-        val = probe_rows(
-            *arguments, opened(settings.val, settings.val_split), settings.val_split, settings, model_name, progress
-        )
+    if val_source:
+        val = probe_rows(*arguments, val_source[0], settings.val_split, settings, model_name, progress)
     else:
         train, val = _hold_out(train, settings.held_out, settings.seed)
     seconds = {"features": time.perf_counter() - start}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.sources import ImageSource, open_source, subsample
+from ..data.sources import ImageSource, classes_of, open_source, subsample
 from ..errors import UsageError
 from ..features.loop import embed_batch, run_model
 from ..modeling import matryoshka_dim_problem, matryoshka_dims_of, normalized_prefix
@@ -116,13 +116,15 @@ def format_knn_rows(rows: dict[str, dict[int, float]], title: str = "k-NN accura
 
 @dataclass
 class KnnResult:
-    """What `knn` measured: top-1 accuracy (%) per dim, the train and test images embedded, and how the dims were
-    cut ("prefix", or "PCA basis" for a model with a fitted Matryoshka basis)."""
+    """What `knn` measured: top-1 accuracy (%) per dim, the train and test images embedded, how the dims were cut
+    ("prefix", or "PCA basis" for a model with a fitted Matryoshka basis), and the k that voted (at most the train
+    images)."""
 
     accuracy: dict[int, float]
     train_images: int
     test_images: int
     truncation: str
+    k: int
 
     def table(self) -> str:
         """The Markdown table of `format_knn_table`, its row named after the truncation."""
@@ -134,29 +136,38 @@ def knn(settings: KnnSettings) -> KnnResult:
     and score the k-NN vote at each of `settings.dims` (default: the model's Matryoshka dims, else its width)."""
     dims = list(settings.dims or [])
 
-    def check_dims(config) -> None:  # before the weights are read
+    def check_request(config) -> None:  # before the weights are read
         for dim in dims:
             problem = matryoshka_dim_problem(dim, range(1, config.hidden_size + 1), "dims")
             if problem:
                 raise UsageError(problem, setting="dims")
+        if settings.crop_size and settings.crop_size < config.patch_size:
+            raise UsageError(
+                f"crop_size={settings.crop_size} is smaller than one patch of the model ({config.patch_size} px); give "
+                f"at least {config.patch_size}.",
+                setting="crop_size",
+            )
 
-    model, processor = settings.model.load(check=check_dims)
+    train = subsample(open_source(settings.train, settings.train_split), settings.max_images)
+    test = subsample(open_source(settings.test, settings.test_split), settings.max_images)
+    sources = classes_of(train, ("test", test))  # before the model loads
+    model, processor = settings.model.load(check=check_request)
     dims = dims or matryoshka_dims_of(model.config)
     if settings.crop_size:
         processor = make_image_processor(settings.crop_size)
     splits = []
-    for name, spec, split in (
-        ("train", settings.train, settings.train_split),
-        ("test", settings.test, settings.test_split),
-    ):
-        source = subsample(open_source(spec, split), settings.max_images)
+    splits_named = (("train", settings.train_split), ("test", settings.test_split))
+    for (name, split), source in zip(splits_named, sources, strict=True):
         features, labels = embed_source(
             model, source, processor, batch_size=settings.batch_size, progress=True, num_workers=settings.num_workers
         )
         if not len(features):
-            raise UsageError(f"{name}={spec} (split {split}): none of its {len(source)} images could be read.", name)
+            raise UsageError(
+                f"{name}={source.name} (split {split}): none of its {len(source)} images could be read.", name
+            )
         splits.append((features, labels))
     (train_x, train_y), (test_x, test_y) = splits
-    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, settings.k, settings.temperature)
+    k = min(settings.k, len(train_x))  # as `knn_predict` votes
+    accuracy = knn_accuracy_by_dim(train_x, train_y, test_x, test_y, dims, k, settings.temperature)
     truncation = "PCA basis" if getattr(model.config, "matryoshka_basis", "prefix") == "pca" else "prefix"
-    return KnnResult(accuracy, len(train_x), len(test_x), truncation)
+    return KnnResult(accuracy, len(train_x), len(test_x), truncation, k)

@@ -139,7 +139,9 @@ def test_convert_overwrite_never_deletes_its_inputs_or_the_working_directory(tmp
         "Choose another folder. (--out)\n"
     )
     assert main(["convert", str(sand / "teacher.pth"), "--out", str(sand / "teacher.pth"), "--overwrite"]) == 2
-    assert "teacher.pth is a file; a model is saved as a folder. Choose another path. (--out)" in capsys.readouterr().err
+    assert (
+        "teacher.pth is a file; a model is saved as a folder. Choose another path. (--out)" in capsys.readouterr().err
+    )
     monkeypatch.chdir(sand)
     assert main(["convert", "teacher.pth", "--out", ".", "--overwrite"]) == 2
     assert "error: . is the working directory or a folder above it; save a model in a folder of its own. (--out)" in (

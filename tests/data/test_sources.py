@@ -1,11 +1,16 @@
-"""Image sources: ids that say where each image came from, de-duplicated inputs, sources that pickle."""
+"""Image sources: ids that say where each image came from, de-duplicated inputs, sources that pickle, the classes of a
+classifier's splits."""
 
 import pickle
+from dataclasses import replace
 
 import datasets
+import pytest
 from PIL import Image
 
 from franca_hf.data import collect_image_paths, files_source, folder_source, open_source, subset
+from franca_hf.data.sources import classes_of
+from franca_hf.errors import UsageError
 
 
 def test_ids_say_where_each_image_came_from_and_sources_pickle(tmp_path):
@@ -36,3 +41,25 @@ def test_inputs_given_twice_are_collected_once(tmp_path):
     paths = collect_image_paths([tmp_path / "b.png", tmp_path, tmp_path / "a.png"])
     assert paths == [tmp_path / "b.png", tmp_path / "a.png"]
     assert len(files_source(paths)) == 2
+
+
+def test_the_splits_of_a_classifier_are_numbered_by_train_class_names(tmp_path):
+    """Each folder numbers its own subfolders from 0: a test folder of two of train's three classes gets train's
+    numbers, by name; a foreign class, unlabelled images (-1) and an unlabelled source are refused."""
+    for split, classes in (("train", ("a", "b", "c")), ("test", ("b", "c")), ("odd", ("c", "z"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+    train, test, odd = (folder_source(tmp_path / split) for split in ("train", "test", "odd"))
+    assert test.labels == [0, 1] and test.class_names == ["b", "c"]
+    kept, aligned = classes_of(train, ("test", test))
+    assert kept is train and aligned.labels == [1, 2] and aligned.class_names == ["a", "b", "c"]
+    assert [aligned.describe(i) for i in range(2)] == [test.describe(i) for i in range(2)]
+    with pytest.raises(UsageError, match=r"test=.*odd has classes that train=.*train has not: \['z'\]") as error:
+        classes_of(train, ("test", odd))
+    assert error.value.setting == "test"
+    unlabelled = replace(test, labels=[1, -1])
+    with pytest.raises(UsageError, match=r"val=.*: 1 of its 2 images have no label \(-1"):
+        classes_of(train, ("val", unlabelled))
+    with pytest.raises(UsageError, match="train=.* has no labels"):
+        classes_of(replace(train, labels=None), ("test", test))

@@ -87,3 +87,65 @@ def test_knn_cli_on_a_transformers_dinov2_model(tmp_path, capsys):
     assert f"train={tmp_path / 'broken'} (split train): none of its 2 images could be read. (--train)" in (
         capsys.readouterr().err
     )
+
+
+def test_splits_are_scored_by_class_name_and_unlabelled_or_foreign_classes_are_refused(tmp_path, capsys):
+    """Two image folders number their own subfolders: a test folder holding two of train's three classes is scored
+    against train's classes by name (a nearest neighbour, k = 1, finds each test image's identical train copy)."""
+    colours = {"circle": (220, 30, 30), "square": (30, 220, 30), "triangle": (30, 30, 220)}
+    for label, colour in colours.items():
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), tuple(min(255, c + 9 * i) for c in colour)).save(
+                tmp_path / f"train/{label}/{i}.png"
+            )
+    for label in ("square", "triangle"):  # test: copies of two of train's classes ("square" is 0 here, 1 there)
+        shutil.copytree(tmp_path / "train" / label, tmp_path / "test" / label)
+    shutil.copytree(tmp_path / "train" / "circle", tmp_path / "other" / "hexagon")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32)
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    make_image_processor(32).save_pretrained(tmp_path / "dinov2")
+    model = ModelSpec(str(tmp_path / "dinov2"), device="cpu")
+    result = knn_call(KnnSettings(model, str(tmp_path / "train"), str(tmp_path / "test"), k=1))
+    assert result.accuracy == {32: 100.0} and (result.train_images, result.test_images) == (12, 8)
+
+    def refused(test: str) -> str:
+        argv = ["knn", "--model", str(tmp_path / "dinov2"), "--train", str(tmp_path / "train"), "--test", test]
+        assert main([*argv, "--device", "cpu"]) == 2
+        return capsys.readouterr().err
+
+    assert f"test={tmp_path / 'other'} has classes that train={tmp_path / 'train'} has not: ['hexagon']; a " in (
+        refused(str(tmp_path / "other"))
+    )
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rows = {"image": [Image.new("RGB", (40, 40), colour) for colour in colours.values()], "label": [0, -1, 2]}
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(colours))})
+    Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "hub")
+    assert "1 of its 3 images have no label (-1, as in unlabelled test splits); give a labelled split. (--test)" in (
+        refused(f"hf:{tmp_path / 'hub'}")
+    )
+
+
+def test_k_past_the_train_images_and_a_crop_below_one_patch(tmp_path, capsys):
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), tuple(min(255, c + 9 * i) for c in colour)).save(
+                tmp_path / f"images/{label}/{i}.png"
+            )
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32)
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    make_image_processor(32).save_pretrained(tmp_path / "dinov2")
+    images = str(tmp_path / "images")
+    argv = ["knn", "--model", str(tmp_path / "dinov2"), "--train", images, "--test", images, "--device", "cpu"]
+    assert main([*argv, "--k", "50"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("k-NN (k=6, T=0.07) of ")  # the k that voted
+    assert "note: --k 50 is more than the 6 train images; every train image votes (k=6)." in captured.err
+    assert main([*argv, "--crop-size", "7"]) == 2
+    assert "crop_size=7 is smaller than one patch of the model (8 px); give at least 8. (--crop-size)" in (
+        capsys.readouterr().err
+    )

@@ -3,6 +3,7 @@ training loop built from torch's own modules), log regression, caching as extrac
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -215,5 +216,14 @@ def test_unlabelled_source_is_refused(tmp_path):
     for i in range(4):
         Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(folder / f"{i}.png")
     settings = LinearSettings(train=str(folder), test=str(folder))
-    with pytest.raises(ValueError, match="has no labels, and linear probing needs labelled images"):
+    with pytest.raises(ValueError, match=f"train={folder} has no labels: give a folder with one subfolder per class"):
         evaluate_linear(tiny_model(), make_image_processor(32), settings)
+    # a test or validation split with a class the train split lacks is refused before anything is embedded
+    train = write_class_folder(tmp_path / "train", 20, "train")
+    shutil.copytree(train / DEMO_CLASSES[0], tmp_path / "val" / "unseen")
+    broken = tiny_model()
+    broken.get_intermediate_layers = None  # a model that would embed anything fails loudly
+    for role in ("test", "val"):
+        settings = LinearSettings(train=str(train), **{"test": str(train), role: str(tmp_path / "val")})
+        with pytest.raises(ValueError, match=rf"{role}=.* has classes that train=.* has not: \['unseen'\]"):
+            evaluate_linear(broken, make_image_processor(32), settings)
