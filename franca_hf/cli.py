@@ -392,8 +392,10 @@ def _add_visualize(commands: argparse._SubParsersAction) -> None:
     )
     visualize.add_argument("image", help="an image file")
     _add_model_flags(visualize, help="a Franca folder, Hub id or release")
-    visualize.add_argument("--out", required=True, help="output PNG")
-    visualize.add_argument("--size", type=int, help="resize + center-crop side in pixels (default: the model's)")
+    visualize.add_argument("--out", required=True, help="the picture written, in its suffix's format (.png, .jpg, ...)")
+    visualize.add_argument(
+        "--size", type=int, help="resize + center-crop side in pixels, at least 2 patches (default: the model's)"
+    )
     visualize.set_defaults(run=_visualize)
 
 

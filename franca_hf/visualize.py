@@ -16,10 +16,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.sources import read_image
+from .errors import UsageError
 from .io import write_file_atomically
 from .modeling.image_processing_franca import make_image_processor
 from .rasa.probe import grid_coordinates, linear_probe_r2
-from .visualize_settings import VisualizeSettings
+from .visualize_settings import VisualizeSettings, picture_format
 
 logger = logging.getLogger(__name__)
 PANEL_SIDE = 320
@@ -109,7 +110,7 @@ def visualize(model, image_processor, image: Image.Image | str | Path, out_file:
     if problem:
         logger.warning("No position-probe R²: %s.", problem)
     canvas, r2 = render_comparison(model, pixels.to(model.device, model.dtype), shown)
-    write_file_atomically(out_file, lambda staging: canvas.save(staging, format="PNG"))
+    write_file_atomically(out_file, lambda staging: canvas.save(staging, format=picture_format(out_file)))
     return r2
 
 
@@ -125,7 +126,17 @@ class VisualizeResult:
 def visualize_image(settings: VisualizeSettings) -> VisualizeResult:
     """What `franca-hf visualize` does: load the model (with an image processor of `settings.size` when given) and
     write the figure of `settings.image` to `settings.out` (`visualize`)."""
-    model, processor = settings.model.load()
+
+    def check_size(config) -> None:  # before the weights are read
+        patch = config.patch_size
+        if settings.size is not None and settings.size < 2 * patch:
+            raise UsageError(
+                f"size={settings.size} gives a {settings.size // patch} x {settings.size // patch} patch grid (patch "
+                f"{patch} px); the PCA maps need at least 2 x 2 patches: give size >= {2 * patch}.",
+                setting="size",
+            )
+
+    model, processor = settings.model.load(check=check_size)
     if settings.size:
         processor = make_image_processor(settings.size)
     return VisualizeResult(Path(settings.out), visualize(model, processor, settings.image, settings.out))

@@ -7,18 +7,19 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .data.sources import read_image
-from .errors import require_at_least
+from .errors import UsageError, require_at_least
 from .features.settings import ModelSpec
 
 
 @dataclass(frozen=True)
 class VisualizeSettings:
-    """Draw `image` and the PCA maps of its patch features under `model` into the PNG `out`.
+    """Draw `image` and the PCA maps of its patch features under `model` into the picture `out`.
 
     Attributes:
         image: an image file (decoded once here, a few milliseconds, so that a bad file is refused before the
             model loads) or a PIL image.
-        size: resize + center-crop side in pixels; None: the model's image processor.
+        out: the picture written, in the format its suffix names (.png, .jpg, .webp, ...).
+        size: resize + center-crop side in pixels, at least 2 patches; None: the model's image processor.
     """
 
     image: str | os.PathLike | Image.Image
@@ -30,3 +31,16 @@ class VisualizeSettings:
         if not isinstance(self.image, Image.Image):
             read_image(self.image)
         require_at_least(1, size=self.size)
+        picture_format(self.out)
+
+
+def picture_format(path: str | os.PathLike) -> str:
+    """The Pillow format a picture file's suffix names ("PNG" for .png); a UsageError (setting `out`) for another."""
+    suffix = os.path.splitext(path)[1].lower()
+    formats = Image.registered_extensions()
+    if suffix not in formats or formats[suffix] not in Image.SAVE:
+        raise UsageError(
+            f"out={path} does not end with the suffix of a picture format; give .png, .jpg or .webp, say.",
+            setting="out",
+        )
+    return formats[suffix]

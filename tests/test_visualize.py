@@ -114,3 +114,21 @@ def test_files_that_are_not_one_readable_image_are_refused_in_one_line_before_th
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"franca-hf visualize: error: {path} {message}") and err.count("\n") == 1
         assert not (tmp_path / "f.png").exists()
+
+
+def test_a_grid_below_2_x_2_patches_is_refused_and_the_picture_has_its_suffix_format(tiny_folder, tmp_path, capsys):
+    image = str(EXAMPLE_IMAGES / "coffee.jpg")
+    for size in ("10", "20"):  # below one patch, and one patch (a 1 x 1 grid has no PCA map)
+        argv = ["visualize", image, "--model", str(tiny_folder), "--out", str(tmp_path / "f.png"), "--size", size]
+        assert main(argv) == 2
+        assert "the PCA maps need at least 2 x 2 patches: give size >= 28. (--size)" in capsys.readouterr().err
+    assert main(["visualize", image, "--model", str(tiny_folder), "--out", str(tmp_path / "f.txt")]) == 2
+    assert "does not end with the suffix of a picture format; give .png, .jpg or .webp, say. (--out)" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "f.txt").exists()
+    for suffix, format_ in ((".jpg", "JPEG"), (".png", "PNG"), (".webp", "WEBP")):
+        out = tmp_path / f"figure{suffix}"
+        assert main(["visualize", image, "--model", str(tiny_folder), "--out", str(out), "--size", "28"]) == 0
+        assert Image.open(out).format == format_
+    capsys.readouterr()

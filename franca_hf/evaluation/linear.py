@@ -405,6 +405,8 @@ def evaluate_linear(
     def opened(spec: str, split: str) -> ImageSource:
         demo_images = settings.demo_num_images or demo_split_size(split, settings.max_images)
         source = open_source(spec, split, demo_num_images=demo_images, seed=settings.seed)
+        if spec == "demo":  # its image i depends on how many are generated: cached rows are of that many
+            source = replace(source, name=f"demo-{demo_images}-seed{settings.seed}")
         return subsample(source, settings.max_images, settings.seed)
 
     others = [("test", opened(settings.test, settings.test_split))]

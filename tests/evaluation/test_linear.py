@@ -4,6 +4,7 @@ training loop built from torch's own modules), log regression, caching as extrac
 import copy
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,21 @@ def test_unlabelled_source_is_refused(tmp_path):
         settings = LinearSettings(train=str(train), **{"test": str(train), role: str(tmp_path / "val")})
         with pytest.raises(ValueError, match=rf"{role}=.* has classes that train=.* has not: \['unseen'\]"):
             evaluate_linear(broken, make_image_processor(32), settings)
+
+
+@torch.no_grad()
+def test_cached_demo_rows_are_of_the_images_of_this_run(tmp_path):
+    """Demo image i depends on how many are generated (`max_images`): a cache made at one size is never read for
+    another, and a cached run gives the numbers of an uncached one."""
+    model, processor = tiny_model(), make_image_processor(32)
+    for max_images in (40, 60):
+        settings = LinearSettings(train="demo", test="demo", max_images=max_images, epochs=1, batch_size=16)
+        fresh = evaluate_linear(model, processor, settings)
+        cached = evaluate_linear(model, processor, replace(settings, features_dir=str(tmp_path / "features")))
+        assert [r.test_top1 for r in cached.grids] == [r.test_top1 for r in fresh.grids], max_images
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == [
+        "demo-40-seed0-test",
+        "demo-40-seed0-train",
+        "demo-60-seed0-test",
+        "demo-60-seed0-train",
+    ]
