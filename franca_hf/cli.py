@@ -126,7 +126,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         print(format_segmentation_result(run_segmentation_evaluation(settings)))
         if args.show:
-            print(f"wrote {args.figure}")
+            print(f"wrote {settings.figure_path}")
         return
     settings = _settings(LinearSettings, args, model=model)
     from .evaluation.linear import format_linear_report, run_linear_evaluation
@@ -511,7 +511,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     segmentation.add_argument("--image-size", type=int, help="square side images are resized to (default: model's)")
     segmentation.add_argument("--clusters", type=int, nargs="+", help="K-means sizes (default: C and 3C)")
     segmentation.add_argument("--show", type=int, default=0, help="figure of this many test images")
-    segmentation.add_argument("--figure", default="segmentation.png", help="where --show writes its PNG")
+    segmentation.add_argument("--figure", help="where --show draws, in its suffix's format (default segmentation.png)")
 
 
 def _add_fit_pca(commands: argparse._SubParsersAction) -> None:
@@ -584,6 +584,12 @@ def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [*parser._actions, *(action for actions in nested for action in actions)]
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """The command as typed: `eval linear` for a command with protocols."""
+    protocol = getattr(args, "protocol", None)
+    return f"{args.command} {protocol}" if protocol else args.command
+
+
 # commands whose rerun takes up an interrupted run where it stopped (committed shards, checkpoints, saved steps)
 RESUMING_COMMANDS = ("extract", "pretrain", "rasa")
 
@@ -594,15 +600,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except USER_ERRORS as error:
-        report(args.command, _with_flag(error, parser, args.command))
+        report(_command_name(args), _with_flag(error, parser, args.command))
         return 2
     except RunStoppedError as error:
-        report(args.command, error, kind="stopped")
+        report(_command_name(args), error, kind="stopped")
         return 3
     except KeyboardInterrupt:
         resumes = args.command in RESUMING_COMMANDS
         report(
-            args.command,
+            _command_name(args),
             "interrupted" + ("; rerun the same command to go on from what it saved." if resumes else "."),
             kind="stopped",
         )

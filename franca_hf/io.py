@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,32 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def picture_format(path: str | os.PathLike, setting: str = "out") -> str:
+    """The Pillow format a picture file's suffix names ("PNG" for .png); a UsageError (naming `setting`) for another
+    suffix."""
+    from PIL import Image
+
+    suffix = os.path.splitext(path)[1].lower()
+    formats = Image.registered_extensions()
+    if suffix not in formats or formats[suffix] not in Image.SAVE:
+        raise UsageError(
+            f"{setting}={path} does not end with the suffix of a picture format; give .png, .jpg or .webp, say.",
+            setting=setting,
+        )
+    return formats[suffix]
+
+
+def check_file_out(path: str | os.PathLike, setting: str = "out") -> None:
+    """An OutputExistsError (naming `setting`) unless a file can be written at `path`: not a folder, and no file on
+    the way to it (checked before long work; `write_file_atomically` creates the missing folders)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{setting}={path} is a folder; give the path of a file.", setting)
+    on_the_way = next((parent for parent in path.parents if parent.exists()), None)
+    if on_the_way is not None and not on_the_way.is_dir():
+        raise OutputExistsError(f"{setting}={path} cannot be created: {on_the_way} is a file.", setting)
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -17,10 +17,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.sources import read_image
 from .errors import UsageError
-from .io import write_file_atomically
+from .io import picture_format, write_file_atomically
 from .modeling.image_processing_franca import make_image_processor
 from .rasa.probe import grid_coordinates, linear_probe_r2
-from .visualize_settings import VisualizeSettings, picture_format
+from .visualize_settings import VisualizeSettings
 
 logger = logging.getLogger(__name__)
 PANEL_SIDE = 320

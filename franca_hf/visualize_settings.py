@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .data.sources import read_image
-from .errors import UsageError, require_at_least
+from .errors import require_at_least
 from .features.settings import ModelSpec
+from .io import check_file_out, picture_format
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,4 @@ class VisualizeSettings:
             read_image(self.image)
         require_at_least(1, size=self.size)
         picture_format(self.out)
-
-
-def picture_format(path: str | os.PathLike) -> str:
-    """The Pillow format a picture file's suffix names ("PNG" for .png); a UsageError (setting `out`) for another."""
-    suffix = os.path.splitext(path)[1].lower()
-    formats = Image.registered_extensions()
-    if suffix not in formats or formats[suffix] not in Image.SAVE:
-        raise UsageError(
-            f"out={path} does not end with the suffix of a picture format; give .png, .jpg or .webp, say.",
-            setting="out",
-        )
-    return formats[suffix]
+        check_file_out(self.out)

@@ -92,7 +92,7 @@ def generate_demo_segmentation(
     """The images and labels of `generate_demo_images` and their (num_images, 32, 32) uint8 masks: 0 background,
     1 + label where the shape covers at least half of the pixel."""
     if split not in DEMO_SPLITS:
-        raise UsageError(f"split must be one of {DEMO_SPLITS}, got {split!r}.")
+        raise UsageError(f"split must be one of {DEMO_SPLITS}, got {split!r}.", setting="split")
     if num_images < 0:
         raise UsageError(f"num_images must be >= 0, got {num_images}.")
     rng = np.random.default_rng([seed, DEMO_SPLITS.index(split)])

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,7 +151,7 @@ def load_hf_dataset(spec: str, split: str, streaming: bool = False):
         loaded = datasets.load_from_disk(target)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise UsageError(f"{target} has splits {sorted(loaded)}, not {split!r}.")
+                raise UsageError(f"{target} has splits {sorted(loaded)}, not {split!r}.", setting="split")
             loaded = loaded[split]
         return loaded.to_iterable_dataset() if streaming else loaded
     return datasets.load_dataset(target, split=split, streaming=streaming)
@@ -208,6 +209,18 @@ class SkipCounter:
         clauses = [f"{where} ({reason})" for where, reason in self.failed[:shown]]
         more = len(self.failed) - shown
         return "; ".join(clauses) + (f"; and {more} more" if more > 0 else "")
+
+
+@contextmanager
+def naming_split(role: str):
+    """Re-raise a source's refusal of a split (setting `split`) as one of the setting `<role>_split` (`test_split`),
+    the name the caller's settings give it."""
+    try:
+        yield
+    except UsageError as error:
+        if error.setting != "split":
+            raise
+        raise UsageError(f"{role}_split: {error}", setting=f"{role}_split") from None
 
 
 def classes_of(train: ImageSource, *others: tuple[str, ImageSource]) -> tuple[ImageSource, ...]:
@@ -316,6 +329,13 @@ def _mask_column(dataset, image_column: str, requested: str | None, spec: str) -
     if requested is not None:
         if requested not in features:
             raise UsageError(f"Mask column {requested!r} not found in {spec}; the dataset has {sorted(features)}.")
+        if not isinstance(features[requested], ImageFeature):
+            images = [name for name, feature in features.items() if isinstance(feature, ImageFeature)]
+            raise UsageError(
+                f"Column {requested!r} of {spec} holds {type(features[requested]).__name__} values, not mask images "
+                f"(an Image feature of class indices); its Image columns are {images}.",
+                setting="mask_column",
+            )
         return requested
     candidates = [
         name for name, feature in features.items() if isinstance(feature, ImageFeature) and name != image_column

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.demo import demo_split_size
-from ..data.sources import ImageSource, classes_of, open_source, subsample
+from ..data.sources import ImageSource, classes_of, naming_split, open_source, subsample
 from ..errors import UsageError
 from ..features.extraction import extract_to_folder
 from ..features.loop import run_model
@@ -135,7 +135,9 @@ def batch_order(num_rows: int, batch_size: int, steps: int, seed: int) -> Iterat
     generator = torch.Generator().manual_seed(seed)
     per_pass = num_rows // batch_size
     if per_pass == 0:
-        raise UsageError(f"The linear probe's batch_size {batch_size} exceeds the {num_rows} training images.")
+        raise UsageError(
+            f"The linear probe's batch_size {batch_size} exceeds the {num_rows} training images.", setting="batch_size"
+        )
     done = 0
     while done < steps:
         order = torch.randperm(num_rows, generator=generator)
@@ -171,7 +173,10 @@ def build_grids(
 ) -> list[ClassifierGrid]:
     """The classifiers of one dim in the official order: n in `n_last_blocks`, pooling off then on, each lr."""
     if max(settings.n_last_blocks) > stored_blocks:
-        raise UsageError(f"n_last_blocks {settings.n_last_blocks} needs rows of more than {stored_blocks} blocks.")
+        raise UsageError(
+            f"n_last_blocks {settings.n_last_blocks} needs rows of more than {stored_blocks} blocks.",
+            setting="n_last_blocks",
+        )
     learning_rates = scaled_learning_rates(settings.learning_rates, settings.batch_size)
     return [
         ClassifierGrid.create(
@@ -283,9 +288,13 @@ def logistic_regression_by_dim(
     num_classes: int,
     c_values: Sequence[float] = C_VALUES,
     max_iter: int = 1000,
+    progress: bool = False,
 ) -> list[LogisticResult]:
     """The official log-regression sweep at each dim, on (CLS rows in the model's basis (n, D), labels) per split:
-    rows are cut to the dim and L2-normalised."""
+    rows are cut to the dim and L2-normalised. `progress`: a bar over the (dim, C) fits."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(dims) * (len(c_values) + 1), desc="log regression", unit="fit", disable=not progress)
     results = []
     for dim in dims:
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
@@ -297,11 +306,14 @@ def logistic_regression_by_dim(
             accuracy = ((val_x @ weight + bias).argmax(-1) == val_y).double().mean().item() * 100
             if accuracy > best_accuracy:
                 best_c, best_accuracy = c, accuracy
+            bar.update()
         weight, bias = fit_logistic_regression(
             torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), num_classes, best_c, max_iter
         )
+        bar.update()
         test_top1 = ((test_x @ weight + bias).argmax(-1) == test_y).double().mean().item() * 100
         results.append(LogisticResult(dim, best_c, best_accuracy, test_top1))
+    bar.close()
     return results
 
 
@@ -350,17 +362,26 @@ def probe_rows(
             dtype="float32",
             matryoshka_dims=matryoshka_dims_of(model.config),
         )
-        extract_to_folder(
-            model,
-            image_processor,
-            source,
-            folder,
-            extraction,
-            batch_size=settings.embed_batch_size,
-            num_workers=settings.num_workers,
-            progress=progress,
-            forward=forward,
-        )
+        try:
+            extract_to_folder(
+                model,
+                image_processor,
+                source,
+                folder,
+                extraction,
+                batch_size=settings.embed_batch_size,
+                num_workers=settings.num_workers,
+                progress=progress,
+                forward=forward,
+            )
+        except UsageError as error:
+            if error.setting != "out":
+                raise
+            raise UsageError(  # the folder is features_dir's, not an out the user named
+                f"{error} It is where features_dir={settings.features_dir} caches the probe rows of {source.name} "
+                f"[{split}]: give another features_dir, or delete {folder}.",
+                setting="features_dir",
+            ) from None
         rows, ids = [], []
         for shard_ids, features in iter_shards(folder):
             keep = [i for i, image_id in enumerate(shard_ids) if image_id in label_of]  # this run's images only
@@ -402,17 +423,18 @@ def evaluate_linear(
     settings = replace(settings, n_last_blocks=tuple(sorted({min(n, depth) for n in settings.n_last_blocks})))
     start = time.perf_counter()
 
-    def opened(spec: str, split: str) -> ImageSource:
+    def opened(spec: str, split: str, role: str) -> ImageSource:
         demo_images = settings.demo_num_images or demo_split_size(split, settings.max_images)
-        source = open_source(spec, split, demo_num_images=demo_images, seed=settings.seed)
+        with naming_split(role):
+            source = open_source(spec, split, demo_num_images=demo_images, seed=settings.seed)
         if spec == "demo":  # its image i depends on how many are generated: cached rows are of that many
             source = replace(source, name=f"demo-{demo_images}-seed{settings.seed}")
         return subsample(source, settings.max_images, settings.seed)
 
-    others = [("test", opened(settings.test, settings.test_split))]
+    others = [("test", opened(settings.test, settings.test_split, "test"))]
     if settings.val is not None:
-        others.append(("val", opened(settings.val, settings.val_split)))
-    train_source, test_source, *val_source = classes_of(opened(settings.train, settings.train_split), *others)
+        others.append(("val", opened(settings.val, settings.val_split, "val")))
+    train_source, test_source, *val_source = classes_of(opened(settings.train, settings.train_split, "train"), *others)
     arguments = (model, image_processor)
     train = probe_rows(*arguments, train_source, settings.train_split, settings, model_name, progress)
     test = probe_rows(*arguments, test_source, settings.test_split, settings, model_name, progress)
@@ -434,7 +456,7 @@ def evaluate_linear(
     if settings.logistic:
         last_cls = slice((max(settings.n_last_blocks) - 1) * width, max(settings.n_last_blocks) * width)
         splits = [(data.rows[:, last_cls], data.labels) for data in (train, val, test)]
-        report.logistic = logistic_regression_by_dim(*splits, dims, num_classes, settings.c_values)
+        report.logistic = logistic_regression_by_dim(*splits, dims, num_classes, settings.c_values, progress=progress)
     else:
         report.grids = train_linear_grids(train, val, test, width, dims, num_classes, settings, progress)
     seconds["fit"] = time.perf_counter() - start
@@ -447,7 +469,8 @@ def _hold_out(data: ProbeData, fraction: float, seed: int) -> tuple[ProbeData, P
     if not 0 < count < len(data.rows):
         raise UsageError(
             f"held_out {fraction} of {len(data.rows)} train images leaves no validation or no training images; "
-            "give a validation source (val) or more train images."
+            "give a validation source (val) or more train images.",
+            setting="held_out",
         )
     order = torch.randperm(len(data.rows), generator=torch.Generator().manual_seed(seed))
     held, rest = order[:count], order[count:]

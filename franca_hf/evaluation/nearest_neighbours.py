@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.sources import ImageSource, classes_of, open_source, subsample
+from ..data.sources import ImageSource, classes_of, naming_split, open_source, subsample
 from ..errors import UsageError
 from ..features.loop import embed_batch, run_model
 from ..modeling import matryoshka_dim_problem, matryoshka_dims_of, normalized_prefix
@@ -148,8 +148,10 @@ def knn(settings: KnnSettings) -> KnnResult:
                 setting="crop_size",
             )
 
-    train = subsample(open_source(settings.train, settings.train_split), settings.max_images)
-    test = subsample(open_source(settings.test, settings.test_split), settings.max_images)
+    with naming_split("train"):
+        train = subsample(open_source(settings.train, settings.train_split), settings.max_images)
+    with naming_split("test"):
+        test = subsample(open_source(settings.test, settings.test_split), settings.max_images)
     sources = classes_of(train, ("test", test))  # before the model loads
     model, processor = settings.model.load(check=check_request)
     dims = dims or matryoshka_dims_of(model.config)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ..data.sources import IGNORE_INDEX, SegmentationSource, SkipCounter, subsample_segmentation
+from ..data.sources import DECODE_ERRORS, IGNORE_INDEX, SegmentationSource, SkipCounter, subsample_segmentation
 from ..errors import UsageError
 from ..features.loop import run_model
 from ..modeling import matryoshka_dims_of
@@ -52,7 +53,10 @@ def read_mask(source: SegmentationSource, position: int, size: int, num_classes:
     """(size, size) int64 class indices of one mask (nearest resize); errors on a mask that does not fit its image
     or holds a value outside the classes (255 = ignored is allowed)."""
     where = source.images.describe(position)
-    mask = source.load_mask(position)
+    try:
+        mask = source.load_mask(position)
+    except DECODE_ERRORS as error:
+        raise UsageError(f"The mask of {where} cannot be read as an image ({error}).") from None
     if mask is None:
         raise UsageError(f"The image {where} has no mask; every image of a segmentation source needs one.")
     if mask.mode not in ("L", "P", "I", "I;16"):
@@ -107,6 +111,14 @@ def dense_split(
         parts = {"raw": output.patch_tokens, "debiased": output.debiased_patch_tokens}
         return {name: model.matryoshka_cut(parts[name], width, patches=True).float().cpu() for name in variants}
 
+    masks = {}  # read first: a bad mask is refused before the images are embedded
+    for position in tqdm(range(len(source)), desc="masks", unit="img", disable=not progress):
+        try:
+            masks[position] = read_mask(source, position, size, num_classes)
+        except UsageError:  # a bad mask (a ValueError, as some decode errors are)
+            raise
+        except DECODE_ERRORS:  # an unreadable image: skipped, and reported, where it is embedded
+            continue
     skips = SkipCounter()
     tokens = {name: [] for name in variants}
     positions_done = []
@@ -127,7 +139,7 @@ def dense_split(
             tokens[name].append(outputs[name])
     if not positions_done:
         raise UsageError(f"None of the {len(source)} images of {source.images.name} could be read.")
-    masks = torch.stack([read_mask(source, p, size, num_classes) for p in positions_done])
+    masks = torch.stack([masks[p] for p in positions_done])
     patch = model.config.patch_size
     return DenseSplit(
         {name: torch.cat(parts) for name, parts in tokens.items()},
@@ -177,8 +189,6 @@ def train_heads(
     train: DenseSplit, dims: Sequence[int], num_classes: int, settings: SegmentationSettings, progress: bool = False
 ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
     """A 1x1 linear head per (variant, dim), AdamW on the upsampled-logit cross-entropy (255 ignored)."""
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(settings.seed)
     heads, optimizers = {}, {}
     for variant in train.tokens:
@@ -262,7 +272,10 @@ def evaluate_segmentation(
     dims = list(dims or matryoshka_dims_of(model.config))
     size = settings.image_size or model.config.image_size
     if size % model.config.patch_size:
-        raise UsageError(f"image_size {size} is not a multiple of the model's patch size {model.config.patch_size}.")
+        raise UsageError(
+            f"image_size={size} is not a multiple of the model's patch size {model.config.patch_size}.",
+            setting="image_size",
+        )
     train_source = subsample_segmentation(train_source, settings.max_images, settings.seed)
     test_source = subsample_segmentation(test_source, settings.max_images, settings.seed)
     seconds = {}
@@ -273,6 +286,15 @@ def evaluate_segmentation(
     num_classes = infer_num_classes(train_source, train.masks, settings)
     test = dense_split(model, image_processor, test_source, size, num_classes, **embed)
     seconds["features"] = time.perf_counter() - start
+    cluster_counts = settings.clusters or (num_classes, 3 * num_classes)
+    patch_tokens = len(test.masks) * test.grid[0] * test.grid[1]
+    for clusters in cluster_counts:  # refused before the heads train, not after
+        if clusters > patch_tokens:
+            raise UsageError(
+                f"clusters={clusters}: K-means needs at least as many patch tokens, and the test split has "
+                f"{patch_tokens} ({len(test.masks)} images of {test.grid[0]} x {test.grid[1]} patches).",
+                setting="clusters",
+            )
 
     start = time.perf_counter()
     heads = train_heads(train, dims, num_classes, settings, progress)
@@ -281,12 +303,12 @@ def evaluate_segmentation(
 
     start = time.perf_counter()
     clustering = {}
-    for clusters in settings.clusters or (num_classes, 3 * num_classes):
-        for variant, tokens in test.tokens.items():
-            for dim in dims:
-                clustering[variant, dim, clusters] = cluster_miou(
-                    tokens[..., :dim], test.masks, test.grid, clusters, num_classes, settings.seed
-                )
+    runs = [(k, variant, dim) for k in cluster_counts for variant in test.tokens for dim in dims]
+    for clusters, variant, dim in tqdm(runs, desc="K-means", unit="fit", disable=not progress):
+        tokens = test.tokens[variant][..., :dim]
+        clustering[variant, dim, clusters] = cluster_miou(
+            tokens, test.masks, test.grid, clusters, num_classes, settings.seed
+        )
     seconds["clustering"] = time.perf_counter() - start
     result = SegmentationResult(num_classes, len(train.masks), len(test.masks), linear, clustering, seconds, heads)
     return result, test
@@ -311,7 +333,7 @@ def show_predictions(
     prediction at the largest dim, raw and (with RASA weights) debiased; written atomically to `out`."""
     from PIL import ImageDraw
 
-    from ..io import write_file_atomically
+    from ..io import picture_format, write_file_atomically
 
     count = min(count, len(test.masks))
     dim = max(d for _, d in result.heads)
@@ -338,7 +360,7 @@ def show_predictions(
         for column, panel in enumerate(panels):
             top = caption + margin + row * (PANEL + margin)
             canvas.paste(panel.resize((PANEL, PANEL), Image.NEAREST), (margin + column * (PANEL + margin), top))
-    return write_file_atomically(out, lambda staging: canvas.save(staging, format="PNG"))
+    return write_file_atomically(out, lambda staging: canvas.save(staging, format=picture_format(out, "figure")))
 
 
 def format_segmentation_result(result: SegmentationResult) -> str:
@@ -370,22 +392,28 @@ def run_segmentation_evaluation(settings: SegmentationSettings) -> SegmentationR
     if settings.model is None:
         raise UsageError("run_segmentation_evaluation needs the model to evaluate: set model.", setting="model")
     from ..data.demo import demo_split_size
-    from ..data.sources import open_segmentation_source
+    from ..data.sources import naming_split, open_segmentation_source
 
-    loaded, image_processor = settings.model.load()
-    train, test = (
-        open_segmentation_source(
-            spec,
-            split,
-            image_column=settings.image_column,
-            mask_column=settings.mask_column,
-            demo_num_images=demo_split_size(split, settings.max_images),
-            seed=settings.seed,
-        )
-        for spec, split in ((settings.train, settings.train_split), (settings.test, settings.test_split))
-    )
+    opened = []
+    for role, spec, split in (
+        ("train", settings.train, settings.train_split),
+        ("test", settings.test, settings.test_split),
+    ):
+        with naming_split(role):
+            opened.append(
+                open_segmentation_source(
+                    spec,
+                    split,
+                    image_column=settings.image_column,
+                    mask_column=settings.mask_column,
+                    demo_num_images=demo_split_size(split, settings.max_images),
+                    seed=settings.seed,
+                )
+            )
+    train, test = opened
+    loaded, image_processor = settings.model.load()  # after the sources: a bad one is refused before the weights load
     result, test_split = evaluate_segmentation(loaded, image_processor, train, test, settings, progress=True)
     if settings.show:
         test_images = subsample_segmentation(test, settings.max_images, settings.seed)
-        show_predictions(test_split, test_images, result, settings.show, settings.figure)
+        show_predictions(test_split, test_images, result, settings.show, settings.figure_path)
     return result

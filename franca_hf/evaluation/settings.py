@@ -2,10 +2,12 @@
 (`run_linear_evaluation`) and `SegmentationSettings` (`run_segmentation_evaluation`). Cheap to import (no torch),
 so that the command line answers usage errors before loading anything."""
 
+import os
 from dataclasses import dataclass
 
 from ..errors import UsageError, require_at_least
 from ..features.settings import ModelSpec
+from ..io import check_file_out, picture_format
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,18 @@ class LinearSettings:
         require_at_least(0, num_workers=self.num_workers)
         if not 0 < self.held_out < 1:
             raise UsageError(f"held_out is a fraction of the train images; got {self.held_out}.", setting="held_out")
+        if self.features_dir is not None and os.path.exists(self.features_dir) and not os.path.isdir(self.features_dir):
+            raise UsageError(
+                f"features_dir={self.features_dir} is a file; give a folder (created if missing).",
+                setting="features_dir",
+            )
 
 
 @dataclass(frozen=True)
 class SegmentationSettings:
     """The dense evaluation: the model, sources, probe training, clustering; `show` test images drawn with their
-    predictions into `figure` (none when 0). `model` is what `run_segmentation_evaluation` loads
-    (`evaluate_segmentation` takes a loaded model and ignores it)."""
+    predictions into the picture `figure` (none when 0; None: segmentation.png; its suffix names its format). `model`
+    is what `run_segmentation_evaluation` loads (`evaluate_segmentation` takes a loaded model and ignores it)."""
 
     model: ModelSpec | None = None
     train: str = "demo"
@@ -113,11 +120,23 @@ class SegmentationSettings:
     embed_batch_size: int = 32
     num_workers: int | None = 0
     show: int = 0
-    figure: str = "segmentation.png"
+    figure: str | None = None
 
     def __post_init__(self) -> None:
+        if self.figure is not None and not self.show:
+            raise UsageError(
+                f"figure={self.figure} names where show draws its figure; set show (images drawn) too.", "figure"
+            )
+        if self.show:  # before the evaluation, which the figure comes after
+            picture_format(self.figure_path, "figure")
+            check_file_out(self.figure_path, "figure")
         require_at_least(1, num_classes=self.num_classes, image_size=self.image_size, max_images=self.max_images)
         require_at_least(1, epochs=self.epochs, batch_size=self.batch_size, embed_batch_size=self.embed_batch_size)
         require_at_least(0, num_workers=self.num_workers, show=self.show)
         for clusters in self.clusters or ():
             require_at_least(1, clusters=clusters)
+
+    @property
+    def figure_path(self) -> str:
+        """Where `show` draws: `figure`, or segmentation.png."""
+        return self.figure or "segmentation.png"

@@ -22,6 +22,7 @@ from franca_hf.evaluation.linear import (
     fit_grids,
     fit_logistic_regression,
     input_columns,
+    logistic_regression_by_dim,
     pick_classifier,
     probe_inputs,
 )
@@ -246,3 +247,13 @@ def test_cached_demo_rows_are_of_the_images_of_this_run(tmp_path):
         "demo-60-seed0-test",
         "demo-60-seed0-train",
     ]
+
+
+def test_the_log_regression_sweep_shows_its_progress(capsys):
+    """One fit per (dim, C) and one refit per dim, each a step of the bar (the sweep is minutes on real data)."""
+    generator = torch.Generator().manual_seed(0)
+    split = (torch.randn(40, 32, generator=generator), torch.arange(40) % 2)
+    results = logistic_regression_by_dim(split, split, split, [8, 32], 2, c_values=(0.1, 1.0, 10.0), progress=True)
+    assert [r.dim for r in results] == [8, 32]
+    progress = capsys.readouterr().err
+    assert "log regression: 100%" in progress and "8/8" in progress

@@ -137,6 +137,20 @@ def test_bad_sources_get_clear_errors(tmp_path):
     unlabelled.save_to_disk(str(tmp_path / "nomask"))
     with pytest.raises(ValueError, match="has no mask column: a segmentation source needs an image column and a mask"):
         open_segmentation_source(f"hf:{tmp_path / 'nomask'}", "test")
+    with pytest.raises(ValueError, match=r"Column 'label' of hf:.* holds ClassLabel values, not mask images"):
+        open_segmentation_source(f"hf:{tmp_path / 'nomask'}", "test", mask_column="label")
+
+    # an unreadable mask is refused before any image is embedded (a model that would embed fails loudly)
+    damaged = write_pairs(tmp_path / "damaged", 2, "train")
+    (damaged / "masks" / "001.png").write_bytes(b"not a png")
+    broken = tiny_model()
+    broken.forward = None
+    with pytest.raises(ValueError, match=r"The mask of .*001.jpg cannot be read as an image \(cannot identify"):
+        evaluate_segmentation(broken, processor, open_segmentation_source(str(damaged)), good, settings)
+    # more clusters than the test split's patch tokens: refused before the heads train
+    too_many = dataclasses.replace(settings, clusters=(11, 1000))
+    with pytest.raises(ValueError, match=r"clusters=1000: K-means needs at least as many patch tokens, and the test"):
+        evaluate_segmentation(model, processor, good, good, too_many, dims=[8])
 
 
 def test_cli_eval_seg_and_linear(tmp_path, capsys):
@@ -147,7 +161,8 @@ def test_cli_eval_seg_and_linear(tmp_path, capsys):
     figure = tmp_path / "seg.png"
     seg = ["eval", "seg", "--model", str(folder), "--train", str(train), "--test", str(test), "--epochs", "1"]
     assert main([*seg, "--num-classes", "11", "--clusters", "11", "--show", "2", "--figure", str(figure)]) == 0
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
+    assert all(bar in progress for bar in ("masks", "dense features", "segmentation heads", "K-means: 100%"))
     assert "| dim | raw | debiased |" in printed and "K = 11 (Hungarian)" in printed and figure.is_file()
     # the library call behind the command gives the same table
     settings = SegmentationSettings(
@@ -156,6 +171,20 @@ def test_cli_eval_seg_and_linear(tmp_path, capsys):
     assert printed == f"{format_segmentation_result(run_segmentation_evaluation(settings))}\nwrote {figure}\n"
     assert main([*seg, "--num-classes", "3"]) == 2
     assert "outside the classes 0..2" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    for flags, message in (  # the figure is judged before the evaluation, which it would otherwise lose
+        (["--show", "2", "--figure", str(tmp_path / "a_file" / "f.png")], "cannot be created: "),
+        (["--show", "2", "--figure", str(tmp_path / "f.txt")], "does not end with the suffix of a picture format"),
+        (["--figure", str(figure)], "names where show draws its figure; set show (images drawn) too. (--figure)"),
+    ):
+        assert main([*seg, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert (
+        main([*seg, "--num-classes", "11", "--clusters", "11", "--show", "1", "--figure", str(tmp_path / "f.jpg")]) == 0
+    )
+    assert Image.open(tmp_path / "f.jpg").format == "JPEG" and capsys.readouterr().out.endswith(
+        f"wrote {tmp_path / 'f.jpg'}\n"
+    )
 
     labelled = write_class_folder(tmp_path / "labelled", 40, "train")
     linear = ["eval", "linear", "--model", str(folder), "--train", str(labelled), "--test", str(labelled)]
@@ -164,3 +193,29 @@ def test_cli_eval_seg_and_linear(tmp_path, capsys):
     assert "linear probe (official grid; 36 train, 4 validation, 40 test images)" in printed
     settings = LinearSettings(ModelSpec(str(folder)), str(labelled), str(labelled), epochs=1, batch_size=8)
     assert printed == format_linear_report(run_linear_evaluation(settings)) + "\n"
+    (tmp_path / "notes.txt").write_text("")
+    for flags, message in (  # errors name the command as typed and the flag
+        (
+            ["--val", "demo"],
+            "eval linear: error: val_split: split must be one of ('train', 'test'), got 'validation'. (--val-split)",
+        ),
+        (
+            ["--features-dir", str(tmp_path / "notes.txt")],
+            "is a file; give a folder (created if missing). (--features-dir)",
+        ),
+        (
+            ["--batch-size", "100"],
+            "eval linear: error: The linear probe's batch_size 100 exceeds the 36 training images. (--batch-size)",
+        ),
+    ):
+        assert main([*linear, "--epochs", "1", *flags]) == 2
+        assert message in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    assert main([*linear, "--epochs", "1", "--batch-size", "8", "--features-dir", str(cache)]) == 0
+    other = tmp_path / "other_model"
+    fill_model_folder(other, tiny_model(num_hidden_layers=3), make_image_processor(32))
+    other_linear = ["eval", "linear", "--model", str(other), "--train", str(labelled), "--test", str(labelled)]
+    assert main([*other_linear, "--epochs", "1", "--batch-size", "8", "--features-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "holds features made with other settings" in err and f"It is where features_dir={cache} caches the " in err
+    assert err.rstrip().endswith("(--features-dir)")
