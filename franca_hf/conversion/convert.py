@@ -253,7 +253,7 @@ def convert_release(
     release = get_release(name)
     if with_rasa:
         check_rasa_published(release)
-    converted = cache_dir(cache) / "converted" / (f"{name}_rasa" if with_rasa else name) / dtype
+    converted = converted_release_folder(name, with_rasa, dtype, cache)
     target = Path(out_dir) if out_dir is not None else converted
     if out_dir is not None:
         check_folder_out(target, MODEL_FOLDER, overwrite)  # before a download of gigabytes
@@ -276,6 +276,18 @@ def convert_release(
             checkpoint, target, rasa=rasa, dtype=dtype, overwrite=overwrite, provenance=provenance, verify=verify
         )
     return target
+
+
+def converted_release_folder(
+    name: str, with_rasa: bool, dtype: str = "float32", cache: str | Path | None = None
+) -> Path:
+    """Where `convert_release` keeps a release converted without `out_dir` (whether it is there yet or not)."""
+    return cache_dir(cache) / "converted" / (f"{name}_rasa" if with_rasa else name) / dtype
+
+
+def release_is_converted(name: str, cache: str | Path | None = None) -> bool:
+    """Whether `resolve_model(name)` finds the release `name` converted in the cache (nothing to download)."""
+    return (converted_release_folder(name, RELEASES[name].has_rasa, cache=cache) / "config.json").is_file()
 
 
 def resolve_model(name_or_path: str, cache: str | Path | None = None, progress: bool = True) -> str:

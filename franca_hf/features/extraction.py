@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
-from ..conversion.convert import resolve_model
+from ..conversion.convert import release_is_converted, resolve_model
 from ..conversion.releases import RELEASES
 from ..data.sources import (
     ImageSource,
@@ -503,7 +503,7 @@ def load_model_and_processor(
         raise UsageError(
             f"int8 runs on the CPU only (PyTorch's int8 kernels are CPU kernels); got device={device}.", setting="int8"
         )
-    if check is not None and name_or_path in RELEASES:
+    if check is not None and name_or_path in RELEASES and not release_is_converted(name_or_path):
         check(RELEASES[name_or_path].expected_config())  # before gigabytes are downloaded and converted
     with state.main_process_first():  # a release name is downloaded and converted once, by the first process
         path = resolve_model(name_or_path)
