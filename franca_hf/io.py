@@ -6,10 +6,12 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from .errors import OutputExistsError, UsageError
@@ -29,13 +31,16 @@ def picture_format(path: str | os.PathLike, setting: str = "out") -> str:
     from PIL import Image
 
     suffix = os.path.splitext(path)[1].lower()
-    formats = Image.registered_extensions()
-    if suffix not in formats or formats[suffix] not in Image.SAVE:
+    format_ = Image.registered_extensions().get(suffix)
+    try:
+        Image.new("RGB", (1, 1)).save(BytesIO(), format=format_)  # registered, and able to hold a colour picture
+    except (KeyError, OSError, ValueError):
         raise UsageError(
-            f"{setting}={path} does not end with the suffix of a picture format; give .png, .jpg or .webp, say.",
+            f"{setting}={path} does not end with the suffix of a picture format Pillow writes in colour; give .png, "
+            ".jpg or .webp, say.",
             setting=setting,
-        )
-    return formats[suffix]
+        ) from None
+    return format_
 
 
 def check_file_out(path: str | os.PathLike, setting: str = "out") -> None:
@@ -97,6 +102,12 @@ def check_folder_out(
         return
     if not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} is a file; {kind.name} is saved as a folder. Choose another path.", "out")
+    if os.path.ismount(where):
+        raise OutputExistsError(
+            f"{out_dir} is a mount point, which cannot be replaced (a folder appears by renaming); save {kind.name} in "
+            "a folder inside it.",
+            "out",
+        )
     if Path.cwd().resolve().is_relative_to(where):
         raise OutputExistsError(
             f"{out_dir} is the working directory or a folder above it; save {kind.name} in a folder of its own.", "out"
@@ -153,7 +164,8 @@ def write_folder_atomically(
     try:
         fill(staging)
         mask = _umask()
-        os.chmod(staging, 0o777 & ~mask)  # mkdtemp creates 0700 folders
+        # mkdtemp creates 0700 folders; a replaced folder keeps its own mode (group-writable, setgid, ...)
+        os.chmod(staging, stat.S_IMODE(out_dir.stat().st_mode) if out_dir.exists() else 0o777 & ~mask)
         for path in staging.rglob("*"):
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         if out_dir.exists():

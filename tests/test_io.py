@@ -3,11 +3,12 @@ write leaves."""
 
 import logging
 import os
+import stat
 
 import pytest
 
-from franca_hf.errors import OutputExistsError
-from franca_hf.io import MODEL_FOLDER, check_folder_out, write_folder_atomically
+from franca_hf.errors import OutputExistsError, UsageError
+from franca_hf.io import MODEL_FOLDER, check_folder_out, picture_format, write_folder_atomically
 
 
 def _write_model(folder):
@@ -68,6 +69,26 @@ def test_a_killed_writes_leftovers_are_reported_and_kept(tmp_path, caplog):
         str(path) for path in left
     ]
     assert all(path.is_dir() for path in [*left, other])  # another write of the same folder may own one
+
+
+def test_a_replaced_folder_keeps_its_mode_and_a_mount_point_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)  # group-writable, setgid: what a team's folder is made with
+    write_folder_atomically(shared, _write_model, MODEL_FOLDER)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o2775
+    mounted = tmp_path / "volume"  # a folder mounted into a container cannot be renamed away
+    mounted.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(mounted))
+    with pytest.raises(OutputExistsError, match="is a mount point, which cannot be replaced .* in a folder inside it"):
+        check_folder_out(mounted, MODEL_FOLDER)
+
+
+def test_a_picture_is_written_in_a_format_its_suffix_names_and_pillow_writes_in_colour():
+    assert [picture_format(f"f{suffix}") for suffix in (".png", ".JPG", ".webp")] == ["PNG", "JPEG", "WEBP"]
+    for name in ("f.txt", "f", "f.xbm", "f.h5"):  # no format, or one that holds no colour picture
+        with pytest.raises(UsageError, match="does not end with the suffix of a picture format Pillow writes in"):
+            picture_format(name)
 
 
 def test_a_failed_fill_leaves_the_old_folder_and_no_staging(tmp_path):

@@ -123,7 +123,7 @@ def test_a_grid_below_2_x_2_patches_is_refused_and_the_picture_has_its_suffix_fo
         assert main(argv) == 2
         assert "the PCA maps need at least 2 x 2 patches: give size >= 28. (--size)" in capsys.readouterr().err
     assert main(["visualize", image, "--model", str(tiny_folder), "--out", str(tmp_path / "f.txt")]) == 2
-    assert "does not end with the suffix of a picture format; give .png, .jpg or .webp, say. (--out)" in (
+    assert "does not end with the suffix of a picture format Pillow writes in colour; give .png, .jpg or .webp" in (
         capsys.readouterr().err
     )
     assert not (tmp_path / "f.txt").exists()

@@ -226,9 +226,10 @@ def naming_split(role: str):
 def classes_of(train: ImageSource, *others: tuple[str, ImageSource]) -> tuple[ImageSource, ...]:
     """The sources of a classifier's splits, every label an index into `train`'s classes: each of `others` (role,
     source) with its labels renumbered by class name where both name their classes (two image folders number their
-    own subfolders from 0: a test folder without one of train's classes would score against the wrong ones).
-    A UsageError names an unlabelled source, unlabelled images (label -1, as in unlabelled Hub test splits), and
-    classes of another split that `train` lacks (no classifier of train's classes predicts them)."""
+    own subfolders from 0: a test folder without one of train's classes would score against the wrong ones); by
+    number, with a warning, where the two share no class name (two namings of one class list). A UsageError names an
+    unlabelled source, unlabelled images (label -1, as in unlabelled Hub test splits), and classes of another split
+    that `train` lacks (some of its names are train's, others not: no classifier of train's classes predicts them)."""
     aligned = [train]
     for role, source in (("train", train), *others):
         if source.labels is None:
@@ -250,6 +251,17 @@ def classes_of(train: ImageSource, *others: tuple[str, ImageSource]) -> tuple[Im
             aligned.append(source)  # numbered classes without names: taken as train's numbering
             continue
         missing = [name for name in source.class_names if name not in train.class_names]
+        if len(missing) == len(source.class_names):  # two namings of the classes (ImageNet's wnids and words, say)
+            logger.warning(
+                "%s=%s names its classes otherwise than train=%s (%r vs %r ...): matched by number, class i to class i.",
+                role,
+                source.name,
+                train.name,
+                source.class_names[0],
+                train.class_names[0],
+            )
+            aligned.append(source)
+            continue
         if missing:
             raise UsageError(
                 f"{role}={source.name} has classes that train={train.name} has not: {missing[:5]}"
@@ -350,8 +362,10 @@ def _mask_column(dataset, image_column: str, requested: str | None, spec: str) -
     )
 
 
-def _load_row_mask(dataset, column: str, index: int) -> Image.Image:
-    return dataset[index][column]
+def _load_row_mask(masks, column: str, index: int) -> Image.Image:
+    """The mask of row `index` of a dataset of that column alone (`select_columns`): a row's unreadable image, skipped
+    where it is embedded, is never decoded here."""
+    return masks[index][column]
 
 
 def _open_listed_mask(paths: list[str], index: int) -> Image.Image:
@@ -395,16 +409,14 @@ def open_segmentation_source(
         dataset = load_demo_dataset(split=split, num_images=demo_num_images, seed=seed, masks=True)
         return SegmentationSource(
             hf_source(dataset, "demo", "image"),
-            partial(_load_row_mask, dataset, "mask"),
+            partial(_load_row_mask, dataset.select_columns(["mask"]), "mask"),
             list(DEMO_SEGMENTATION_CLASSES),
         )
     if spec.startswith("hf:"):
         dataset = load_hf_dataset(spec, split)
         images = hf_source(dataset, spec, image_column)
-        column = _image_column(dataset, image_column)
-        return SegmentationSource(
-            images, partial(_load_row_mask, dataset, _mask_column(dataset, column, mask_column, spec))
-        )
+        masks = _mask_column(dataset, _image_column(dataset, image_column), mask_column, spec)
+        return SegmentationSource(images, partial(_load_row_mask, dataset.select_columns([masks]), masks))
     if Path(spec).is_dir():
         return _folder_pairs(Path(spec))
     raise UsageError(f"Segmentation source {spec!r} is not 'demo', 'hf:<dataset>' or an existing folder.")

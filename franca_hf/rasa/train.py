@@ -31,7 +31,7 @@ from .probe import evaluate_chain, grid_coordinates, probe_sample_problem
 from .settings import RasaRunSettings, RasaSettings
 
 # a model folder with RASA weights, or the directions of another backbone (both with rasa_report.json)
-RASA_FOLDER = FolderKind("a RASA output", ("rasa_report.json", "config.json"))
+RASA_FOLDER = FolderKind("a model or RASA directions", ("rasa_report.json", "config.json"))
 logger = logging.getLogger(__name__)
 
 

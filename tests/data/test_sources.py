@@ -1,6 +1,7 @@
 """Image sources: ids that say where each image came from, de-duplicated inputs, sources that pickle, the classes of a
 classifier's splits."""
 
+import logging
 import pickle
 from dataclasses import replace
 
@@ -43,7 +44,7 @@ def test_inputs_given_twice_are_collected_once(tmp_path):
     assert len(files_source(paths)) == 2
 
 
-def test_the_splits_of_a_classifier_are_numbered_by_train_class_names(tmp_path):
+def test_the_splits_of_a_classifier_are_numbered_by_train_class_names(tmp_path, caplog):
     """Each folder numbers its own subfolders from 0: a test folder of two of train's three classes gets train's
     numbers, by name; a foreign class, unlabelled images (-1) and an unlabelled source are refused."""
     for split, classes in (("train", ("a", "b", "c")), ("test", ("b", "c")), ("odd", ("c", "z"))):
@@ -58,6 +59,11 @@ def test_the_splits_of_a_classifier_are_numbered_by_train_class_names(tmp_path):
     with pytest.raises(UsageError, match=r"test=.*odd has classes that train=.*train has not: \['z'\]") as error:
         classes_of(train, ("test", odd))
     assert error.value.setting == "test"
+    # no name in common: two namings of the classes (ImageNet's wnids and words), matched by number with a warning
+    words = replace(train, class_names=["apple", "banana", "cherry"])
+    with caplog.at_level(logging.WARNING, "franca_hf"):
+        assert classes_of(train, ("test", words))[1] is words
+    assert "names its classes otherwise than train=" in caplog.text and "matched by number" in caplog.text
     unlabelled = replace(test, labels=[1, -1])
     with pytest.raises(UsageError, match=r"val=.*: 1 of its 2 images have no label \(-1"):
         classes_of(train, ("val", unlabelled))

@@ -101,7 +101,8 @@ def test_splits_are_scored_by_class_name_and_unlabelled_or_foreign_classes_are_r
             )
     for label in ("square", "triangle"):  # test: copies of two of train's classes ("square" is 0 here, 1 there)
         shutil.copytree(tmp_path / "train" / label, tmp_path / "test" / label)
-    shutil.copytree(tmp_path / "train" / "circle", tmp_path / "other" / "hexagon")
+    shutil.copytree(tmp_path / "train" / "circle", tmp_path / "other" / "hexagon")  # one of train's, one foreign
+    shutil.copytree(tmp_path / "train" / "square", tmp_path / "other" / "square")
     torch.manual_seed(0)
     config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32)
     Dinov2Model(config).save_pretrained(tmp_path / "dinov2")

@@ -222,7 +222,8 @@ def test_unlabelled_source_is_refused(tmp_path):
         evaluate_linear(tiny_model(), make_image_processor(32), settings)
     # a test or validation split with a class the train split lacks is refused before anything is embedded
     train = write_class_folder(tmp_path / "train", 20, "train")
-    shutil.copytree(train / DEMO_CLASSES[0], tmp_path / "val" / "unseen")
+    shutil.copytree(train / DEMO_CLASSES[0], tmp_path / "val" / "unseen")  # beside one of train's classes
+    shutil.copytree(train / DEMO_CLASSES[0], tmp_path / "val" / DEMO_CLASSES[0])
     broken = tiny_model()
     broken.get_intermediate_layers = None  # a model that would embed anything fails loudly
     for role in ("test", "val"):

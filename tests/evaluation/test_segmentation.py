@@ -3,6 +3,7 @@ folders and `hf:` datasets, the figure, and `franca-hf eval`."""
 
 import dataclasses
 import itertools
+import logging
 
 import datasets
 import numpy as np
@@ -219,3 +220,20 @@ def test_cli_eval_seg_and_linear(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds features made with other settings" in err and f"It is where features_dir={cache} caches the " in err
     assert err.rstrip().endswith("(--features-dir)")
+
+
+def test_an_unreadable_image_of_a_hub_dataset_is_skipped_not_taken_for_its_mask(tmp_path, caplog):
+    """A dataset row holds the image and the mask: reading the mask must not decode the image, which the embedding
+    skips and reports, as for a folder."""
+    rows = load_demo_dataset("train", num_images=12, masks=True).remove_columns("label")
+    rows = rows.cast_column("image", datasets.Image(decode=False)).cast_column("mask", datasets.Image(decode=False))
+    values = rows.to_dict()
+    values["image"][3] = {"bytes": b"not an image", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    datasets.Dataset.from_dict(values, features=features).save_to_disk(tmp_path / "hub")
+    source = open_segmentation_source(f"hf:{tmp_path / 'hub'}")
+    settings = SegmentationSettings(epochs=1, num_classes=11, clusters=(11,))
+    with caplog.at_level(logging.WARNING):
+        result, _ = evaluate_segmentation(tiny_model(), make_image_processor(32), source, source, settings, dims=[8])
+    assert (result.num_train, result.num_test) == (11, 11)
+    assert f"Skipping unreadable image hf:{tmp_path / 'hub'}[train][3]" in caplog.text

@@ -190,7 +190,9 @@ def test_cli_trains_directions_for_a_converted_model(tiny_folder, tmp_path, caps
     # the resolution defaults to the model's native size: the tiny reference's 7 x 7 table, 98 px
     assert json.loads((out / "rasa_report.json").read_text())["report"]["probe_r2"] == report["probe_r2"]
     assert main(["rasa", f"model={tiny_folder}", "data=demo", f"out={out}"]) == 2
-    assert f"{out} already holds a RASA output; pass overwrite=true to replace it." in capsys.readouterr().err
+    assert f"{out} already holds a model or RASA directions; pass overwrite=true to replace it." in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_errors_name_the_setting_before_loading_weights(tiny_folder, tmp_path, capsys, monkeypatch):
