@@ -151,6 +151,11 @@ def _checkpoint_section(config: FrancaConfig, source: dict) -> list[str]:
         ("sha256", "sha256"),
         ("RASA file", "rasa_file"),
         ("RASA sha256", "rasa_sha256"),
+        ("trained with", "trained_with"),  # a teacher exported by `franca-hf pretrain`: how
+        ("recipe", "recipe"),
+        ("steps", "steps"),
+        ("heads", "heads"),
+        ("started from", "init_from"),
     ]
     return lines + [f"| {label} | `{source[key]}` |" for label, key in provenance if source.get(key)]
 

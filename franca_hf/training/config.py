@@ -8,6 +8,7 @@ architecture field of `FrancaConfig` (`ModelSettings` is derived from it, not re
 """
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..modeling import FrancaConfig, preset_architecture
 from ..settings import load_settings
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+logger = logging.getLogger(__name__)
 
 
 # FrancaConfig fields a recipe does not set: the grid and image size follow the global crops, the nesting follows the
@@ -80,7 +82,13 @@ class HeadSettings:
                 (
                     self.mode in ("project", "slice", "shared"),
                     f"heads.mode must be project, slice or shared, got {self.mode!r}",
-                )
+                ),
+                (
+                    min(self.num_prototypes, self.hidden_dim, self.dino_bottleneck_dim, self.ibot_bottleneck_dim) >= 1,
+                    "heads.num_prototypes, heads.hidden_dim, heads.dino_bottleneck_dim and heads.ibot_bottleneck_dim "
+                    f"must be >= 1, got {self.num_prototypes}, {self.hidden_dim}, {self.dino_bottleneck_dim} and "
+                    f"{self.ibot_bottleneck_dim}",
+                ),
             ]
         )
 
@@ -151,6 +159,16 @@ class CropSettings:
                     ),
                     f"crops.global_scale and crops.local_scale must be [low, high] with 0 < low <= high <= 1, got "
                     f"{self.global_scale} and {self.local_scale}",
+                ),
+                (self.local_number >= 0, f"crops.local_number must be >= 0, got {self.local_number}"),
+                (
+                    len(self.color_jitter) == 4 and min(self.color_jitter) >= 0 and self.color_jitter[3] <= 0.5,
+                    "crops.color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, got "
+                    f"{self.color_jitter}",
+                ),
+                (
+                    len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+                    f"crops.blur_sigma must be [low, high] with 0 < low <= high, got {self.blur_sigma}",
                 ),
             ]
         )
@@ -227,8 +245,30 @@ class OptimSettings:
                     self.gradient_accumulation_steps >= 1,
                     f"optim.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}",
                 ),
+                (self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}"),
+                (self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}"),
+                (
+                    len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas),
+                    f"optim.betas must be [beta1, beta2], each in [0, 1), got {self.betas}",
+                ),
             ]
         )
+
+    def schedule_notes(self) -> list[str]:
+        """Schedules longer than the run (a recipe shortened by total_steps alone, say): legal, but seldom meant."""
+        notes = []
+        if self.freeze_last_layer_steps >= self.total_steps:
+            notes.append(
+                f"optim.freeze_last_layer_steps ({self.freeze_last_layer_steps}) >= optim.total_steps "
+                f"({self.total_steps}): the heads' last layers (the prototypes) never train"
+            )
+        if self.teacher_temperature_warmup_steps > self.total_steps:
+            notes.append(
+                f"optim.teacher_temperature_warmup_steps ({self.teacher_temperature_warmup_steps}) > optim.total_steps "
+                f"({self.total_steps}): the teacher temperature never reaches optim.teacher_temperature "
+                f"({self.teacher_temperature})"
+            )
+        return notes
 
 
 @dataclass
@@ -276,6 +316,12 @@ class EvalSettings:
                     f"eval.probe_epochs and eval.probe_batch_size must be >= 1, got {self.probe_epochs} and "
                     f"{self.probe_batch_size}",
                 ),
+                (self.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.knn_k}"),
+                (self.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {self.knn_temperature}"),
+                (
+                    self.knn_max_images is None or self.knn_max_images >= 1,
+                    f"eval.knn_max_images must be >= 1 or null, got {self.knn_max_images}",
+                ),
             ]
         )
 
@@ -291,6 +337,13 @@ class RunSettings:
     export_every: int | None = None  # optimizer steps between HF exports of the teacher (always at the end)
     log_every: int = 10
     log_with: str | None = "tensorboard"  # an Accelerate tracker, or null
+    # resume a run in output_dir with settings other than its checkpoints' (the optimiser's, the objective's, ...;
+    # never the model's or the heads', which the checkpoint fixes): refused unless set
+    resume_with_changes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision == "False":  # YAML reads a bare `no` as false, which the str field holds as "False"
+            self.mixed_precision = "no"
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, each message naming its key."""
@@ -307,6 +360,10 @@ class RunSettings:
                     f"run.export_every must be > 0 or null, got {self.export_every}",
                 ),
                 (self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+                (
+                    not Path(self.output_dir).exists() or Path(self.output_dir).is_dir(),
+                    f"run.output_dir ({self.output_dir}) is a file; give a folder (created if missing)",
+                ),
             ]
         )
 
@@ -373,11 +430,18 @@ class PretrainConfig:
         """What is wrong with the `model` section (alone, or against the `model.init_from` folder), and the patch size
         it gives (None when it gives none)."""
         if self.model.init_from is not None:
+            local = Path(self.model.init_from)
+            if local.exists() and not (local / "config.json").is_file():
+                return [f"model.init_from ({local}) is not a model folder: it has no config.json"], None
             try:
                 folder = FrancaConfig.from_pretrained(self.model.init_from)
             except OSError as error:
                 return [
                     f"model.init_from ({self.model.init_from}) is neither a model folder nor a Hub model: {error}"
+                ], None
+            except ValueError as error:  # another model type's config, read as a Franca one
+                return [
+                    f"model.init_from ({self.model.init_from}) is not a Franca model: {str(error).rstrip('.')}"
                 ], None
             return self._disagreements_with(folder), folder.patch_size
         try:
@@ -398,6 +462,8 @@ class PretrainConfig:
             problems += section.problems()
         if problems:
             raise UsageError("Invalid pretraining config: " + "; ".join(problems) + ".")
+        for note in self.optim.schedule_notes():
+            logger.warning("%s.", note)
 
 
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> "PretrainConfig":

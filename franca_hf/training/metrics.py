@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from ..errors import RunStoppedError
+from ..io import write_file_atomically
 
 
 class NonFiniteLossError(RunStoppedError):
@@ -76,6 +77,15 @@ class MetricsLog:
 
     def __init__(self, accelerator: Accelerator, output_dir: Path):
         self.accelerator, self.path = accelerator, output_dir / "metrics.jsonl"
+
+    def drop_after(self, step: int) -> None:
+        """Drop the lines past `step` (main process): a run resumed from its checkpoint at `step` logs them again."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            write_file_atomically(self.path, lambda staging: staging.write_text("".join(kept)))
 
     def __call__(self, step: int, values: dict) -> None:
         if self.accelerator.is_main_process:

@@ -171,6 +171,24 @@ class TrainingBatches:
         self.batches_seen = 0  # micro-batches consumed by this process
         self.stream = StreamPosition()
         self._batches = None
+        self._source = None  # map-style images, once opened
+
+    def open(self) -> None:
+        """Open the training images and check that they fill a global batch: a UsageError before a run writes or
+        builds anything (the DataLoader itself waits for the first batch)."""
+        config, data = self.config, self.config.data
+        if data.streaming:
+            if not data.source.startswith("hf:"):
+                raise UsageError(
+                    f"data.streaming needs a Hugging Face dataset source ('hf:<name>'), got {data.source!r}."
+                )
+            return
+        if self._source is None:
+            self._source = open_source(
+                data.source, data.split, data.image_column, data.demo_num_images, config.run.seed
+            )
+        world = self.accelerator.num_processes
+        EpochBatchSampler(len(self._source), config.optim.batch_size_per_device, 0, world, config.run.seed)
 
     def state_dict(self) -> dict:
         return {"batches_seen": self.batches_seen, "stream_positions": self.stream.saved}
@@ -205,9 +223,9 @@ class TrainingBatches:
         """Map-style data: a newly shuffled epoch each pass, resuming after `batches_seen`."""
         config, data = self.config, self.config.data
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        source = open_source(data.source, data.split, data.image_column, data.demo_num_images, config.run.seed)
-        sampler = EpochBatchSampler(len(source), config.optim.batch_size_per_device, rank, world, config.run.seed)
-        images = AugmentedImages(source, make_augmentation(config), config.run.seed)
+        self.open()
+        sampler = EpochBatchSampler(len(self._source), config.optim.batch_size_per_device, rank, world, config.run.seed)
+        images = AugmentedImages(self._source, make_augmentation(config), config.run.seed)
         # persistent workers: no new worker processes (and dataset copies) at every epoch; the sampler stays here
         loader = DataLoader(
             images, batch_sampler=sampler, persistent_workers=data.num_workers > 0, **self._loader_args()
@@ -219,8 +237,7 @@ class TrainingBatches:
     def _streamed(self):
         """Streamed data: this process's part of the stream, pass after pass, from its saved position."""
         config, data = self.config, self.config.data
-        if not data.source.startswith("hf:"):
-            raise UsageError(f"data.streaming needs a Hugging Face dataset source ('hf:<name>'), got {data.source!r}.")
+        self.open()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.stream.restore(rank, world, max(1, data.num_workers))
         stream = load_hf_dataset(data.source, data.split, streaming=True)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..evaluation.nearest_neighbours import format_knn_rows
+from ..io import write_file_atomically
 from ..matryoshka import MatryoshkaFit
 from .checkpoints import find_latest_checkpoint, save_checkpoint
 from .config import OptimSettings, PretrainConfig
@@ -90,7 +91,7 @@ class TrainingStep:
                 targets = self.teacher(batch, values.teacher_temperature, self.sinkhorn_iterations)
                 parts = self.student(batch, *targets)
             accelerator.backward(parts["loss"])
-            if accelerator.sync_gradients:
+            if accelerator.sync_gradients and self.clip_grad > 0:  # 0: no clipping, as in the official trainer
                 accelerator.unscale_gradients()  # once (fp16): then clip each sub-module as the official trainer
                 clip_grad_norm_per_module(self.modules, self.clip_grad)
             self.optimizer.step()
@@ -185,19 +186,73 @@ def make_schedules(optim: OptimSettings, processes: int) -> FrancaSchedules:
     return FrancaSchedules.from_settings(optim, scaled_learning_rate(optim.base_lr, global_batch))
 
 
-def start_run(config: PretrainConfig) -> Accelerator:
-    """The run's Accelerator, every process seeded alike (the same initial weights), `config.json` written to the
-    output folder and the trackers started."""
+# settings a resumed run may change: how often it logs, saves and evaluates, and how it loads its data, not what it
+# computes (every other setting must be the one its checkpoints were made with)
+FREE_ON_RESUME = (
+    "run.output_dir",  # the folder itself, however spelled
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.export_every",
+    "run.log_every",
+    "run.log_with",
+    "run.gradient_checkpointing",
+    "run.resume_with_changes",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "eval.",
+)
+
+
+def resume_differences(config: PretrainConfig, output_dir: Path) -> list[str]:
+    """`section.key: saved -> now` for each setting of `config` that differs from the `config.json` of the run in
+    `output_dir` (none when it has no checkpoint yet), but for those a resumed run may change (`FREE_ON_RESUME`)."""
+    saved_file = output_dir / "config.json"
+    if find_latest_checkpoint(output_dir / "checkpoints") is None or not saved_file.is_file():
+        return []
+    saved, now = json.loads(saved_file.read_text()), json.loads(json.dumps(config.to_dict()))
+    return [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in now.items()
+        for key, value in values.items()
+        if key in saved.get(section, {})  # a setting newer than the run's is its default
+        and saved[section][key] != value
+        and not f"{section}.{key}".startswith(FREE_ON_RESUME)
+    ]
+
+
+def start_run(config: PretrainConfig) -> tuple[Accelerator, TrainingBatches]:
+    """The run's Accelerator, every process seeded alike (the same initial weights), and its training images; then,
+    once the images fill a batch and a run already in the output folder has these settings, `config.json` written
+    there and the trackers started."""
     accelerator = make_accelerator(config)
     set_seed(config.run.seed)
+    batches = TrainingBatches(config, accelerator)
+    batches.open()
+    output_dir = Path(config.run.output_dir)
+    differences = resume_differences(config, output_dir)
+    fixed = [change for change in differences if change.startswith(("model.", "heads."))]
+    if fixed or (differences and not config.run.resume_with_changes):
+        raise UsageError(
+            f"run.output_dir ({output_dir}) holds a run made with other settings ({'; '.join(fixed or differences)}), "
+            f"and a resumed run keeps the settings of its checkpoints. Rerun with those ({output_dir / 'config.json'}), "
+            f"give a new run.output_dir (model.init_from={output_dir / 'teacher'} starts from its teacher)"
+            + (", or set run.resume_with_changes=true to go on with these." if not fixed else ".")
+        )
     if accelerator.is_main_process:
-        output_dir = Path(config.run.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if differences:  # the settings the checkpoints so far were made with, kept beside the new ones
+            before = output_dir / f"config.until_{find_latest_checkpoint(output_dir / 'checkpoints').name}.json"
+            earlier = (output_dir / "config.json").read_text()
+            write_file_atomically(before, lambda staging: staging.write_text(earlier))
+            logger.warning(
+                "Resuming with changed settings (%s); the earlier ones are in %s.", "; ".join(differences), before
+            )
+        text = json.dumps(config.to_dict(), indent=2)
+        write_file_atomically(output_dir / "config.json", lambda staging: staging.write_text(text))
     accelerator.init_trackers(
         "franca", config={f"{s}.{k}": str(v) for s, d in config.to_dict().items() for k, v in d.items()}
     )
-    return accelerator
+    return accelerator, batches
 
 
 @dataclass
@@ -247,7 +302,7 @@ class TeacherEvaluations:
 def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     """Run (or resume) pretraining; returns the summary written to `<output_dir>/summary.json`."""
     output_dir, optim = Path(config.run.output_dir), config.optim
-    accelerator = start_run(config)
+    accelerator, batches = start_run(config)
 
     student, teacher = build_networks(config)
     set_seed(config.run.seed, device_specific=True)  # drop path differs between processes, as with any DDP run
@@ -257,18 +312,27 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
         build_param_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=tuple(optim.betas)
     )
     student, teacher, optimizer = prepare_networks(accelerator, student, teacher, optimizer)
-    state, batches = TrainState(), TrainingBatches(config, accelerator)
+    state = TrainState()
     fsdp = accelerator.distributed_type == DistributedType.FSDP  # (then `save_state` holds the teacher as a model)
     accelerator.register_for_checkpointing(*([] if fsdp else [teacher]), state, batches)
 
     checkpoints = output_dir / "checkpoints"
     latest = find_latest_checkpoint(checkpoints)
+    log = MetricsLog(accelerator, output_dir)
     if latest is not None:
         accelerator.load_state(str(latest))
+        log.drop_after(state.step)  # what a killed run logged past its last checkpoint is logged again
+        if state.step >= optim.total_steps and (output_dir / "summary.json").is_file():
+            accelerator.print(
+                f"{output_dir} holds a finished run ({state.step} of {optim.total_steps} steps): its teacher is "
+                f"{output_dir / 'teacher'}, its summary {output_dir / 'summary.json'}. Evaluate the teacher with "
+                "`franca-hf knn` / `franca-hf eval`, or train longer in a new run.output_dir (model.init_from)."
+            )
+            accelerator.end_training()
+            return json.loads((output_dir / "summary.json").read_text())
         accelerator.print(f"resumed from {latest} at step {state.step}")
     width = accelerator.unwrap_model(teacher).backbone.config.hidden_size
     evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
-    log = MetricsLog(accelerator, output_dir)
 
     evaluations = TeacherEvaluations(accelerator, config, teacher, evaluator, log, state)
     if evaluator is not None and state.step == 0:

@@ -277,6 +277,7 @@ def test_training_on_from_a_converted_release(tiny_recipe, tmp_path, tiny_releas
     assert source["release"] == "franca_vitb14_In21K" and source["init_from"] == str(tmp_path / "release")
     card = (tmp_path / "run" / "teacher" / "README.md").read_text()
     assert "trained on from franca_vitb14_In21K" in card and "license: other" in card
+    assert "| trained with | `franca_hf pretrain` |" in card and "| steps | `" in card and "| started from | `" in card
 
 
 def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
@@ -305,6 +306,8 @@ def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
     assert "resumed from" in resumed.stdout + resumed.stderr
     losses, expected = _losses(output), _losses(tmp_path / "uninterrupted")
     assert max(losses) == 30
+    logged = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(logged) and len(logged) == len(set(logged))  # nothing logged twice across the kill
     for step in range(25, 31):  # after the restart, the run continues exactly as if it had never stopped
         assert losses[step] == pytest.approx(expected[step], rel=1e-5)
     assert_publishable_folder(output / "teacher")
@@ -317,11 +320,60 @@ def test_killed_run_resumes_where_it_stopped(tiny_recipe, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, tmp_path):
     first = _run(_command(tiny_recipe, tmp_path, "optim.total_steps=2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    broken = _run(_command(tiny_recipe, tmp_path, "optim.total_steps=4", "objective.dino_weight=.nan"))
+    changed = ["optim.total_steps=4", "objective.dino_weight=.nan"]
+    refused = _run(_command(tiny_recipe, tmp_path, *changed))  # a resumed run keeps its settings unless told
+    assert refused.returncode == 2 and "holds a run made with other settings (objective.dino_weight: 1.0 -> nan" in (
+        refused.stderr
+    )
+    assert "set run.resume_with_changes=true to go on with these" in refused.stderr
+    broken = _run(_command(tiny_recipe, tmp_path, *changed, "run.resume_with_changes=true"))
     assert broken.returncode == 3
     assert "Non-finite loss at step 3" in broken.stderr and "last good checkpoint" in broken.stderr
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["step_00000002"]
+    # the settings the checkpoint was made with are kept beside the new ones
+    assert json.loads((tmp_path / "config.until_step_00000002.json").read_text())["optim"]["total_steps"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["total_steps"] == 4
+
+
+def test_a_run_resumes_only_with_its_own_settings_and_a_finished_one_is_not_redone(tiny_recipe, tmp_path):
+    steps = "optim.total_steps=2"
+    assert _run(_command(tiny_recipe, tmp_path / "run", steps)).returncode == 0
+    teacher, metrics = tmp_path / "run" / "teacher" / "model.safetensors", tmp_path / "run" / "metrics.jsonl"
+    written, logged, saved = teacher.stat().st_mtime_ns, metrics.read_text(), (tmp_path / "run" / "config.json")
+    again = _run(_command(tiny_recipe, tmp_path / "run", steps, "run.log_every=5"))  # how often it logs may change
+    assert again.returncode == 0 and "holds a finished run (2 of 2 steps)" in again.stdout + again.stderr
+    assert teacher.stat().st_mtime_ns == written and metrics.read_text() == logged  # nothing redone, nothing re-logged
+    settings = saved.read_text()
+    changed = _run(_command(tiny_recipe, tmp_path / "run", steps, "optim.base_lr=5.0"))
+    assert changed.returncode == 2 and "holds a run made with other settings (optim.base_lr: 0.05 -> 5.0)" in (
+        changed.stderr
+    )
+    wider = _run(_command(tiny_recipe, tmp_path / "run", steps, "model.hidden_size=64", "run.resume_with_changes=true"))
+    assert wider.returncode == 2 and "(model.hidden_size: 32 -> 64)" in wider.stderr  # the checkpoint fixes the model
+    assert "resume_with_changes" not in wider.stderr.split("error:")[-1]
+    assert saved.read_text() == settings  # a refused run writes nothing
+
+    # too few images for one global batch: refused before the output folder is made
+    few = _run(_command(tiny_recipe, tmp_path / "few", steps, "optim.batch_size_per_device=64"))
+    assert few.returncode == 2 and "fewer than one global batch" in few.stderr and not (tmp_path / "few").exists()
+
+
+def test_a_resumed_run_drops_what_it_logged_past_its_checkpoint(tmp_path):
+    from accelerate import Accelerator
+
+    from franca_hf.training.metrics import MetricsLog
+
+    log = MetricsLog(Accelerator(cpu=True), tmp_path)
+    for step in (5, 10, 15, 20, 25):
+        log(step, {"loss": float(step)})
+    log.drop_after(20)  # killed after logging step 25, resumed from the checkpoint of step 20
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        5,
+        10,
+        15,
+        20,
+    ]
 
 
 def test_recipes_load_and_bad_configs_are_explained():
@@ -358,6 +410,22 @@ def test_recipes_load_and_bad_configs_are_explained():
     assert load_config("demo", ["model.mlp_ratio=2.0", "model.qkv_bias=false"]).backbone_settings()["mlp_ratio"] == 2.0
     with pytest.raises(ValueError, match="No config 'nope'"):
         load_config("nope")
+    for override, message in (  # settings that used to crash late, or to train wrongly without a word
+        ("optim.clip_grad=-1", r"optim.clip_grad must be >= 0 \(0: no clipping\), got -1.0"),
+        ("optim.betas=[0.9,1.5]", r"optim.betas must be \[beta1, beta2\], each in \[0, 1\)"),
+        ("eval.knn_k=0", "eval.knn_k must be >= 1, got 0"),
+        ("eval.knn_temperature=0", "eval.knn_temperature must be > 0"),
+        ("eval.knn_max_images=0", "eval.knn_max_images must be >= 1 or null"),
+        ("crops.color_jitter=[0.4,0.4]", r"crops.color_jitter must be \[brightness, contrast, saturation, hue\]"),
+        ("crops.local_number=-1", "crops.local_number must be >= 0"),
+        ("crops.blur_sigma=[2.0,0.1]", r"crops.blur_sigma must be \[low, high\] with 0 < low <= high"),
+        ("heads.num_prototypes=0", "heads.num_prototypes, heads.hidden_dim, .* must be >= 1"),
+        ("run.output_dir=pyproject.toml", r"run.output_dir \(pyproject.toml\) is a file"),
+        (f"model.init_from={CONFIG_DIR}", "is not a model folder: it has no config.json"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config("demo", [override])
+    assert load_config("demo", ["run.mixed_precision=no"]).run.mixed_precision == "no"  # YAML's `no` is false
 
 
 def test_demo_config_learns_in_under_two_minutes(tmp_path):
