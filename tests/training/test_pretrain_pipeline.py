@@ -93,6 +93,7 @@ def test_non_finite_loss_found_at_the_next_settle_names_its_step(tiny_recipe, tm
     first = _run(_command(tiny_recipe, tmp_path, "optim.total_steps=2", "run.log_every=4"))
     assert first.returncode == 0, first.stderr[-3000:]
     settings = ["optim.total_steps=8", "run.log_every=4", "run.checkpoint_every=4", "objective.dino_weight=.nan"]
+    settings.append("run.resume_with_changes=true")  # the run in tmp_path had 2 steps and a finite loss
     broken = _run(_command(tiny_recipe, tmp_path, *settings))
     assert broken.returncode == 3, broken.stderr[-3000:]
     assert "Non-finite loss at step 3" in broken.stderr and "last good checkpoint" in broken.stderr
