@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..modeling import FrancaConfig, preset_architecture
+from ..modeling import FrancaConfig, check_nested_dims, preset_architecture
 from ..settings import load_settings
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -74,6 +74,24 @@ class HeadSettings:
     dino_bottleneck_dim: int = 384
     ibot_bottleneck_dim: int = 256
     init_std: float = 0.02  # official; narrow heads (small demos) need more, see MatryoshkaHead
+
+    def nesting_problems(self, backbone: FrancaConfig) -> list[str]:
+        """What is wrong with `nesting_dims` (None: the backbone's Matryoshka dims) for `backbone` (as
+        `MatryoshkaHead` checks them): increasing dims up to its width, each level's share of the prototypes whole."""
+        dims = self.nesting_dims or backbone.matryoshka_dims
+        try:
+            dims = check_nested_dims(dims, backbone.hidden_size, "heads.nesting_dims", end_at_width=False)
+        except ValueError as error:
+            return [str(error).rstrip(".")]
+        return _failed(
+            [
+                (
+                    all(self.num_prototypes * dim % dims[-1] == 0 for dim in dims),
+                    f"heads.num_prototypes ({self.num_prototypes}) * m / {dims[-1]} must be whole for every nesting dim "
+                    f"m of {dims} (set heads.nesting_dims, or a width the default D/16...D divides)",
+                )
+            ]
+        )
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, each message naming its key."""
@@ -426,9 +444,9 @@ class PretrainConfig:
             if value is not None and name not in _FREE_WITH_INIT_FROM and value != getattr(folder, name)
         ]
 
-    def _model_problems(self) -> tuple[list[str], int | None]:
-        """What is wrong with the `model` section (alone, or against the `model.init_from` folder), and the patch size
-        it gives (None when it gives none)."""
+    def _model_problems(self) -> tuple[list[str], FrancaConfig | None]:
+        """What is wrong with the `model` section (alone, or against the `model.init_from` folder), and the backbone
+        config it gives (None when it gives none)."""
         if self.model.init_from is not None:
             local = Path(self.model.init_from)
             if local.exists() and not (local / "config.json").is_file():
@@ -443,21 +461,23 @@ class PretrainConfig:
                 return [
                     f"model.init_from ({self.model.init_from}) is not a Franca model: {str(error).rstrip('.')}"
                 ], None
-            return self._disagreements_with(folder), folder.patch_size
+            return self._disagreements_with(folder), folder
         try:
             settings = self.backbone_settings()
         except ValueError as error:
             return [str(error).rstrip(".")], None
         try:
-            return [], FrancaConfig(**settings).patch_size
+            return [], FrancaConfig(**settings)
         except ValueError as error:  # FrancaConfig's own checks, which name the field without its section
             return [f"model: {str(error).rstrip('.')}"], None
 
     def validate(self) -> None:
         """Every section's checks, and the crop sizes against the model's patch size; the message names the keys,
         their values and what is allowed."""
-        problems, patch = self._model_problems()
-        problems += self.crops.problems(patch)
+        problems, backbone = self._model_problems()
+        problems += self.crops.problems(backbone.patch_size if backbone else None)
+        if backbone is not None:
+            problems += self.heads.nesting_problems(backbone)
         for section in (self.heads, self.data, self.objective, self.optim, self.eval, self.run):
             problems += section.problems()
         if problems:

@@ -422,10 +422,13 @@ def test_recipes_load_and_bad_configs_are_explained():
         ("heads.num_prototypes=0", "heads.num_prototypes, heads.hidden_dim, .* must be >= 1"),
         ("run.output_dir=pyproject.toml", r"run.output_dir \(pyproject.toml\) is a file"),
         (f"model.init_from={CONFIG_DIR}", "is not a model folder: it has no config.json"),
+        ("heads.nesting_dims=[200]", "heads.nesting_dims must be strictly increasing positive integers at most 128"),
     ):
         with pytest.raises(ValueError, match=message):
             load_config("demo", [override])
     assert load_config("demo", ["run.mixed_precision=no"]).run.mixed_precision == "no"  # YAML's `no` is false
+    with pytest.raises(ValueError, match=r"heads.num_prototypes \(256\) \* m / 30 must be whole for every nesting dim"):
+        load_config("demo", ["model.hidden_size=30", "model.num_attention_heads=2"])
 
 
 def test_demo_config_learns_in_under_two_minutes(tmp_path):
