@@ -303,6 +303,17 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     """Run (or resume) pretraining; returns the summary written to `<output_dir>/summary.json`."""
     output_dir, optim = Path(config.run.output_dir), config.optim
     accelerator, batches = start_run(config)
+    checkpoints = output_dir / "checkpoints"
+    latest = find_latest_checkpoint(checkpoints)
+    saved_step = int(latest.name.removeprefix("step_")) if latest is not None else 0
+    if saved_step >= optim.total_steps and (output_dir / "summary.json").is_file():  # before any network is built
+        accelerator.print(
+            f"{output_dir} holds a finished run ({saved_step} of {optim.total_steps} steps): its teacher is "
+            f"{output_dir / 'teacher'}, its summary {output_dir / 'summary.json'}. Evaluate the teacher with "
+            "`franca-hf knn` / `franca-hf eval`, or train longer in a new run.output_dir (model.init_from)."
+        )
+        accelerator.end_training()
+        return json.loads((output_dir / "summary.json").read_text())
 
     student, teacher = build_networks(config)
     set_seed(config.run.seed, device_specific=True)  # drop path differs between processes, as with any DDP run
@@ -316,20 +327,10 @@ def train(config: PretrainConfig, config_name: str = "custom") -> dict:
     fsdp = accelerator.distributed_type == DistributedType.FSDP  # (then `save_state` holds the teacher as a model)
     accelerator.register_for_checkpointing(*([] if fsdp else [teacher]), state, batches)
 
-    checkpoints = output_dir / "checkpoints"
-    latest = find_latest_checkpoint(checkpoints)
     log = MetricsLog(accelerator, output_dir)
     if latest is not None:
         accelerator.load_state(str(latest))
         log.drop_after(state.step)  # what a killed run logged past its last checkpoint is logged again
-        if state.step >= optim.total_steps and (output_dir / "summary.json").is_file():
-            accelerator.print(
-                f"{output_dir} holds a finished run ({state.step} of {optim.total_steps} steps): its teacher is "
-                f"{output_dir / 'teacher'}, its summary {output_dir / 'summary.json'}. Evaluate the teacher with "
-                "`franca-hf knn` / `franca-hf eval`, or train longer in a new run.output_dir (model.init_from)."
-            )
-            accelerator.end_training()
-            return json.loads((output_dir / "summary.json").read_text())
         accelerator.print(f"resumed from {latest} at step {state.step}")
     width = accelerator.unwrap_model(teacher).backbone.config.hidden_size
     evaluator = KnnEvaluator(config, width) if config.eval.knn_train else None
