@@ -43,15 +43,21 @@ def picture_format(path: str | os.PathLike, setting: str = "out") -> str:
     return format_
 
 
+def _file_on_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of a path that does not exist yet, where it is a file (so the path cannot be
+    created), else None."""
+    on_the_way = next((parent for parent in path.resolve().parents if parent.exists()), None)
+    return on_the_way if on_the_way is not None and not on_the_way.is_dir() else None
+
+
 def check_file_out(path: str | os.PathLike, setting: str = "out") -> None:
     """An OutputExistsError (naming `setting`) unless a file can be written at `path`: not a folder, and no file on
     the way to it (checked before long work; `write_file_atomically` creates the missing folders)."""
     path = Path(path)
     if path.is_dir():
         raise OutputExistsError(f"{setting}={path} is a folder; give the path of a file.", setting)
-    on_the_way = next((parent for parent in path.parents if parent.exists()), None)
-    if on_the_way is not None and not on_the_way.is_dir():
-        raise OutputExistsError(f"{setting}={path} cannot be created: {on_the_way} is a file.", setting)
+    if blocking := _file_on_the_way(path):
+        raise OutputExistsError(f"{setting}={path} cannot be created: {blocking} is a file.", setting)
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -90,15 +96,15 @@ def check_folder_out(
     replace_with: str = "overwrite=True to replace it",
 ) -> None:
     """An OutputExistsError (setting `out`, or `overwrite`) unless `kind` can be written at `out_dir`: a new or empty
-    folder, or a folder of that kind (holding `kind.marker`), replaced only with `overwrite` (`replace_with` says how).
-    Never a file or a path through one, a folder of other files, the working directory or a folder above it, or a
-    folder holding one of `inputs` (replacing it would delete them: the folder itself may be an input, updated)."""
+    folder, or a folder of that kind (holding one of `kind.markers`), replaced only with `overwrite` (`replace_with`
+    says how). Never a file or a path through one, a folder of other files, a mount point, the working directory or a
+    folder above it, or a folder holding one of `inputs` (replacing it would delete them: the folder itself may be an
+    input, updated)."""
     out_dir = Path(out_dir)
     where = out_dir.resolve()
-    on_the_way = next((parent for parent in where.parents if parent.exists()), None)
     if not out_dir.exists():
-        if on_the_way is not None and not on_the_way.is_dir():
-            raise OutputExistsError(f"{out_dir} cannot be created: {on_the_way} is a file.", "out")
+        if blocking := _file_on_the_way(out_dir):
+            raise OutputExistsError(f"{out_dir} cannot be created: {blocking} is a file.", "out")
         return
     if not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} is a file; {kind.name} is saved as a folder. Choose another path.", "out")

@@ -167,10 +167,12 @@ def _rasa_steps(config: FrancaConfig, source: dict) -> str:
     fitted = min(source.get("rasa_fitted_steps", 0), config.rasa_steps)
     if not fitted:
         return f"{config.rasa_steps} steps"
-    before = config.rasa_steps - fitted
-    origin = f"{before} from the RASA file below, then " if before and source.get("rasa_file") else ""
-    origin = origin or (f"{before} from the folder it started from, then " if before else "")
-    return f"{config.rasa_steps} steps ({origin}{fitted} fitted by `franca-hf rasa` on {source.get('rasa_fitted_on')})"
+    before, origin = config.rasa_steps - fitted, ""
+    if before:
+        where = "the RASA file below" if source.get("rasa_file") else "the folder it started from"
+        origin = f"{before} from {where}, then "
+    fitted_on = source.get("rasa_fitted_on")
+    return f"{config.rasa_steps} steps ({origin}{fitted} fitted by `franca-hf rasa` on {fitted_on})"
 
 
 def _rasa_section(source: dict, where: str) -> list[str]:

@@ -253,7 +253,8 @@ def classes_of(train: ImageSource, *others: tuple[str, ImageSource]) -> tuple[Im
         missing = [name for name in source.class_names if name not in train.class_names]
         if len(missing) == len(source.class_names):  # two namings of the classes (ImageNet's wnids and words, say)
             logger.warning(
-                "%s=%s names its classes otherwise than train=%s (%r vs %r ...): matched by number, class i to class i.",
+                "%s=%s names its classes otherwise than train=%s (%r vs %r ...): matched by number, class i to "
+                "class i.",
                 role,
                 source.name,
                 train.name,

@@ -326,13 +326,9 @@ def probe_rows(
     model_name: str,
     progress: bool = False,
 ) -> ProbeData:
-    """Probe rows and labels of the readable images of a labelled source: computed in memory, or read from the
-    extract shards under `settings.features_dir` (computing only the images not there yet)."""
-    if source.labels is None:
-        raise UsageError(
-            f"{source.name} [{split}] has no labels, and linear probing needs labelled images: a folder with one "
-            "subfolder per class, an hf: dataset with a ClassLabel column, or 'demo'."
-        )
+    """Probe rows and labels of the readable images of a labelled source (`classes_of` checked its labels): computed
+    in memory, or read from the extract shards under `settings.features_dir` (computing only the images not there
+    yet)."""
     n_blocks = max(settings.n_last_blocks)
     forward = partial(probe_inputs, n_blocks=n_blocks)
     label_of = {source.describe(i): source.labels[i] for i in range(len(source))}

@@ -71,7 +71,6 @@ class RasaSettings:
         """These settings with the resolution resolved for a model config and checked against its patch size: the
         native size of a FrancaConfig's position table, or the config's `image_size` (DINOv2: 518)."""
         native = getattr(config, "position_grid_size", None)
-        self.validate()  # resolution=0 is refused, not taken for the native size
         native_size = native * config.patch_size if native else config.image_size
         resolution = native_size if self.resolution is None else self.resolution
         resolved = dataclasses.replace(self, resolution=resolution)

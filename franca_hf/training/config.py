@@ -87,8 +87,8 @@ class HeadSettings:
             [
                 (
                     all(self.num_prototypes * dim % dims[-1] == 0 for dim in dims),
-                    f"heads.num_prototypes ({self.num_prototypes}) * m / {dims[-1]} must be whole for every nesting dim "
-                    f"m of {dims} (set heads.nesting_dims, or a width the default D/16...D divides)",
+                    f"heads.num_prototypes ({self.num_prototypes}) * m / {dims[-1]} must be whole for every nesting "
+                    f"dim m of {dims} (set heads.nesting_dims, or a width the default D/16...D divides)",
                 )
             ]
         )

@@ -234,8 +234,9 @@ def start_run(config: PretrainConfig) -> tuple[Accelerator, TrainingBatches]:
     if fixed or (differences and not config.run.resume_with_changes):
         raise UsageError(
             f"run.output_dir ({output_dir}) holds a run made with other settings ({'; '.join(fixed or differences)}), "
-            f"and a resumed run keeps the settings of its checkpoints. Rerun with those ({output_dir / 'config.json'}), "
-            f"give a new run.output_dir (model.init_from={output_dir / 'teacher'} starts from its teacher)"
+            "and a resumed run keeps the settings of its checkpoints. Rerun with those "
+            f"({output_dir / 'config.json'}), give a new run.output_dir (model.init_from={output_dir / 'teacher'} "
+            "starts from its teacher)"
             + (", or set run.resume_with_changes=true to go on with these." if not fixed else ".")
         )
     if accelerator.is_main_process:
