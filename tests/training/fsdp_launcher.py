@@ -16,7 +16,6 @@ step n (after the update, before the EMA); `FRANCA_TEST_KILL_IN_CHECKPOINT=<n>` 
 """
 
 import os
-import runpy
 import signal
 import sys
 
@@ -81,7 +80,10 @@ def kill_in_step(step: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`-m module args...` or `script.py args...`, run as `__main__` with every Accelerator forced to FSDP2."""
+    """`-m module args...` or `script.py args...`, run as `__main__` with every Accelerator forced to FSDP2; the process
+    then ends with the run's exit status (`launching.run_then_exit`)."""
+    from launching import run_then_exit  # (the launcher's own folder is first on sys.path when run as a script)
+
     build = Accelerator.__init__
 
     def build_then_force(accelerator, *args, **kwargs):
@@ -93,18 +95,7 @@ def main(argv: list[str]) -> None:
     Accelerator.__init__ = build_then_force
     if os.environ.get("FRANCA_TEST_KILL_IN_STEP"):
         kill_in_step(int(os.environ["FRANCA_TEST_KILL_IN_STEP"]))
-    run_as_main(argv)
-
-
-def run_as_main(argv: list[str]) -> None:
-    """Run `-m module args...` or `script.py args...` as `__main__`, as `python` would."""
-    if argv[:1] == ["-m"]:
-        sys.argv = [argv[1], *argv[2:]]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = argv
-        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))  # the script's folder first, as `python script.py`
-        runpy.run_path(argv[0], run_name="__main__")
+    run_then_exit(argv)  # a run that ends in finalization may abort in a gloo thread (see run_then_exit)
 
 
 if __name__ == "__main__":

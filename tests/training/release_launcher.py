@@ -11,7 +11,7 @@ checkpoint served from a local folder or a loopback server (`FRANCA_HF_RELEASE_U
 import dataclasses
 import sys
 
-from fsdp_launcher import run_as_main
+from launching import run_as_main
 
 from franca_hf.conversion.releases import RELEASES
 from franca_hf.modeling import FRANCA_PRESETS
