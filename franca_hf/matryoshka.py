@@ -278,15 +278,10 @@ def with_matryoshka_basis(model: FrancaModel, fit: MatryoshkaFit) -> FrancaModel
     basis is the identity (patch tokens are cut as prefixes).
 
     The new model shares its other weights with `model` (no copy: an 8-GB model stays 8 GB); it is on the same
-    device, in the same dtype and training mode.
+    device, in the same dtype and training mode, with the same attention implementation and gradient checkpointing.
     """
     config = model.config
-    dims = config.matryoshka_dims
-    source = {**(config.source_checkpoint or {}), PROVENANCE_KEY: fit.provenance(dims)}
-    new_config = FrancaConfig.from_dict({**config.to_dict(), "matryoshka_basis": "pca", "source_checkpoint": source})
-    with torch.device("meta"):
-        fitted = FrancaModel(new_config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(BASIS_PREFIX)}
+    source = {**(config.source_checkpoint or {}), PROVENANCE_KEY: fit.provenance(config.matryoshka_dims)}
     device, width = input_device_and_dtype(model)[0], config.hidden_size
     patches = fit.patches
     basis = {
@@ -295,20 +290,33 @@ def with_matryoshka_basis(model: FrancaModel, fit: MatryoshkaFit) -> FrancaModel
         "patch_mean": patches.mean if patches is not None else torch.zeros(width),
         "patch_rotation": patches.rotation if patches is not None else torch.eye(width),
     }
-    state.update({BASIS_PREFIX + name: value.to(device, torch.float32) for name, value in basis.items()})
-    fitted.load_state_dict(state, assign=True)
-    return fitted.train(model.training)
+    basis = {BASIS_PREFIX + name: value.to(device, torch.float32) for name, value in basis.items()}
+    return rebuilt_model(model, {"matryoshka_basis": "pca", "source_checkpoint": source}, basis)
 
 
 def without_matryoshka_basis(model: FrancaModel) -> FrancaModel:
     """A new FrancaModel whose Matryoshka embeddings are cut as prefixes: `model` with its fitted basis (if any)
-    dropped, sharing its other weights, on the same device, in the same dtype and training mode."""
-    config = FrancaConfig.from_dict({**model.config.to_dict(), "matryoshka_basis": "prefix"})
+    dropped, sharing its other weights, on the same device, in the same dtype and training mode, with the same
+    attention implementation and gradient checkpointing."""
+    return rebuilt_model(model, {"matryoshka_basis": "prefix"}, {})
+
+
+def rebuilt_model(model: FrancaModel, config_changes: dict, basis: dict[str, torch.Tensor]) -> FrancaModel:
+    """`model` rebuilt with `config_changes`, sharing its weights but its Matryoshka basis (replaced by the `basis`
+    weights, by state-dict key), in its training mode, attention implementation and gradient checkpointing (which
+    live outside the config's dict and the weights)."""
+    config = FrancaConfig.from_dict({**model.config.to_dict(), **config_changes})
+    config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
-        prefix = FrancaModel(config)
+        rebuilt = FrancaModel(config)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(BASIS_PREFIX)}
-    prefix.load_state_dict(state, assign=True)
-    return prefix.train(model.training)
+    rebuilt.load_state_dict({**state, **basis}, assign=True)
+    modules = dict(model.named_modules())
+    for name, module in rebuilt.named_modules():
+        for attribute in ("gradient_checkpointing", "_gradient_checkpointing_func"):
+            if hasattr(modules.get(name), attribute):  # (a basis module is new)
+                setattr(module, attribute, getattr(modules[name], attribute))
+    return rebuilt.train(model.training)
 
 
 def write_fitted_folder(

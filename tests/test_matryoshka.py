@@ -13,6 +13,7 @@ from franca_hf.matryoshka import (
     accumulate_token_statistics,
     fit_matryoshka_basis,
     with_matryoshka_basis,
+    without_matryoshka_basis,
 )
 from franca_hf.modeling.image_processing_franca import make_image_processor
 
@@ -154,6 +155,22 @@ def test_with_basis_shares_weights_keeps_dtypes_and_replaces_an_old_basis():
     torch.testing.assert_close(again.matryoshka_basis.cls_rotation, fit.cls.rotation.float())
     assert torch.equal(again.matryoshka_basis.patch_rotation, torch.eye(32))  # no patch fit: patch prefixes
     assert again.config.source_checkpoint["matryoshka_pca"]["data"] == "cls only"
+
+
+def test_with_and_without_basis_keep_the_attention_implementation_and_gradient_checkpointing():
+    model, source, processor = demo_model()
+    fit = fit_matryoshka_basis(model, source, processor, num_workers=0, progress=False)
+    eager = FrancaModel._from_config(model.config, attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    eager.activation_checkpointing_enable({"use_reentrant": False})
+    fitted = with_matryoshka_basis(eager.train(), fit)
+    prefixes = without_matryoshka_basis(fitted)
+    for rebuilt in (fitted, prefixes):
+        assert rebuilt.config._attn_implementation == "eager" and rebuilt.training
+        assert rebuilt.is_gradient_checkpointing
+        assert all(layer.gradient_checkpointing for layer in rebuilt.encoder.layer)
+        assert rebuilt.encoder.layer[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    assert not without_matryoshka_basis(model).is_gradient_checkpointing
 
 
 def test_too_few_or_no_readable_images_are_explained(tmp_path):

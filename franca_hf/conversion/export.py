@@ -5,7 +5,6 @@ A folder holds `config.json` (with `auto_map` for AutoConfig, AutoModel and Auto
 `modeling_franca.py` copied from this package by transformers, and a model card `README.md`.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -27,7 +26,8 @@ def fill_model_folder(
     image_processor: BitImageProcessor | None = None,
     card_text: str | None = None,
 ) -> None:
-    """Write weights, config (with auto_map), processor config, remote code and model card into `folder`."""
+    """Write weights, config (with its auto_map: `FrancaPreTrainedModel.save_pretrained`), processor config, remote code
+    and model card into `folder`."""
     # transformers 5 writes nothing from a process of rank > 0 once torch.distributed is initialised, while a node
     # other than rank 0's converts a release into its own cache from such a process: this process writes here
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
@@ -36,10 +36,6 @@ def fill_model_folder(
     finally:
         del model.should_save_on_this_rank
     (image_processor or make_image_processor(model.config.image_size)).save_pretrained(folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config.setdefault("auto_map", {})["AutoBackbone"] = "modeling_franca.FrancaBackbone"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(card_text if card_text is not None else render_model_card(model.config))
 
 

@@ -52,6 +52,7 @@ def _register_with_auto_classes() -> None:
     AutoBackbone.register(FrancaConfig, FrancaBackbone, exist_ok=True)
     FrancaConfig.register_for_auto_class("AutoConfig")
     FrancaModel.register_for_auto_class("AutoModel")
+    FrancaBackbone.register_for_auto_class("AutoBackbone")
 
 
 _register_with_auto_classes()

@@ -157,8 +157,14 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.ffn_type not in FFN_TYPES:
             raise ValueError(f"ffn_type must be one of {FFN_TYPES}, got {self.ffn_type!r}.")
-        if self.num_register_tokens < 0 or self.rasa_steps < 0:
-            raise ValueError("num_register_tokens and rasa_steps must be >= 0.")
+        for name in ("num_register_tokens", "rasa_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"FrancaConfig.{name} must be an integer >= 0, got {value!r}.")
+        offset = self.interpolate_offset
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not 0 <= offset < 1:
+            # the table is resized by (grid + offset) / table: the output grid is the input's only for offsets in [0, 1)
+            raise ValueError(f"FrancaConfig.interpolate_offset must be a number in [0, 1), got {offset!r}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
         if self.drop_path_mode not in DROP_PATH_MODES:
@@ -168,6 +174,12 @@ class FrancaConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def _validate_matryoshka_dims(self) -> None:
         self.matryoshka_dims = check_nested_dims(self.matryoshka_dims, self.hidden_size, "matryoshka_dims")
+
+    def check_values(self) -> None:
+        """A ValueError naming the first field whose value is not allowed. Run when the config is made and again when a
+        model is built from it, which catches values set after construction (`config.rasa_steps = -1`)."""
+        self._validate_architecture()
+        self._validate_matryoshka_dims()
 
 
 def default_matryoshka_dims(hidden_size: int) -> list[int]:
@@ -201,7 +213,10 @@ def check_nested_dims(dims, width: int, name: str, end_at_width: bool = True) ->
     at it when `end_at_width`); otherwise a ValueError that names `name` and says what is allowed."""
     if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
         raise ValueError(f"{name} must be a list of integers, got {dims!r}.")
-    values = [int(d) for d in dims]
+    try:
+        values = [operator.index(d) for d in dims]  # ints, or numpy's and torch's integers; never 4.7 or "8"
+    except TypeError:
+        raise ValueError(f"{name} must be a list of integers, got {list(dims)!r}.") from None
     ending = f"ending at {width}" if end_at_width else f"at most {width}"
     if (
         not values

@@ -425,6 +425,14 @@ class FrancaLayer(GradientCheckpointingLayer):
         return self.drop_path(hidden_states, ffn_branch)
 
 
+# The classes a saved folder's remote code provides (`auto_map` of its config.json), by Auto class.
+REMOTE_CODE_CLASSES = {
+    "AutoConfig": "configuration_franca.FrancaConfig",
+    "AutoModel": "modeling_franca.FrancaModel",
+    "AutoBackbone": "modeling_franca.FrancaBackbone",
+}
+
+
 class FrancaPreTrainedModel(PreTrainedModel):
     config: FrancaConfig
     config_class = FrancaConfig
@@ -440,6 +448,17 @@ class FrancaPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": FrancaLayer, "attentions": FrancaAttention}
     _input_embed_layer = "patch_embeddings"
+
+    def __init__(self, config: FrancaConfig, *inputs, **kwargs):
+        config.check_values()  # (values set on the config after it was made were never checked)
+        super().__init__(config, *inputs, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, with an `auto_map` naming the remote code of AutoConfig, AutoModel and
+        AutoBackbone (copied beside the weights), so that the folder loads with `trust_remote_code=True` as a model
+        or as a backbone wherever this package is not installed, whichever of the two was saved."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_CLASSES}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _keep_fp32(self, *modules: str) -> None:
         """Keep these existing sub-modules fp32 when loaded in bf16/fp16 (RASA directions and the Matryoshka basis

@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModel
 
-from ..conftest import assert_publishable_folder
+from franca_hf import FrancaBackbone, FrancaModel
+
+from ..conftest import assert_publishable_folder, tiny_config
 
 REMOTE_LOAD = r"""
 import sys, json, torch
@@ -73,4 +76,25 @@ def test_folder_loads_with_remote_code_without_the_package(tiny_folder, tmp_path
         debiased = model.get_dense_features(pixels, debiased=True, dim=32, as_grid=False)
     torch.testing.assert_close(remote["cls"], cls, rtol=0, atol=1e-6)
     torch.testing.assert_close(remote["patch"], patch, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["debiased"], debiased, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved_class", [FrancaModel, FrancaBackbone])
+def test_a_plainly_saved_model_or_backbone_loads_with_remote_code_as_either(saved_class, tmp_path):
+    torch.manual_seed(0)
+    saved_class(tiny_config(rasa_steps=2)).save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoBackbone": "modeling_franca.FrancaBackbone",
+        "AutoConfig": "configuration_franca.FrancaConfig",
+        "AutoModel": "modeling_franca.FrancaModel",
+    }
+    assert {"configuration_franca.py", "modeling_franca.py"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    pixels = torch.randn(1, 3, 56, 70)
+    remote = load_without_the_package(tmp_path / "saved", pixels, tmp_path)
+    assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("FrancaModel")
+    model = FrancaModel.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(remote["cls"], model.get_image_embeddings(pixels, dim=16), rtol=0, atol=1e-6)
+        debiased = model.get_dense_features(pixels, debiased=True, dim=16, as_grid=False)
     torch.testing.assert_close(remote["debiased"], debiased, rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from franca_hf import FrancaConfig, FrancaModel
+from franca_hf import FrancaBackbone, FrancaConfig, FrancaModel
 from franca_hf.modeling import interpolate_position_table
 from franca_hf.modeling.modeling_franca import FrancaDropPath
 
@@ -159,6 +159,26 @@ def test_bad_configs_raise_clear_errors():
         FrancaConfig(hidden_size=64, num_attention_heads=2, matryoshka_dims=[8, 32])
     with pytest.raises(ValueError, match="Unknown preset"):
         FrancaConfig.from_preset("vit_huge")
+    for field, value in [("rasa_steps", 1.5), ("rasa_steps", "2"), ("num_register_tokens", -1)]:
+        with pytest.raises(ValueError, match=rf"FrancaConfig.{field} must be an integer >= 0, got {value!r}"):
+            tiny_config(**{field: value})
+    for offset in (1.0, -0.5):  # the resized table would not have the input's grid (a reshape error at other sizes)
+        with pytest.raises(ValueError, match=rf"interpolate_offset must be a number in \[0, 1\), got {offset}"):
+            tiny_config(interpolate_offset=offset)
+    for dims in ([4.7, 8, 16, 32, 64], ["4", 8, 16, 32, 64]):  # not rounded or parsed into other widths
+        with pytest.raises(ValueError, match="matryoshka_dims must be a list of integers"):
+            tiny_config(matryoshka_dims=dims)
+    assert tiny_config(matryoshka_dims=[torch.tensor(4), 8, 16, 32, 64]).matryoshka_dims == [4, 8, 16, 32, 64]
+
+
+def test_values_set_on_a_config_after_it_was_made_are_checked_when_a_model_is_built():
+    config = tiny_config()
+    config.matryoshka_basis = "PCA"
+    with pytest.raises(ValueError, match="matryoshka_basis must be one of"):
+        FrancaModel(config)
+    config.matryoshka_basis, config.rasa_steps = "prefix", -3
+    with pytest.raises(ValueError, match="rasa_steps must be an integer >= 0, got -3"):
+        FrancaBackbone(config)
 
 
 def test_presets_match_the_paper():
