@@ -190,6 +190,10 @@ def _search(args: argparse.Namespace) -> None:
         print(query)
         for rank, (score, id_) in enumerate(zip(row_scores[: len(row_ids)], row_ids, strict=True), start=1):
             print(f"  {rank:2d}. {score:.4f}  {id_}")
+        if len(row_ids) < result.k:
+            print(
+                f"  (only {len(row_ids)}: the index's approximate first stage found no more; --exact reads every row)"
+            )
 
 
 def _visualize(args: argparse.Namespace) -> None:

@@ -107,7 +107,8 @@ def check_same_model(
     if stored is None or stored == current or allow_other_model:
         return
     change = (
-        f"the model there now has fingerprint {current}: its weights, basis, architecture or precision changed since"
+        f"the model there, as this run holds it, has fingerprint {current}: its weights, basis or architecture "
+        "changed since, or this run holds it at another precision"
         if stored_model == current_model
         else f"this run's model {current_model} has fingerprint {current}: other weights, basis, architecture or "
         "precision"

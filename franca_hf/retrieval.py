@@ -336,8 +336,7 @@ class EmbeddingIndex:
             tensors for a tensor of queries, numpy arrays for an array.
         """
         self._check_k(k)
-        stages = default_funnel(self.dims, k) if stages is None else [(int(d), int(s)) for d, s in stages]
-        self._check_stages(stages, k)
+        stages = self._checked_stages(default_funnel(self.dims, k) if stages is None else stages, k)
         array, norms = self._checked_queries(queries, [dim for dim, _ in stages])
         # An inner-product ranking ignores the query's scale: every stage ranks with the raw query prefix, and only
         # the scores of the last stage are divided by that prefix's norm (cosines).
@@ -598,6 +597,8 @@ class EmbeddingIndex:
             raise UsageError(f"This index: {problem}", setting="dim")
 
     def _check_k(self, k: int) -> None:
+        if not _is_integer(k):
+            raise UsageError(f"k={k!r} is not an integer; give the number of results per query.", setting="k")
         if not 1 <= k <= len(self):
             raise UsageError(f"k={k} is out of range: it must be between 1 and the index size ({len(self)}).")
 
@@ -608,6 +609,10 @@ class EmbeddingIndex:
         float for one query: dividing by one is half the cost of dividing by an array), after checking their shape,
         that no prefix at `dims` is zero or non-finite and, for an index of unit-norm embeddings, that full-width ones
         have unit norm."""
+        if not isinstance(queries, (np.ndarray, torch.Tensor)):
+            raise TypeError(
+                f"queries must be a torch tensor or a numpy array of shape (Q, width); got a {type(queries).__name__}."
+            )
         if queries.ndim != 2 or queries.shape[1] not in (self.width, dims[-1]):
             widths = sorted({dims[-1], self.width})
             raise ValueError(
@@ -659,16 +664,20 @@ class EmbeddingIndex:
         refuse_bad_queries(norms, dims, check_unit)
         return array, norms[:, len(dims) - 1 : len(dims)]
 
-    def _check_stages(self, stages: list[tuple[int, int]], k: int) -> None:
+    def _checked_stages(self, stages: Sequence[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+        """`stages` as (dim, size) pairs of ints (numpy's and torch's integers taken), after checking them."""
         if not stages:
             raise ValueError("stages is empty; pass at least one (dim, shortlist size) pair.")
         dims, sizes = [d for d, _ in stages], [s for _, s in stages]
+        if not all(map(_is_integer, sizes)):
+            raise ValueError(f"Stage shortlist sizes must be integers; got {sizes}.")
         for dim in dims:
             self.check_dim(dim)
         if dims != sorted(set(dims)):
             raise ValueError(f"Stage dims must be strictly increasing; got {dims}.")
         if sizes != sorted(sizes, reverse=True) or sizes[-1] < k:
             raise ValueError(f"Stage shortlist sizes must be non-increasing and all >= k={k}; got {sizes}.")
+        return [(operator.index(dim), operator.index(size)) for dim, size in zip(dims, sizes, strict=True)]
 
 
 class OpenedFiles(dict):
@@ -743,6 +752,15 @@ def write_ids(ids: Sequence[str], lines, starts, first_byte: int = 0) -> int:
     lines.write("".join(encoded).encode())
     starts.write((first_byte + np.cumsum(lengths) - lengths).astype(STARTS).tobytes())
     return int(lengths.sum())
+
+
+def _is_integer(value) -> bool:
+    """An int, or numpy's or torch's integer; never 2.0 (nor a bool)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 def numpy_of(tensor: torch.Tensor) -> np.ndarray:
@@ -1248,6 +1266,14 @@ def build_index(
 def _check_same_extraction(index: EmbeddingIndex, features: Path, extraction: ExtractionIndex) -> None:
     """A UsageError unless `features` still holds the shards `index` was built from, with the rows it holds: its last
     shard's ids are the index's last ids (another extract folder names its shards alike)."""
+    if len(index) and not index.manifest.sources:
+        raise UsageError(
+            f"The index {index.folder} was not built from an extract folder (it was made from images, or saved from "
+            "Python) and records no shards: an append cannot tell which of its rows it already holds, so it would "
+            f"repeat them. Build the index from {features} instead (overwrite=True, --overwrite), and append later "
+            "extracts to that one.",
+            setting="overwrite",
+        )
     held = {shard["file"]: shard for shard in extraction.shards}
     gone = [name for name in index.manifest.sources if name not in held]
     if gone:

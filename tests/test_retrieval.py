@@ -366,8 +366,11 @@ def test_a_sharded_half_precision_copy_searched_in_parallel_answers_as_the_float
         calls.clear()
         got = index.search(queries, 10)  # four queries: each on a thread of FAISS's, shard after shard
         assert calls[0] == ("half", 4, False) and set(got[1][2].tolist()) <= equal_rows
+        # (a batch's query norms come from one matrix product, one query's from FAISS's norm: the float scan of the
+        # same batch is the answer to compare with)
+        want = floats.search(queries, 10)
         for query in (0, 1, 3):
-            assert torch.equal(got[0][query], want[query][0][0]) and torch.equal(got[1][query], want[query][1][0])
+            assert torch.equal(got[0][query], want[0][query]) and torch.equal(got[1][query], want[1][query])
     finally:
         faiss.omp_set_num_threads(1)
 
@@ -882,6 +885,8 @@ def test_load_rejects_folders_that_are_not_an_index(tmp_path):
         ),
         (lambda index, q: index.search(q, 101), r"k=101 is out of range.*\(100\)"),
         (lambda index, q: index.search(q, 0), r"k=0 is out of range"),
+        (lambda index, q: index.search(q, 2.0), r"k=2.0 is not an integer"),
+        (lambda index, q: index.funnel_search(q, 5, [(8, 50.7), (128, 5)]), r"sizes must be integers; got \[50.7, 5\]"),
         (lambda index, q: index.search(q[:, :100], 5), r"queries must have shape.*\[128\].*\(3, 100\)"),
         (lambda index, q: index.search(q[:, :16], 5, dim=32), r"width in \[32, 128\].*\(3, 16\)"),
         (lambda index, q: index.search(q[0], 5), r"queries\[None\] for a single query"),
@@ -902,6 +907,12 @@ def test_bad_search_inputs_raise_clear_errors(call, message):
     database, queries = gaussian(100, 3, decay=1.0)
     with pytest.raises(ValueError, match=message):
         call(EmbeddingIndex(database, dims=DIMS, settings=EXACT), queries)
+
+
+def test_queries_of_another_type_than_a_tensor_or_an_array_are_named():
+    database, queries = gaussian(100, 3, decay=1.0)
+    with pytest.raises(TypeError, match=r"queries must be a torch tensor or a numpy array .* got a list"):
+        EmbeddingIndex(database, dims=DIMS, settings=EXACT).search(queries.tolist(), 2)
 
 
 @pytest.mark.parametrize("rows", [slice(None), slice(1, 2)], ids=["batch", "one query"])
@@ -1303,6 +1314,17 @@ def test_an_append_refuses_an_extraction_that_lost_its_shards_or_is_another_one(
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     rebuilt = build_index(features, path, overwrite=True, progress=False).index  # what the message says to do
     assert len(rebuilt) == 400 and sorted(rebuilt.ids) == sorted(f"row-{i}" for i in range(400))
+
+
+def test_an_append_refuses_an_index_not_built_from_an_extract_folder(tmp_path):
+    database, _ = gaussian(400, 1, decay=1.0)
+    features, path = tmp_path / "features", tmp_path / "index"
+    write_features(features, list(database.split(200)))
+    EmbeddingIndex(database, [f"row-{i}" for i in range(400)]).save(path)  # the same rows, saved from Python
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(UsageError, match=r"was not built from an extract folder .* it would repeat them"):
+        build_index(features, path, append=True, progress=False)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
 def test_an_interrupted_append_leaves_the_index_as_it_was(tmp_path, monkeypatch):

@@ -189,4 +189,7 @@ def test_search_shows_only_the_rows_an_ann_first_stage_found(tiny_folder, tmp_pa
     command = ["search", query, "--index", str(tmp_path / "index"), "--model", str(tiny_folder), "--k", "400"]
     assert main([*command, "--funnel"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 2 + found and printed[-1].endswith(result.ids[0][-1])
+    assert len(printed) == 3 + found and printed[-2].endswith(result.ids[0][-1])
+    assert (
+        printed[-1] == f"  (only {found}: the index's approximate first stage found no more; --exact reads every row)"
+    )

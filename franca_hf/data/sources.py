@@ -10,6 +10,7 @@ Nothing here imports the trainer, so inference code can use it without loading `
 
 import dataclasses
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -54,9 +55,12 @@ class ImageSource:
         return self.size
 
 
-def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
+def collect_image_paths(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded recursively to their image files (sorted); a path given twice (or inside two
-    given folders) is kept once, at its first place. Errors on missing inputs and on finding no image."""
+    given folders) is kept once, at its first place. One path stands for itself (not its letters). Errors on missing
+    inputs and on finding no image."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     paths: dict[Path, None] = {}
     for item in map(Path, inputs):
         if item.is_dir():

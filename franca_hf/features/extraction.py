@@ -86,8 +86,30 @@ def _open_inputs(inputs: Sequence[str | os.PathLike], split: str, image_column: 
             )
         return hf_source(load_hf_dataset(inputs[0], split), inputs[0], image_column)
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
-        return folder_source(inputs[0])
-    return files_source(collect_image_paths(inputs), ", ".join(inputs))
+        source = folder_source(inputs[0])
+    else:
+        source = files_source(collect_image_paths(inputs), ", ".join(inputs))
+    _check_storable_ids(source)
+    return source
+
+
+def _check_storable_ids(source: ImageSource) -> None:
+    """A UsageError naming the files whose paths are not valid UTF-8 (bytes a file system allows, which Python reads
+    as surrogates): the shards store each image's path as its id, in Parquet's UTF-8 strings."""
+    unstorable = []
+    for position in range(len(source)):
+        path = source.describe(position)
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            unstorable.append(os.fsencode(path))
+    if unstorable:
+        shown = ", ".join(repr(path) for path in unstorable[:3]) + (", ..." if len(unstorable) > 3 else "")
+        raise UsageError(
+            f"{len(unstorable)} image file name(s) are not valid UTF-8 ({shown}): an extract folder stores each path "
+            "as the image's id, in UTF-8. Rename them (or index these images directly: `franca-hf index` with "
+            "model)."
+        )
 
 
 def _check_feature_request(config: PreTrainedConfig, dim: int | None, dense: bool, debiased: bool) -> None:

@@ -42,6 +42,10 @@ def test_inputs_given_twice_are_collected_once(tmp_path):
     paths = collect_image_paths([tmp_path / "b.png", tmp_path, tmp_path / "a.png"])
     assert paths == [tmp_path / "b.png", tmp_path / "a.png"]
     assert len(files_source(paths)) == 2
+    # one path, as a string or a Path, is that path (a string is not walked letter by letter)
+    assert (
+        collect_image_paths(str(tmp_path)) == collect_image_paths(tmp_path) == [tmp_path / "a.png", tmp_path / "b.png"]
+    )
 
 
 def test_the_splits_of_a_classifier_are_numbered_by_train_class_names(tmp_path, caplog):

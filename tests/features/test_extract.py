@@ -261,6 +261,13 @@ def test_extract_errors_name_the_flags(tmp_path, tiny_folder, photos, capsys):
     assert "is neither an image file nor a folder" in error(*extract_command(tmp_path / "nope", tiny_folder, "x"))
     (tmp_path / "empty").mkdir()
     assert "No image files found" in error(*extract_command(tmp_path / "empty", tiny_folder, tmp_path / "x"))
+    odd = tmp_path / "odd"  # a name a file system allows, which a Parquet string cannot hold
+    shutil.copytree(photos, odd)
+    shutil.copy(next(odd.glob("*.jpg")), os.fsdecode(bytes(odd) + b"/bad\xff.jpg"))
+    assert "1 image file name(s) are not valid UTF-8 (b'" + str(odd) + "/bad\\xff.jpg'): " in error(
+        *extract_command(odd, tiny_folder, tmp_path / "x")
+    )
+    assert not (tmp_path / "x").exists()
     assert "debiased applies to dense patch features; set dense as well. (--debiased)" in error(
         *extract_command(photos, tiny_folder, tmp_path / "x", "--debiased")
     )
