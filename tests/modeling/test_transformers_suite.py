@@ -21,7 +21,7 @@ from transformers.testing_utils import torch_device
 from franca_hf import FrancaBackbone, FrancaConfig, FrancaModel
 from franca_hf.modeling.image_processing_franca import make_image_processor
 
-from .transformers_suite import SuiteUnavailable, load_common_tests, prepare_tiny_models
+from .transformers_suite import SuiteUnavailable, link_installed_sources, load_common_tests, prepare_tiny_models
 
 try:
     load_common_tests()
@@ -211,3 +211,16 @@ class FrancaBackboneTest(unittest.TestCase, BackboneTesterMixin):
 
 class FrancaBackboneWithRasaTest(FrancaBackboneTest):
     rasa_steps = 3
+
+
+def test_a_cached_tree_is_linked_to_this_environments_transformers(tmp_path):
+    """The unpacked tests are cached per transformers version, for every environment: a link to the sources of
+    another environment, deleted since (a CI run's), is replaced by one to this interpreter's package."""
+    import transformers
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "transformers").symlink_to(tmp_path / "deleted-venv" / "transformers")
+    link_installed_sources(tmp_path)
+    assert (tmp_path / "src" / "transformers").resolve() == Path(transformers.__file__).parent.resolve()
+    assert (tmp_path / "src" / "transformers" / "__init__.py").is_file()
+    assert [p.name for p in (tmp_path / "src").iterdir()] == ["transformers"]  # no staging link left

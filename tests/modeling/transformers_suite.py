@@ -57,6 +57,7 @@ def source_tree() -> Path:
     root = cache_root()
     tree = root / f"transformers-{version}"
     if all((tree / "tests" / name).is_file() for name in (*COMMON_FILES, "__init__.py")):
+        link_installed_sources(tree)
         return tree
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as staging:
@@ -77,12 +78,25 @@ def source_tree() -> Path:
         unpacked = Path(staging) / f"transformers-{version}"
         # the repository's tests/ is a package with an empty __init__.py (test_configuration_common imports it)
         (unpacked / "tests" / "__init__.py").touch()
-        # test_pipeline_mixin imports the transformers sources next to its tests: the installed package, the same files
         (unpacked / "src").mkdir()
-        (unpacked / "src" / "transformers").symlink_to(Path(transformers.__file__).parent, target_is_directory=True)
+        link_installed_sources(unpacked)
         shutil.rmtree(tree, ignore_errors=True)
         os.replace(unpacked, tree)
     return tree
+
+
+def link_installed_sources(tree: Path) -> None:
+    """Point `tree/src/transformers` at the transformers package of this interpreter: test_pipeline_mixin imports the
+    sources next to its tests, the installed package being the same files. The cache is shared by every environment
+    with this version, so a link left by another one (whose environment may since be deleted) is replaced, atomically.
+    """
+    link, installed = tree / "src" / "transformers", Path(transformers.__file__).parent
+    if link.is_symlink() and link.resolve() == installed.resolve():
+        return
+    staging = link.with_name(f".transformers-{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(installed, target_is_directory=True)
+    os.replace(staging, link)
 
 
 def _provide(name: str, **attributes) -> None:
