@@ -332,7 +332,8 @@ def benchmark(database: torch.Tensor, queries: torch.Tensor, source: str, args) 
         "`index_from_features` gives them, or memory-maps from a saved index, and which FAISS's flat index copies; "
         "ours, given vectors in other memory, copies them once too); ours' exact scans read copies made "
         "in its build (`prepare`): a unit D/16 copy and, over tables of "
-        f"{HALF_SCAN_MIN_BYTES >> 20} MiB or more, `HalfPrecisionScan`'s half-precision copies of D/16 and D. Load average "
+        f"{HALF_SCAN_MIN_BYTES >> 20} MiB or more, `HalfPrecisionScan`'s half-precision copies of D/16 and D, under "
+        "that, where the rows' principal axes allow, `PrincipalBoundScan`'s table of bounds. Load average "
         f"{os.getloadavg()[0]:.1f} at the end.",
     ]
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(footer))

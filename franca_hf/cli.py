@@ -363,6 +363,12 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         help="exact scans of a few queries read a half-precision copy, then settle the top k in float32 (default on)",
     )
+    index.add_argument(
+        "--bound-scan",
+        action=argparse.BooleanOptionalAction,
+        help="exact scans of a few queries over a cached table read a narrow table of bounds in the rows' principal "
+        "axes first, then settle the top k in float32 (default on)",
+    )
     index.add_argument("--append", action="store_true", help="add the extract folder's new shards to the index --out")
     index.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     index.add_argument("--allow-other-model", action="store_true", help="skip the model fingerprint check")

@@ -99,6 +99,18 @@ HALF_SCAN_SPARE = 8  # rows shortlisted beyond k: enough to settle every query m
 # its threads searches them in parallel: on 2 threads here, 1.2x one shard over a 9 MiB copy (shards of 4.6 MiB) to
 # 1.9x over 1.5 GiB, where FAISS's shared-out float scan took 2.0-5.6x as long as one shard (docs/retrieval.md).
 HALF_SCAN_SHARD_BYTES = 4 << 20
+# Exact scans of fewer than BLOCKED_MIN_QUERIES queries that no half-precision copy serves (tables under
+# HALF_SCAN_MIN_BYTES, in the caches: the scan is compute-bound there) compute bounds in the rows' principal axes first
+# (`PrincipalBoundScan`), when those axes leave at most BOUND_SCAN_TAIL of the rows' energy to the BOUND_SCAN_SEGMENTS
+# tail segments of a table at most a quarter of the width, for k at most 1/BOUND_SCAN_MAX_SHARE of the rows. On the demo
+# teacher's 19k x 128 embeddings (prefix or fitted basis): a table of 24 channels (docs/retrieval.md).
+BOUND_SCAN_SEGMENTS = 8
+BOUND_SCAN_TAIL = 0.1
+BOUND_SCAN_MAX_SHARE = 64
+BOUND_SCAN_SHORTLIST_SHARE = 8  # a query whose bounds leave more than this share of the rows to rescore: a float scan
+BOUND_SCAN_SPARE = 4  # a first floor leaves about this many times k rows above it: enough to settle most queries
+BOUND_SCAN_GROUP = 16  # rows whose largest bound is taken together for the floor, at most
+BOUND_SCAN_FIT_ROWS = 16384  # rows the principal axes are fitted on, at most (evenly spaced)
 
 
 def default_funnel(dims: Sequence[int], k: int) -> list[tuple[int, int]]:
@@ -248,6 +260,7 @@ class EmbeddingIndex:
         self._opened = OpenedFiles()  # a saved index's ids and first-stage files by name: descriptors since `load`
         self._unit_prefixes: dict[int, np.ndarray] = {}  # exact-scan copies, made on first use
         self._half_scans: dict[int, HalfPrecisionScan | None] = {}  # by width, made on first use; None: not worth it
+        self._bound_scans: dict[int, PrincipalBoundScan | None] = {}  # likewise
         self._search_parameters: dict[int, object] = {}  # FAISS first-stage parameters by shortlist size
         self._prefix_masks: dict[tuple[int, ...], np.ndarray] = {}  # by cuts: _checked_queries
 
@@ -502,6 +515,9 @@ class EmbeddingIndex:
             half = self._half_scan(dim, k)
             if half is not None and (half.shards > 1 or not shared):
                 return half.top_k(cut, database, k, parallel=shared)
+            bound = self._bound_scan(dim, k) if half is None else None
+            if bound is not None:
+                return bound.top_k(cut, database, k)
         return float_top_k(cut, database, k)
 
     def _half_scan(self, dim: int, k: int) -> "HalfPrecisionScan | None":
@@ -526,23 +542,35 @@ class EmbeddingIndex:
                 self._half_scans[dim] = None
         return self._half_scans[dim]
 
+    def _bound_scan(self, dim: int, k: int) -> "PrincipalBoundScan | None":
+        """The bound table of the unit `dim` prefixes (`PrincipalBoundScan`), fitted on first use, where the table
+        is under HALF_SCAN_MIN_BYTES, its principal axes qualify and the shortlist for k is short enough."""
+        rows = len(self)
+        if k * BOUND_SCAN_MAX_SHARE > rows:
+            return None
+        if dim not in self._bound_scans:
+            worth = self.settings.bound_scan and rows * dim * 4 < HALF_SCAN_MIN_BYTES
+            self._bound_scans[dim] = PrincipalBoundScan.fit(self._unit_prefix(dim)) if worth else None
+        return self._bound_scans[dim]
+
     def prepare(self, dims: Sequence[int]) -> int:
         """Make now, rather than on the first exact scan at each of `dims`, the copies that scan reads: the unit
         prefix copy and, where the half-precision scan applies (`HalfPrecisionScan`), its copy, in one shard per
-        FAISS thread at this moment; a service warms up with it, on the threads it will search with (3 s for the half
-        copy of 1M x 768 on 2 cores here). Returns the bytes they hold beyond the vectors."""
+        FAISS thread at this moment, or else, where it applies, the bound table (`PrincipalBoundScan`); a service
+        warms up with it, on the threads it will search with (3 s for the half copy of 1M x 768 on 2 cores here).
+        Returns the bytes they hold beyond the vectors."""
         for dim in dims:
             self.check_dim(dim)
             self._unit_prefix(dim)
-            self._half_scan(dim, 1)
+            if self._half_scan(dim, 1) is None:
+                self._bound_scan(dim, 1)
         return sum(self.copy_bytes(dim) for dim in set(dims))
 
     def copy_bytes(self, dim: int) -> int:
-        """Bytes this index holds beyond its vectors for exact scans at `dim`: the unit prefix copy and the
-        half-precision copy, where made so far."""
-        unit = self._unit_prefixes.get(dim)
-        half = self._half_scans.get(dim)
-        return (0 if unit is None else unit.nbytes) + (0 if half is None else half.nbytes)
+        """Bytes this index holds beyond its vectors for exact scans at `dim`: the unit prefix copy, the
+        half-precision copy and the bound table, where made so far."""
+        copies = self._unit_prefixes.get(dim), self._half_scans.get(dim), self._bound_scans.get(dim)
+        return sum(copy.nbytes for copy in copies if copy is not None)
 
     def _approximate(self, queries: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -924,7 +952,7 @@ class HalfPrecisionScan:
             for part in parts:
                 self.sequential.add_shard(part)
                 self.parallel.add_shard(part)
-        rounding = width * 2.0**-24 / (1 - width * 2.0**-24)  # bound on a float32 dot product's relative error
+        rounding = float_rounding(width)
         # per unit of query norm; 0.1 % more covers the float32 sums of squares above and the query norm it meets
         self.slack = (math.sqrt(error) + rounding * (math.sqrt(row_norm) + math.sqrt(half_norm))) * 1.001
         self.nbytes = count * width * 2
@@ -959,6 +987,130 @@ class HalfPrecisionScan:
         for query in unsettled:
             scores[query], picked[query] = float_top_k(queries[query : query + 1], rows, k)
         return scores, picked
+
+
+def float_rounding(width: int) -> float:
+    """Bound on the relative error of a float32 dot product of `width` terms, whatever the order of summation:
+    |computed - exact| <= this x |a| x |b|."""
+    return width * 2.0**-24 / (1 - width * 2.0**-24)
+
+
+class PrincipalBoundScan:
+    """A narrow table of upper bounds on the inner products of (N, d) float32 rows, whose products with a few queries
+    leave only the rows that may enter their exact top-k to score: 1.3-1.5x FAISS's float scan for one query on the
+    demo teacher's 19k x 128 embeddings, a table that stays in the CPU caches (docs/retrieval.md).
+
+    In the rows' principal axes A (an orthogonal d x d matrix: eigenvectors of the rows' second moments, largest
+    first), y = xA keeps every inner product (q.x = qA.y), and real embeddings put most of their energy in the first
+    axes. Each row is stored as its first `kept` coordinates y[:kept] and the norms of BOUND_SCAN_SEGMENTS consecutive
+    segments of the rest; a query the same way. Their inner product bounds q.x from above (Cauchy-Schwarz on each
+    segment), the tighter the more energy the first axes hold. One matrix product (torch's, on torch's threads) gives
+    a query's bound for every row; FAISS's float kernel rescores the rows whose bound is above a floor, and a row below
+    the floor scores at most floor + `slack` x |q| in float32. When the k-th rescored score is above that, no row left
+    out can enter the top k, and the rescored top k is the float scan's answer, bit for bit: the very scores its kernel
+    computes, in row order (so that of equal scores at the k-th place the first row is kept, as the scan keeps it).
+    Else the floor drops to the k-th score less the slack, and the next pass settles it. The first floor leaves about
+    BOUND_SCAN_SPARE x k rows above it: on the demo's embeddings, the floor that settles a query left a median of
+    1.5 x k rows above it, and 2.2 x k or fewer for 9 queries in 10 (k = 10 and 50).
+
+    The slack covers the float32 rounding of the float scan's products (d x 2^-24 of the norms) and of the bounds (their
+    width), the rounding of the rows' and the query's coordinates to float32, and the axes' departure from
+    orthogonality (measured), per unit of query norm and at the rows' largest norm.
+    """
+
+    def __init__(self, axes: np.ndarray, kept: int, segments: np.ndarray, table: torch.Tensor, slack: float):
+        self.axes, self.kept, self.segments, self.table, self.slack = axes, kept, segments, table, slack
+        self.nbytes = table.numel() * 4
+
+    @classmethod
+    def fit(cls, rows: np.ndarray) -> "PrincipalBoundScan | None":
+        """The scan of (N, d) float32 rows, or None where the axes of their first BOUND_SCAN_FIT_ROWS (evenly spaced)
+        leave more than BOUND_SCAN_TAIL of their energy beyond every table of at most d/4 channels."""
+        count, width = rows.shape
+        sample = torch.from_numpy(rows[:: max(1, count // BOUND_SCAN_FIT_ROWS)]).double()
+        energies, axes = np.linalg.eigh((sample.T @ sample).numpy())
+        energies, axes = np.clip(energies[::-1], 0, None), np.ascontiguousarray(axes[:, ::-1])
+        beyond = np.cumsum(energies[::-1])[::-1] / max(energies.sum(), np.finfo(np.float64).tiny)  # beyond[i]: from i
+        tables = [
+            channels
+            for channels in range(2 * BOUND_SCAN_SEGMENTS, width // 4 + 1, 8)
+            if beyond[channels - BOUND_SCAN_SEGMENTS] <= BOUND_SCAN_TAIL
+        ]
+        if not tables:
+            return None
+        kept = tables[0] - BOUND_SCAN_SEGMENTS
+        segments = kept + (width - kept) * np.arange(BOUND_SCAN_SEGMENTS) // BOUND_SCAN_SEGMENTS
+        # (channels, rows): a query's product with it runs along contiguous rows, 1.7x faster than with (rows, channels)
+        table = torch.from_numpy(huge_page_array(tables[0], count))
+        scan = cls(axes, kept, segments, table, 0.0)
+        largest = 0.0
+        for start in range(0, count, FILL_BLOCK):
+            block = rows[start : start + FILL_BLOCK]
+            table[:, start : start + FILL_BLOCK] = torch.from_numpy(scan.bound_rows(block)).T
+            largest = max(largest, float(np.einsum("ij,ij->i", block, block, dtype=np.float64).max()))
+        departure = float(np.linalg.norm(axes @ axes.T - np.eye(width)))  # bounds |I - AA^T| (spectral norm)
+        rounding = float_rounding(width) + float_rounding(tables[0]) + 3 * 2.0**-24 + departure + 1e-12
+        scan.slack = rounding * math.sqrt(largest) * 1.001
+        return scan
+
+    def bound_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(n, kept + BOUND_SCAN_SEGMENTS) float32: rows (n, d) in the principal axes, their first `kept`
+        coordinates and the norms of the segments of the rest (computed in float64)."""
+        turned = rows.astype(np.float64) @ self.axes
+        norms = np.sqrt(np.add.reduceat(np.square(turned), self.segments, axis=1))
+        return np.concatenate([turned[:, : self.kept], norms], axis=1, dtype=np.float32)
+
+    def top_k(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The float scan's answer on one thread (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`,
+        the (N, d) float32 rows this table was made from; k at most N / BOUND_SCAN_MAX_SHARE (for a query whose
+        bounds leave more than 1/BOUND_SCAN_SHORTLIST_SHARE of the rows to rescore, FAISS's scan on its threads)."""
+        import faiss
+
+        bounds = torch.mm(torch.from_numpy(self.bound_rows(queries)), self.table).numpy()  # (Q, N)
+        scores, picked = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+        for number, (query, bound) in enumerate(zip(queries, bounds, strict=True)):
+            query = query[None]
+            slack = math.sqrt(faiss.fvec_norm_L2sqr(faiss.swig_ptr(query), query.shape[1])) * self.slack
+            scores[number], picked[number] = self._settled(query, bound, rows, k, slack)
+        return scores, picked
+
+    def _settled(
+        self, query: np.ndarray, bound: np.ndarray, rows: np.ndarray, k: int, slack: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The float scan's top-k (1, k) of one query (1, d) from its bounds (N,) on `rows`, whose float32 scores are
+        at most bound + slack."""
+        import faiss
+
+        # the floor: the (BOUND_SCAN_SPARE x k)-th largest of the bounds' maxima over groups of rows (rows i, i + n,
+        # i + 2n, ...: one elementwise maximum of contiguous runs), each of whose groups holds a row at it or above;
+        # groups of up to BOUND_SCAN_GROUP rows, at least 4 x BOUND_SCAN_SPARE x k of them
+        size = max(1, min(BOUND_SCAN_GROUP, len(bound) // (4 * BOUND_SCAN_SPARE * k)))
+        groups = bound[: len(bound) // size * size].reshape(size, -1).max(axis=0)
+        place = len(groups) - BOUND_SCAN_SPARE * k
+        floor = float(np.nextafter(np.partition(groups, place)[place], np.float32(-np.inf)))
+        for _ in range(2):
+            shortlist = np.flatnonzero(bound > floor)  # in row order
+            if len(shortlist) * BOUND_SCAN_SHORTLIST_SHARE > len(rows):
+                break
+            scores, picked = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+            faiss.knn_inner_products_by_idx(
+                faiss.swig_ptr(query), faiss.swig_ptr(rows), faiss.swig_ptr(shortlist), query.shape[1], 1,
+                len(rows), len(shortlist), k, faiss.swig_ptr(scores), faiss.swig_ptr(picked), len(shortlist),
+            )  # fmt: skip
+            kth = float(scores[0, -1])
+            if kth > floor + slack:  # a row below the floor scores at most floor + slack
+                return scores, picked
+            # below the floor (kth <= floor + slack): every row that may score kth or more is above it, so the next
+            # pass, whose shortlist holds this one, settles
+            floor = float32_below(kth - slack - abs(kth) * 2.0**-20)
+        return float_top_k(query, rows, k)
+
+
+def float32_below(value: float) -> float:
+    """The largest float32 at most `value`, as a Python float: a floor that compares with float32 arrays as it is
+    (numpy rounds a Python float to the array's type, up as often as down)."""
+    rounded = np.float32(value)
+    return float(rounded if rounded <= value else np.nextafter(rounded, np.float32(-np.inf)))
 
 
 def huge_page_array(rows: int, width: int) -> np.ndarray:

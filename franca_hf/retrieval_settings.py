@@ -47,6 +47,11 @@ class AnnSettings:
             and settle the top k exactly from the float rows (`HalfPrecisionScan`): 1.3-2x faster for one query over
             tables past the caches, for N x dim x 2 bytes of RAM per width scanned, made on first use (never more than
             a quarter of the machine's RAM). False: scan the float rows only.
+        bound_scan: exact scans of a few queries over a table in the caches (under 16 MiB of float32) first scan a
+            narrow table of upper bounds in the rows' principal axes, then settle the top k exactly from the float
+            rows (`PrincipalBoundScan`): about 2x faster for one query on real embeddings, for N x (a quarter of dim
+            or less) x 4 bytes per width scanned, made on first use where the axes hold the rows' energy closely
+            enough. False: scan the float rows only.
     """
 
     ann: str = "auto"
@@ -58,6 +63,7 @@ class AnnSettings:
     pq_bytes: int = 0
     exact_below: int = 200_000
     half_scan: bool = True
+    bound_scan: bool = True
 
     def __post_init__(self):
         if self.ann not in ANN_KINDS:

@@ -375,6 +375,98 @@ def test_a_sharded_half_precision_copy_searched_in_parallel_answers_as_the_float
         faiss.omp_set_num_threads(1)
 
 
+def test_the_principal_bound_scan_gives_the_float_scans_answer(tiles, monkeypatch):
+    """A few queries over a table in the caches whose principal axes hold the rows' energy read a narrow table of
+    bounds (`PrincipalBoundScan`): every bound, slack included, is at least the float scan's score of its row; the
+    answer is FAISS's float scan's bit for bit (duplicate rows among the results, equal rows at the k-th place, a
+    query equal to 31 rows), in one pass or, from a first floor left with too few rows, in two; a query whose bounds
+    leave too many rows is scanned in float32. Made on first use or by `prepare`, counted by `copy_bytes`; not made for
+    isotropic rows, a table past HALF_SCAN_MIN_BYTES, a k above N / BOUND_SCAN_MAX_SHARE, or bound_scan off."""
+    import faiss
+
+    rows = 4000
+    database, queries = gaussian(rows, 6, decay=1.0)  # beyond the first 16 of 128 channels: 6 % of the energy
+    database[100:150] = database[2000:2050]
+    queries[:3] = database[120:123] + 0.01 * torch.randn(3, WIDTH, generator=torch.Generator().manual_seed(1))
+    database[3000:3030] = database[3030]  # 31 equal rows
+    queries[5] = database[3030]
+    centre, gen = database[1000], torch.Generator().manual_seed(2)  # 9 rows close to query 4, then two equal rows
+    database[1001:1009] = centre + 0.01 * centre.norm() * torch.randn(8, WIDTH, generator=gen) / WIDTH**0.5
+    database[300] = database[1100] = centre + 0.03 * centre.norm() * torch.randn(WIDTH, generator=gen)
+    queries[4] = centre
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    floats = EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", bound_scan=False))
+    calls = []  # "bound" | "float" | "rescore" for each call
+    real_bound, real_float, real_rescore = retrieval.PrincipalBoundScan.top_k, retrieval.float_top_k, None
+
+    def rescore(*args):
+        calls.append("rescore")
+        return real_rescore(*args)
+
+    real_rescore = faiss.knn_inner_products_by_idx
+    monkeypatch.setattr(
+        retrieval.PrincipalBoundScan, "top_k", lambda *a: calls.append(("bound", len(a[1]))) or real_bound(*a)
+    )
+    monkeypatch.setattr(
+        retrieval, "float_top_k", lambda cut, *a: calls.append(("float", len(cut))) or real_float(cut, *a)
+    )
+    monkeypatch.setattr(faiss, "knn_inner_products_by_idx", rescore)
+    for k in (1, 10, rows // retrieval.BOUND_SCAN_MAX_SHARE):
+        for batch in (queries[:1], queries[4:5], queries[5:6], queries):
+            calls.clear()
+            got, want = index.search(batch, k), floats.search(batch, k)
+            assert calls[0] == ("bound", len(batch)) and calls[-1] == ("float", len(batch))  # floats' own scan
+            assert set(calls[1:-1]) == {"rescore"} and len(batch) <= len(calls) - 2 <= 2 * len(batch)  # 1 or 2 passes
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(set(index.search(queries[:3], 10)[0][0].tolist())) < 10  # ties among the results
+    assert index.search(queries[4:5], 10)[1][0, -1] == 300  # of two equal rows at the k-th place, the first one
+    assert set(index.search(queries[5:6], 10)[1][0].tolist()) <= {3030, *range(3000, 3030)}
+    scan = index._bound_scans[WIDTH]
+    channels = scan.kept + retrieval.BOUND_SCAN_SEGMENTS  # the first coordinates, then the segment norms
+    assert scan.table.shape == (channels, rows) and channels <= WIDTH // 4
+    assert index.copy_bytes(WIDTH) == rows * (WIDTH + channels) * 4  # the unit copy of scaled rows, the table
+
+    # every bound, with its slack, is at least the float scan's score (FAISS's kernel), for queries of any scale
+    unit = index.prefix(WIDTH).numpy()
+    scaled = np.ascontiguousarray(queries.numpy() * np.array([[1e-3], [1], [1], [7], [1], [300]], np.float32))
+    bounds = torch.mm(torch.from_numpy(scan.bound_rows(scaled)), scan.table).numpy()
+    scores = np.empty((len(scaled), rows), np.float32)
+    for query, row in zip(scaled, scores, strict=True):
+        faiss.fvec_inner_products_ny(faiss.swig_ptr(row), faiss.swig_ptr(query), faiss.swig_ptr(unit), WIDTH, rows)
+    norms = np.linalg.norm(scaled, axis=1, keepdims=True)
+    assert (bounds + norms * scan.slack >= scores).all()
+    assert ((bounds - scores) / norms).mean() < 0.1  # and tight: 0.06 of the query's norm on average here
+
+    monkeypatch.setattr(retrieval, "BOUND_SCAN_SPARE", 1)  # a first floor with about k rows above it: two passes
+    for query in queries[:5]:
+        calls.clear()
+        got, want = index.search(query[None], 10), floats.search(query[None], 10)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert calls.count("rescore") == 2  # the second pass, whose floor is the k-th score less the slack, settles
+    monkeypatch.setattr(retrieval, "BOUND_SCAN_SPARE", 4)
+    monkeypatch.setattr(retrieval, "BOUND_SCAN_SHORTLIST_SHARE", rows // 2)  # shortlists of 2 rows at most
+    calls.clear()
+    got, want = index.search(queries[1:3], 1), floats.search(queries[1:3], 1)
+    assert calls == [("bound", 2), ("float", 1), ("float", 1), ("float", 2)] and torch.equal(got[1], want[1])
+
+    ready = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    assert ready.prepare([WIDTH]) == rows * (WIDTH + channels) * 4  # made before any search
+    calls.clear()
+    ready.search(queries[:1], rows // 64 + 1)  # a long list
+    assert calls == [("float", 1)]
+    isotropic, _ = gaussian(rows, 1, decay=0.0)
+    assert EmbeddingIndex(isotropic, dims=DIMS, settings=EXACT)._bound_scan(WIDTH, 10) is None
+    assert (
+        EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", bound_scan=False))._bound_scan(WIDTH, 10)
+        is None
+    )
+    monkeypatch.setattr(retrieval, "HALF_SCAN_MIN_BYTES", rows * WIDTH * 4)  # a table past the caches
+    assert (
+        EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", half_scan=False))._bound_scan(WIDTH, 10)
+        is None
+    )
+
+
 def test_single_stage_funnel_is_prefix_search():
     database, queries = gaussian(500, 5, decay=1.0)
     index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
@@ -447,7 +539,7 @@ def test_huge_page_buffers_are_advised_for_transparent_huge_pages():
 ANN = {
     "none": EXACT,
     "hnsw": AnnSettings(ann="hnsw", hnsw_m=16),
-    "ivfpq": AnnSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4, half_scan=False),
+    "ivfpq": AnnSettings(ann="ivfpq", nlist=16, nprobe=8, pq_bytes=4, half_scan=False, bound_scan=False),
 }
 
 
@@ -472,15 +564,16 @@ def test_save_load_round_trip_is_exact_and_lazy(tmp_path, ann):
     assert (path / "vectors.f32").stat().st_mode == (tmp_path / "plain").stat().st_mode
     manifest = json.loads((path / "index.json").read_text())
     assert manifest["settings"].pop("half_scan") is ANN[ann].half_scan
-    (path / "index.json").write_text(json.dumps(manifest))  # an index saved before the setting: the default, on
-    assert EmbeddingIndex.load(path).settings == replace(index.settings, half_scan=True)
+    assert manifest["settings"].pop("bound_scan") is ANN[ann].bound_scan
+    (path / "index.json").write_text(json.dumps(manifest))  # an index saved before the settings: the defaults, on
+    assert EmbeddingIndex.load(path).settings == replace(index.settings, half_scan=True, bound_scan=True)
     # an index saved before settings kept to their kind's knobs (an HNSW graph's nlist and pq_bytes resolved too)
     # shows its own kind's knobs, and its settings build a new index as they are
     if ann != "ivfpq":
         manifest["settings"].update(nlist=128, pq_bytes=24, exact_below=5)
     (path / "index.json").write_text(json.dumps(manifest))
     older = EmbeddingIndex.load(path).settings
-    assert older == replace(index.settings, half_scan=True)
+    assert older == replace(index.settings, half_scan=True, bound_scan=True)
     assert EmbeddingIndex(database[:500], dims=DIMS, settings=older).settings == older
 
 

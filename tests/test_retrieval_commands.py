@@ -62,7 +62,8 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
     calls = _capture(monkeypatch, "index", report)
     argv = ["index", "f", "g", "--model", "m", "--device", "cuda:1", "--dtype", "bfloat16", "--out", "o"]
     argv += ["--ann", "auto", "--hnsw-m", "8", "--ef-construction", "20", "--ef-search", "16", "--nlist", "4"]
-    argv += ["--nprobe", "2", "--pq-bytes", "3", "--exact-below", "7", "--no-half-scan", "--overwrite"]
+    argv += ["--nprobe", "2", "--pq-bytes", "3", "--exact-below", "7", "--no-half-scan"]
+    argv += ["--no-bound-scan", "--overwrite"]
     argv += ["--allow-other-model", "--batch-size", "3", "--num-workers", "1"]
     assert main(argv) == 0
     ann = AnnSettings(
@@ -75,6 +76,7 @@ def test_every_index_and_search_flag_reaches_its_setting(monkeypatch, capsys):
         pq_bytes=3,
         exact_below=7,
         half_scan=False,
+        bound_scan=False,
     )
     assert {key for key, value in asdict(ann).items() if value != getattr(AnnSettings(), key)} == {
         field.name for field in fields(AnnSettings)
