@@ -503,7 +503,7 @@ class EmbeddingIndex:
             gpu = self.device.index or 0
             return faiss.knn_gpu(gpu_resources(), cut, database, k, metric=faiss.METRIC_INNER_PRODUCT, device=gpu)
         if count >= BLOCKED_MIN_QUERIES:
-            if count * dim < faiss.cvar.distance_compute_blas_threshold:
+            if count * dim < faiss.cvar.distance_compute_blas_threshold and torch_products_in_float32():
                 return blocked_top_k(cut, database, k)
         else:
             # FAISS shares out one query's rows among its threads for fewer queries than threads over a large table:
@@ -515,7 +515,7 @@ class EmbeddingIndex:
             half = self._half_scan(dim, k)
             if half is not None and (half.shards > 1 or not shared):
                 return half.top_k(cut, database, k, parallel=shared)
-            bound = self._bound_scan(dim, k) if half is None else None
+            bound = self._bound_scan(dim, k) if half is None and torch_products_in_float32() else None
             if bound is not None:
                 return bound.top_k(cut, database, k)
         return float_top_k(cut, database, k)
@@ -873,6 +873,17 @@ def blocked_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np
     return scores, rows
 
 
+def torch_products_in_float32() -> bool:
+    """Whether torch computes float32 matrix products on the CPU in float32: not where
+    `torch.set_float32_matmul_precision("medium")` (or oneDNN's own setting) lets them run in bfloat16 on CPUs that have
+    it, which would change the exact kernels' products (then they are left to FAISS)."""
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return torch.get_float32_matmul_precision() == "highest" and getattr(mkldnn, "fp32_precision", "none") in (
+        "none",
+        "ieee",
+    )
+
+
 def faiss_splits_rows(count: int, rows: int) -> bool:
     """Whether FAISS's float scan of `count` queries over `rows` rows divides the rows among its threads, as it does
     for fewer queries than threads over a large table (faiss/utils/distances.cpp, 1.15: at least 10,000 rows and 1024
@@ -978,15 +989,16 @@ class HalfPrecisionScan:
             pointer(queries), pointer(rows), pointer(shortlist), width, count, len(rows), wide, k,
             pointer(scores), pointer(picked), wide,
         )  # fmt: skip
-        if count == 1:
-            unsettled = approximate[0, -1] + math.sqrt(faiss.fvec_norm_L2sqr(pointer(queries), width)) * self.slack
-            unsettled = [0] if unsettled >= scores[0, -1] else []
-        else:
-            norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
-            unsettled = np.flatnonzero(approximate[:, -1] + norms * self.slack >= scores[:, -1])
+        unsettled = np.flatnonzero(approximate[:, -1] + float64_norms(queries) * self.slack >= scores[:, -1])
         for query in unsettled:
             scores[query], picked[query] = float_top_k(queries[query : query + 1], rows, k)
         return scores, picked
+
+
+def float64_norms(queries: np.ndarray) -> np.ndarray:
+    """(Q,) L2 norms of (Q, d) float32 queries, summed in float64 (the squares of tiny channels, which underflow in
+    float32, kept): what a bound's slack is scaled by."""
+    return np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
 
 
 def float_rounding(width: int) -> float:
@@ -997,7 +1009,7 @@ def float_rounding(width: int) -> float:
 
 class PrincipalBoundScan:
     """A narrow table of upper bounds on the inner products of (N, d) float32 rows, whose products with a few queries
-    leave only the rows that may enter their exact top-k to score: 1.3-1.5x FAISS's float scan for one query on the
+    leave only the rows that may enter their exact top-k to score: 1.15-1.45x FAISS's float scan for one query on the
     demo teacher's 19k x 128 embeddings, a table that stays in the CPU caches (docs/retrieval.md).
 
     In the rows' principal axes A (an orthogonal d x d matrix: eigenvectors of the rows' second moments, largest
@@ -1009,7 +1021,10 @@ class PrincipalBoundScan:
     the floor scores at most floor + `slack` x |q| in float32. When the k-th rescored score is above that, no row left
     out can enter the top k, and the rescored top k is the float scan's answer, bit for bit: the very scores its kernel
     computes, in row order (so that of equal scores at the k-th place the first row is kept, as the scan keeps it).
-    Else the floor drops to the k-th score less the slack, and the next pass settles it. The first floor leaves about
+    Else the floor drops to the k-th score less the slack, and the next pass settles it. With FAISS on several
+    threads, which share out one query's rows over 10,000 rows or more and sum them in another order, near-equal scores
+    of FAISS's own scan may differ in the last bits from this answer (the one-thread scan's), as for the half-precision
+    copy; a query that falls back is scanned by FAISS on its threads. The first floor leaves about
     BOUND_SCAN_SPARE x k rows above it: on the demo's embeddings, the floor that settles a query left a median of
     1.5 x k rows above it, and 2.2 x k or fewer for 9 queries in 10 (k = 10 and 50).
 
@@ -1027,7 +1042,7 @@ class PrincipalBoundScan:
         """The scan of (N, d) float32 rows, or None where the axes of their first BOUND_SCAN_FIT_ROWS (evenly spaced)
         leave more than BOUND_SCAN_TAIL of their energy beyond every table of at most d/4 channels."""
         count, width = rows.shape
-        sample = torch.from_numpy(rows[:: max(1, count // BOUND_SCAN_FIT_ROWS)]).double()
+        sample = torch.from_numpy(rows[:: -(-count // BOUND_SCAN_FIT_ROWS)]).double()  # BOUND_SCAN_FIT_ROWS at most
         energies, axes = np.linalg.eigh((sample.T @ sample).numpy())
         energies, axes = np.clip(energies[::-1], 0, None), np.ascontiguousarray(axes[:, ::-1])
         beyond = np.cumsum(energies[::-1])[::-1] / max(energies.sum(), np.finfo(np.float64).tiny)  # beyond[i]: from i
@@ -1064,14 +1079,11 @@ class PrincipalBoundScan:
         """The float scan's answer on one thread (`float_top_k`) for (Q, d) float32 C-contiguous queries over `rows`,
         the (N, d) float32 rows this table was made from; k at most N / BOUND_SCAN_MAX_SHARE (for a query whose
         bounds leave more than 1/BOUND_SCAN_SHORTLIST_SHARE of the rows to rescore, FAISS's scan on its threads)."""
-        import faiss
-
         bounds = torch.mm(torch.from_numpy(self.bound_rows(queries)), self.table).numpy()  # (Q, N)
         scores, picked = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
-        for number, (query, bound) in enumerate(zip(queries, bounds, strict=True)):
-            query = query[None]
-            slack = math.sqrt(faiss.fvec_norm_L2sqr(faiss.swig_ptr(query), query.shape[1])) * self.slack
-            scores[number], picked[number] = self._settled(query, bound, rows, k, slack)
+        slacks = float64_norms(queries) * self.slack
+        for number, (query, bound, slack) in enumerate(zip(queries, bounds, slacks.tolist(), strict=True)):
+            scores[number], picked[number] = self._settled(query[None], bound, rows, k, slack)
         return scores, picked
 
     def _settled(
@@ -1110,7 +1122,7 @@ def float32_below(value: float) -> float:
     """The largest float32 at most `value`, as a Python float: a floor that compares with float32 arrays as it is
     (numpy rounds a Python float to the array's type, up as often as down)."""
     rounded = np.float32(value)
-    return float(rounded if rounded <= value else np.nextafter(rounded, np.float32(-np.inf)))
+    return float(rounded if float(rounded) <= value else np.nextafter(rounded, np.float32(-np.inf)))
 
 
 def huge_page_array(rows: int, width: int) -> np.ndarray:

@@ -428,13 +428,15 @@ def test_the_principal_bound_scan_gives_the_float_scans_answer(tiles, monkeypatc
 
     # every bound, with its slack, is at least the float scan's score (FAISS's kernel), for queries of any scale
     unit = index.prefix(WIDTH).numpy()
-    scaled = np.ascontiguousarray(queries.numpy() * np.array([[1e-3], [1], [1], [7], [1], [300]], np.float32))
+    scaled = np.ascontiguousarray(queries.numpy() * np.array([[1e-30], [1], [1], [7], [1], [300]], np.float32))
     bounds = torch.mm(torch.from_numpy(scan.bound_rows(scaled)), scan.table).numpy()
     scores = np.empty((len(scaled), rows), np.float32)
     for query, row in zip(scaled, scores, strict=True):
         faiss.fvec_inner_products_ny(faiss.swig_ptr(row), faiss.swig_ptr(query), faiss.swig_ptr(unit), WIDTH, rows)
-    norms = np.linalg.norm(scaled, axis=1, keepdims=True)
+    norms = np.linalg.norm(scaled.astype(np.float64), axis=1, keepdims=True)  # the first one's squares underflow
     assert (bounds + norms * scan.slack >= scores).all()
+    got, want = index.search(scaled[:1], 10), floats.search(scaled[:1], 10)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     assert ((bounds - scores) / norms).mean() < 0.1  # and tight: 0.06 of the query's norm on average here
 
     monkeypatch.setattr(retrieval, "BOUND_SCAN_SPARE", 1)  # a first floor with about k rows above it: two passes
@@ -465,6 +467,62 @@ def test_the_principal_bound_scan_gives_the_float_scans_answer(tiles, monkeypatc
         EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", half_scan=False))._bound_scan(WIDTH, 10)
         is None
     )
+
+
+def test_the_principal_bound_scan_answers_as_the_float_scan_on_one_thread_whatever_faiss_threads(monkeypatch):
+    """With FAISS on 2 threads, one query over 10,000 rows or more is a query FAISS shares out among its threads: the
+    table of bounds still answers as the float scan on one thread, bit for bit, and as FAISS's shared-out scan up to
+    the last bits of its scores; its products run on torch's threads."""
+    import faiss
+
+    rows = 12_000
+    database, queries = gaussian(rows, 8, decay=1.0, seed=3)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    floats = EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", bound_scan=False))
+    one_thread = [floats.search(query[None], 10) for query in queries]
+    calls = []
+    real_bound = retrieval.PrincipalBoundScan.top_k
+    monkeypatch.setattr(retrieval.PrincipalBoundScan, "top_k", lambda *a: calls.append(len(a[1])) or real_bound(*a))
+    faiss.omp_set_num_threads(2)
+    try:
+        assert retrieval.faiss_splits_rows(1, rows)
+        for query, want in zip(queries, one_thread, strict=True):
+            got, shared = index.search(query[None], 10), floats.search(query[None], 10)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[0], shared[0], atol=1e-6, rtol=0)
+    finally:
+        faiss.omp_set_num_threads(1)
+    assert calls == [1] * len(queries)
+
+
+def test_exact_kernels_keep_to_faiss_when_torch_may_multiply_float32_in_bfloat16(monkeypatch):
+    """`torch.set_float32_matmul_precision("medium")` lets oneDNN multiply float32 in bfloat16 on CPUs that have it:
+    then neither the table of bounds nor the blocked matrix products (torch's) serve exact scans, FAISS's own kernels
+    do, with the same answers."""
+    database, queries = gaussian(4000, 20, decay=1.0)
+    index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
+    want = [index.search(queries[:1], 10), index.search(queries, 10)]
+    calls = []
+    monkeypatch.setattr(retrieval.PrincipalBoundScan, "top_k", lambda *a: calls.append("bound"))
+    monkeypatch.setattr(retrieval, "blocked_top_k", lambda *a: calls.append("blocked"))
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not retrieval.torch_products_in_float32()
+        got = [index.search(queries[:1], 10), index.search(queries, 10)]
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert calls == [] and retrieval.torch_products_in_float32()
+    for (got_scores, got_rows), (want_scores, want_rows) in zip(got, want, strict=True):
+        assert torch.equal(got_rows, want_rows)
+        torch.testing.assert_close(got_scores, want_scores, atol=1e-6, rtol=0)
+
+
+def test_float32_below_is_the_largest_float32_at_most_its_value():
+    values = np.random.default_rng(0).normal(size=2000) * np.logspace(-30, 30, 2000)
+    for value in [*values.tolist(), 0.0, 1.0, -1.0, float(np.float32(0.1))]:
+        below = retrieval.float32_below(value)
+        assert below == float(np.float32(below)) and below <= value
+        assert float(np.nextafter(np.float32(below), np.float32(np.inf))) > value
 
 
 def test_single_stage_funnel_is_prefix_search():
