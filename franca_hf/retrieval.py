@@ -1026,7 +1026,7 @@ class PrincipalBoundScan:
     of FAISS's own scan may differ in the last bits from this answer (the one-thread scan's), as for the half-precision
     copy; a query that falls back is scanned by FAISS on its threads. The first floor leaves about
     BOUND_SCAN_SPARE x k rows above it: on the demo's embeddings, the floor that settles a query left a median of
-    1.5 x k rows above it, and 2.2 x k or fewer for 9 queries in 10 (k = 10 and 50).
+    2.2 x k rows above it, and 4.3 x k or fewer for 9 queries in 10 (k = 10 and 50).
 
     The slack covers the float32 rounding of the float scan's products (d x 2^-24 of the norms) and of the bounds (their
     width), the rounding of the rows' and the query's coordinates to float32, and the axes' departure from
