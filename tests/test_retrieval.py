@@ -397,13 +397,13 @@ def test_the_principal_bound_scan_gives_the_float_scans_answer(tiles, monkeypatc
     index = EmbeddingIndex(database, dims=DIMS, settings=EXACT)
     floats = EmbeddingIndex(database, dims=DIMS, settings=AnnSettings("none", bound_scan=False))
     calls = []  # "bound" | "float" | "rescore" for each call
-    real_bound, real_float, real_rescore = retrieval.PrincipalBoundScan.top_k, retrieval.float_top_k, None
+    real_bound, real_float = retrieval.PrincipalBoundScan.top_k, retrieval.float_top_k
+    real_rescore = faiss.knn_inner_products_by_idx
 
     def rescore(*args):
         calls.append("rescore")
         return real_rescore(*args)
 
-    real_rescore = faiss.knn_inner_products_by_idx
     monkeypatch.setattr(
         retrieval.PrincipalBoundScan, "top_k", lambda *a: calls.append(("bound", len(a[1]))) or real_bound(*a)
     )
